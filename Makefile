@@ -1,0 +1,50 @@
+# negspace: the commands a newcomer needs. Every target sets up what is missing first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export VLLM_LOGGING_LEVEL ?= WARNING
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench-node bench-controller bench-trainer bench-load lint compose-check clean help
+
+help:
+	@echo "make demo     set up, then run the guided-vs-baseline experiment on embedded defaults"
+	@echo "make test     set up, then run every test"
+	@echo "make setup    create .venv, install the pinned stack and bundled models (idempotent)"
+	@echo "make bench-node | bench-controller | bench-trainer | bench-load   print + record figures in docs/benchmarks.md"
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no model loads): the inner loop while developing.
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not vllm and not e2e" $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/negspace experiment --base "Write a math problem." --nodes 4 --rounds 3
+
+bench-node: setup
+	$(PY) -m negspace_node.bench
+
+bench-controller: setup
+	$(PY) -m negspace_controller.bench
+
+bench-trainer: setup
+	$(PY) -m negspace_trainer.bench
+
+bench-load: setup
+	$(PY) -m negspace_cli.bench_load
+
+lint: setup
+	$(VENV)/bin/ruff check packages services tests
+
+compose-check:
+	docker-compose -f docker-compose.yml config -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,166 @@
+"""Controller API: embeddings in Qdrant, nearest neighbours, dense-region samples, metrics."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from negspace_contracts._http import Resource, ServiceClient
+from negspace_contracts.common import StrictModel
+
+MAX_POINTS_PER_UPSERT = 1024
+MAX_TEXTS_PER_EMBED = 1024
+COLLECTION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$"
+
+PointId = int | uuid.UUID
+PayloadValue = str | int | float | bool | None
+
+
+def _non_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("text must not be empty or whitespace")
+    return v
+
+
+class CollectionInfo(StrictModel):
+    name: str
+    count: int
+    dimension: int
+    embedder: str
+
+
+class PointIn(StrictModel):
+    id: PointId = Field(..., description="Unsigned integer or UUID; re-sending an id overwrites it.")
+    text: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+    _check_text = field_validator("text")(_non_blank)
+
+    @field_validator("id")
+    @classmethod
+    def _unsigned(cls, v: PointId) -> PointId:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("integer point ids must be >= 0 (Qdrant ids are unsigned or UUIDs)")
+        return v
+
+
+class UpsertPointsRequest(StrictModel):
+    points: list[PointIn] = Field(..., min_length=1, max_length=MAX_POINTS_PER_UPSERT)
+
+
+class UpsertPointsResponse(StrictModel):
+    ids: list[PointId]
+    truncated: list[bool] = Field(default_factory=list,
+                                  description="Per point: text was cut to the embedder's length.")
+
+
+class SimilarRequest(StrictModel):
+    text: str
+    k: int = Field(5, ge=1, le=1000)
+    threshold: float = Field(0.9, gt=0.0, le=1.0)
+
+    _check_text = field_validator("text")(_non_blank)
+
+
+class Neighbor(StrictModel):
+    id: PointId
+    text: str
+    score: float
+
+
+class SimilarResponse(StrictModel):
+    neighbors: list[Neighbor]
+    max_similarity: float | None = Field(None, description="None when the collection is empty.")
+    is_similar: bool
+
+
+class DenseRequest(StrictModel):
+    k: int = Field(3, ge=1, le=1000)
+    knn: int = Field(5, ge=1, le=100)
+
+
+class DenseItem(StrictModel):
+    id: PointId
+    text: str
+    density: float
+
+
+class DenseResponse(StrictModel):
+    items: list[DenseItem]
+
+
+class MetricsRequest(StrictModel):
+    filter: dict[str, PayloadValue] | None = Field(
+        None, description="Only points whose payload has these exact key/values.")
+    pca_basis: list[list[float]] | None = Field(
+        None, description="Fixed projection (4 x dim) for hull volume, so datasets compare alike.")
+    pca_mean: list[float] | None = None
+
+
+class MetricsResponse(StrictModel):
+    n: int
+    semantic_diversity: float | None
+    mst_diversity: float | None
+    hull_volume: float | None
+    vendi_score: float | None
+    distinct_1: float | None
+    distinct_2: float | None
+
+
+class EmbedRequest(StrictModel):
+    texts: list[str] = Field(..., min_length=1, max_length=MAX_TEXTS_PER_EMBED)
+    query: bool = Field(False, description="Apply the configured query instruction (e5-style).")
+
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, v: list[str]) -> list[str]:
+        for i, t in enumerate(v):
+            if not t.strip():
+                raise ValueError(f"texts[{i}] is empty")
+        return v
+
+
+class EmbedResponse(StrictModel):
+    embeddings: list[list[float]]
+    truncated: list[bool]
+
+
+class _Collections(Resource):
+    async def create(self, name: str) -> CollectionInfo:
+        return await self._client.call("PUT", f"/collections/{name}", CollectionInfo)
+
+    async def get(self, name: str) -> CollectionInfo:
+        return await self._client.call("GET", f"/collections/{name}", CollectionInfo)
+
+    async def delete(self, name: str) -> None:
+        await self._client.send("DELETE", f"/collections/{name}")
+
+    async def upsert(self, name: str, points: list[PointIn]) -> UpsertPointsResponse:
+        return await self._client.call("POST", f"/collections/{name}/points", UpsertPointsResponse,
+                                       json_body=UpsertPointsRequest(points=points))
+
+    async def similar(self, name: str, text: str, *, k: int = 5, threshold: float = 0.9) -> SimilarResponse:
+        return await self._client.call("POST", f"/collections/{name}/similar", SimilarResponse,
+                                       json_body=SimilarRequest(text=text, k=k, threshold=threshold))
+
+    async def dense(self, name: str, *, k: int = 3, knn: int = 5) -> DenseResponse:
+        return await self._client.call("POST", f"/collections/{name}/dense", DenseResponse,
+                                       json_body=DenseRequest(k=k, knn=knn))
+
+    async def metrics(self, name: str, request: MetricsRequest | None = None) -> MetricsResponse:
+        return await self._client.call("POST", f"/collections/{name}/metrics", MetricsResponse,
+                                       json_body=request or MetricsRequest())
+
+
+class ControllerClient(ServiceClient):
+    """``ControllerClient(url).collections.dense("run-1", k=3, knn=5)``."""
+
+    def __init__(self, base_url: str, **kw) -> None:
+        super().__init__(base_url, **kw)
+        self.collections = _Collections(self)
+
+    async def embed(self, texts: list[str], *, query: bool = False) -> EmbedResponse:
+        return await self.call("POST", "/embed", EmbedResponse,
+                               json_body=EmbedRequest(texts=texts, query=query))

@@ -1,0 +1,204 @@
+"""Node API: OpenAI-compatible completions with classifier-free guidance extras.
+
+Standard OpenAI fields keep their meaning (``temperature: 0`` is greedy). Our extras travel in
+the body (``extra_body`` in the official OpenAI client):
+
+- ``negative_prompts``: up to ``MAX_NEGATIVES`` texts; in chat completions each is rendered with
+  the same chat template as the positive, as one user turn with the generation prompt appended.
+- ``guidance_scale``: ``s`` in ``guided = ln + s * (lp - ln)``; 1.0 means no guidance.
+- ``guidance_space``: ``logits`` (raw logits, the reference) or ``logprobs`` (log-softmax,
+  as in the CFG paper).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from negspace_contracts._http import Resource, ServiceClient
+
+MAX_NEGATIVES = 16
+MAX_STOP_SEQUENCES = 8
+
+GuidanceSpace = Literal["logits", "logprobs"]
+FinishReason = Literal["stop", "length", "error"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by chat and raw completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Served model name; omitted or equal to the served one.")
+    max_tokens: int | None = Field(None, ge=1, description="Defaults to 256, capped by the context.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=16, description="Number of choices; must be 1 with negatives.")
+    stream: bool = Field(False, description="Streaming is not supported; must be false.")
+    user: str | None = None
+    negative_prompts: list[str] = Field(default_factory=list, max_length=MAX_NEGATIVES)
+    guidance_scale: float = Field(1.0, description="1.0 = no guidance; must be finite and >= 0.")
+    guidance_space: GuidanceSpace = "logits"
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite_scale(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError("guidance_scale must be a finite number >= 0 (1.0 = no guidance)")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return v
+
+    @field_validator("negative_prompts")
+    @classmethod
+    def _negatives(cls, v: list[str]) -> list[str]:
+        if any(not s.strip() for s in v):
+            raise ValueError("negative_prompts must not contain empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _guided_needs_single_choice(self):
+        if self.n > 1 and self.negative_prompts:
+            raise ValueError("n must be 1 when negative_prompts are given (guided decoding "
+                             "produces one sequence per request)")
+        if self.stream:
+            raise ValueError("stream=true is not supported by the negspace node; send stream=false")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str = Field(..., min_length=1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GuidanceInfo(BaseModel):
+    scale: float
+    num_negatives: int
+    space: GuidanceSpace = "logits"
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+def _completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _completion_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    guidance: GuidanceInfo
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].message.content
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _completion_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    guidance: GuidanceInfo
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "negspace"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class _Chat(Resource):
+    async def create(self, request: ChatCompletionRequest, *, timeout: float | None = None) -> ChatCompletionResponse:
+        return await self._client.call("POST", "/v1/chat/completions", ChatCompletionResponse,
+                                       json_body=request.model_dump(mode="json", exclude_none=True),
+                                       timeout=timeout)
+
+
+class _Completions(Resource):
+    async def create(self, request: CompletionRequest, *, timeout: float | None = None) -> CompletionResponse:
+        return await self._client.call("POST", "/v1/completions", CompletionResponse,
+                                       json_body=request.model_dump(mode="json", exclude_none=True),
+                                       timeout=timeout)
+
+
+class _Models(Resource):
+    async def list(self) -> ModelList:
+        return await self._client.call("GET", "/v1/models", ModelList)
+
+
+class NodeClient(ServiceClient):
+    """``NodeClient(url).chat.create(ChatCompletionRequest(...))``."""
+
+    def __init__(self, base_url: str, **kw) -> None:
+        super().__init__(base_url, **kw)
+        self.chat = _Chat(self)
+        self.completions = _Completions(self)
+        self.models = _Models(self)

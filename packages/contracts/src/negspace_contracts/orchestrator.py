@@ -1,0 +1,203 @@
+"""Orchestrator API: guided and baseline runs, their instructions, events, Q/A and training."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from negspace_contracts._http import Resource, ServiceClient
+from negspace_contracts.common import StrictModel
+from negspace_contracts.controller import MetricsResponse
+from negspace_contracts.trainer import ChatRecord, EvalSpec, Job, LoraSpec, TrainingSpec
+
+MAX_NODES = 64
+MAX_ROUNDS = 1000
+MAX_BASELINE_SIZE = 100_000
+
+RunMode = Literal["guided", "baseline"]
+RunStatus = Literal["queued", "running", "paused", "completed", "failed", "cancelled"]
+TERMINAL_RUN_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+class GuidanceSchedule(StrictModel):
+    start: float = Field(1.0, ge=0.0, le=100.0)
+    step: float = Field(0.5, ge=0.0, le=100.0)
+    max_retries: int = Field(5, ge=0, le=50)
+
+
+class NegativesSpec(StrictModel):
+    k: int = Field(3, ge=0, le=16, description="Negatives per generation (0 = none).")
+    knn: int = Field(5, ge=1, le=100, description="Neighbours used for density.")
+
+
+class RunConfig(StrictModel):
+    base_instruction: str = Field(..., max_length=8000)
+    mode: RunMode = "guided"
+    nodes: int = Field(4, ge=1, le=MAX_NODES)
+    rounds: int = Field(3, ge=0, le=MAX_ROUNDS)
+    max_tokens: int = Field(150, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    guidance: GuidanceSchedule = Field(default_factory=GuidanceSchedule)
+    similarity_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    negatives: NegativesSpec = Field(default_factory=NegativesSpec)
+    use_previous_generation: bool = False
+    augmentation_prompt: str | None = Field(None, max_length=8000,
+                                            description="None: the project's default prompt.")
+    round_mode: Literal["concurrent", "sequential"] | None = Field(
+        None, description="None: the orchestrator's --round-mode.")
+    seed: int = Field(0, ge=0)
+    size: int | None = Field(None, ge=1, le=MAX_BASELINE_SIZE,
+                             description="Baseline only: number of instructions.")
+    match_run: str | None = Field(None, description="Baseline only: produce as many as this run.")
+
+    @field_validator("base_instruction")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("base_instruction must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _mode_fields(self):
+        if self.mode == "baseline":
+            if (self.size is None) == (self.match_run is None):
+                raise ValueError("a baseline run needs exactly one of size or match_run")
+        elif self.size is not None or self.match_run is not None:
+            raise ValueError("size and match_run apply to baseline runs only")
+        return self
+
+
+class RunCreated(StrictModel):
+    id: str
+    status: RunStatus
+
+
+class RunProgress(StrictModel):
+    round: int = 0
+    rounds: int = 0
+    accepted: int = 0
+    attempts: int = 0
+    target: int | None = None
+    eta_seconds: float | None = None
+
+
+class Run(StrictModel):
+    id: str
+    status: RunStatus
+    mode: RunMode
+    config: RunConfig
+    progress: RunProgress = Field(default_factory=RunProgress)
+    error: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    collection: str | None = None
+    train_job_id: str | None = None
+
+
+class RunList(StrictModel):
+    runs: list[Run]
+
+
+class Instruction(StrictModel):
+    id: str
+    node: int
+    round: int
+    text: str
+    guidance_scale: float | None
+    attempt: int
+    max_similarity: float | None
+
+
+class RunEvent(BaseModel):
+    """One server-sent event: ``type`` is ``attempt``, ``round``, ``status`` or ``qa``."""
+
+    type: str
+    run_id: str
+    seq: int = 0
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class QARequest(StrictModel):
+    max_tokens: int = Field(300, ge=16, le=4096)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    export_dir: str | None = Field(None, description="Also write JSONL and a datasets folder here.")
+
+
+class QAResult(StrictModel):
+    run_id: str
+    total: int
+    converted: int
+    rejected: int
+    jsonl_path: str | None = None
+    dataset_path: str | None = None
+
+
+class TrainRequest(StrictModel):
+    base_model: str | None = None
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    eval: EvalSpec | None = None
+    compare_base: bool = False
+
+
+class _Runs(Resource):
+    async def create(self, config: RunConfig) -> RunCreated:
+        return await self._client.call("POST", "/runs", RunCreated,
+                                       json_body=config.model_dump(mode="json", exclude_none=True))
+
+    async def get(self, run_id: str) -> Run:
+        return await self._client.call("GET", f"/runs/{run_id}", Run)
+
+    async def list(self) -> RunList:
+        return await self._client.call("GET", "/runs", RunList)
+
+    async def cancel(self, run_id: str) -> Run:
+        return await self._client.call("POST", f"/runs/{run_id}/cancel", Run)
+
+    async def resume(self, run_id: str) -> Run:
+        return await self._client.call("POST", f"/runs/{run_id}/resume", Run)
+
+    async def instructions(self, run_id: str) -> list[Instruction]:
+        response = await self._client.send("GET", f"/runs/{run_id}/instructions")
+        return [Instruction.model_validate_json(line) for line in response.text.splitlines() if line.strip()]
+
+    async def metrics(self, run_id: str) -> MetricsResponse:
+        return await self._client.call("GET", f"/runs/{run_id}/metrics", MetricsResponse)
+
+    async def qa(self, run_id: str, request: QARequest | None = None) -> QAResult:
+        return await self._client.call("POST", f"/runs/{run_id}/qa", QAResult,
+                                       json_body=request or QARequest(), timeout=None)
+
+    async def qa_records(self, run_id: str) -> list[ChatRecord]:
+        response = await self._client.send("GET", f"/runs/{run_id}/qa")
+        return [ChatRecord.model_validate_json(line) for line in response.text.splitlines() if line.strip()]
+
+    async def train(self, run_id: str, request: TrainRequest | None = None) -> Job:
+        return await self._client.call("POST", f"/runs/{run_id}/train", Job,
+                                       json_body=request or TrainRequest())
+
+    async def events(self, run_id: str, *, after: int = 0) -> AsyncIterator[RunEvent]:
+        """Follow ``GET /runs/{id}/events`` (server-sent events) until the stream ends."""
+        data: list[str] = []
+        async for line in self._client.stream_lines("GET", f"/runs/{run_id}/events",
+                                                    params={"after": after}):
+            if line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif not line.strip() and data:
+                yield RunEvent.model_validate(json.loads("\n".join(data)))
+                data = []
+
+
+class OrchestratorClient(ServiceClient):
+    """``OrchestratorClient(url).runs.create(RunConfig(base_instruction=...))``."""
+
+    def __init__(self, base_url: str, **kw) -> None:
+        super().__init__(base_url, **kw)
+        self.runs = _Runs(self)

