@@ -1,0 +1,110 @@
+"""The small abstract base every generation engine implements.
+
+The API layer renders prompts (chat template) and tokenizes; an engine only turns token ids
+into token ids. One ``GenerationRequest`` is one positive prompt plus 0-16 negative prompts;
+with negatives and ``guidance_scale != 1`` the engine decodes them as one *group* with
+classifier-free guidance (see ``negspace_node.guidance`` for the exact math), otherwise it is
+plain generation.
+
+Engines:
+- ``vllm``         production: cross-row V1 logits processor + gang scheduler (engines/vllm/)
+- ``transformers`` exact reference and fallback: one padded batch with a KV cache
+- ``fake``         deterministic stand-in, ONLY for unit tests of other layers
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Literal
+
+from negspace_contracts.errors import NegspaceError, ServiceUnavailableError
+
+EngineState = Literal["loading", "ready", "error", "stopped"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    negative_ids: list[list[int]] = field(default_factory=list)
+    max_tokens: int = 256
+    temperature: float = 1.0           # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    guidance_scale: float = 1.0        # 1 = no guidance
+    guidance_space: Literal["logits", "logprobs"] = "logits"
+    stop: tuple[str, ...] = ()         # stop strings (not included in the output)
+    n: int = 1                         # choices; 1 whenever there are negatives
+    request_id: str = ""
+
+    @property
+    def guided(self) -> bool:
+        """True when decoding must run the group with CFG (negatives and a scale != 1)."""
+        return bool(self.negative_ids) and self.guidance_scale != 1.0
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+
+
+class EngineError(ServiceUnavailableError):
+    """The engine failed or is not ready: the API answers 503 and /health says why."""
+
+
+class GuidanceGroupError(NegspaceError):
+    """A guided group could not be decoded together (an incomplete group, or members whose
+    tokens diverged). The request fails loudly instead of returning unguided text."""
+
+    status_code = 500
+    error_type = "guidance_group_error"
+
+
+class Engine(abc.ABC):
+    """One loaded model. ``start()`` loads it (slow, called from the app lifespan)."""
+
+    name: str = "abstract"
+
+    def __init__(self) -> None:
+        self.state: EngineState = "loading"
+        self.error: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model; set ``state`` to ready, or to error with ``error`` set."""
+
+    async def stop(self) -> None:
+        self.state = "stopped"
+
+    # -- what the API needs ------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def model_name(self) -> str:
+        """Name served in /v1/models and in responses."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """Context length: prompt + max_tokens must fit, for the positive and every negative."""
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self):
+        """A Hugging Face tokenizer (``apply_chat_template``, ``encode``, ``decode``)."""
+
+    def queue_depth(self) -> int:
+        """Requests accepted but not finished (for /metrics and back-pressure)."""
+        return 0
+
+    @abc.abstractmethod
+    async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:
+        """Return ``request.n`` outputs. Raise EngineError when the engine cannot serve."""
+
+    def ensure_ready(self) -> None:
+        if self.state != "ready":
+            raise EngineError(f"engine {self.name} is {self.state}" + (f": {self.error}" if self.error else ""))

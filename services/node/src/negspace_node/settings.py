@@ -1,0 +1,29 @@
+"""Node settings: every flag of ``python -m negspace_node`` is also a ``NODE_*`` variable."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from negspace_servekit.settings import ServiceSettings
+
+
+class NodeSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="NODE_", extra="ignore", cli_kebab_case=True,
+                                      cli_implicit_flags=True, cli_avoid_json=True)
+
+    port: int = Field(8001, ge=0, le=65535)
+    engine: Literal["vllm", "transformers", "fake"] | None = Field(
+        None, description="Default: vllm when importable, else transformers. 'fake' is for tests only.")
+    model: str = Field("", description="Hub id or local folder; empty = bundled SmolLM2-135M-Instruct.")
+    served_model_name: str | None = Field(None, description="Name in /v1/models (default: from the model).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(2048, ge=64, description="Context length the node serves.")
+    max_num_seqs: int = Field(64, ge=1, description="vLLM: rows decoded per step (a group uses 1 + negatives).")
+    max_queue: int = Field(256, ge=1, description="Requests waiting or running before 429.")
+    default_max_tokens: int = Field(256, ge=1)
+    kv_cache_gib: float = Field(2.0, gt=0, description="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1.0, description="vLLM on GPU.")
+    seed: int = Field(0, ge=0, description="Engine seed (requests carry their own seed).")
