@@ -110,31 +110,39 @@ class BodyLimitMiddleware:
             return
         seen = 0
         started = False
+        refused = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge()
+                    # Answer 413 ourselves (FastAPI would turn an exception here into a 400) and
+                    # tell the app the client went away, so it stops reading and never answers.
+                    refused = True
+                    if not started:
+                        await error_json(too_large)(scope, receive, send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await error_json(too_large)(scope, receive, send)
+        except Exception:
+            if not refused:
+                raise
 
 
-class _BodyTooLarge(Exception):
-    pass
 
 
 class MetricsMiddleware:
