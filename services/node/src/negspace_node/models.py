@@ -134,6 +134,18 @@ def resolve_model(setting: str | None) -> ResolvedModel:
     return ResolvedModel(path=value, name=value, is_local=False)
 
 
+def served_model_name(setting: str | None, override: str | None = None) -> str:
+    """The name /v1/models lists, known before the model is loaded (no conversion, no I/O)."""
+    if override:
+        return override
+    value = (setting or "").strip()
+    if value.lower() in BUNDLED_ALIASES:
+        return BUNDLED_NAME
+    if value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().is_dir():
+        return Path(value).expanduser().name or value
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m negspace_node.models", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -72,6 +72,8 @@ class Engine(abc.ABC):
     def __init__(self) -> None:
         self.state: EngineState = "loading"
         self.error: str | None = None
+        # What a loading engine is doing now (shown by /health while it answers 503).
+        self.status_detail: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -104,6 +106,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:
         """Return ``request.n`` outputs. Raise EngineError when the engine cannot serve."""
+
+    def fail(self, reason: str) -> None:
+        """Mark the engine dead: /health answers 503 with ``reason``; requests get 503."""
+        self.state = "error"
+        self.error = reason
 
     def ensure_ready(self) -> None:
         if self.state != "ready":

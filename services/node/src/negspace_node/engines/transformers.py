@@ -1,0 +1,224 @@
+"""The transformers engine: the exact reference implementation and the CPU/GPU fallback.
+
+One request is decoded as ONE left-padded batch: the positive prompt and its negatives (or,
+for plain sampling with ``n > 1``, ``n`` copies of the positive) with an attention mask,
+explicit ``position_ids`` and a KV cache, so every decoding step is one forward pass over
+all rows. The guidance math is ``negspace_node.guidance`` (shared with every engine); the
+sampled token is appended to every row of its group. Finished groups are dropped from the
+batch (and from the cache).
+
+Requests run one at a time in a single worker thread, so the event loop stays free to answer
+/health, /metrics and back-pressure while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from negspace_node.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest
+from negspace_node.engines.stopping import StopChecker, eos_token_ids
+from negspace_node.guidance import combine, make_generator, sample
+from negspace_node.models import resolve_model, served_model_name
+
+log = logging.getLogger("negspace.node")
+
+
+class GenerationCancelled(Exception):
+    """The caller went away; the worker stopped decoding for it."""
+
+
+def torch_dtype(name: str, device: str) -> torch.dtype | str:
+    """``auto``: the checkpoint's dtype on GPU, float32 on CPU (exact and faster than bf16 there)."""
+    if name == "auto":
+        return "auto" if device != "cpu" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(path: str, dtype: str = "auto", device: str | None = None):
+    """Load a causal LM and its tokenizer (hub id or local folder); eval mode, on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device))
+    model.to(device).eval()
+    return model, tokenizer
+
+
+@dataclass
+class _Group:
+    rows: list[int]                 # row indices in the current batch: [positive, *negatives]
+    checker: StopChecker
+    generator: torch.Generator
+    guided: bool
+    tokens: list[int] = field(default_factory=list)
+
+
+def _pad_id(tokenizer, model) -> int:
+    for value in (tokenizer.pad_token_id, getattr(model.generation_config, "pad_token_id", None),
+                  tokenizer.eos_token_id):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+@torch.inference_mode()
+def generate_batched(model, tokenizer, request: GenerationRequest, *, eos_ids=None,
+                     cancel: threading.Event | None = None) -> list[GenerationOutput]:
+    """Decode ``request`` as one padded, KV-cached batch; return ``request.n`` outputs."""
+    from transformers import DynamicCache
+
+    device = model.device
+    if eos_ids is None:
+        eos_ids = eos_token_ids(tokenizer, model.config, model.generation_config)
+    guided = request.guided
+    prompts: list[list[int]] = []
+    groups: list[_Group] = []
+    for choice in range(1 if guided else request.n):
+        members = [request.prompt_ids, *request.negative_ids] if guided else [request.prompt_ids]
+        rows = list(range(len(prompts), len(prompts) + len(members)))
+        prompts.extend(list(m) for m in members)
+        seed = None if request.seed is None else request.seed + choice
+        checker = StopChecker(tokenizer, eos_ids, request.stop, request.max_tokens, len(request.prompt_ids))
+        groups.append(_Group(rows, checker, make_generator(seed), guided))
+
+    width = max(len(p) for p in prompts)
+    pad = _pad_id(tokenizer, model)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    active = list(groups)
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled()
+        logits = out.logits[:, -1, :]
+        step_tokens: list[int] = []
+        for g in active:
+            lp = logits[g.rows[0]]
+            ln = logits[g.rows[1:]] if g.guided else None
+            token = sample(combine(lp, ln, request.guidance_scale, request.guidance_space),
+                           request.temperature, request.top_p, g.generator)
+            g.checker.add(token)
+            step_tokens.append(token)
+        still = [i for i, g in enumerate(active) if not g.checker.finished]
+        if not still:
+            break
+        if len(still) < len(active):        # drop finished groups' rows from the batch and cache
+            keep_rows = [r for i in still for r in active[i].rows]
+            index = torch.tensor(keep_rows, dtype=torch.long, device=device)
+            cache.batch_select_indices(index)
+            mask = mask.index_select(0, index)
+            renumbered, start = [], 0
+            for i in still:
+                size = len(active[i].rows)
+                active[i].rows = list(range(start, start + size))
+                start += size
+                renumbered.append(active[i])
+            step_tokens = [step_tokens[i] for i in still]
+            active = renumbered
+        next_ids = torch.tensor([[t] for g, t in zip(active, step_tokens) for _ in g.rows],
+                                dtype=torch.long, device=device)
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
+        positions = (mask.sum(-1, keepdim=True) - 1)
+        out = model(input_ids=next_ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return [g.checker.output() for g in groups]
+
+
+class TransformersEngine(Engine):
+    """Hugging Face transformers, one request at a time in a worker thread.
+
+    ``model`` and ``tokenizer`` may be given already loaded (tests share one per module);
+    otherwise ``start()`` resolves ``settings.model`` and loads it with ``settings.dtype``.
+    """
+
+    name = "transformers"
+
+    def __init__(self, settings, *, model=None, tokenizer=None) -> None:
+        super().__init__()
+        self.settings = settings
+        self._model = model
+        self._tokenizer = tokenizer
+        self._name = served_model_name(settings.model, settings.served_model_name)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="negspace-transformers")
+        self._in_flight = 0
+        self._eos: frozenset[int] = frozenset()
+        self._max_len = settings.max_model_len
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            if self._model is None or self._tokenizer is None:
+                self.status_detail = f"resolving model {self.settings.model or 'bundled'!r}"
+                resolved = await asyncio.to_thread(resolve_model, self.settings.model)
+                self.status_detail = f"loading {resolved.path} ({self.settings.dtype})"
+                log.info("transformers engine: %s", self.status_detail)
+                self._model, self._tokenizer = await asyncio.to_thread(load_model, resolved.path,
+                                                                       self.settings.dtype)
+            model = self._model
+            self._eos = eos_token_ids(self._tokenizer, model.config, model.generation_config)
+            limit = getattr(model.config, "max_position_embeddings", None)
+            self._max_len = min(self.settings.max_model_len, limit) if limit else self.settings.max_model_len
+            self.state, self.status_detail = "ready", None
+            log.info("transformers engine ready: %s on %s, %s, context %d", self._name, model.device,
+                     model.dtype, self._max_len)
+        except Exception as exc:  # noqa: BLE001 - the reason goes to /health
+            log.exception("transformers engine failed to start")
+            self.fail(f"could not load model {self.settings.model or 'bundled'!r}: {type(exc).__name__}: {exc}")
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- what the API needs ------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def queue_depth(self) -> int:
+        return self._in_flight
+
+    async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:
+        self.ensure_ready()
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        self._in_flight += 1
+        try:
+            future = loop.run_in_executor(self._executor, self._run, request, cancel)
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                cancel.set()       # the client went away: the worker stops at its next step
+                raise
+        finally:
+            self._in_flight -= 1
+
+    def _run(self, request: GenerationRequest, cancel: threading.Event) -> list[GenerationOutput]:
+        if cancel.is_set():
+            raise GenerationCancelled()
+        if self.state != "ready":
+            raise EngineError(f"engine {self.name} is {self.state}: {self.error or ''}")
+        return generate_batched(self._model, self._tokenizer, request, eos_ids=self._eos, cancel=cancel)
