@@ -92,7 +92,10 @@ class _SamplingFields(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1,
+                                        description="At least one message; the last is usually the user's.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens; "
+                                              "wins when both are given.")
 
 
 class CompletionRequest(_SamplingFields):

@@ -1,0 +1,206 @@
+"""What the node's API does, between the thin routers and the engine.
+
+Renders prompts (chat template for the positive AND each negative), tokenizes, validates
+against the engine's context, applies back-pressure, calls the engine, builds the OpenAI-style
+response and keeps the Prometheus figures. Engines only see token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from negspace_contracts.errors import BadRequestError, NegspaceError, NotFoundError, RateLimitError
+from negspace_contracts.node import (
+    ChatChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    GuidanceInfo,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from negspace_node.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest
+
+log = logging.getLogger("negspace.node")
+
+
+class ModelNotFoundError(NotFoundError):
+    """Like OpenAI's ``model_not_found``: the request names a model this node does not serve."""
+
+    error_type = "model_not_found"
+
+
+class NodeMetrics:
+    """The node's figures, in the app's own registry (``app.state.metrics_registry``)."""
+
+    def __init__(self, registry: CollectorRegistry, queue_depth) -> None:
+        self.requests = Counter("negspace_node_requests", "Generation requests by endpoint, mode and outcome",
+                                ["endpoint", "mode", "outcome"], registry=registry)
+        self.prompt_tokens = Counter("negspace_node_prompt_tokens", "Positive prompt tokens processed",
+                                     registry=registry)
+        self.negative_prompt_tokens = Counter("negspace_node_negative_prompt_tokens",
+                                              "Negative prompt tokens processed (guided requests)",
+                                              registry=registry)
+        self.completion_tokens = Counter("negspace_node_completion_tokens", "Tokens generated",
+                                         registry=registry)
+        self.latency = Histogram("negspace_node_generation_seconds", "Time from accepted to answered",
+                                 ["endpoint", "mode"], registry=registry,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.queue_depth = Gauge("negspace_node_queue_depth", "Generation requests in flight (waiting or running)",
+                                 registry=registry)
+        self.queue_depth.set_function(queue_depth)
+
+
+class NodeService:
+    def __init__(self, settings, engine: Engine, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.in_flight = 0
+        self._mean_latency = 1.0
+        self.metrics = NodeMetrics(registry, lambda: self.in_flight)
+
+    # -- health and models --------------------------------------------------------------------
+    def health(self) -> tuple[str, str | None, dict]:
+        engine = self.engine
+        info = {"engine": engine.name, "model": engine.model_name, "queue_depth": self.in_flight,
+                "max_queue": self.settings.max_queue}
+        if engine.state == "ready":
+            return "ok", None, {**info, "max_model_len": engine.max_model_len}
+        if engine.state == "loading":
+            return "loading", f"engine {engine.name} is loading" + (
+                f": {engine.status_detail}" if engine.status_detail else ""), info
+        return "error", f"engine {engine.name} is {engine.state}" + (f": {engine.error}" if engine.error else ""), info
+
+    def models(self) -> ModelList:
+        ready = self.engine.state == "ready"
+        return ModelList(data=[ModelCard(id=self.engine.model_name,
+                                         max_model_len=self.engine.max_model_len if ready else None)])
+
+    # -- generation ---------------------------------------------------------------------------
+    async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
+        self._preflight(body.model)
+        tok = self.engine.tokenizer
+        prompt = self._render([m.model_dump() for m in body.messages], "messages")
+        negatives = [self._render([{"role": "user", "content": n}], f"negative_prompts[{i}]")
+                     for i, n in enumerate(body.negative_prompts)]
+        prompt_ids = tok.encode(prompt, add_special_tokens=False)
+        negative_ids = [tok.encode(n, add_special_tokens=False) for n in negatives]
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        outputs, request = await self._generate("chat", body, prompt_ids, negative_ids, max_tokens, "messages")
+        return ChatCompletionResponse(
+            model=self.engine.model_name,
+            choices=[ChatChoice(index=i, message=ChatCompletionMessage(content=o.text),
+                                finish_reason=o.finish_reason) for i, o in enumerate(outputs)],
+            usage=self._usage(outputs), guidance=self._guidance(request))
+
+    async def complete(self, body: CompletionRequest) -> CompletionResponse:
+        self._preflight(body.model)
+        tok = self.engine.tokenizer
+        prompt_ids = tok.encode(body.prompt, add_special_tokens=True)
+        negative_ids = [tok.encode(n, add_special_tokens=True) for n in body.negative_prompts]
+        outputs, request = await self._generate("completions", body, prompt_ids, negative_ids,
+                                                body.max_tokens, "prompt")
+        return CompletionResponse(
+            model=self.engine.model_name,
+            choices=[CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason)
+                     for i, o in enumerate(outputs)],
+            usage=self._usage(outputs), guidance=self._guidance(request))
+
+    # -- the steps ----------------------------------------------------------------------------
+    def _preflight(self, model: str | None) -> None:
+        served = self.engine.model_name
+        if model not in (None, "", served, self.settings.model or None):
+            raise ModelNotFoundError(f"The model {model!r} does not exist on this node; it serves {served!r} "
+                                     "(see GET /v1/models, or omit 'model')", param="model")
+        self.engine.ensure_ready()
+        if self.in_flight >= self.settings.max_queue:
+            retry = max(1.0, self._mean_latency)
+            self.metrics.requests.labels("any", "any", "rate_limited").inc()
+            raise RateLimitError(f"the node is at capacity ({self.settings.max_queue} requests in flight); "
+                                 f"retry in about {retry:.0f} s or use another node", retry_after=retry)
+
+    def _render(self, messages: list[dict], param: str) -> str:
+        try:
+            return self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - a template that refuses these messages is the caller's to fix
+            raise BadRequestError(f"the model's chat template rejected {param}: {exc}", param=param) from exc
+
+    def _check_lengths(self, prompt_ids: list[int], negative_ids: list[list[int]], max_tokens: int | None,
+                       prompt_param: str) -> int:
+        ctx = self.engine.max_model_len
+        lengths = [(prompt_param, len(prompt_ids))] + [(f"negative_prompts[{i}]", len(n))
+                                                       for i, n in enumerate(negative_ids)]
+        for param, length in lengths:
+            if length >= ctx:
+                raise BadRequestError(f"{param} is {length} tokens but the context is {ctx} tokens "
+                                      f"(prompt + max_tokens must fit); shorten it", param=param)
+        param, longest = max(lengths, key=lambda item: item[1])
+        room = ctx - longest
+        if max_tokens is None:
+            return min(self.settings.default_max_tokens, room)
+        if max_tokens > ctx:
+            raise BadRequestError(f"max_tokens={max_tokens} exceeds the context length of {ctx} tokens; "
+                                  f"use at most {room} with this prompt", param="max_tokens")
+        if max_tokens > room:
+            raise BadRequestError(f"{param} is {longest} tokens, so max_tokens={max_tokens} does not fit the "
+                                  f"{ctx}-token context; use max_tokens <= {room} or a shorter prompt",
+                                  param="max_tokens")
+        return max_tokens
+
+    async def _generate(self, endpoint: str, body, prompt_ids: list[int], negative_ids: list[list[int]],
+                        max_tokens: int | None, prompt_param: str) -> tuple[list[GenerationOutput], GenerationRequest]:
+        request = GenerationRequest(
+            prompt_ids=prompt_ids, negative_ids=negative_ids,
+            max_tokens=self._check_lengths(prompt_ids, negative_ids, max_tokens, prompt_param),
+            temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+            guidance_scale=body.guidance_scale, guidance_space=body.guidance_space,
+            stop=tuple(body.stop_list), n=body.n, request_id=f"{endpoint}-{id(body):x}-{time.monotonic_ns()}")
+        mode = "guided" if request.guided else "plain"
+        self.in_flight += 1
+        started = time.perf_counter()
+        try:
+            outputs = await self.engine.generate(request)
+        except asyncio.CancelledError:
+            self.metrics.requests.labels(endpoint, mode, "cancelled").inc()
+            raise
+        except NegspaceError as exc:
+            self.metrics.requests.labels(endpoint, mode, "engine_error" if exc.status_code >= 500 else
+                                         "bad_request").inc()
+            raise
+        except Exception as exc:  # noqa: BLE001 - an engine bug or a dead backend: 503 and /health says why
+            log.exception("engine %s failed on %s", self.engine.name, request.request_id)
+            reason = f"{type(exc).__name__}: {exc}"
+            self.engine.fail(reason)
+            self.metrics.requests.labels(endpoint, mode, "engine_error").inc()
+            raise EngineError(f"engine {self.engine.name} failed: {reason}") from exc
+        finally:
+            self.in_flight -= 1
+        elapsed = time.perf_counter() - started
+        self._mean_latency = 0.8 * self._mean_latency + 0.2 * elapsed
+        m = self.metrics
+        m.requests.labels(endpoint, mode, "ok").inc()
+        m.latency.labels(endpoint, mode).observe(elapsed)
+        m.prompt_tokens.inc(len(prompt_ids))
+        if request.guided:
+            m.negative_prompt_tokens.inc(sum(len(n) for n in negative_ids))
+        m.completion_tokens.inc(sum(len(o.token_ids) for o in outputs))
+        return outputs, request
+
+    @staticmethod
+    def _usage(outputs: list[GenerationOutput]) -> Usage:
+        prompt = outputs[0].prompt_tokens if outputs else 0
+        completion = sum(len(o.token_ids) for o in outputs)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    @staticmethod
+    def _guidance(request: GenerationRequest) -> GuidanceInfo:
+        return GuidanceInfo(scale=request.guidance_scale, num_negatives=len(request.negative_ids),
+                            space=request.guidance_space)
