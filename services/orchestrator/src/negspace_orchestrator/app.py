@@ -1,0 +1,306 @@
+"""The orchestrator's HTTP API (shapes in ``negspace_contracts.orchestrator``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from negspace_contracts.controller import MetricsRequest, MetricsResponse
+from negspace_contracts.errors import (
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from negspace_contracts.orchestrator import (
+    TERMINAL_RUN_STATUSES,
+    QARequest,
+    QAResult,
+    Run,
+    RunConfig,
+    RunCreated,
+    RunList,
+    TrainRequest,
+)
+from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, DatasetSpec, Job, JobRequest
+from negspace_orchestrator import qa as qa_mod
+from negspace_orchestrator.driver import Orchestrator, run_target
+from negspace_orchestrator.services import Dependencies, DependencyDown
+from negspace_orchestrator.settings import OrchestratorSettings
+from negspace_orchestrator.store import RunRow, Store
+from negspace_servekit import create_app as servekit_app
+from negspace_servekit import health_response
+
+log = logging.getLogger("negspace.orchestrator")
+SERVICE = "orchestrator"
+KEEPALIVE_S = 15.0
+TRAIN_POLL_S = 5.0
+
+
+def get_orch(request: Request) -> Orchestrator:
+    return request.app.state.orchestrator
+
+
+Orch = Annotated[Orchestrator, Depends(get_orch)]
+
+
+def _run_or_404(orch: Orchestrator, run_id: str) -> RunRow:
+    run = orch.store.get_run(run_id)
+    if run is None:
+        raise NotFoundError(f"no run with id {run_id!r} (GET /runs lists them)", param="run_id")
+    return run
+
+
+def _to_wire(orch: Orchestrator, run: RunRow) -> Run:
+    return Run(id=run.id, status=run.status, mode=run.mode, config=run.config,  # type: ignore[arg-type]
+               progress=orch.progress(run), error=run.error, created_at=run.created,
+               updated_at=run.updated, collection=run.collection, train_job_id=run.train_job_id)
+
+
+def _target_for(orch: Orchestrator, config: RunConfig) -> int:
+    if config.mode == "guided":
+        return run_target(config)
+    if config.size is not None:
+        return config.size
+    match = orch.store.get_run(config.match_run or "")
+    if match is None:
+        raise BadRequestError(f"match_run {config.match_run!r} is not a known run id", param="match_run")
+    if match.mode != "guided":
+        raise BadRequestError(f"match_run {config.match_run!r} is a baseline; give a guided run's id",
+                              param="match_run")
+    if match.status in TERMINAL_RUN_STATUSES:
+        accepted = orch.store.counts(match.id)[0]
+        if accepted == 0:
+            raise BadRequestError(f"run {match.id} ended ({match.status}) with no instructions to match",
+                                  param="match_run")
+        return accepted
+    return match.target
+
+
+runs = APIRouter(prefix="/runs", tags=["runs"])
+
+
+@runs.post("", status_code=201, response_model=RunCreated)
+async def create_run(config: RunConfig, orch: Orch) -> RunCreated:
+    target = _target_for(orch, config)
+    run = orch.create(config, target)
+    return RunCreated(id=run.id, status=run.status)  # type: ignore[arg-type]
+
+
+@runs.get("", response_model=RunList)
+async def list_runs(orch: Orch, status: str | None = None) -> RunList:
+    return RunList(runs=[_to_wire(orch, r) for r in orch.store.list_runs(status)])
+
+
+@runs.get("/{run_id}", response_model=Run)
+async def get_run(run_id: str, orch: Orch) -> Run:
+    return _to_wire(orch, _run_or_404(orch, run_id))
+
+
+@runs.post("/{run_id}/cancel", response_model=Run)
+async def cancel_run(run_id: str, orch: Orch) -> Run:
+    run = _run_or_404(orch, run_id)
+    if run.status in ("completed", "failed"):
+        raise ConflictError(f"run {run_id} already ended ({run.status}); nothing to cancel")
+    if run.status != "cancelled":
+        await orch.cancel(run_id)
+    return _to_wire(orch, _run_or_404(orch, run_id))
+
+
+@runs.post("/{run_id}/resume", response_model=Run)
+async def resume_run(run_id: str, orch: Orch) -> Run:
+    run = _run_or_404(orch, run_id)
+    if run.status in ("completed", "cancelled"):
+        raise ConflictError(f"run {run_id} is {run.status}; only paused or failed runs can be resumed")
+    if run.status in ("paused", "failed"):
+        orch.resume(run_id)
+    return _to_wire(orch, _run_or_404(orch, run_id))
+
+
+@runs.get("/{run_id}/instructions", response_class=Response,
+          responses={200: {"content": {"application/x-ndjson": {}}}})
+async def instructions(run_id: str, orch: Orch) -> Response:
+    _run_or_404(orch, run_id)
+    body = "".join(i.model_dump_json() + "\n" for i in orch.store.instructions(run_id))
+    return Response(body, media_type="application/x-ndjson")
+
+
+@runs.get("/{run_id}/metrics", response_model=MetricsResponse)
+async def metrics(run_id: str, orch: Orch) -> MetricsResponse:
+    run = _run_or_404(orch, run_id)
+    if orch.store.counts(run_id)[0] == 0:
+        raise ConflictError(f"run {run_id} has no accepted instructions yet; metrics need at least one")
+    try:
+        return await orch.deps.controller_call(
+            "metrics", lambda c: c.collections.metrics(run.collection, MetricsRequest(filter={"run_id": run.id})))
+    except DependencyDown as exc:
+        raise ServiceUnavailableError(str(exc)) from exc
+
+
+@runs.get("/{run_id}/events")
+async def events(run_id: str, orch: Orch, after: Annotated[int, Query(ge=0)] = 0,
+                 last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+    """Server-sent events: ``id`` = seq, ``event`` = type, ``data`` = the RunEvent JSON.
+
+    Reconnect with ``?after=<last seq>`` (or ``Last-Event-ID``); the stream ends once the run is
+    completed, failed or cancelled and every event so far was sent.
+    """
+    _run_or_404(orch, run_id)
+    if last_event_id and last_event_id.isdigit():
+        after = max(after, int(last_event_id))
+
+    async def stream() -> AsyncIterator[str]:
+        seq = after
+        while True:
+            waiter = orch.waiter(run_id)
+            run = orch.store.get_run(run_id)
+            batch = orch.store.events_after(run_id, seq)
+            for ev in batch:
+                seq = ev.seq
+                yield f"id: {ev.seq}\nevent: {ev.type}\ndata: {ev.model_dump_json()}\n\n"
+            if batch:
+                continue
+            if run is None or run.status in TERMINAL_RUN_STATUSES:
+                return
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout=KEEPALIVE_S)
+            except TimeoutError:
+                yield ": keepalive\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@runs.post("/{run_id}/qa", response_model=QAResult)
+async def qa(run_id: str, orch: Orch, request: QARequest | None = None) -> QAResult:
+    run = _run_or_404(orch, run_id)
+    if run.status in ("queued", "running"):
+        raise ConflictError(f"run {run_id} is {run.status}; convert it to Q/A once it has finished")
+    if orch.store.counts(run_id)[0] == 0:
+        raise ConflictError(f"run {run_id} has no accepted instructions to convert")
+    if run_id in orch.qa_running:
+        raise ConflictError(f"a Q/A conversion of run {run_id} is already in progress")
+    orch.qa_running.add(run_id)
+    try:
+        return await qa_mod.convert(orch, run, request or QARequest())
+    except DependencyDown as exc:
+        raise ServiceUnavailableError(f"{exc}; converted pairs so far are kept: POST /qa again to continue") from exc
+    finally:
+        orch.qa_running.discard(run_id)
+
+
+@runs.get("/{run_id}/qa", response_class=Response, responses={200: {"content": {"application/x-ndjson": {}}}})
+async def qa_records(run_id: str, orch: Orch) -> Response:
+    _run_or_404(orch, run_id)
+    pairs = orch.store.qa_records(run_id)
+    if not pairs:
+        raise ConflictError(f"run {run_id} has no Q/A records: POST /runs/{run_id}/qa first")
+    body = "".join(qa_mod.chat_record(q, a).model_dump_json() + "\n" for q, a in pairs)
+    return Response(body, media_type="application/x-ndjson")
+
+
+def _trainer(orch: Orchestrator):
+    if orch.deps.trainer is None:
+        raise ServiceUnavailableError("the orchestrator was started without --trainer-url")
+    return orch.deps.trainer
+
+
+@runs.post("/{run_id}/train", status_code=201, response_model=Job)
+async def train(run_id: str, orch: Orch, request: TrainRequest | None = None) -> Job:
+    run = _run_or_404(orch, run_id)
+    trainer = _trainer(orch)
+    pairs = orch.store.qa_records(run_id)
+    if not pairs:
+        raise ConflictError(f"run {run_id} has no Q/A records: POST /runs/{run_id}/qa first")
+    if run.train_job_id:
+        try:
+            current = await trainer.jobs.get(run.train_job_id)
+            if current.status not in TERMINAL_JOB_STATUSES:
+                raise ConflictError(f"run {run_id} already has training job {current.id} ({current.status})")
+        except NotFoundError:
+            pass
+    req = request or TrainRequest()
+    job_request = JobRequest(dataset=DatasetSpec(records=[qa_mod.chat_record(q, a) for q, a in pairs]),
+                             base_model=req.base_model, method=req.method, lora=req.lora,
+                             training=req.training, eval=req.eval, compare_base=req.compare_base,
+                             name=f"negspace-run-{run_id}")
+    try:
+        created = await trainer.jobs.create(job_request)
+        job = await trainer.jobs.get(created.id)
+    except (httpx.HTTPError,) as exc:  # pragma: no cover - the client maps transport errors
+        raise ServiceUnavailableError(f"trainer: {exc!r}") from exc
+    orch.store.set_train_job(run_id, job.id)
+    orch.event(run_id, "train", {"job_id": job.id, "status": job.status})
+    orch.spawn_side(_track_job(orch, run_id, job.id), name=f"train-{run_id}")
+    return job
+
+
+@runs.get("/{run_id}/train", response_model=Job)
+async def train_status(run_id: str, orch: Orch) -> Job:
+    run = _run_or_404(orch, run_id)
+    if not run.train_job_id:
+        raise NotFoundError(f"run {run_id} has no training job: POST /runs/{run_id}/train first")
+    return await _trainer(orch).jobs.get(run.train_job_id)
+
+
+async def _track_job(orch: Orchestrator, run_id: str, job_id: str) -> None:
+    """Follow the trainer job, writing a ``train`` event whenever its status or step changes."""
+    last = None
+    while True:
+        await asyncio.sleep(TRAIN_POLL_S)
+        try:
+            job = await orch.deps.trainer.jobs.get(job_id)  # type: ignore[union-attr]
+        except Exception as exc:  # the trainer may be restarting; keep following
+            log.info("train job %s: %r", job_id, exc)
+            continue
+        state = (job.status, job.progress.step)
+        if state != last:
+            last = state
+            orch.event(run_id, "train", {"job_id": job_id, "status": job.status, "step": job.progress.step,
+                                         "total_steps": job.progress.total_steps, "error": job.error})
+        if job.status in TERMINAL_JOB_STATUSES:
+            return
+
+
+def create_app(settings: OrchestratorSettings, deps: Dependencies | None = None) -> FastAPI:
+    """The orchestrator app. ``deps`` lets tests inject clients bound to in-process mock services."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = Store(settings.db_path)
+        d = deps or Dependencies(settings)
+        orch = Orchestrator(settings, store, d)
+        app.state.orchestrator = orch
+        await orch.start()
+        try:
+            yield
+        finally:
+            await orch.stop()
+            if deps is None:
+                await d.aclose()
+            store.close()
+
+    app = servekit_app(service=SERVICE, settings=settings, title="negspace orchestrator",
+                       description="Guided and baseline instruction generation runs, Q/A conversion, "
+                                   "training hand-off.", lifespan=lifespan)
+    app.include_router(runs)
+
+    @app.get("/health", tags=["health"])
+    async def health(request: Request) -> JSONResponse:
+        orch: Orchestrator = request.app.state.orchestrator
+        counts: dict[str, int] = {}
+        for r in orch.store.list_runs():
+            counts[r.status] = counts.get(r.status, 0) + 1
+        deps_state = await orch.deps.check()
+        return health_response(SERVICE, "ok", runs=counts, dependencies=deps_state,
+                               round_mode=settings.round_mode, db=str(settings.db_path))
+
+    return app

@@ -1,0 +1,379 @@
+"""The run driver: guided rounds and baselines as asyncio tasks, resumable from SQLite.
+
+Guided (the reference method):
+  round 0 (bootstrap): every logical node samples one augmentation of ``prompt + base``; each is
+  stored and added to the controller.
+  rounds 1..R, per node: negatives = controller ``dense(k, knn)``; generate with CFG at
+  ``guidance.start``; while the controller finds the text similar and retries < ``max_retries``,
+  raise the scale by ``step`` and generate again; then store and add the result.
+Nodes of a round run concurrently (or one after another with round mode ``sequential``); the
+similarity check and the insert happen under one lock per run, so two nodes never both accept
+near-duplicates. Every attempt is written the moment its generation returns; a slot that already
+has an accepted row is never generated again, and the controller id of a slot's instruction is
+derived from (run, node, round), so a replayed insert overwrites instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+from negspace_contracts.controller import PointIn
+from negspace_contracts.errors import ConflictError, NegspaceError
+from negspace_contracts.node import ChatCompletionRequest, ChatMessage
+from negspace_contracts.orchestrator import (
+    TERMINAL_RUN_STATUSES,
+    RunConfig,
+    RunProgress,
+)
+from negspace_orchestrator import prompts
+from negspace_orchestrator.services import Dependencies, DependencyDown
+from negspace_orchestrator.settings import OrchestratorSettings
+from negspace_orchestrator.store import AttemptRow, RunRow, Store, point_id
+
+log = logging.getLogger("negspace.orchestrator")
+
+MAX_EMPTY_OUTPUTS = 5  # empty generations tolerated per slot before the run fails
+
+
+class RunFailed(Exception):
+    """A problem that waiting will not fix (the message says what to change)."""
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A per-(node, round, attempt) seed: reproducible, so a lost attempt replays identically."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2  # < 2**62, fits every engine's seed range
+
+
+def run_target(config: RunConfig) -> int:
+    """Instructions a guided run accepts: one per node in the bootstrap and in each round."""
+    return config.nodes * (config.rounds + 1)
+
+
+def collection_name(run_id: str) -> str:
+    return f"negspace-{run_id}"
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class Orchestrator:
+    """Owns the driver tasks, the acceptance locks and the event notifications."""
+
+    def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies) -> None:
+        self.settings = settings
+        self.store = store
+        self.deps = deps
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.side_tasks: set[asyncio.Task] = set()
+        self._accept_locks: dict[str, asyncio.Lock] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._health_task: asyncio.Task | None = None
+        self.qa_running: set[str] = set()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Resume every run that was queued or running when the service stopped."""
+        for run in self.store.list_runs():
+            if run.status in ("queued", "running"):
+                log.info("resuming run %s (%s)", run.id, run.status)
+                self._spawn(run.id)
+        self._health_task = asyncio.create_task(self._health_loop(), name="health-loop")
+
+    async def stop(self) -> None:
+        tasks = [*self.tasks.values(), *self.side_tasks]
+        if self._health_task:
+            tasks.append(self._health_task)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.tasks.clear()
+
+    # ---- events ------------------------------------------------------------------------------
+    def event(self, run_id: str, type_: str, data: dict[str, Any]) -> None:
+        self.store.add_event(run_id, type_, data)
+        self.notify(run_id)
+
+    def notify(self, run_id: str) -> None:
+        ev = self._changed.pop(run_id, None)
+        if ev is not None:
+            ev.set()
+
+    def waiter(self, run_id: str) -> asyncio.Event:
+        return self._changed.setdefault(run_id, asyncio.Event())
+
+    def set_status(self, run_id: str, status: str, **kw: Any) -> None:
+        self.store.set_status(run_id, status, **kw)
+        self.notify(run_id)
+
+    # ---- runs --------------------------------------------------------------------------------
+    def create(self, config: RunConfig, target: int) -> RunRow:
+        run_id = new_run_id()
+        run = self.store.create_run(run_id, config, target, collection_name(run_id))
+        self._spawn(run_id)
+        return run
+
+    def _spawn(self, run_id: str) -> None:
+        old = self.tasks.get(run_id)
+        if old is not None and not old.done():
+            return
+        self.tasks[run_id] = asyncio.create_task(self._drive(run_id), name=f"run-{run_id}")
+
+    async def cancel(self, run_id: str) -> None:
+        self.set_status(run_id, "cancelled", error="cancelled by request")
+        task = self.tasks.pop(run_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def resume(self, run_id: str, reason: str = "resumed by request") -> None:
+        self.set_status(run_id, "queued", reason=reason)
+        self._spawn(run_id)
+
+    def progress(self, run: RunRow) -> RunProgress:
+        accepted, attempts, latency, slots = self.store.counts(run.id)
+        eta: float | None = None
+        if run.status == "completed":
+            eta = 0.0
+        elif run.status in ("queued", "running") and slots > 0:
+            per_slot = latency / slots
+            sequential = (run.config.round_mode or self.settings.round_mode) == "sequential"
+            parallel = 1 if (sequential and run.mode == "guided") else max(1, run.config.nodes)
+            eta = round(max(0, run.target - accepted) * per_slot / parallel, 1)
+        rounds = run.config.rounds if run.mode == "guided" else -(-run.target // max(1, run.config.nodes)) - 1
+        return RunProgress(round=run.round, rounds=rounds, accepted=accepted, attempts=attempts,
+                           target=run.target, eta_seconds=eta)
+
+    # ---- the driver --------------------------------------------------------------------------
+    async def _drive(self, run_id: str) -> None:
+        run = self.store.get_run(run_id)
+        if run is None or run.status in TERMINAL_RUN_STATUSES:
+            return
+        self.set_status(run_id, "running")
+        try:
+            await self.deps.controller_call("create collection", lambda c: self._ensure_collection(c, run))
+            if run.mode == "guided":
+                await self._guided(run)
+            else:
+                await self._baseline(run)
+        except asyncio.CancelledError:
+            raise  # cancel() already wrote "cancelled"; a shutdown leaves "running" to resume on start
+        except DependencyDown as exc:
+            if self._still_running(run_id):
+                log.warning("run %s paused: %s", run_id, exc)
+                self.set_status(run_id, "paused", error=str(exc), paused_reason=str(exc))
+            return
+        except (RunFailed, NegspaceError) as exc:
+            if self._still_running(run_id):
+                msg = getattr(exc, "message", None) or str(exc)
+                log.warning("run %s failed: %s", run_id, msg)
+                self.set_status(run_id, "failed", error=msg)
+            return
+        except Exception as exc:  # a bug: say so in the run instead of leaving it "running"
+            log.exception("run %s crashed", run_id)
+            if self._still_running(run_id):
+                self.set_status(run_id, "failed", error=f"internal error: {exc!r}")
+            return
+        if self._still_running(run_id):
+            accepted, attempts, _, _ = self.store.counts(run_id)
+            self.set_status(run_id, "completed", accepted=accepted, attempts=attempts)
+
+    def _still_running(self, run_id: str) -> bool:
+        run = self.store.get_run(run_id)
+        return run is not None and run.status == "running"
+
+    @staticmethod
+    async def _ensure_collection(ctl, run: RunRow) -> None:
+        try:
+            await ctl.collections.create(run.collection)
+        except ConflictError:
+            pass  # already there (a resumed run)
+
+    async def _gather(self, coros: list[Awaitable[None]]) -> None:
+        """Run slot coroutines together; the first failure cancels the others and is re-raised."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for c in coros:
+                    tg.create_task(c)
+        except* DependencyDown as eg:
+            raise eg.exceptions[0] from None
+        except* (RunFailed, NegspaceError) as eg:
+            raise eg.exceptions[0] from None
+
+    async def _guided(self, run: RunRow) -> None:
+        cfg = run.config
+        sequential = (cfg.round_mode or self.settings.round_mode) == "sequential"
+        for r in range(cfg.rounds + 1):
+            self.store.set_round(run.id, r)
+            slots = [self._slot(run, n, r) for n in range(cfg.nodes)]
+            if sequential:
+                for s in slots:
+                    await s
+            else:
+                await self._gather(slots)
+            accepted, attempts, _, _ = self.store.counts(run.id)
+            self.event(run.id, "round", {"round": r, "rounds": cfg.rounds, "accepted": accepted,
+                                         "attempts": attempts})
+
+    async def _baseline(self, run: RunRow) -> None:
+        cfg = run.config
+        nodes = max(1, cfg.nodes)
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(run.target):
+            queue.put_nowait(i)
+        last_round = -1
+
+        async def worker() -> None:
+            nonlocal last_round
+            while True:
+                try:
+                    i = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                n, r = i % nodes, i // nodes
+                await self._slot(run, n, r)
+                if r > last_round:
+                    last_round = r
+                    self.store.set_round(run.id, r)
+
+        await self._gather([worker() for _ in range(min(nodes, run.target) or 1)])
+
+    # ---- one (node, round) slot --------------------------------------------------------------
+    def _lock(self, run_id: str) -> asyncio.Lock:
+        return self._accept_locks.setdefault(run_id, asyncio.Lock())
+
+    async def _insert(self, run: RunRow, a: AttemptRow, pid: str) -> None:
+        point = PointIn(id=uuid.UUID(pid), text=a.text,
+                        payload={"run_id": run.id, "mode": run.mode, "node": a.node, "round": a.round,
+                                 "attempt": a.attempt})
+        await self.deps.controller_call("upsert", lambda c: c.collections.upsert(run.collection, [point]))
+        self.store.mark_inserted(run.id, a.node, a.round, a.attempt)
+
+    async def _accept(self, run: RunRow, a: AttemptRow) -> None:
+        pid = point_id(run.id, a.node, a.round)
+        self.store.mark_accepted(run.id, a.node, a.round, a.attempt, pid)
+        a.accepted, a.point_id = True, pid
+        await self._insert(run, a, pid)
+
+    def _attempt_event(self, run: RunRow, a: AttemptRow, *, accepted: bool, empty: bool = False) -> None:
+        self.event(run.id, "attempt", {
+            "node": a.node, "round": a.round, "attempt": a.attempt, "scale": a.scale,
+            "negatives": len(a.negatives), "max_similarity": a.max_similarity,
+            "similar": a.is_similar, "accepted": accepted, "empty": empty, "text": a.text,
+            "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+            "latency_s": round(a.latency_s, 4), "node_url": a.node_url})
+
+    def _source(self, run: RunRow, node: int, round_: int) -> str:
+        cfg = run.config
+        if cfg.use_previous_generation and round_ > 0:
+            prev = [a for a in self.store.slot_attempts(run.id, node, round_ - 1) if a.accepted]
+            if prev:
+                return prev[0].text
+        return cfg.base_instruction
+
+    async def _generate(self, run: RunRow, node: int, round_: int, attempt: int, *, scale: float | None,
+                        negatives: list[str]) -> AttemptRow:
+        cfg = run.config
+        prompt = prompts.positive_prompt(prompts.augmentation_prompt(cfg.augmentation_prompt),
+                                         self._source(run, node, round_))
+        seed = derive_seed(cfg.seed, run.mode, node, round_, attempt)
+        request = ChatCompletionRequest(
+            messages=[ChatMessage(role="user", content=prompt)], max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=seed, negative_prompts=negatives,
+            guidance_scale=scale if scale is not None else 1.0)
+        gen = await self.deps.generate(node, request)
+        row = AttemptRow(run_id=run.id, node=node, round=round_, attempt=attempt, scale=scale,
+                         negatives=negatives, seed=seed, text=gen.text.strip(),
+                         prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                         latency_s=gen.latency_s, node_url=gen.url, max_similarity=None, is_similar=None,
+                         checked=False, accepted=False, point_id=None, inserted=False)
+        self.store.add_attempt(row)  # persisted the moment it returns
+        return row
+
+    async def _slot(self, run: RunRow, node: int, round_: int) -> None:
+        existing = self.store.slot_attempts(run.id, node, round_)
+        done = [a for a in existing if a.accepted]
+        if done:
+            if not done[0].inserted:  # killed between accepting and inserting: same id, no duplicate
+                await self._insert(run, done[0], done[0].point_id or point_id(run.id, node, round_))
+            return
+        cfg = run.config
+        guided = run.mode == "guided" and round_ > 0
+        negatives: list[str] = []
+        if guided:
+            if existing:
+                negatives = existing[0].negatives  # the retries of a slot share its negatives
+            elif cfg.negatives.k > 0:
+                dense = await self.deps.controller_call(
+                    "dense", lambda c: c.collections.dense(run.collection, k=cfg.negatives.k,
+                                                           knn=cfg.negatives.knn))
+                negatives = [item.text for item in dense.items if item.text.strip()]
+        retries = empties = 0
+        i = 0
+        while True:
+            scale = (cfg.guidance.start + cfg.guidance.step * retries) if guided else None
+            a = existing[i] if i < len(existing) else await self._generate(
+                run, node, round_, i, scale=scale, negatives=negatives)
+            i += 1
+            if not a.text:
+                empties += 1
+                if not a.checked:
+                    self.store.record_check(run.id, node, round_, a.attempt, None, False)
+                    self._attempt_event(run, a, accepted=False, empty=True)
+                if empties > MAX_EMPTY_OUTPUTS:
+                    raise RunFailed(f"node {node} returned an empty text {empties} times in round {round_}: "
+                                    "raise max_tokens or check the node's model and prompt")
+                continue
+            if not guided:
+                await self._accept(run, a)
+                self._attempt_event(run, a, accepted=True)
+                return
+            if a.checked and a.is_similar and retries < cfg.guidance.max_retries:
+                retries += 1  # replay: this attempt was already judged similar
+                continue
+            async with self._lock(run.id):
+                sim = await self.deps.controller_call(
+                    "similar", lambda c, t=a.text: c.collections.similar(
+                        run.collection, t, k=1, threshold=cfg.similarity_threshold))
+                a.max_similarity, a.is_similar, a.checked = sim.max_similarity, sim.is_similar, True
+                self.store.record_check(run.id, node, round_, a.attempt, sim.max_similarity, sim.is_similar)
+                if not sim.is_similar or retries >= cfg.guidance.max_retries:
+                    await self._accept(run, a)
+                    self._attempt_event(run, a, accepted=True)
+                    return
+            self._attempt_event(run, a, accepted=False)
+            retries += 1
+
+    # ---- dependencies coming back ------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            try:
+                await self.resume_paused_if_healthy()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("health loop")
+
+    async def resume_paused_if_healthy(self) -> bool:
+        paused = self.store.list_runs("paused")
+        if not paused:
+            return False
+        health = await self.deps.check()
+        if health.get("node") != "ok" or health.get("controller") != "ok":
+            return False
+        for run in paused:
+            log.info("dependencies are back: resuming run %s", run.id)
+            self.resume(run.id, reason="dependencies are back")
+        return True
+
+    def spawn_side(self, coro: Awaitable[None], name: str) -> None:
+        t = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self.side_tasks.add(t)
+        t.add_done_callback(self.side_tasks.discard)

@@ -1,0 +1,72 @@
+"""Every prompt the orchestrator sends, in one place."""
+
+from __future__ import annotations
+
+import re
+
+DEFAULT_AUGMENTATION_PROMPT = (
+    "You rewrite instructions. Read the base instruction below and write ONE augmented instruction "
+    "that keeps the base instruction's intent but makes it more specific: add concrete constraints, "
+    "parameters and domain detail, and steer it in a new direction that the base does not already "
+    "take. Answer with the augmented instruction only: no preamble, no label, no explanation, no "
+    "answer to the instruction.\n\nBase instruction: "
+)
+
+QA_PROMPT = (
+    "Turn the instruction below into exactly ONE question-and-answer pair. The question must be "
+    "self-contained and follow the instruction; the answer must answer it correctly and completely. "
+    "Write exactly this format and nothing else:\nQuestion: <the question>\nAnswer: <the answer>\n\n"
+    "Instruction: "
+)
+
+QA_RETRY_SUFFIX = ("\n\nYour reply MUST start with 'Question:' and contain one line starting with "
+                   "'Answer:'.")
+
+
+def augmentation_prompt(config_prompt: str | None) -> str:
+    return DEFAULT_AUGMENTATION_PROMPT if config_prompt is None else config_prompt
+
+
+def positive_prompt(aug_prompt: str, source: str) -> str:
+    """The generation prompt: the augmentation prompt followed by the base (or previous) text."""
+    return f"{aug_prompt}{source}"
+
+
+_LABEL = re.compile(r"^\s*(?:[*_#>\-\s]*)(?:augmented\s+instruction|instruction|augmentation|"
+                    r"rewritten\s+instruction|new\s+instruction)\s*[*_]*\s*:\s*[*_]*\s*", re.IGNORECASE)
+
+
+def clean_instruction(text: str) -> str:
+    """Strip labels the model echoed ("Instruction:", "Augmentation:") and surrounding quotes."""
+    out = text.strip()
+    for _ in range(3):
+        new = _LABEL.sub("", out, count=1).strip()
+        if new == out:
+            break
+        out = new
+    if len(out) >= 2 and out[0] == out[-1] and out[0] in "\"'":
+        out = out[1:-1].strip()
+    return out
+
+
+_Q = re.compile(r"(?:^|\n)\s*[*_#\s]*(?:Q|Question)\s*[*_]*\s*[:：]\s*[*_]*(?P<q>.*?)"
+                r"\n?\s*[*_#\s]*(?:A|Answer)\s*[*_]*\s*[:：]\s*[*_]*(?P<a>.*)", re.IGNORECASE | re.DOTALL)
+
+
+def parse_qa(text: str) -> tuple[str, str] | None:
+    """``Question: ... Answer: ...`` -> (question, answer); None when the output has no such pair.
+
+    Only the first pair is kept; a second "Question:" inside the answer ends it.
+    """
+    m = _Q.search(text)
+    if not m:
+        return None
+    question = m.group("q").strip().strip("*_ ").strip()
+    answer = m.group("a")
+    nxt = re.search(r"\n\s*[*_#\s]*(?:Q|Question)\s*[*_]*\s*[:：]", answer, re.IGNORECASE)
+    if nxt:
+        answer = answer[: nxt.start()]
+    answer = answer.strip().strip("*_ ").strip()
+    if not question or not answer:
+        return None
+    return question, answer

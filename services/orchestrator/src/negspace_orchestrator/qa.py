@@ -1,0 +1,87 @@
+"""Q/A conversion (the reference's inst2gen step) and the dataset exports.
+
+Each accepted instruction is cleaned of echoed labels, sent to a node with a formatter that asks
+for exactly one ``Question: ... Answer: ...`` pair, and parsed. An unparseable output is retried
+once (with a stricter reminder); if it still does not parse it is stored as ``rejected`` with the
+raw text, so every instruction is accounted for. Work already stored is skipped, so a second call
+after an interruption continues where the first stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from negspace_contracts.node import ChatCompletionRequest, ChatMessage
+from negspace_contracts.orchestrator import QARequest, QAResult
+from negspace_contracts.trainer import ChatRecord, ChatTurn
+from negspace_orchestrator import prompts
+from negspace_orchestrator.driver import Orchestrator, derive_seed
+from negspace_orchestrator.store import RunRow
+
+
+def chat_record(question: str, answer: str) -> ChatRecord:
+    return ChatRecord(messages=[ChatTurn(role="user", content=question),
+                                ChatTurn(role="assistant", content=answer)])
+
+
+async def convert(orch: Orchestrator, run: RunRow, request: QARequest) -> QAResult:
+    store = orch.store
+    accepted = store.accepted(run.id)
+    done = store.qa_done(run.id)
+    todo = [a for a in accepted if a.point_id not in done]
+    sem = asyncio.Semaphore(orch.settings.qa_concurrency)
+    total = len(accepted)
+
+    async def one(a) -> None:
+        async with sem:
+            instruction = prompts.clean_instruction(a.text)
+            raw, tries, parsed = "", 0, None
+            if instruction:
+                for tries in (1, 2):
+                    content = prompts.QA_PROMPT + instruction + (prompts.QA_RETRY_SUFFIX if tries == 2 else "")
+                    req = ChatCompletionRequest(
+                        messages=[ChatMessage(role="user", content=content)], max_tokens=request.max_tokens,
+                        temperature=request.temperature, top_p=request.top_p,
+                        seed=derive_seed(run.config.seed, "qa", a.point_id, tries))
+                    gen = await orch.deps.generate(a.node, req)
+                    raw = gen.text
+                    parsed = prompts.parse_qa(raw)
+                    if parsed:
+                        break
+            if parsed:
+                store.add_qa(run.id, a.point_id, "converted", parsed[0], parsed[1], raw, tries)
+            else:
+                store.add_qa(run.id, a.point_id, "rejected", None, None, raw, tries)
+            converted, rejected = store.qa_counts(run.id)
+            orch.event(run.id, "qa", {"instruction_id": a.point_id, "status": "converted" if parsed else "rejected",
+                                      "done": converted + rejected, "total": total,
+                                      "converted": converted, "rejected": rejected})
+
+    await orch._gather([one(a) for a in todo])
+    converted, rejected = store.qa_counts(run.id)
+    records = [chat_record(q, a) for q, a in store.qa_records(run.id)]
+    out_dir = Path(request.export_dir) if request.export_dir else orch.settings.exports_dir / run.id / "qa"
+    jsonl_path, dataset_path = await asyncio.to_thread(export, records, out_dir)
+    return QAResult(run_id=run.id, total=total, converted=converted, rejected=rejected,
+                    jsonl_path=str(jsonl_path), dataset_path=str(dataset_path) if dataset_path else None)
+
+
+def export(records: list[ChatRecord], out_dir: Path) -> tuple[Path, Path | None]:
+    """Write ``qa.jsonl`` and a Hugging Face ``datasets`` folder (``dataset/``) under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / "qa.jsonl"
+    tmp = jsonl.with_suffix(".jsonl.tmp")
+    with tmp.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r.model_dump(mode="json"), ensure_ascii=False) + "\n")
+    tmp.replace(jsonl)
+    if not records:
+        return jsonl, None
+    import datasets  # heavy (pyarrow): imported only when a dataset is written
+
+    ds = datasets.Dataset.from_list([r.model_dump(mode="json") for r in records])
+    folder = out_dir / "dataset"
+    ds.save_to_disk(str(folder))
+    return jsonl, folder

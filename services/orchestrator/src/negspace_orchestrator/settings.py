@@ -1,0 +1,67 @@
+"""Orchestrator settings: every flag of ``python -m negspace_orchestrator`` is also an
+``ORCHESTRATOR_*`` variable (list flags repeat, or take comma-separated values in the env)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from negspace_servekit.home import negspace_home
+from negspace_servekit.settings import ServiceSettings
+
+
+class OrchestratorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", extra="ignore", cli_kebab_case=True,
+                                      cli_implicit_flags=True, cli_avoid_json=True)
+
+    port: int = Field(8000, ge=0, le=65535)
+    node_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Node base URL; repeat the flag for several (each may be a "
+                                          "load-balanced set of replicas).")
+    controller_url: str | None = Field(None, description="Controller base URL.")
+    trainer_url: str | None = Field(None, description="Trainer base URL (needed by /runs/{id}/train only).")
+    db: Path | None = Field(None, description="SQLite file; default $NEGSPACE_HOME/orchestrator.db.")
+    data_dir: Path | None = Field(None, description="Exports (Q/A JSONL, datasets folders); default "
+                                                    "$NEGSPACE_HOME/orchestrator.")
+    round_mode: Literal["concurrent", "sequential"] = Field(
+        "concurrent", description="concurrent: the nodes of a round work at once; sequential: one after "
+                                  "another, exactly like the reference.")
+    node_timeout_s: float = Field(300.0, gt=0, description="Per generation request.")
+    controller_timeout_s: float = Field(60.0, gt=0)
+    retry_attempts: int = Field(6, ge=1, le=100, description="Tries per call (moving to the next node "
+                                                            "URL each time) before the run is paused.")
+    retry_backoff_s: float = Field(0.5, ge=0, description="First backoff; doubles per try, with jitter.")
+    retry_max_backoff_s: float = Field(8.0, ge=0)
+    health_interval_s: float = Field(5.0, gt=0, description="How often paused runs check whether their "
+                                                            "dependencies are back.")
+    qa_concurrency: int = Field(4, ge=1, le=256, description="Q/A conversions in flight at once.")
+
+    @field_validator("node_url", mode="before")
+    @classmethod
+    def _split_urls(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            out: list[str] = []
+            for item in v:
+                out.extend(p.strip() for p in str(item).split(",") if p.strip())
+            return out
+        return v
+
+    @model_validator(mode="after")
+    def _urls(self):
+        for url in [*self.node_url, self.controller_url, self.trainer_url]:
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"service URLs must start with http:// or https:// (got {url!r})")
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.db) if self.db is not None else negspace_home() / "orchestrator.db"
+
+    @property
+    def exports_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir is not None else negspace_home() / "orchestrator"

@@ -1,0 +1,306 @@
+"""SQLite state: runs, every attempt, accepted instructions, the event log, Q/A records.
+
+One connection, used from the event loop only (every statement is a few milliseconds in WAL
+mode), so there is exactly one writer. Attempts are unique per (run, node, round, attempt) and
+Q/A records per (run, instruction): replaying work after a restart can never duplicate a row.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from negspace_contracts.orchestrator import Instruction, RunConfig, RunEvent
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    mode TEXT NOT NULL,
+    status TEXT NOT NULL,
+    config TEXT NOT NULL,
+    target INTEGER NOT NULL,
+    round INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    paused_reason TEXT,
+    collection TEXT NOT NULL,
+    train_job_id TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    node INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    scale REAL,
+    negatives TEXT NOT NULL DEFAULT '[]',
+    seed INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    latency_s REAL NOT NULL,
+    node_url TEXT,
+    max_similarity REAL,
+    is_similar INTEGER,
+    checked INTEGER NOT NULL DEFAULT 0,
+    accepted INTEGER NOT NULL DEFAULT 0,
+    point_id TEXT,
+    inserted INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    UNIQUE (run_id, node, round, attempt)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_accepted_per_slot ON attempts (run_id, node, round) WHERE accepted = 1;
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, seq);
+CREATE TABLE IF NOT EXISTS qa (
+    run_id TEXT NOT NULL,
+    instruction_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    question TEXT,
+    answer TEXT,
+    raw TEXT,
+    tries INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, instruction_id)
+);
+"""
+
+ACTIVE = ("queued", "running")
+
+
+def point_id(run_id: str, node: int, round_: int) -> str:
+    """The controller id of the instruction accepted for (node, round): the same on every replay."""
+    return str(uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, f"negspace:run:{run_id}"), f"{node}:{round_}"))
+
+
+def _ts(t: float | None) -> datetime | None:
+    return datetime.fromtimestamp(t, UTC) if t is not None else None
+
+
+@dataclass
+class RunRow:
+    id: str
+    mode: str
+    status: str
+    config: RunConfig
+    target: int
+    round: int
+    error: str | None
+    paused_reason: str | None
+    collection: str
+    train_job_id: str | None
+    created_at: float
+    updated_at: float
+
+    @property
+    def created(self) -> datetime | None:
+        return _ts(self.created_at)
+
+    @property
+    def updated(self) -> datetime | None:
+        return _ts(self.updated_at)
+
+
+@dataclass
+class AttemptRow:
+    run_id: str
+    node: int
+    round: int
+    attempt: int
+    scale: float | None
+    negatives: list[str]
+    seed: int
+    text: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_s: float
+    node_url: str | None
+    max_similarity: float | None
+    is_similar: bool | None
+    checked: bool
+    accepted: bool
+    point_id: str | None
+    inserted: bool
+
+
+class Store:
+    def __init__(self, path: Path | str) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = str(path)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- runs -------------------------------------------------------------------------------
+    def create_run(self, run_id: str, config: RunConfig, target: int, collection: str) -> RunRow:
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                "INSERT INTO runs (id, mode, status, config, target, collection, created_at, updated_at)"
+                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (run_id, config.mode, config.model_dump_json(), target, collection, now, now))
+            self._event(run_id, "status", {"status": "queued"})
+        return self.get_run(run_id)  # type: ignore[return-value]
+
+    def _row_to_run(self, r: sqlite3.Row) -> RunRow:
+        return RunRow(id=r["id"], mode=r["mode"], status=r["status"],
+                      config=RunConfig.model_validate_json(r["config"]), target=r["target"],
+                      round=r["round"], error=r["error"], paused_reason=r["paused_reason"],
+                      collection=r["collection"], train_job_id=r["train_job_id"],
+                      created_at=r["created_at"], updated_at=r["updated_at"])
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        r = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return self._row_to_run(r) if r else None
+
+    def list_runs(self, status: str | None = None) -> list[RunRow]:
+        if status:
+            rows = self.db.execute("SELECT * FROM runs WHERE status = ? ORDER BY created_at", (status,))
+        else:
+            rows = self.db.execute("SELECT * FROM runs ORDER BY created_at")
+        return [self._row_to_run(r) for r in rows.fetchall()]
+
+    def set_status(self, run_id: str, status: str, *, error: str | None = None,
+                   paused_reason: str | None = None, **data: Any) -> None:
+        """Change a run's status and log a ``status`` event in the same transaction."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("UPDATE runs SET status = ?, error = ?, paused_reason = ?, updated_at = ?"
+                            " WHERE id = ?", (status, error, paused_reason, time.time(), run_id))
+            payload = {"status": status, **data}
+            if error:
+                payload["error"] = error
+            self._event(run_id, "status", payload)
+
+    def set_round(self, run_id: str, round_: int) -> None:
+        self.db.execute("UPDATE runs SET round = ?, updated_at = ? WHERE id = ?", (round_, time.time(), run_id))
+
+    def set_train_job(self, run_id: str, job_id: str) -> None:
+        self.db.execute("UPDATE runs SET train_job_id = ?, updated_at = ? WHERE id = ?",
+                        (job_id, time.time(), run_id))
+
+    # ---- attempts ---------------------------------------------------------------------------
+    def add_attempt(self, a: AttemptRow) -> None:
+        """Persist an attempt the moment its generation returns (a replay with the same key is ignored)."""
+        self.db.execute(
+            "INSERT OR IGNORE INTO attempts (run_id, node, round, attempt, scale, negatives, seed, text,"
+            " prompt_tokens, completion_tokens, latency_s, node_url, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (a.run_id, a.node, a.round, a.attempt, a.scale, json.dumps(a.negatives), a.seed, a.text,
+             a.prompt_tokens, a.completion_tokens, a.latency_s, a.node_url, time.time()))
+
+    def record_check(self, run_id: str, node: int, round_: int, attempt: int,
+                     max_similarity: float | None, is_similar: bool) -> None:
+        self.db.execute("UPDATE attempts SET max_similarity = ?, is_similar = ?, checked = 1"
+                        " WHERE run_id = ? AND node = ? AND round = ? AND attempt = ?",
+                        (max_similarity, int(is_similar), run_id, node, round_, attempt))
+
+    def mark_accepted(self, run_id: str, node: int, round_: int, attempt: int, pid: str) -> None:
+        self.db.execute("UPDATE attempts SET accepted = 1, point_id = ?, checked = 1"
+                        " WHERE run_id = ? AND node = ? AND round = ? AND attempt = ?",
+                        (pid, run_id, node, round_, attempt))
+
+    def mark_inserted(self, run_id: str, node: int, round_: int, attempt: int) -> None:
+        self.db.execute("UPDATE attempts SET inserted = 1"
+                        " WHERE run_id = ? AND node = ? AND round = ? AND attempt = ?",
+                        (run_id, node, round_, attempt))
+
+    def _row_to_attempt(self, r: sqlite3.Row) -> AttemptRow:
+        return AttemptRow(run_id=r["run_id"], node=r["node"], round=r["round"], attempt=r["attempt"],
+                          scale=r["scale"], negatives=json.loads(r["negatives"]), seed=r["seed"],
+                          text=r["text"], prompt_tokens=r["prompt_tokens"],
+                          completion_tokens=r["completion_tokens"], latency_s=r["latency_s"],
+                          node_url=r["node_url"], max_similarity=r["max_similarity"],
+                          is_similar=None if r["is_similar"] is None else bool(r["is_similar"]),
+                          checked=bool(r["checked"]), accepted=bool(r["accepted"]),
+                          point_id=r["point_id"], inserted=bool(r["inserted"]))
+
+    def slot_attempts(self, run_id: str, node: int, round_: int) -> list[AttemptRow]:
+        rows = self.db.execute("SELECT * FROM attempts WHERE run_id = ? AND node = ? AND round = ?"
+                               " ORDER BY attempt", (run_id, node, round_)).fetchall()
+        return [self._row_to_attempt(r) for r in rows]
+
+    def attempts(self, run_id: str) -> list[AttemptRow]:
+        rows = self.db.execute("SELECT * FROM attempts WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
+        return [self._row_to_attempt(r) for r in rows]
+
+    def accepted(self, run_id: str) -> list[AttemptRow]:
+        rows = self.db.execute("SELECT * FROM attempts WHERE run_id = ? AND accepted = 1"
+                               " ORDER BY round, node", (run_id,)).fetchall()
+        return [self._row_to_attempt(r) for r in rows]
+
+    def instructions(self, run_id: str) -> list[Instruction]:
+        mode = self.db.execute("SELECT mode FROM runs WHERE id = ?", (run_id,)).fetchone()
+        guided = mode is not None and mode["mode"] == "guided"
+        return [Instruction(id=a.point_id or "", node=a.node, round=a.round, text=a.text,
+                            guidance_scale=a.scale if guided else None, attempt=a.attempt,
+                            max_similarity=a.max_similarity)
+                for a in self.accepted(run_id)]
+
+    def counts(self, run_id: str) -> tuple[int, int, float, int]:
+        """(accepted, attempts, summed attempt latency, slots whose latency is counted)."""
+        r = self.db.execute("SELECT COALESCE(SUM(accepted), 0) AS acc, COUNT(*) AS att,"
+                            " COALESCE(SUM(latency_s), 0) AS lat FROM attempts WHERE run_id = ?",
+                            (run_id,)).fetchone()
+        return int(r["acc"]), int(r["att"]), float(r["lat"]), int(r["acc"])
+
+    # ---- events -----------------------------------------------------------------------------
+    def _event(self, run_id: str, type_: str, data: dict[str, Any]) -> int:
+        cur = self.db.execute("INSERT INTO events (run_id, type, data, created_at) VALUES (?, ?, ?, ?)",
+                              (run_id, type_, json.dumps(data), time.time()))
+        return int(cur.lastrowid or 0)
+
+    def add_event(self, run_id: str, type_: str, data: dict[str, Any]) -> int:
+        return self._event(run_id, type_, data)
+
+    def events_after(self, run_id: str, after: int, limit: int = 500) -> list[RunEvent]:
+        rows = self.db.execute("SELECT * FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                               (run_id, after, limit)).fetchall()
+        return [RunEvent(type=r["type"], run_id=r["run_id"], seq=r["seq"], data=json.loads(r["data"]))
+                for r in rows]
+
+    # ---- Q/A ----------------------------------------------------------------------------------
+    def qa_done(self, run_id: str) -> set[str]:
+        rows = self.db.execute("SELECT instruction_id FROM qa WHERE run_id = ?", (run_id,)).fetchall()
+        return {r["instruction_id"] for r in rows}
+
+    def add_qa(self, run_id: str, instruction_id: str, status: str, question: str | None,
+               answer: str | None, raw: str, tries: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO qa (run_id, instruction_id, status, question, answer, raw,"
+                        " tries, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (run_id, instruction_id, status, question, answer, raw, tries, time.time()))
+
+    def qa_records(self, run_id: str) -> list[tuple[str, str]]:
+        """Converted pairs in instruction order (round, node)."""
+        rows = self.db.execute(
+            "SELECT q.question, q.answer FROM qa q JOIN attempts a ON a.run_id = q.run_id"
+            " AND a.point_id = q.instruction_id AND a.accepted = 1"
+            " WHERE q.run_id = ? AND q.status = 'converted' ORDER BY a.round, a.node", (run_id,)).fetchall()
+        return [(r["question"], r["answer"]) for r in rows]
+
+    def qa_counts(self, run_id: str) -> tuple[int, int]:
+        r = self.db.execute("SELECT COALESCE(SUM(status = 'converted'), 0) AS c,"
+                            " COALESCE(SUM(status = 'rejected'), 0) AS r FROM qa WHERE run_id = ?",
+                            (run_id,)).fetchone()
+        return int(r["c"]), int(r["r"])

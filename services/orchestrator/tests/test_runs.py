@@ -1,0 +1,237 @@
+"""Guided and baseline runs against mocked node and controller services (in-process HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
+from negspace_contracts.node import ChatCompletionRequest
+from negspace_contracts.orchestrator import GuidanceSchedule, NegativesSpec, RunConfig
+
+
+def cfg(**kw) -> RunConfig:
+    base = dict(base_instruction="Write a math problem.", nodes=2, rounds=2, max_tokens=32, seed=7)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+async def test_guided_run_uses_dense_negatives_and_persists_everything(make_harness):
+    async with make_harness() as h:
+        created = await h.client.runs.create(cfg(negatives=NegativesSpec(k=2, knn=3)))
+        assert created.status == "queued"
+        run = await h.wait(created.id)
+        assert run.status == "completed", run.error
+        assert run.progress.accepted == 2 * 3 == run.progress.target
+        assert run.progress.round == 2 and run.progress.rounds == 2
+
+        gens = [c for k, c in h.log.calls if k == "generate"]
+        bootstrap, guided = gens[:2], gens[2:]
+        assert all(g["negatives"] == [] and g["scale"] == 1.0 for g in bootstrap)
+        # every guided call's negatives are exactly what the controller's dense() returned
+        assert h.controller.dense_responses and all(len(d) == 2 for d in h.controller.dense_responses)
+        for g in guided:
+            assert g["negatives"] in h.controller.dense_responses
+            assert g["scale"] == 1.0  # guidance.start; nothing similar here
+        # the positive prompt is the augmentation prompt + base instruction
+        req = h.nodes[0].requests[0]
+        assert req.messages[0].content.endswith("Write a math problem.")
+        assert "ONE augmented instruction" in req.messages[0].content
+
+        insts = await h.client.runs.instructions(created.id)
+        assert len(insts) == 6 and len({i.id for i in insts}) == 6
+        assert sorted((i.node, i.round) for i in insts) == [(n, r) for n in range(2) for r in range(3)]
+        assert sorted(i.text for i in insts) == sorted(h.controller.texts())
+        assert all(i.max_similarity is not None for i in insts if i.round > 0)
+
+        metrics = await h.client.runs.metrics(created.id)
+        assert metrics.n == 6
+
+
+async def test_scale_rises_by_step_while_similar_and_stops_at_max_retries(make_harness):
+    dup = "the very same instruction every time"
+
+    def script(req: ChatCompletionRequest) -> str:
+        if not req.negative_prompts:
+            return dup  # bootstrap: node 0 stores the text that every guided attempt repeats
+        return dup
+
+    async with make_harness(script=script) as h:
+        rid = (await h.client.runs.create(cfg(nodes=1, rounds=1, guidance=GuidanceSchedule(
+            start=1.5, step=0.5, max_retries=3)))).id
+        run = await h.wait(rid)
+        assert run.status == "completed"
+        guided = [c for k, c in h.log.calls if k == "generate"][1:]
+        assert [g["scale"] for g in guided] == [1.5, 2.0, 2.5, 3.0]  # start + n*step, 1 + max_retries calls
+        insts = await h.client.runs.instructions(rid)
+        last = [i for i in insts if i.round == 1][0]
+        assert last.attempt == 3 and last.guidance_scale == 3.0 and last.max_similarity == pytest.approx(1.0)
+        assert run.progress.attempts == 1 + 4
+
+
+async def test_scale_stops_rising_once_the_text_is_new(make_harness):
+    def script(req: ChatCompletionRequest) -> str:
+        if not req.negative_prompts or req.guidance_scale < 2.0:
+            return "a repeated augmented instruction"
+        return f"something different at scale {req.guidance_scale}"
+
+    async with make_harness(script=script) as h:
+        rid = (await h.client.runs.create(cfg(nodes=1, rounds=1))).id
+        await h.wait(rid)
+        guided = [c["scale"] for k, c in h.log.calls if k == "generate"][1:]
+        assert guided == [1.0, 1.5, 2.0]
+        insts = await h.client.runs.instructions(rid)
+        r1 = [i for i in insts if i.round == 1][0]
+        assert r1.attempt == 2 and r1.text == "something different at scale 2.0"
+
+
+async def test_sequential_mode_reproduces_the_reference_call_order(make_harness):
+    from negspace_orchestrator.driver import derive_seed
+
+    boot0 = derive_seed(7, "guided", 0, 0, 0)      # (mode, node, round, attempt)
+    node1_r1_a0 = derive_seed(7, "guided", 1, 1, 0)
+
+    def script(req: ChatCompletionRequest) -> str:
+        # node 1's first guided attempt repeats node 0's bootstrap text -> exactly one retry
+        if req.seed in (boot0, node1_r1_a0):
+            return "bootstrap text of node zero"
+        return f"text {req.seed}"
+
+    async with make_harness(script=script, round_mode="sequential") as h:
+        rid = (await h.client.runs.create(cfg(nodes=2, rounds=1, negatives=NegativesSpec(k=1, knn=1)))).id
+        run = await h.wait(rid)
+        assert run.status == "completed"
+        assert h.log.kinds() == [
+            "create",
+            "generate", "upsert",            # bootstrap node 0
+            "generate", "upsert",            # bootstrap node 1
+            "dense", "generate", "similar", "upsert",                          # round 1 node 0
+            "dense", "generate", "similar", "generate", "similar", "upsert",   # round 1 node 1, one retry
+        ]
+
+
+async def test_concurrent_acceptance_never_accepts_two_near_duplicates(make_harness):
+    def script(req: ChatCompletionRequest) -> str:
+        if req.negative_prompts and req.guidance_scale == 1.0:
+            return "every node writes this same sentence first"
+        return f"unique text for seed {req.seed} scale {req.guidance_scale}"
+
+    async with make_harness(script=script, node_delay=0.02, similar_delay=0.02) as h:
+        rid = (await h.client.runs.create(cfg(nodes=4, rounds=1))).id
+        run = await h.wait(rid)
+        assert run.status == "completed"
+        r1 = [i for i in await h.client.runs.instructions(rid) if i.round == 1]
+        assert len(r1) == 4
+        dups = [i for i in r1 if i.text == "every node writes this same sentence first"]
+        assert len(dups) == 1 and dups[0].attempt == 0
+        assert sorted(i.attempt for i in r1) == [0, 1, 1, 1]
+        # the four first attempts really ran concurrently (all were generated before any retry)
+        firsts = [c for k, c in h.log.calls if k == "generate" and c["negatives"]][:4]
+        assert all(c["scale"] == 1.0 for c in firsts)
+
+
+async def test_baseline_makes_no_guided_calls_and_matches_a_guided_run(make_harness):
+    async with make_harness() as h:
+        gid = (await h.client.runs.create(cfg(nodes=2, rounds=2))).id
+        await h.wait(gid)
+        n_before = len(h.log.calls)
+        bid = (await h.client.runs.create(RunConfig(base_instruction="Write a math problem.", mode="baseline",
+                                                    match_run=gid, nodes=3, seed=7))).id
+        run = await h.wait(bid)
+        assert run.status == "completed" and run.mode == "baseline"
+        calls = h.log.calls[n_before:]
+        assert {k for k, _ in calls} == {"create", "generate", "upsert"}
+        gens = [c for k, c in calls if k == "generate"]
+        assert len(gens) == 6 and all(g["negatives"] == [] and g["scale"] == 1.0 for g in gens)
+        assert len({g["seed"] for g in gens}) == 6
+        insts = await h.client.runs.instructions(bid)
+        assert len(insts) == 6 and all(i.guidance_scale is None for i in insts)
+        assert (await h.client.runs.metrics(bid)).n == 6
+        sized = (await h.client.runs.create(RunConfig(base_instruction="x", mode="baseline", size=4))).id
+        assert (await h.wait(sized)).progress.accepted == 4
+
+
+async def test_previous_generation_feeds_the_next_round(make_harness):
+    async with make_harness() as h:
+        rid = (await h.client.runs.create(cfg(nodes=1, rounds=2, use_previous_generation=True))).id
+        await h.wait(rid)
+        insts = sorted(await h.client.runs.instructions(rid), key=lambda i: i.round)
+        prompts_ = [r.messages[0].content for r in h.nodes[0].requests]
+        assert prompts_[1].endswith(insts[0].text) and prompts_[2].endswith(insts[1].text)
+
+
+async def test_events_stream_attempts_rounds_and_ends_when_done(make_harness):
+    async with make_harness() as h:
+        rid = (await h.client.runs.create(cfg(nodes=2, rounds=1))).id
+        events = [e async for e in h.client.runs.events(rid)]
+        types = [e.type for e in events]
+        assert types[0] == "status" and events[0].data["status"] == "queued"
+        assert types.count("attempt") == 4 and types.count("round") == 2
+        assert events[-1].type == "status" and events[-1].data["status"] == "completed"
+        assert [e.seq for e in events] == sorted(e.seq for e in events)
+        a = next(e for e in events if e.type == "attempt")
+        assert {"node", "round", "attempt", "scale", "max_similarity", "accepted", "text",
+                "latency_s", "completion_tokens"} <= set(a.data)
+        tail = [e async for e in h.client.runs.events(rid, after=events[-2].seq)]
+        assert [e.seq for e in tail] == [events[-1].seq]
+
+
+async def test_cancel(make_harness):
+    async with make_harness(node_delay=0.05) as h:
+        rid = (await h.client.runs.create(cfg(nodes=1, rounds=50))).id
+        await h.wait(rid, statuses=("running",))
+        run = await h.client.runs.cancel(rid)
+        assert run.status == "cancelled"
+        n = len(h.log.calls)
+        await asyncio.sleep(0.2)
+        assert len(h.log.calls) == n  # nothing runs after a cancel
+        assert (await h.client.runs.cancel(rid)).status == "cancelled"
+        with pytest.raises(ConflictError):
+            await h.client.runs.resume(rid)
+
+
+@pytest.mark.parametrize("body,where", [
+    ({"rounds": -1}, "rounds"),
+    ({"nodes": 0}, "nodes"),
+    ({"nodes": 65}, "nodes"),
+    ({"similarity_threshold": 0}, "similarity_threshold"),
+    ({"similarity_threshold": 1.5}, "similarity_threshold"),
+    ({"base_instruction": "   "}, "base_instruction"),
+    ({"mode": "baseline"}, "size or match_run"),
+    ({"size": 3}, "baseline"),
+    ({"mode": "baseline", "match_run": "nope"}, "match_run"),
+    ({"mode": "sideways"}, "mode"),
+    ({"unknown_field": 1}, "unknown_field"),
+])
+async def test_bad_run_config_is_a_clear_4xx(make_harness, body, where):
+    async with make_harness() as h:
+        payload = {"base_instruction": "Write a poem.", **body}
+        resp = await h.client.send.__self__._http.post("/runs", json=payload)
+        assert 400 <= resp.status_code < 500, resp.text
+        err = resp.json()["error"]
+        assert where in err["message"], err
+
+
+async def test_unknown_run_id_is_404(make_harness):
+    async with make_harness() as h:
+        for call in (h.client.runs.get, h.client.runs.instructions, h.client.runs.cancel,
+                     h.client.runs.resume, h.client.runs.metrics, h.client.runs.qa):
+            with pytest.raises(NotFoundError) as ei:
+                await call("doesnotexist")
+            assert "doesnotexist" in ei.value.message
+        with pytest.raises(NotFoundError):
+            [e async for e in h.client.runs.events("doesnotexist")]
+
+
+async def test_list_and_health(make_harness):
+    async with make_harness() as h:
+        rid = (await h.client.runs.create(cfg(nodes=1, rounds=0))).id
+        await h.wait(rid)
+        runs = (await h.client.runs.list()).runs
+        assert [r.id for r in runs] == [rid] and runs[0].progress.eta_seconds == 0.0
+        health = await h.client.health()
+        assert health.status == "ok" and health.info["dependencies"]["controller"] == "ok"
+        with pytest.raises(BadRequestError):
+            await h.client.runs.create(RunConfig.model_construct(base_instruction="x", mode="baseline",
+                                                                 size=None, match_run=rid + "x"))
