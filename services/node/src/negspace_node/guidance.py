@@ -10,7 +10,8 @@ At each decoding step, for one group (a positive prompt and its negatives sharin
     ln     = min_i ln_i            (element-wise)
     guided = ln + s * (lp - ln)    s = guidance scale; s = 1 is plain generation
 
-``space="logprobs"`` applies log-softmax to lp and every ln_i first (the CFG paper's
+Where a negative's score is -inf (a masked token) the positive's score is kept; where the
+positive's is -inf the token stays forbidden. ``space="logprobs"`` applies log-softmax to lp and every ln_i first (the CFG paper's
 formulation); ``"logits"`` (the reference method, default) mixes raw logits.
 Temperature and top-p then apply to ``guided`` and one token is drawn.
 """
@@ -38,7 +39,11 @@ def combine(lp: torch.Tensor, ln: torch.Tensor | None, scale: float, space: str 
         raise ValueError(f"unknown guidance space {space!r}")
     neg = ln.min(dim=0).values
     guided = neg + scale * (lp - neg)
-    # Where the positive forbids a token (-inf), keep it forbidden whatever the negatives say.
+    # -inf handling (a masked token; raw model logits are always finite):
+    # - where a negative forbids a token the positive allows, -inf + s*inf would be NaN (and
+    #   argmax picks NaN): the negatives carry no information there, so keep the positive's score;
+    # - where the positive forbids a token, keep it forbidden whatever the negatives say.
+    guided = torch.where(torch.isneginf(neg), lp, guided)
     return torch.where(torch.isneginf(lp), lp, guided)
 
 
