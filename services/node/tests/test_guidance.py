@@ -74,6 +74,6 @@ def test_sample_greedy_seeded_and_top_p():
     assert len(set(draws)) == 1                                  # same seed, same token
     many = {sample(scores, 1.0, 1.0, make_generator(s)) for s in range(40)}
     assert many >= {1, 3}                                        # different seeds explore
-    narrow = {sample(scores, 1.0, 0.5, make_generator(s)) for s in range(40)}
-    assert narrow == {1}                                         # top-p 0.5 keeps only the best
+    narrow = {sample(scores, 1.0, 0.4, make_generator(s)) for s in range(40)}  # p(best)=0.48
+    assert narrow == {1}                                         # top-p 0.4 keeps only the best
     assert not math.isnan(float(torch.softmax(scores, -1).sum()))
