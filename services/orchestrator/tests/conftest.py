@@ -27,7 +27,6 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-
 from negspace_contracts.controller import (
     CollectionInfo,
     DenseItem,

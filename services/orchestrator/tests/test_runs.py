@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
 from negspace_contracts.node import ChatCompletionRequest
 from negspace_contracts.orchestrator import GuidanceSchedule, NegativesSpec, RunConfig

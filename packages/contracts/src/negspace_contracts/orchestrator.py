@@ -183,6 +183,10 @@ class _Runs(Resource):
         return await self._client.call("POST", f"/runs/{run_id}/train", Job,
                                        json_body=request or TrainRequest())
 
+    async def train_job(self, run_id: str) -> Job:
+        """The run's training job as the trainer reports it now (``GET /runs/{id}/train``)."""
+        return await self._client.call("GET", f"/runs/{run_id}/train", Job)
+
     async def events(self, run_id: str, *, after: int = 0) -> AsyncIterator[RunEvent]:
         """Follow ``GET /runs/{id}/events`` (server-sent events) until the stream ends."""
         data: list[str] = []

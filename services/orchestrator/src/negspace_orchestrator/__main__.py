@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from negspace_orchestrator.app import create_app
-from negspace_orchestrator.settings import OrchestratorSettings
 from negspace_servekit.serve import serve
 from negspace_servekit.settings import parse_settings
+
+from negspace_orchestrator.app import create_app
+from negspace_orchestrator.settings import OrchestratorSettings
 
 
 def main(argv: list[str] | None = None) -> None:

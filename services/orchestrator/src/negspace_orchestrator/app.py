@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-import httpx
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-
 from negspace_contracts.controller import MetricsRequest, MetricsResponse
 from negspace_contracts.errors import (
     BadRequestError,
     ConflictError,
+    NegspaceError,
     NotFoundError,
     ServiceUnavailableError,
+    is_retryable,
 )
 from negspace_contracts.orchestrator import (
     TERMINAL_RUN_STATUSES,
@@ -31,13 +30,14 @@ from negspace_contracts.orchestrator import (
     TrainRequest,
 )
 from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, DatasetSpec, Job, JobRequest
+from negspace_servekit import create_app as servekit_app
+from negspace_servekit import health_response
+
 from negspace_orchestrator import qa as qa_mod
 from negspace_orchestrator.driver import Orchestrator, run_target
 from negspace_orchestrator.services import Dependencies, DependencyDown
 from negspace_orchestrator.settings import OrchestratorSettings
 from negspace_orchestrator.store import RunRow, Store
-from negspace_servekit import create_app as servekit_app
-from negspace_servekit import health_response
 
 log = logging.getLogger("negspace.orchestrator")
 SERVICE = "orchestrator"
@@ -222,21 +222,20 @@ async def train(run_id: str, orch: Orch, request: TrainRequest | None = None) ->
         raise ConflictError(f"run {run_id} has no Q/A records: POST /runs/{run_id}/qa first")
     if run.train_job_id:
         try:
-            current = await trainer.jobs.get(run.train_job_id)
-            if current.status not in TERMINAL_JOB_STATUSES:
-                raise ConflictError(f"run {run_id} already has training job {current.id} ({current.status})")
+            async with _trainer_errors():
+                current = await trainer.jobs.get(run.train_job_id)
         except NotFoundError:
-            pass
+            current = None
+        if current is not None and current.status not in TERMINAL_JOB_STATUSES:
+            raise ConflictError(f"run {run_id} already has training job {current.id} ({current.status})")
     req = request or TrainRequest()
     job_request = JobRequest(dataset=DatasetSpec(records=[qa_mod.chat_record(q, a) for q, a in pairs]),
                              base_model=req.base_model, method=req.method, lora=req.lora,
                              training=req.training, eval=req.eval, compare_base=req.compare_base,
                              name=f"negspace-run-{run_id}")
-    try:
+    async with _trainer_errors():
         created = await trainer.jobs.create(job_request)
         job = await trainer.jobs.get(created.id)
-    except (httpx.HTTPError,) as exc:  # pragma: no cover - the client maps transport errors
-        raise ServiceUnavailableError(f"trainer: {exc!r}") from exc
     orch.store.set_train_job(run_id, job.id)
     orch.event(run_id, "train", {"job_id": job.id, "status": job.status})
     orch.spawn_side(_track_job(orch, run_id, job.id), name=f"train-{run_id}")
@@ -248,7 +247,19 @@ async def train_status(run_id: str, orch: Orch) -> Job:
     run = _run_or_404(orch, run_id)
     if not run.train_job_id:
         raise NotFoundError(f"run {run_id} has no training job: POST /runs/{run_id}/train first")
-    return await _trainer(orch).jobs.get(run.train_job_id)
+    async with _trainer_errors():
+        return await _trainer(orch).jobs.get(run.train_job_id)
+
+
+@asynccontextmanager
+async def _trainer_errors():
+    """A trainer that cannot be reached is a 503 of ours (not the client-side 598/599 codes)."""
+    try:
+        yield
+    except NegspaceError as exc:
+        if is_retryable(exc) or exc.status_code >= 500:
+            raise ServiceUnavailableError(f"trainer: {exc.message}") from exc
+        raise
 
 
 async def _track_job(orch: Orchestrator, run_id: str, job_id: str) -> None:

@@ -30,6 +30,7 @@ from negspace_contracts.orchestrator import (
     RunConfig,
     RunProgress,
 )
+
 from negspace_orchestrator import prompts
 from negspace_orchestrator.services import Dependencies, DependencyDown
 from negspace_orchestrator.settings import OrchestratorSettings
@@ -217,9 +218,16 @@ class Orchestrator:
                     await s
             else:
                 await self._gather(slots)
+            self._check_round(run, r)
             accepted, attempts, _, _ = self.store.counts(run.id)
             self.event(run.id, "round", {"round": r, "rounds": cfg.rounds, "accepted": accepted,
                                          "attempts": attempts})
+
+    def _check_round(self, run: RunRow, round_: int) -> None:
+        missing = [n for n in range(run.config.nodes)
+                   if not any(a.accepted and a.inserted for a in self.store.slot_attempts(run.id, n, round_))]
+        if missing:  # a slot task ended without accepting: never move on with a hole in the round
+            raise RuntimeError(f"round {round_} ended without an instruction for nodes {missing}")
 
     async def _baseline(self, run: RunRow) -> None:
         cfg = run.config

@@ -16,6 +16,7 @@ from pathlib import Path
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage
 from negspace_contracts.orchestrator import QARequest, QAResult
 from negspace_contracts.trainer import ChatRecord, ChatTurn
+
 from negspace_orchestrator import prompts
 from negspace_orchestrator.driver import Orchestrator, derive_seed
 from negspace_orchestrator.store import RunRow

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import httpx
-
 from negspace_contracts.controller import ControllerClient
 from negspace_contracts.errors import NegspaceError, ServerError, is_retryable
 from negspace_contracts.node import ChatCompletionRequest, ChatCompletionResponse, NodeClient
 from negspace_contracts.trainer import TrainerClient
+
 from negspace_orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger("negspace.orchestrator")

@@ -1,0 +1,91 @@
+"""Q/A conversion (parse, retry once, count rejects), exports, and the training hand-off."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from negspace_contracts.errors import ConflictError
+from negspace_contracts.node import ChatCompletionRequest
+from negspace_contracts.orchestrator import QARequest, RunConfig, TrainRequest
+from negspace_orchestrator import prompts
+
+from .conftest import seeded_text  # noqa: TID252
+
+
+def script(req: ChatCompletionRequest) -> str:
+    content = req.messages[0].content
+    if not content.startswith(prompts.QA_PROMPT):
+        return "Instruction: " + seeded_text(req.seed or 0)  # echoed label, cleaned before Q/A
+    instruction = content[len(prompts.QA_PROMPT):].split("\n\n")[0]
+    retry = content.endswith(prompts.QA_RETRY_SUFFIX)
+    if instruction.startswith("Instruction:"):
+        return "label was not cleaned"
+    first = instruction.split()[0]
+    if first in HOPELESS:
+        return "I cannot do that."
+    if first in FLAKY and not retry:
+        return "Sure! Here is something without the format."
+    return f"**Question:** What about {instruction}?\n**Answer:** An answer about {first}."
+
+
+HOPELESS: set[str] = set()
+FLAKY: set[str] = set()
+
+
+async def test_qa_converts_retries_once_and_counts_rejects(make_harness, tmp_path):
+    async with make_harness(script=script) as h:
+        rid = (await h.client.runs.create(RunConfig(base_instruction="Write a riddle.", nodes=2, rounds=1,
+                                                    seed=1))).id
+        with pytest.raises(ConflictError):  # still running
+            await h.client.runs.qa(rid)
+        await h.wait(rid)
+        insts = await h.client.runs.instructions(rid)
+        cleaned = [prompts.clean_instruction(i.text) for i in insts]
+        HOPELESS.add(cleaned[0].split()[0])
+        FLAKY.add(cleaned[1].split()[0])
+        with pytest.raises(ConflictError):
+            await h.client.runs.qa_records(rid)
+        result = await h.client.runs.qa(rid, QARequest(export_dir=str(tmp_path / "out")))
+        assert (result.total, result.converted, result.rejected) == (4, 3, 1)
+        records = await h.client.runs.qa_records(rid)
+        assert len(records) == 3
+        for r in records:
+            assert [m.role for m in r.messages] == ["user", "assistant"]
+            assert r.messages[0].content.startswith("What about ") and "*" not in r.messages[1].content
+        lines = (tmp_path / "out" / "qa.jsonl").read_text().splitlines()
+        assert [json.loads(x) for x in lines] == [r.model_dump(mode="json") for r in records]
+        import datasets
+        ds = datasets.load_from_disk(result.dataset_path)
+        assert ds.num_rows == 3 and ds[0]["messages"][1]["role"] == "assistant"
+        # a second call converts nothing again: the work is stored
+        n_requests = sum(len(n.requests) for n in h.nodes)
+        again = await h.client.runs.qa(rid)
+        assert (again.converted, again.rejected) == (3, 1)
+        assert sum(len(n.requests) for n in h.nodes) == n_requests
+        qa_events = [e async for e in h.client.runs.events(rid) if e.type == "qa"]
+        assert len(qa_events) == 4 and qa_events[-1].data["done"] == 4
+
+
+async def test_train_hands_the_qa_dataset_to_the_trainer_and_tracks_the_job(make_harness):
+    async with make_harness(script=script) as h:
+        rid = (await h.client.runs.create(RunConfig(base_instruction="Write a riddle.", nodes=1, rounds=1))).id
+        await h.wait(rid)
+        with pytest.raises(ConflictError):  # no Q/A yet
+            await h.client.runs.train(rid)
+        await h.client.runs.qa(rid)
+        job = await h.client.runs.train(rid, TrainRequest(method="lora"))
+        sent, _ = h.trainer.jobs[job.id]
+        assert sent.dataset.records is not None and len(sent.dataset.records) == 2
+        assert sent.name == f"negspace-run-{rid}"
+        assert (await h.client.runs.get(rid)).train_job_id == job.id
+        assert (await h.client.runs.train_job(rid)).status == "succeeded"
+
+
+def test_parse_and_clean():
+    assert prompts.parse_qa("Question: What is 2+2?\nAnswer: 4") == ("What is 2+2?", "4")
+    assert prompts.parse_qa("Q: a?\nA: b\nQuestion: c?\nAnswer: d") == ("a?", "b")
+    assert prompts.parse_qa("Answer: 4") is None and prompts.parse_qa("Question: x\nAnswer:  ") is None
+    assert prompts.clean_instruction('Augmentation: "Write a haiku."') == "Write a haiku."
+    assert prompts.clean_instruction("**Instruction:** Do X") == "Do X"
+    assert prompts.clean_instruction("Design an instruction set") == "Design an instruction set"
