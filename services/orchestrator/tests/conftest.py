@@ -268,7 +268,7 @@ class Harness:
 
 @asynccontextmanager
 async def harness(tmp_path, *, n_urls: int = 1, script=default_script, node_delay: float = 0.0,
-                  similar_delay: float = 0.0, **settings_kw):
+                  similar_delay: float = 0.0, node_apps: list | None = None, **settings_kw):
     log = CallLog()
     nodes = [MockNode(log, name=f"node-{i}", script=script, delay=node_delay) for i in range(n_urls)]
     controller = MockController(log, similar_delay=similar_delay)
@@ -278,7 +278,8 @@ async def harness(tmp_path, *, n_urls: int = 1, script=default_script, node_dela
               retry_backoff_s=0.01, retry_max_backoff_s=0.02, health_interval_s=0.1)
     kw.update(settings_kw)
     settings = OrchestratorSettings(**kw)
-    transports = {u: httpx.ASGITransport(n.app) for u, n in zip(NODE_URLS, nodes, strict=False)}
+    apps = node_apps or [n.app for n in nodes]
+    transports = {u: httpx.ASGITransport(a) for u, a in zip(NODE_URLS, apps, strict=False)}
     transports[CONTROLLER_URL] = httpx.ASGITransport(controller.app)
     transports[TRAINER_URL] = httpx.ASGITransport(trainer.app)
     deps = Dependencies(settings, transports=transports)

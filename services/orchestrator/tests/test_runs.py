@@ -234,3 +234,23 @@ async def test_list_and_health(make_harness):
         with pytest.raises(BadRequestError):
             await h.client.runs.create(RunConfig.model_construct(base_instruction="x", mode="baseline",
                                                                  size=None, match_run=rid + "x"))
+
+
+async def test_guided_run_against_the_real_node_api_with_its_fake_engine(make_harness):
+    """The node's own app (its request validation, chat rendering, guidance fields) in the loop."""
+    from negspace_node.app import create_app as node_app
+    from negspace_node.engines.fake import FakeEngine
+    from negspace_node.settings import NodeSettings
+
+    engine = FakeEngine()
+    app = node_app(NodeSettings(), engine=engine)
+    async with make_harness(node_apps=[app]) as h:
+        rid = (await h.client.runs.create(cfg(nodes=2, rounds=2, max_tokens=24))).id
+        run = await h.wait(rid)
+        assert run.status == "completed", run.error
+        insts = await h.client.runs.instructions(rid)
+        assert len(insts) == 6 and all(i.text for i in insts)
+        with_negatives = [r for r in engine.requests if r.negative_ids]
+        assert len(with_negatives) == run.progress.attempts - 2  # every round-1+ attempt sent negatives
+        # negatives.k = 3, fewer while the collection is smaller (2 points after the bootstrap)
+        assert sorted({len(r.negative_ids) for r in with_negatives}) == [2, 3]
