@@ -77,10 +77,12 @@ class Orchestrator:
         self._changed: dict[str, asyncio.Event] = {}
         self._health_task: asyncio.Task | None = None
         self.qa_running: set[str] = set()
+        self._stopping = False
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Resume every run that was queued or running when the service stopped."""
+        self._stopping = False
         for run in self.store.list_runs():
             if run.status in ("queued", "running"):
                 log.info("resuming run %s (%s)", run.id, run.status)
@@ -88,6 +90,7 @@ class Orchestrator:
         self._health_task = asyncio.create_task(self._health_loop(), name="health-loop")
 
     async def stop(self) -> None:
+        self._stopping = True
         tasks = [*self.tasks.values(), *self.side_tasks]
         if self._health_task:
             tasks.append(self._health_task)
@@ -123,8 +126,17 @@ class Orchestrator:
     def _spawn(self, run_id: str) -> None:
         old = self.tasks.get(run_id)
         if old is not None and not old.done():
+            # a driver that is just ending (e.g. writing "paused"): start again once it has ended
+            old.add_done_callback(lambda _t: self._respawn(run_id))
             return
         self.tasks[run_id] = asyncio.create_task(self._drive(run_id), name=f"run-{run_id}")
+
+    def _respawn(self, run_id: str) -> None:
+        if self._stopping:
+            return
+        run = self.store.get_run(run_id)
+        if run is not None and run.status in ("queued", "running"):
+            self._spawn(run_id)
 
     async def cancel(self, run_id: str) -> None:
         self.set_status(run_id, "cancelled", error="cancelled by request")
