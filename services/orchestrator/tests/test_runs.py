@@ -147,6 +147,8 @@ async def test_baseline_makes_no_guided_calls_and_matches_a_guided_run(make_harn
         insts = await h.client.runs.instructions(bid)
         assert len(insts) == 6 and all(i.guidance_scale is None for i in insts)
         assert (await h.client.runs.metrics(bid)).n == 6
+        from negspace_contracts.controller import MetricsRequest
+        assert (await h.client.runs.metrics(bid, MetricsRequest(pca_mean=[0.0] * 4))).n == 6
         sized = (await h.client.runs.create(RunConfig(base_instruction="x", mode="baseline", size=4))).id
         assert (await h.wait(sized)).progress.accepted == 4
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from negspace_contracts._http import Resource, ServiceClient
 from negspace_contracts.common import StrictModel
-from negspace_contracts.controller import MetricsResponse
+from negspace_contracts.controller import MetricsRequest, MetricsResponse
 from negspace_contracts.trainer import ChatRecord, EvalSpec, Job, LoraSpec, TrainingSpec
 
 MAX_NODES = 64
@@ -168,8 +168,12 @@ class _Runs(Resource):
         response = await self._client.send("GET", f"/runs/{run_id}/instructions")
         return [Instruction.model_validate_json(line) for line in response.text.splitlines() if line.strip()]
 
-    async def metrics(self, run_id: str) -> MetricsResponse:
-        return await self._client.call("GET", f"/runs/{run_id}/metrics", MetricsResponse)
+    async def metrics(self, run_id: str, request: MetricsRequest | None = None) -> MetricsResponse:
+        """The controller's diversity metrics of the run; ``request`` can fix the PCA basis so
+        the hull volumes of a guided run and its baseline compare alike."""
+        if request is None:
+            return await self._client.call("GET", f"/runs/{run_id}/metrics", MetricsResponse)
+        return await self._client.call("POST", f"/runs/{run_id}/metrics", MetricsResponse, json_body=request)
 
     async def qa(self, run_id: str, request: QARequest | None = None) -> QAResult:
         return await self._client.call("POST", f"/runs/{run_id}/qa", QAResult,

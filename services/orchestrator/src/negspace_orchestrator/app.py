@@ -135,12 +135,23 @@ async def instructions(run_id: str, orch: Orch) -> Response:
 
 @runs.get("/{run_id}/metrics", response_model=MetricsResponse)
 async def metrics(run_id: str, orch: Orch) -> MetricsResponse:
+    """Diversity metrics of the run's accepted instructions (its own controller collection)."""
+    return await _metrics(orch, run_id, MetricsRequest())
+
+
+@runs.post("/{run_id}/metrics", response_model=MetricsResponse)
+async def metrics_with_basis(run_id: str, request: MetricsRequest, orch: Orch) -> MetricsResponse:
+    """The same, with a fixed PCA basis/mean so the hull volumes of two runs compare alike."""
+    return await _metrics(orch, run_id, request)
+
+
+async def _metrics(orch: Orchestrator, run_id: str, request: MetricsRequest) -> MetricsResponse:
     run = _run_or_404(orch, run_id)
     if orch.store.counts(run_id)[0] == 0:
         raise ConflictError(f"run {run_id} has no accepted instructions yet; metrics need at least one")
     try:
         return await orch.deps.controller_call(
-            "metrics", lambda c: c.collections.metrics(run.collection, MetricsRequest(filter={"run_id": run.id})))
+            "metrics", lambda c: c.collections.metrics(run.collection, request))
     except DependencyDown as exc:
         raise ServiceUnavailableError(str(exc)) from exc
 
