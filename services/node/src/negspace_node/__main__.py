@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from negspace_node.app import create_app
 from negspace_node.settings import NodeSettings
 from negspace_servekit import parse_settings
@@ -15,7 +17,13 @@ from negspace_servekit.serve import serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_settings(NodeSettings, argv if argv is not None else sys.argv[1:], prog="negspace-node")
+    try:
+        settings = parse_settings(NodeSettings, argv if argv is not None else sys.argv[1:], prog="negspace-node")
+    except ValidationError as exc:   # a bad flag or NODE_* value: say which, exit 2 like argparse
+        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                             for e in exc.errors())
+        print(f"negspace-node: error: {problems}", file=sys.stderr)
+        return 2
     try:
         app = create_app(settings)
     except ValueError as exc:  # unknown engine, vllm not installed
