@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from negspace_node.guidance import combine, make_generator, sample, top_p_filter
 
 NEG_INF = float("-inf")

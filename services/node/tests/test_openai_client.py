@@ -6,7 +6,6 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-
 from negspace_contracts.errors import BadRequestError, NotFoundError
 from negspace_contracts.node import ChatCompletionRequest, NodeClient
 from negspace_node.app import create_app

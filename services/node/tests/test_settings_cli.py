@@ -6,9 +6,8 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
-import pytest
-
 import negspace_node.engines as engines
+import pytest
 from negspace_node.__main__ import main
 from negspace_node.app import create_app
 from negspace_node.engines.fake import FakeEngine

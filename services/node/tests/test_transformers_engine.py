@@ -4,7 +4,6 @@ with the bundled SmolLM2-135M-Instruct in float32. One model for the whole sessi
 from __future__ import annotations
 
 import pytest
-
 from negspace_node.engines.base import GenerationRequest
 from negspace_node.engines.reference import reference_generate
 from negspace_node.engines.transformers import TransformersEngine, generate_batched

@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from negspace_servekit import parse_settings
+from negspace_servekit.serve import serve
 from pydantic import ValidationError
 
 from negspace_node.app import create_app
 from negspace_node.settings import NodeSettings
-from negspace_servekit import parse_settings
-from negspace_servekit.serve import serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:

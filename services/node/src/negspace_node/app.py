@@ -16,13 +16,13 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from negspace_servekit import create_app as create_service_app
 
 from negspace_node.api import health_router, openai_router
 from negspace_node.engines import default_engine_name, get_engine
 from negspace_node.engines.base import Engine
 from negspace_node.serving import NodeService
 from negspace_node.settings import NodeSettings
-from negspace_servekit import create_app as create_service_app
 
 log = logging.getLogger("negspace.node")
 

@@ -11,8 +11,6 @@ import asyncio
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from negspace_contracts.errors import BadRequestError, NegspaceError, NotFoundError, RateLimitError
 from negspace_contracts.node import (
     ChatChoice,
@@ -27,6 +25,8 @@ from negspace_contracts.node import (
     ModelList,
     Usage,
 )
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from negspace_node.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest
 
 log = logging.getLogger("negspace.node")

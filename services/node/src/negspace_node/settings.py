@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from negspace_servekit.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-
-from negspace_servekit.settings import ServiceSettings
 
 
 class NodeSettings(ServiceSettings):

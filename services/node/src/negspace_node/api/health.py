@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-
 from negspace_contracts.common import HealthResponse
-from negspace_node.api.deps import Service
 from negspace_servekit import health_response
+
+from negspace_node.api.deps import Service
 
 router = APIRouter(tags=["health"])
 

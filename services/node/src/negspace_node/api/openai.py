@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-
 from negspace_contracts.node import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -11,6 +10,7 @@ from negspace_contracts.node import (
     CompletionResponse,
     ModelList,
 )
+
 from negspace_node.api.deps import Service
 
 router = APIRouter(prefix="/v1", tags=["openai"])

@@ -130,7 +130,7 @@ def generate_batched(model, tokenizer, request: GenerationRequest, *, eos_ids=No
                 renumbered.append(active[i])
             step_tokens = [step_tokens[i] for i in still]
             active = renumbered
-        next_ids = torch.tensor([[t] for g, t in zip(active, step_tokens) for _ in g.rows],
+        next_ids = torch.tensor([[t] for g, t in zip(active, step_tokens, strict=True) for _ in g.rows],
                                 dtype=torch.long, device=device)
         mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
         positions = (mask.sum(-1, keepdim=True) - 1)
