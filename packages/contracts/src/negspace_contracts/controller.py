@@ -56,6 +56,14 @@ class UpsertPointsResponse(StrictModel):
                                   description="Per point: text was cut to the embedder's length.")
 
 
+class DeletePointsRequest(StrictModel):
+    ids: list[PointId] = Field(..., min_length=1, max_length=MAX_POINTS_PER_UPSERT)
+
+
+class DeletePointsResponse(StrictModel):
+    ids: list[PointId] = Field(..., description="The ids asked for (unknown ids are ignored).")
+
+
 class SimilarRequest(StrictModel):
     text: str
     k: int = Field(5, ge=1, le=1000)
@@ -107,6 +115,8 @@ class MetricsResponse(StrictModel):
     vendi_score: float | None
     distinct_1: float | None
     distinct_2: float | None
+    notes: dict[str, str] = Field(default_factory=dict,
+                                  description="Why a metric is None (too few points, degenerate hull).")
 
 
 class EmbedRequest(StrictModel):
@@ -140,6 +150,10 @@ class _Collections(Resource):
     async def upsert(self, name: str, points: list[PointIn]) -> UpsertPointsResponse:
         return await self._client.call("POST", f"/collections/{name}/points", UpsertPointsResponse,
                                        json_body=UpsertPointsRequest(points=points))
+
+    async def delete_points(self, name: str, ids: list[PointId]) -> DeletePointsResponse:
+        return await self._client.call("POST", f"/collections/{name}/points/delete", DeletePointsResponse,
+                                       json_body=DeletePointsRequest(ids=ids))
 
     async def similar(self, name: str, text: str, *, k: int = 5, threshold: float = 0.9) -> SimilarResponse:
         return await self._client.call("POST", f"/collections/{name}/similar", SimilarResponse,

@@ -1,0 +1,93 @@
+"""App factory: ``create_app(settings, embedder=None, store=None)``; heavy parts built in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from prometheus_client import Gauge
+
+from negspace_controller import __version__
+from negspace_controller.api import collections, embeddings
+from negspace_controller.embedder import Embedder, build_embedder
+from negspace_controller.service import Controller
+from negspace_controller.settings import ControllerSettings
+from negspace_controller.store import QdrantStore
+from negspace_servekit import create_app as servekit_app
+from negspace_servekit import health_response
+
+log = logging.getLogger("negspace.controller")
+SERVICE = "controller"
+
+
+def build_store(settings: ControllerSettings) -> QdrantStore:
+    if settings.qdrant_url:
+        return QdrantStore(url=settings.qdrant_url, api_key=settings.qdrant_api_key,
+                           prefix=settings.collection_prefix)
+    path = settings.resolved_qdrant_path()
+    if path != ":memory:":
+        Path(path).mkdir(parents=True, exist_ok=True)
+    return QdrantStore(path=path, prefix=settings.collection_prefix)
+
+
+def create_app(settings: ControllerSettings | None = None, embedder: Embedder | None = None,
+               store: QdrantStore | None = None) -> FastAPI:
+    settings = settings or ControllerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.controller = None
+        app.state.load_error = None
+        own_store = store is None
+        st = None
+        warm: asyncio.Task | None = None
+        try:
+            emb = embedder
+            if emb is None:
+                emb = await asyncio.to_thread(build_embedder, settings.embedder,
+                                              batch_size=settings.embed_batch_size, device=settings.device,
+                                              query_instruction=settings.query_instruction,
+                                              query_template=settings.query_template)
+            elif settings.query_instruction and not emb.query_instruction:
+                emb.query_instruction = settings.query_instruction
+            st = store or await asyncio.to_thread(build_store, settings)
+            app.state.controller = Controller(emb, st, knn_capacity=settings.knn_capacity)
+            warm = asyncio.create_task(app.state.controller.warm_up())
+            log.info("controller ready: embedder %s (%d dims), qdrant %s", emb.name, emb.dimension, st.where)
+        except Exception as exc:
+            app.state.load_error = f"start-up failed: {type(exc).__name__}: {exc}"
+            log.exception("controller start-up failed")
+        try:
+            yield
+        finally:
+            if warm is not None and not warm.done():
+                warm.cancel()
+            if own_store and st is not None:
+                st.close()
+
+    app = servekit_app(service=SERVICE, settings=settings, title="negspace controller", lifespan=lifespan,
+                       version=__version__,
+                       description="Embeddings in Qdrant, exact dense-region samples, diversity metrics.")
+    app.include_router(collections)
+    app.include_router(embeddings)
+
+    points = Gauge("negspace_controller_points", "Points held in memory per collection", ["collection"],
+                   registry=app.state.metrics_registry)
+
+    @app.get("/health", include_in_schema=False)
+    async def health():
+        controller = getattr(app.state, "controller", None)
+        if controller is None:
+            err = getattr(app.state, "load_error", None)
+            return health_response(SERVICE, "error" if err else "loading", err)
+        sizes = {name: len(c.index) for name, c in controller._cols.items()}
+        for name, size in sizes.items():
+            points.labels(name).set(size)
+        return health_response(SERVICE, "ok", embedder=controller.embedder.name,
+                               dimension=controller.embedder.dimension, qdrant=controller.store.where,
+                               collections=sizes, knn_capacity=controller.knn_capacity)
+
+    return app

@@ -1,0 +1,269 @@
+"""The controller's domain layer: collections = a Qdrant collection + an exact in-memory index.
+
+Writes to one collection are serialised (an asyncio lock); NumPy, Qdrant and embedding work
+runs in worker threads so the event loop (and /health) stays responsive. Reads take only the
+index's short thread lock, so they are not blocked while a write is embedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from negspace_contracts.controller import (
+    COLLECTION_NAME_PATTERN,
+    CollectionInfo,
+    DenseItem,
+    DenseResponse,
+    MetricsRequest,
+    MetricsResponse,
+    Neighbor,
+    PointIn,
+    SimilarResponse,
+    UpsertPointsResponse,
+)
+from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
+from negspace_controller import metrics as diversity
+from negspace_controller.embedder import Embedder
+from negspace_controller.index import DensityIndex
+from negspace_controller.store import RESERVED_KEYS, SEQ_KEY, TEXT_KEY, QdrantStore, to_key
+
+log = logging.getLogger("negspace.controller")
+_NAME = re.compile(COLLECTION_NAME_PATTERN)
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise BadRequestError(f"invalid collection name {name!r}: use 1-128 letters, digits, '_' or '-', "
+                              "starting with a letter or digit", param="name")
+    return name
+
+
+@dataclass
+class _Collection:
+    name: str
+    index: DensityIndex
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Controller:
+    def __init__(self, embedder: Embedder, store: QdrantStore, *, knn_capacity: int = 32) -> None:
+        self.embedder = embedder
+        self.store = store
+        self.knn_capacity = knn_capacity
+        self._cols: dict[str, _Collection] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
+        self.loaded_points = 0
+
+    # ------------------------------------------------------------------ collections
+    async def _get(self, name: str) -> _Collection:
+        check_name(name)
+        col = self._cols.get(name)
+        if col is not None:
+            return col
+        lock = self._loading.setdefault(name, asyncio.Lock())
+        async with lock:
+            col = self._cols.get(name)
+            if col is None:
+                if not await asyncio.to_thread(self.store.exists, name):
+                    raise NotFoundError(f"collection {name!r} does not exist; create it with PUT "
+                                        f"/collections/{name}", param="name")
+                col = await asyncio.to_thread(self._load, name)
+                self._cols[name] = col
+        return col
+
+    def _load(self, name: str) -> _Collection:
+        dim, embedder = self.store.dimension(name)
+        if dim != self.embedder.dimension:
+            raise ConflictError(f"collection {name!r} holds {dim}-dimensional vectors"
+                                f"{' from ' + embedder if embedder else ''}, but this controller's "
+                                f"embedder {self.embedder.name} gives {self.embedder.dimension}")
+        started = time.monotonic()
+        keys, vecs, texts, seqs = [], [], [], []
+        for key, vec, payload in self.store.scan(name, with_vectors=True):
+            keys.append(key)
+            vecs.append(vec)
+            texts.append(str(payload.get(TEXT_KEY, "")))
+            seqs.append(int(payload.get(SEQ_KEY, len(seqs))))
+        index = DensityIndex(dim, self.knn_capacity, initial_rows=max(1024, len(keys)))
+        if keys:
+            log.info("collection %s: rebuilding the neighbour index of %d points", name, len(keys))
+
+            def progress(done: int, total: int) -> None:
+                if done == total or done % (1 << 14) < 512:
+                    log.info("collection %s: index %d/%d", name, done, total)
+
+            index.load(keys, np.stack(vecs), texts, seqs, progress=progress)
+        log.info("collection %s: %d points loaded in %.1f s", name, len(keys), time.monotonic() - started)
+        self.loaded_points += len(keys)
+        return _Collection(name, index)
+
+    def _info(self, col: _Collection) -> CollectionInfo:
+        return CollectionInfo(name=col.name, count=len(col.index), dimension=col.index.dim,
+                              embedder=self.embedder.name)
+
+    async def create(self, name: str) -> tuple[CollectionInfo, bool]:
+        check_name(name)
+        lock = self._loading.setdefault(name, asyncio.Lock())
+        async with lock:
+            created = False
+            if not await asyncio.to_thread(self.store.exists, name):
+                await asyncio.to_thread(self.store.create, name, self.embedder.dimension, self.embedder.name)
+                self._cols[name] = _Collection(name, DensityIndex(self.embedder.dimension, self.knn_capacity))
+                created = True
+        return self._info(await self._get(name)), created
+
+    async def info(self, name: str) -> CollectionInfo:
+        return self._info(await self._get(name))
+
+    async def delete(self, name: str) -> None:
+        col = await self._get(name)
+        async with col.write_lock:
+            await asyncio.to_thread(self.store.drop, name)
+            self._cols.pop(name, None)
+
+    async def warm_up(self) -> None:
+        """Load every existing collection (start-up), so the first request does not pay for it."""
+        for name in await asyncio.to_thread(self.store.names):
+            try:
+                await self._get(name)
+            except Exception as exc:  # one bad collection must not stop the others
+                log.warning("collection %s not loaded: %s", name, exc)
+
+    # ------------------------------------------------------------------ points
+    async def upsert(self, name: str, points: list[PointIn]) -> UpsertPointsResponse:
+        for i, p in enumerate(points):
+            bad = RESERVED_KEYS & p.payload.keys()
+            if bad:
+                raise BadRequestError(f"points[{i}].payload uses reserved key(s) {sorted(bad)}: the "
+                                      "controller stores the text and its sequence there",
+                                      param=f"points.{i}.payload")
+        col = await self._get(name)
+        last: dict[Hashable, PointIn] = {}
+        for p in points:  # a repeated id in one request: the last one wins
+            last.pop(to_key(p.id), None)
+            last[to_key(p.id)] = p
+        async with col.write_lock:
+            if self._cols.get(name) is not col:
+                raise NotFoundError(f"collection {name!r} was deleted", param="name")
+            index = col.index
+            with index.lock:
+                current = {k: index.texts[index.row_of[k]] for k in last if k in index}
+            changed = [k for k, p in last.items() if current.get(k) != p.text]
+            truncated: dict[Hashable, bool] = {}
+            vecs = np.zeros((0, index.dim), np.float32)
+            if changed:
+                vecs, trunc = await asyncio.to_thread(self.embedder.encode, [last[k].text for k in changed])
+                truncated = dict(zip(changed, trunc))
+            await asyncio.to_thread(self._apply, col, last, changed, vecs, current)
+        return UpsertPointsResponse(ids=[p.id for p in points],
+                                    truncated=[truncated.get(to_key(p.id), False) for p in points])
+
+    def _apply(self, col: _Collection, last: dict, changed: list, vecs: np.ndarray, current: dict) -> None:
+        index = col.index
+        changed_set = set(changed)
+        keys, payloads, rows = [], [], []
+        with index.lock:
+            seq = index.next_seq
+            for k, p in last.items():
+                if k in changed_set:
+                    s = seq
+                    seq += 1
+                    v = None  # filled from the fresh embeddings below
+                else:  # same text: keep vector and sequence, update the payload only
+                    s = index.seq_of(k)
+                    v = index.vectors[index.row_of[k]].copy()
+                keys.append(k)
+                payloads.append({**p.payload, TEXT_KEY: p.text, SEQ_KEY: s})
+                rows.append(v)
+        pos = {k: i for i, k in enumerate(changed)}
+        vectors = np.stack([vecs[pos[k]] if k in changed_set else r for k, r in zip(keys, rows)])
+        # System of record first: if Qdrant refuses, the index is untouched.
+        self.store.upsert(col.name, keys, vectors, payloads)
+        with index.lock:
+            for k, v, pl in zip(keys, vectors, payloads):
+                if k not in changed_set:
+                    continue
+                if k in index:
+                    index.remove(k)
+                index.add(k, v, pl[TEXT_KEY], seq=pl[SEQ_KEY])
+
+    async def delete_points(self, name: str, ids: list) -> list:
+        col = await self._get(name)
+        keys = [to_key(i) for i in ids]
+        async with col.write_lock:
+            await asyncio.to_thread(self.store.delete_points, name, keys)
+
+            def drop() -> None:
+                with col.index.lock:
+                    for k in keys:
+                        if k in col.index:
+                            col.index.remove(k)
+
+            await asyncio.to_thread(drop)
+        return ids
+
+    # ------------------------------------------------------------------ queries
+    async def similar(self, name: str, text: str, k: int, threshold: float) -> SimilarResponse:
+        col = await self._get(name)
+        vec, _ = await asyncio.to_thread(self.embedder.encode, [text], query=True)
+
+        def run():
+            with col.index.lock:
+                return col.index.similar(vec[0], k)
+
+        hits = await asyncio.to_thread(run)
+        best = hits[0][2] if hits else None
+        return SimilarResponse(neighbors=[Neighbor(id=key, text=t, score=s) for key, t, s in hits],
+                               max_similarity=best, is_similar=best is not None and best >= threshold)
+
+    async def dense(self, name: str, k: int, knn: int) -> DenseResponse:
+        if knn > self.knn_capacity:
+            raise BadRequestError(f"knn={knn} exceeds the neighbours this controller keeps per point "
+                                  f"({self.knn_capacity}); ask for knn <= {self.knn_capacity} or restart "
+                                  "it with a larger --knn-capacity", param="knn")
+        col = await self._get(name)
+
+        def run():
+            with col.index.lock:
+                return col.index.dense(k, knn)
+
+        hits = await asyncio.to_thread(run)
+        return DenseResponse(items=[DenseItem(id=h.key, text=h.text, density=h.density) for h in hits])
+
+    async def metrics(self, name: str, req: MetricsRequest) -> MetricsResponse:
+        col = await self._get(name)
+        basis = mean = None
+        if req.pca_basis is not None:
+            basis = np.asarray(req.pca_basis, np.float64)
+            if basis.ndim != 2 or basis.shape != (diversity.HULL_DIMS, col.index.dim):
+                raise BadRequestError(f"pca_basis must be {diversity.HULL_DIMS} rows of {col.index.dim} "
+                                      "numbers", param="pca_basis")
+        if req.pca_mean is not None:
+            mean = np.asarray(req.pca_mean, np.float64)
+            if mean.shape != (col.index.dim,):
+                raise BadRequestError(f"pca_mean must have {col.index.dim} numbers", param="pca_mean")
+
+        def gather() -> tuple[np.ndarray, list[str]]:
+            if req.filter:
+                rows = list(self.store.scan(name, with_vectors=True, where=req.filter))
+                vecs = np.stack([r[1] for r in rows]) if rows else np.zeros((0, col.index.dim), np.float32)
+                return vecs, [str(r[2].get(TEXT_KEY, "")) for r in rows]
+            with col.index.lock:
+                return col.index.vectors.copy(), list(col.index.texts)
+
+        def run() -> diversity.DiversityMetrics:
+            x, texts = gather()
+            return diversity.compute(x, texts, pca_basis=basis, pca_mean=mean)
+
+        m = await asyncio.to_thread(run)
+        return MetricsResponse(**m.as_dict())
+
+    async def embed(self, texts: list[str], query: bool) -> tuple[np.ndarray, list[bool]]:
+        return await asyncio.to_thread(self.embedder.encode, texts, query=query)

