@@ -87,5 +87,11 @@ def test_parse_and_clean():
     assert prompts.parse_qa("Q: a?\nA: b\nQuestion: c?\nAnswer: d") == ("a?", "b")
     assert prompts.parse_qa("Answer: 4") is None and prompts.parse_qa("Question: x\nAnswer:  ") is None
     assert prompts.clean_instruction('Augmentation: "Write a haiku."') == "Write a haiku."
+    assert prompts.clean_instruction("Base instruction: Write X") == "Write X"
+    assert prompts.clean_instruction("Instructions: Add Y") == "Add Y"
+    # seen from the bundled 135M model: repeated labels, a placeholder answer
+    assert prompts.parse_qa("Question: Question: How?\n\nAnswer: Question: Question: Question:") is None
+    assert prompts.parse_qa("Question: Question: How far?\nAnswer: 3 km") == ("How far?", "3 km")
+    assert prompts.parse_qa("Question: What?\nAnswer: [Adding the answer to the question]") is None
     assert prompts.clean_instruction("**Instruction:** Do X") == "Do X"
     assert prompts.clean_instruction("Design an instruction set") == "Design an instruction set"

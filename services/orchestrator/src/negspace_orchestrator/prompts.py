@@ -32,8 +32,9 @@ def positive_prompt(aug_prompt: str, source: str) -> str:
     return f"{aug_prompt}{source}"
 
 
-_LABEL = re.compile(r"^\s*(?:[*_#>\-\s]*)(?:augmented\s+instruction|instruction|augmentation|"
-                    r"rewritten\s+instruction|new\s+instruction)\s*[*_]*\s*:\s*[*_]*\s*", re.IGNORECASE)
+_LABEL = re.compile(r"^\s*[*_#>\-\s]*(?:(?:base|augmented|rewritten|new|improved)\s+)?"
+                    r"(?:instructions?|augmentation|augmented\s+version)\s*[*_]*\s*:\s*[*_]*\s*",
+                    re.IGNORECASE)
 
 
 def clean_instruction(text: str) -> str:
@@ -51,22 +52,30 @@ def clean_instruction(text: str) -> str:
 
 _Q = re.compile(r"(?:^|\n)\s*[*_#\s]*(?:Q|Question)\s*[*_]*\s*[:：]\s*[*_]*(?P<q>.*?)"
                 r"\n?\s*[*_#\s]*(?:A|Answer)\s*[*_]*\s*[:：]\s*[*_]*(?P<a>.*)", re.IGNORECASE | re.DOTALL)
+_Q_LABEL = re.compile(r"^\s*[*_]*\s*(?:Q|Question)\s*[*_]*\s*[:：]\s*[*_]*\s*", re.IGNORECASE)
+_NEXT_PAIR = re.compile(r"\n\s*[*_#\s]*(?:Q|Question)\s*[*_]*\s*[:：]", re.IGNORECASE)
+_PLACEHOLDER = re.compile(r"^[\[<(].*[\]>)]$|^\.\.\.$", re.DOTALL)
 
 
 def parse_qa(text: str) -> tuple[str, str] | None:
-    """``Question: ... Answer: ...`` -> (question, answer); None when the output has no such pair.
+    """``Question: ... Answer: ...`` -> (question, answer); None when the output has no usable pair.
 
-    Only the first pair is kept; a second "Question:" inside the answer ends it.
+    Only the first pair is kept (a second "Question:" line ends the answer); a repeated label is
+    dropped from the question; an answer that is itself a question label or a placeholder such
+    as ``[answer]`` does not count.
     """
     m = _Q.search(text)
     if not m:
         return None
-    question = m.group("q").strip().strip("*_ ").strip()
+    question = m.group("q")
+    while (stripped := _Q_LABEL.sub("", question, count=1)) != question:
+        question = stripped
+    question = question.strip().strip("*_ ").strip()
     answer = m.group("a")
-    nxt = re.search(r"\n\s*[*_#\s]*(?:Q|Question)\s*[*_]*\s*[:：]", answer, re.IGNORECASE)
+    nxt = _NEXT_PAIR.search(answer)
     if nxt:
         answer = answer[: nxt.start()]
     answer = answer.strip().strip("*_ ").strip()
-    if not question or not answer:
+    if not question or not answer or _Q_LABEL.match(answer) or _PLACEHOLDER.match(answer):
         return None
     return question, answer
