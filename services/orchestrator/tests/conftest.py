@@ -268,7 +268,8 @@ class Harness:
 
 @asynccontextmanager
 async def harness(tmp_path, *, n_urls: int = 1, script=default_script, node_delay: float = 0.0,
-                  similar_delay: float = 0.0, node_apps: list | None = None, **settings_kw):
+                  similar_delay: float = 0.0, node_apps: list | None = None,
+                  controller_app: FastAPI | None = None, **settings_kw):
     log = CallLog()
     nodes = [MockNode(log, name=f"node-{i}", script=script, delay=node_delay) for i in range(n_urls)]
     controller = MockController(log, similar_delay=similar_delay)
@@ -280,7 +281,7 @@ async def harness(tmp_path, *, n_urls: int = 1, script=default_script, node_dela
     settings = OrchestratorSettings(**kw)
     apps = node_apps or [n.app for n in nodes]
     transports = {u: httpx.ASGITransport(a) for u, a in zip(NODE_URLS, apps, strict=False)}
-    transports[CONTROLLER_URL] = httpx.ASGITransport(controller.app)
+    transports[CONTROLLER_URL] = httpx.ASGITransport(controller_app or controller.app)
     transports[TRAINER_URL] = httpx.ASGITransport(trainer.app)
     deps = Dependencies(settings, transports=transports)
     app = create_app(settings, deps=deps)

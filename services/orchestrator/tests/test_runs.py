@@ -256,3 +256,27 @@ async def test_guided_run_against_the_real_node_api_with_its_fake_engine(make_ha
         assert len(with_negatives) == run.progress.attempts - 2  # every round-1+ attempt sent negatives
         # negatives.k = 3, fewer while the collection is smaller (2 points after the bootstrap)
         assert sorted({len(r.negative_ids) for r in with_negatives}) == [2, 3]
+
+
+async def test_guided_run_and_baseline_against_the_real_node_and_controller_apps(make_harness):
+    """Both real APIs in-process (node: FakeEngine; controller: FakeEmbedder, Qdrant in memory)."""
+    from negspace_controller.app import create_app as controller_app
+    from negspace_controller.embedder import FakeEmbedder
+    from negspace_controller.settings import ControllerSettings
+    from negspace_node.app import create_app as node_app
+    from negspace_node.engines.fake import FakeEngine
+    from negspace_node.settings import NodeSettings
+
+    ctl = controller_app(ControllerSettings(qdrant_path=":memory:"), embedder=FakeEmbedder())
+    async with ctl.router.lifespan_context(ctl), make_harness(
+            node_apps=[node_app(NodeSettings(), engine=FakeEngine())], controller_app=ctl) as h:
+        gid = (await h.client.runs.create(cfg(nodes=3, rounds=2, max_tokens=24))).id
+        run = await h.wait(gid)
+        assert run.status == "completed", run.error
+        bid = (await h.client.runs.create(RunConfig(base_instruction="Write a math problem.", mode="baseline",
+                                                    match_run=gid, nodes=3, max_tokens=24))).id
+        assert (await h.wait(bid)).status == "completed"
+        for rid in (gid, bid):
+            assert len(await h.client.runs.instructions(rid)) == 9
+            m = await h.client.runs.metrics(rid)
+            assert m.n == 9 and m.semantic_diversity is not None
