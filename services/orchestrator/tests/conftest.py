@@ -88,6 +88,8 @@ class MockNode:
         self.requests: list[ChatCompletionRequest] = []
         self.down = False
         self.fail_next = 0
+        self.reject_with: str | None = None
+        self.rejected = 0
         app = FastAPI()
 
         @app.get("/health")
@@ -100,6 +102,10 @@ class MockNode:
         async def chat(req: ChatCompletionRequest):
             if self.down:
                 return unavailable(f"{self.name} is down")
+            if self.reject_with:
+                self.rejected += 1
+                return JSONResponse({"error": {"message": self.reject_with, "type": "invalid_request_error",
+                                               "param": None, "code": 400}}, status_code=400)
             if self.fail_next > 0:
                 self.fail_next -= 1
                 return unavailable(f"{self.name} failed once")

@@ -185,3 +185,13 @@ async def test_orchestrator_killed_mid_run_resumes_without_loss_or_duplicates(tm
     repeated = [s for s, c in seeds.items() if c > 1]
     assert len(repeated) <= 3
     assert len(node.requests) - gens_before <= 15 - 5 + 3
+
+
+async def test_a_dependency_refusing_the_request_fails_the_run_with_its_message(make_harness):
+    async with make_harness() as h:
+        h.nodes[0].reject_with = "max_tokens + prompt exceed the context (1024)"
+        rid = (await h.client.runs.create(cfg(nodes=1, rounds=1))).id
+        run = await h.wait(rid)
+        assert run.status == "failed"
+        assert run.error == "node refused the request (400): max_tokens + prompt exceed the context (1024)"
+        assert h.nodes[0].rejected == 1  # a 4xx is not retried

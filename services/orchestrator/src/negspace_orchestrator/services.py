@@ -84,6 +84,7 @@ class Dependencies:
                 return await fn(tries)
             except NegspaceError as exc:
                 if not _worth_retrying(exc):
+                    exc.message = f"{service} refused the request ({exc.status_code}): {exc.message}"
                     raise
                 last = exc
                 log.warning("%s failed (try %d/%d): %s", service, tries + 1, self.settings.retry_attempts,
