@@ -48,6 +48,21 @@ async def test_chat_happy_path_shape_and_what_the_engine_received():
     assert usage["prompt_tokens"] == len(sent.prompt_ids)
 
 
+async def test_openai_message_forms_content_parts_and_developer_role():
+    app, engine = make()
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be brief. "}, {"type": "text", "text": "Ok."}]},
+             {"role": "user", "content": "Hi", "name": "ann"}]
+    r = await post(app, "/v1/chat/completions", {"messages": parts})
+    assert r.status_code == 200, r.text
+    tok = engine.tokenizer
+    assert engine.requests[-1].prompt_ids == tok.encode(tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief. Ok."}, {"role": "user", "content": "Hi"}],
+        add_generation_prompt=True), add_special_tokens=False)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]
+    r = await post(app, "/v1/chat/completions", {"messages": image})
+    assert r.status_code == 422 and "messages.0.content" in r.json()["error"]["message"]
+
+
 async def test_completions_and_plain_n_choices():
     app, engine = make()
     r = await post(app, "/v1/completions", {"prompt": "Once upon a time", "n": 3, "seed": 4, "max_tokens": 40})

@@ -28,11 +28,30 @@ GuidanceSpace = Literal["logits", "logprobs"]
 FinishReason = Literal["stop", "length", "error"]
 
 
+class TextPart(BaseModel):
+    """OpenAI's content-part form (``[{"type": "text", "text": ...}]``); only text is supported."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        ..., description="'developer' (OpenAI's newer name) is rendered as 'system'.")
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def template_dict(self) -> dict[str, str]:
+        """The message as a chat template expects it."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
 class _SamplingFields(BaseModel):

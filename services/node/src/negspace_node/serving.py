@@ -88,7 +88,7 @@ class NodeService:
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
         self._preflight(body.model)
         tok = self.engine.tokenizer
-        prompt = self._render([m.model_dump() for m in body.messages], "messages")
+        prompt = self._render([m.template_dict() for m in body.messages], "messages")
         negatives = [self._render([{"role": "user", "content": n}], f"negative_prompts[{i}]")
                      for i, n in enumerate(body.negative_prompts)]
         prompt_ids = tok.encode(prompt, add_special_tokens=False)
