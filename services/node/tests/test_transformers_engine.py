@@ -108,3 +108,29 @@ async def test_engine_start_failure_is_reported(tmp_path):
     engine = TransformersEngine(NodeSettings(model=str(tmp_path / "missing")))
     await engine.start()
     assert engine.state == "error" and "does not exist" in engine.error
+
+
+async def test_a_cancelled_request_stops_decoding_and_frees_the_worker(smol, prompts, monkeypatch):
+    import asyncio
+
+    import negspace_node.engines.transformers as module
+
+    model, tok = smol
+    pos, _ = prompts
+    engine = TransformersEngine(NodeSettings(), model=model, tokenizer=tok)
+    await engine.start()
+    engine._eos = frozenset()               # never stops on its own: 300 tokens unless cancelled
+    steps = []
+    real_sample = module.sample
+    monkeypatch.setattr(module, "sample", lambda *a: steps.append(1) or real_sample(*a))
+    long = asyncio.create_task(engine.generate(GenerationRequest(prompt_ids=pos, max_tokens=300, temperature=0)))
+    while len(steps) < 3:
+        await asyncio.sleep(0.01)
+    long.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await long
+    short = await engine.generate(GenerationRequest(prompt_ids=pos, max_tokens=2, temperature=0))
+    assert len(short[0].token_ids) == 2
+    assert len(steps) < 100                  # the long one stopped at its next step, not after 300
+    assert engine.queue_depth() == 0 and engine.state == "ready"
+    await engine.stop()
