@@ -81,8 +81,9 @@ async def wait_run(client: OrchestratorClient, run_id: str, procs: list[Proc], t
 
 
 async def test_real_services_guided_baseline_metrics_and_qa(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NEGSPACE_HOME": os.environ.get("NEGSPACE_HOME", str(tmp_path)),
-           "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING"}
+    # NEGSPACE_HOME stays as it is: the bundled model is prepared there once (make setup)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_LOGGING_LEVEL": "WARNING"}
     env.pop("NEGSPACE_API_TOKEN", None)
     node_port, ctl_port, orch_port = free_port(), free_port(), free_port()
     procs: list[Proc] = []
