@@ -1,0 +1,348 @@
+"""``negspace``: the command line.
+
+    negspace up [--background] [--engine vllm|transformers] [--logs DIR] [--<svc>-port N]
+    negspace down
+    negspace run --base "..." --nodes 4 --rounds 3 [--baseline]
+    negspace runs
+    negspace experiment --base "Write a math problem." --nodes 4 --rounds 3 [--out runs]
+
+The orchestrator URL comes from --orchestrator-url or $NEGSPACE_ORCHESTRATOR_URL (default
+http://127.0.0.1:8000); the bearer token from $NEGSPACE_API_TOKEN (read by the clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from negspace_contracts.controller import ControllerClient
+from negspace_contracts.errors import ConnectionFailedError, NegspaceError
+from negspace_contracts.orchestrator import OrchestratorClient, RunConfig
+from pydantic import ValidationError
+
+from negspace_cli import launcher
+from negspace_cli.experiment import DEFAULT_EVAL_TASK, ExperimentConfig, ExperimentError, run_experiment
+from negspace_cli.follow import follow_run
+
+DEFAULT_ORCHESTRATOR_URL = "http://127.0.0.1:8000"
+DEFAULT_CONTROLLER_URL = "http://127.0.0.1:8002"
+
+
+def _err(msg: str) -> None:
+    print(f"negspace: error: {msg}", file=sys.stderr, flush=True)
+
+
+# ---- stack options shared by `up` and `experiment` ------------------------------------------
+def _add_stack_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("local stack (negspace up)")
+    g.add_argument("--host", default="127.0.0.1", help="interface the services bind (default 127.0.0.1)")
+    for svc in launcher.SERVICES:
+        g.add_argument(f"--{svc}-port", type=int, default=launcher.DEFAULT_PORTS[svc],
+                       help=f"default {launcher.DEFAULT_PORTS[svc]}")
+    g.add_argument("--engine", choices=["vllm", "transformers"], default=None,
+                   help="node engine (default: vllm when importable, else transformers)")
+    g.add_argument("--kv-cache-gib", type=float, default=None, help="node: vLLM CPU KV cache size")
+    g.add_argument("--logs", type=Path, default=None, help="log folder (default $NEGSPACE_HOME/logs)")
+    g.add_argument("--health-timeout", type=float, default=600.0, help="seconds to wait for every /health")
+    g.add_argument("--grace", type=float, default=20.0, help="seconds between SIGTERM and SIGKILL on stop")
+
+
+def _stack_config(a: argparse.Namespace) -> launcher.StackConfig:
+    return launcher.StackConfig(host=a.host, ports={s: getattr(a, f"{s}_port") for s in launcher.SERVICES},
+                                logs_dir=a.logs, engine=a.engine, node_kv_cache_gib=a.kv_cache_gib,
+                                health_timeout_s=a.health_timeout, grace_s=a.grace)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _print_urls(stack: launcher.Stack) -> None:
+    print("negspace: every service is healthy", flush=True)
+    for name, url in stack.urls.items():
+        print(f"  {name:<13} {url}   (API: {url}/docs)", flush=True)
+    print(f"  logs          {stack.config.resolved_logs_dir}", flush=True)
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    pidfile = launcher.pid_file()
+    state = launcher.read_state(pidfile)
+    if state and launcher.pid_alive(int(state.get("pid", 0))):
+        _err(f"a launcher is already running (pid {state['pid']}, {pidfile}); `negspace down` stops it")
+        return 1
+    if a.background:
+        return _up_background(a, pidfile)
+    stack = launcher.Stack(_stack_config(a))
+    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    supervised = a.supervised
+    try:
+        stack.spawn()
+        if supervised:
+            launcher.write_state(pidfile, stack.state(status="starting"))
+        stack.wait_healthy()
+        _print_urls(stack)
+        if supervised:
+            launcher.write_state(pidfile, stack.state(status="ready"))
+        else:
+            print("negspace: Ctrl-C stops them all", flush=True)
+        while True:
+            dead = stack.first_dead()
+            if dead is not None:
+                _err(f"{dead.name} exited with code {dead.proc.returncode} (log: {dead.log_path}):\n"
+                     f"{launcher.log_tail(dead.log_path)}")
+                return 1
+            time.sleep(1.0)
+    except _Stop as exc:
+        print(f"negspace: {exc}: stopping every service", file=sys.stderr, flush=True)
+        return 0
+    except launcher.LaunchError as exc:
+        _err(str(exc))
+        return 1
+    finally:
+        # a second Ctrl-C must not interrupt the shutdown itself
+        for s in old:
+            signal.signal(s, signal.SIG_IGN)
+        stack.stop()
+        if supervised:
+            with contextlib.suppress(FileNotFoundError):
+                pidfile.unlink()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _up_background(a: argparse.Namespace, pidfile: Path) -> int:
+    argv = [sys.executable, "-m", "negspace_cli", "up", "--supervised", "--host", a.host,
+            "--health-timeout", str(a.health_timeout), "--grace", str(a.grace)]
+    for svc in launcher.SERVICES:
+        argv += [f"--{svc}-port", str(getattr(a, f"{svc}_port"))]
+    if a.engine:
+        argv += ["--engine", a.engine]
+    if a.kv_cache_gib is not None:
+        argv += ["--kv-cache-gib", str(a.kv_cache_gib)]
+    logs = a.logs or launcher.negspace_home() / "logs"
+    argv += ["--logs", str(logs)]
+    logs.mkdir(parents=True, exist_ok=True)
+    sup_log = logs / "launcher.log"
+    with contextlib.suppress(FileNotFoundError):
+        pidfile.unlink()
+    with sup_log.open("ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    print(f"negspace: launcher started in the background (pid {proc.pid}, log {sup_log})", file=sys.stderr)
+    deadline = time.monotonic() + a.health_timeout + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            _err(f"the launcher exited with code {proc.returncode}:\n{launcher.log_tail(sup_log)}")
+            return 1
+        state = launcher.read_state(pidfile)
+        if state and state.get("status") == "ready":
+            print("negspace: every service is healthy (`negspace down` stops them)")
+            for name, s in state["services"].items():
+                print(f"  {name:<13} {s['url']}   (API: {s['url']}/docs)")
+            print(f"  logs          {logs}")
+            return 0
+        time.sleep(0.5)
+    _err("the stack was not ready in time; stopping it")
+    launcher.down(pidfile, a.grace)
+    return 1
+
+
+def cmd_down(a: argparse.Namespace) -> int:
+    if not launcher.down(launcher.pid_file(), a.grace):
+        print(f"negspace: no background launcher is running ({launcher.pid_file()} not found)", file=sys.stderr)
+        return 0
+    print("negspace: stopped", file=sys.stderr)
+    return 0
+
+
+# ---- run / runs ------------------------------------------------------------------------------
+def _orch(a: argparse.Namespace) -> OrchestratorClient:
+    return OrchestratorClient(a.orchestrator_url)
+
+
+async def _run(a: argparse.Namespace) -> int:
+    kwargs = dict(base_instruction=a.base, nodes=a.nodes, max_tokens=a.max_tokens, seed=a.seed)
+    if a.baseline:
+        if (a.size is None) == (a.match_run is None):
+            _err("--baseline needs exactly one of --size N or --match-run RUN_ID")
+            return 2
+        cfg = RunConfig(mode="baseline", size=a.size, match_run=a.match_run, rounds=a.rounds, **kwargs)
+    else:
+        cfg = RunConfig(mode="guided", rounds=a.rounds, **kwargs)
+    async with _orch(a) as client:
+        created = await client.runs.create(cfg)
+        print(f"negspace: run {created.id} ({cfg.mode}) submitted to {a.orchestrator_url}", file=sys.stderr)
+        run = await follow_run(client, created.id, desc=f"{cfg.mode} {created.id}")
+        if run.status != "completed":
+            _err(f"run {run.id} ended {run.status}: {run.error}")
+            return 1
+        metrics = await client.runs.metrics(run.id)
+    print(json.dumps({"run": run.id, "status": run.status, "accepted": run.progress.accepted,
+                      "attempts": run.progress.attempts, "metrics": metrics.model_dump(mode="json")}, indent=2))
+    return 0
+
+
+async def _runs(a: argparse.Namespace) -> int:
+    async with _orch(a) as client:
+        runs = (await client.runs.list()).runs
+    if a.json:
+        print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
+        return 0
+    if not runs:
+        print("no runs")
+        return 0
+    print(f"{'id':<26} {'mode':<9} {'status':<10} {'accepted':>8} {'nodes':>5} {'rounds':>6}  created  base")
+    for r in runs:
+        created = r.created_at.strftime("%Y-%m-%d %H:%M") if r.created_at else "-"
+        target = f"{r.progress.accepted}/{r.progress.target}" if r.progress.target else str(r.progress.accepted)
+        base = r.config.base_instruction.replace("\n", " ")
+        print(f"{r.id:<26} {r.mode:<9} {r.status:<10} {target:>8} {r.config.nodes:>5} {r.config.rounds:>6}  "
+              f"{created}  {base[:40]}")
+    return 0
+
+
+# ---- experiment ----------------------------------------------------------------------------
+async def _reachable(url: str) -> bool:
+    async with OrchestratorClient(url, timeout=5.0) as c:
+        try:
+            h = await c.health()
+        except NegspaceError:
+            return False
+    return h.status == "ok"
+
+
+def cmd_experiment(a: argparse.Namespace) -> int:
+    cfg = ExperimentConfig(base=a.base, nodes=a.nodes, rounds=a.rounds, max_tokens=a.max_tokens, seed=a.seed,
+                           qa_max_tokens=a.qa_max_tokens, train_max_steps=a.train_steps,
+                           eval_tasks=[t for t in a.eval_tasks.split(",") if t], eval_limit=a.eval_limit or None,
+                           skip_training=a.skip_training)
+    stack = None
+    orchestrator_url, controller_url = a.orchestrator_url, a.controller_url
+    if not asyncio.run(_reachable(orchestrator_url)):
+        if a.no_start:
+            _err(f"no orchestrator answers at {orchestrator_url} (start one with `negspace up`)")
+            return 1
+        print(f"negspace: no orchestrator at {orchestrator_url}: starting the local stack", file=sys.stderr)
+        stack = launcher.Stack(_stack_config(a))
+        orchestrator_url, controller_url = stack.urls["orchestrator"], stack.urls["controller"]
+    old = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        if stack is not None:
+            stack.start()
+        out = asyncio.run(_experiment(cfg, orchestrator_url, controller_url, a.out, a.quiet))
+    except launcher.LaunchError as exc:
+        _err(str(exc))
+        return 1
+    except (ExperimentError, NegspaceError) as exc:
+        _err(str(exc))
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        _err("interrupted")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if stack is not None:
+            stack.stop()
+    print(f"negspace: report: {out / 'report.md'}")
+    return 0
+
+
+async def _experiment(cfg, orchestrator_url, controller_url, out_root, quiet):
+    async with OrchestratorClient(orchestrator_url) as orch, ControllerClient(controller_url) as ctl:
+        try:
+            await ctl.health()
+            controller = ctl
+        except ConnectionFailedError:
+            print(f"negspace: no controller at {controller_url}: no embedding map / per-round metrics",
+                  file=sys.stderr)
+            controller = None
+        return await run_experiment(cfg, orch, controller, Path(out_root), quiet=quiet)
+
+
+# ---- parser --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="negspace", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def client_args(sp):
+        sp.add_argument("--orchestrator-url", default=os.environ.get("NEGSPACE_ORCHESTRATOR_URL")
+                        or DEFAULT_ORCHESTRATOR_URL, help="default $NEGSPACE_ORCHESTRATOR_URL or "
+                        f"{DEFAULT_ORCHESTRATOR_URL}")
+
+    up = sub.add_parser("up", help="start the four services as local processes")
+    _add_stack_args(up)
+    up.add_argument("--background", action="store_true", help="return once healthy; `negspace down` stops it")
+    up.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop a stack started with `negspace up --background`")
+    down.add_argument("--grace", type=float, default=20.0)
+    down.set_defaults(func=cmd_down)
+
+    run = sub.add_parser("run", help="submit a run and follow it")
+    client_args(run)
+    run.add_argument("--base", required=True, help="base instruction")
+    run.add_argument("--nodes", type=int, default=4)
+    run.add_argument("--rounds", type=int, default=3)
+    run.add_argument("--max-tokens", type=int, default=150)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--baseline", action="store_true", help="plain sampling (needs --size or --match-run)")
+    run.add_argument("--size", type=int, default=None, help="baseline: number of instructions")
+    run.add_argument("--match-run", default=None, help="baseline: as many as this run")
+    run.set_defaults(func=lambda a: asyncio.run(_run(a)))
+
+    runs = sub.add_parser("runs", help="list runs")
+    client_args(runs)
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(func=lambda a: asyncio.run(_runs(a)))
+
+    ex = sub.add_parser("experiment", help="guided run vs baseline: data, Q/A, training, eval, report")
+    client_args(ex)
+    ex.add_argument("--controller-url", default=os.environ.get("NEGSPACE_CONTROLLER_URL") or DEFAULT_CONTROLLER_URL)
+    ex.add_argument("--base", required=True)
+    ex.add_argument("--nodes", type=int, default=4)
+    ex.add_argument("--rounds", type=int, default=3)
+    ex.add_argument("--max-tokens", type=int, default=64)
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--qa-max-tokens", type=int, default=160)
+    ex.add_argument("--train-steps", type=int, default=10, help="LoRA max_steps per adapter")
+    ex.add_argument("--eval-tasks", default=DEFAULT_EVAL_TASK, help="comma-separated lm-eval tasks")
+    ex.add_argument("--eval-limit", type=int, default=10, help="items per task (0 = all)")
+    ex.add_argument("--skip-training", action="store_true")
+    ex.add_argument("--out", type=Path, default=Path("runs"), help="experiments folder (default ./runs)")
+    ex.add_argument("--no-start", action="store_true", help="fail instead of starting a local stack")
+    ex.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_stack_args(ex)
+    ex.set_defaults(func=cmd_experiment)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except NegspaceError as exc:
+        _err(f"{exc.message}")
+        return 1
+    except ValidationError as exc:  # a bad option value: say which, exit 2 like argparse
+        _err("; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors()))
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""Progress of long operations, as tqdm bars: a run's generation (server-sent events), a Q/A
+conversion (the run's ``qa`` events, polled while the conversion request is in flight) and a
+training job (polled)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from negspace_contracts.errors import NegspaceError, is_retryable
+from negspace_contracts.orchestrator import (
+    TERMINAL_RUN_STATUSES,
+    OrchestratorClient,
+    Run,
+    RunEvent,
+)
+from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, Job
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def make_bar(total: int | None, desc: str, unit: str, position: int | None = None, disable: bool = False):
+    return tqdm(total=total, desc=desc, unit=unit, position=position, leave=True, dynamic_ncols=True,
+                file=sys.stderr, disable=disable)
+
+
+async def follow_run(client: OrchestratorClient, run_id: str, *, desc: str | None = None,
+                     events: list[RunEvent] | None = None, position: int | None = None,
+                     quiet: bool = False, reconnects: int = 20) -> Run:
+    """Follow a run's events until it ends; one bar step per accepted instruction.
+
+    ``events`` (when given) collects every event seen. Dropped streams are resumed with
+    ``after=<last seq>``, so nothing is missed or counted twice.
+    """
+    run = await client.runs.get(run_id)
+    target = run.progress.target or run.config.nodes * (run.config.rounds + 1)
+    bar = make_bar(target, desc or f"{run.mode} {run_id}", "instr", position, quiet)
+    accepted: set[tuple[int, int]] = set()
+    bar.update(run.progress.accepted)
+    last_seq = 0
+    tries = 0
+    try:
+        while True:
+            try:
+                async for ev in client.runs.events(run_id, after=last_seq):
+                    tries = 0
+                    last_seq = max(last_seq, ev.seq)
+                    if events is not None:
+                        events.append(ev)
+                    d = ev.data
+                    if ev.type == "attempt" and d.get("accepted"):
+                        key = (int(d.get("node", -1)), int(d.get("round", -1)))
+                        if key not in accepted:
+                            accepted.add(key)
+                            if bar.n < len(accepted):
+                                bar.update(len(accepted) - bar.n)
+                        bar.set_postfix(round=d.get("round"), scale=d.get("scale"), refresh=False)
+                    elif ev.type == "round":
+                        bar.set_postfix(round=f"{d.get('round')}/{d.get('rounds')}", refresh=False)
+                        if d.get("accepted") is not None and int(d["accepted"]) > bar.n:
+                            bar.update(int(d["accepted"]) - bar.n)
+                    elif ev.type == "status":
+                        status = d.get("status")
+                        bar.set_postfix(status=status, refresh=True)
+                        if status == "paused":
+                            bar.write(f"{run_id}: paused: {d.get('error') or d.get('reason') or ''}")
+                break
+            except NegspaceError as exc:
+                tries += 1
+                if not is_retryable(exc) or tries > reconnects:
+                    raise
+                await asyncio.sleep(min(5.0, 0.5 * tries))
+        run = await client.runs.get(run_id)
+        if run.status not in TERMINAL_RUN_STATUSES:  # stream ended early: poll until it ends
+            while run.status not in TERMINAL_RUN_STATUSES:
+                await asyncio.sleep(1.0)
+                run = await client.runs.get(run_id)
+        if run.progress.accepted > bar.n:
+            bar.update(run.progress.accepted - bar.n)
+        bar.set_postfix(status=run.status, refresh=True)
+        return run
+    finally:
+        bar.close()
+
+
+async def with_qa_progress(client: OrchestratorClient, run_id: str, work: Awaitable[T], *, total: int,
+                           desc: str, position: int | None = None, quiet: bool = False,
+                           poll_s: float = 1.0) -> T:
+    """Await ``work`` (the Q/A request) while a bar follows the run's ``qa`` events.
+
+    The event stream of a finished run ends at once, so it is read again every ``poll_s``."""
+    bar = make_bar(total, desc, "pair", position, quiet)
+    last_seq = 0
+    with contextlib.suppress(NegspaceError):  # start after the events that existed before
+        async for ev in client.runs.events(run_id):
+            last_seq = max(last_seq, ev.seq)
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            with contextlib.suppress(NegspaceError):
+                async for ev in client.runs.events(run_id, after=last_seq):
+                    last_seq = max(last_seq, ev.seq)
+                    if ev.type == "qa" and ev.data.get("done") is not None:
+                        n = int(ev.data["done"])
+                        if ev.data.get("total"):
+                            bar.total = int(ev.data["total"])
+                        if n > bar.n:
+                            bar.update(n - bar.n)
+                        bar.set_postfix(converted=ev.data.get("converted"), rejected=ev.data.get("rejected"),
+                                        refresh=False)
+            if done:
+                result = task.result()
+                if bar.total and bar.n < bar.total:
+                    bar.update(bar.total - bar.n)
+                return result
+    finally:
+        if not task.done():
+            task.cancel()
+        bar.close()
+
+
+async def follow_jobs(get_job, keys: list[str], *, desc: dict[str, str] | None = None,
+                      quiet: bool = False, poll_s: float = 2.0, timeout_s: float | None = None) -> dict[str, Job]:
+    """Poll training jobs (``await get_job(key) -> Job``) until all end; one bar per job (steps)."""
+    bars = {k: make_bar(None, (desc or {}).get(k, k), "step", i, quiet) for i, k in enumerate(keys)}
+    jobs: dict[str, Job] = {}
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        while True:
+            for k in keys:
+                if k in jobs and jobs[k].status in TERMINAL_JOB_STATUSES:
+                    continue
+                job: Job = await get_job(k)
+                jobs[k] = job
+                b = bars[k]
+                if job.progress.total_steps and b.total != job.progress.total_steps:
+                    b.total = job.progress.total_steps
+                if job.progress.step > b.n:
+                    b.update(job.progress.step - b.n)
+                post: dict[str, Any] = {"status": job.status}
+                if job.progress.stage:
+                    post["stage"] = job.progress.stage
+                if job.losses:
+                    post["loss"] = f"{job.losses[-1].loss:.3f}"
+                b.set_postfix(post, refresh=True)
+            if all(jobs[k].status in TERMINAL_JOB_STATUSES for k in keys):
+                return jobs
+            if timeout_s is not None and loop.time() - start > timeout_s:
+                raise TimeoutError(f"training jobs not finished after {timeout_s:.0f}s: "
+                                   + ", ".join(f"{k}={jobs[k].status}" for k in keys))
+            await asyncio.sleep(poll_s)
+    finally:
+        for b in bars.values():
+            b.close()
