@@ -208,7 +208,7 @@ async def test_cancel(make_harness):
 async def test_bad_run_config_is_a_clear_4xx(make_harness, body, where):
     async with make_harness() as h:
         payload = {"base_instruction": "Write a poem.", **body}
-        resp = await h.client.send.__self__._http.post("/runs", json=payload)
+        resp = await h.client._http.post("/runs", json=payload)
         assert 400 <= resp.status_code < 500, resp.text
         err = resp.json()["error"]
         assert where in err["message"], err
@@ -231,6 +231,10 @@ async def test_list_and_health(make_harness):
         await h.wait(rid)
         runs = (await h.client.runs.list()).runs
         assert [r.id for r in runs] == [rid] and runs[0].progress.eta_seconds == 0.0
+        assert (await h.client.runs.list("completed")).runs[0].id == rid
+        assert (await h.client.runs.list("paused")).runs == []
+        resp = await h.client._http.get("/runs", params={"status": "bogus"})
+        assert resp.status_code == 422 and "status" in resp.json()["error"]["message"]
         health = await h.client.health()
         assert health.status == "ok" and health.info["dependencies"]["controller"] == "ok"
         with pytest.raises(BadRequestError):

@@ -114,7 +114,18 @@ class Instruction(StrictModel):
 
 
 class RunEvent(BaseModel):
-    """One server-sent event: ``type`` is ``attempt``, ``round``, ``status`` or ``qa``."""
+    """One server-sent event of ``GET /runs/{id}/events`` (``seq`` increases; resume with ``after``).
+
+    ``type`` and its ``data``:
+    - ``status``: ``{"status", "error"?, "reason"?}`` (``completed`` adds ``accepted``, ``attempts``)
+    - ``attempt``: one per generation once judged: ``{"node", "round", "attempt", "scale",
+      "negatives", "max_similarity", "similar", "accepted", "empty", "text", "prompt_tokens",
+      "completion_tokens", "latency_s", "node_url"}``
+    - ``round``: ``{"round", "rounds", "accepted", "attempts"}`` when every node finished a round
+    - ``qa``: ``{"instruction_id", "status", "done", "total", "converted", "rejected"}``
+    - ``train``: ``{"job_id", "status", "step"?, "total_steps"?, "error"?}``
+    The stream ends when the run is completed, failed or cancelled.
+    """
 
     type: str
     run_id: str
@@ -155,8 +166,9 @@ class _Runs(Resource):
     async def get(self, run_id: str) -> Run:
         return await self._client.call("GET", f"/runs/{run_id}", Run)
 
-    async def list(self) -> RunList:
-        return await self._client.call("GET", "/runs", RunList)
+    async def list(self, status: RunStatus | None = None) -> RunList:
+        return await self._client.call("GET", "/runs", RunList,
+                                       params={"status": status} if status else None)
 
     async def cancel(self, run_id: str) -> Run:
         return await self._client.call("POST", f"/runs/{run_id}/cancel", Run)

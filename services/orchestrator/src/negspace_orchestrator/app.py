@@ -27,6 +27,7 @@ from negspace_contracts.orchestrator import (
     RunConfig,
     RunCreated,
     RunList,
+    RunStatus,
     TrainRequest,
 )
 from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, DatasetSpec, Job, JobRequest
@@ -96,7 +97,7 @@ async def create_run(config: RunConfig, orch: Orch) -> RunCreated:
 
 
 @runs.get("", response_model=RunList)
-async def list_runs(orch: Orch, status: str | None = None) -> RunList:
+async def list_runs(orch: Orch, status: RunStatus | None = None) -> RunList:
     return RunList(runs=[_to_wire(orch, r) for r in orch.store.list_runs(status)])
 
 
