@@ -31,6 +31,24 @@ DISTANCE_FLOOR = 1e-6  # duplicates have distance 0: density is capped at 1e6 in
 MAX_TRACKED_KNN = 8    # distinct knn values with a maintained heap (least recently used dropped)
 
 
+def topk_rows(s: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, columns) of the m largest entries of each row, sorted descending.
+
+    torch.topk when torch is importable (it is wherever sentence-transformers is): on a wide
+    block it is ~20x faster than np.argpartition. Ties may come in either order; only the
+    values enter a density.
+    """
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - numpy fallback
+        top = np.argpartition(-s, m - 1, axis=1)[:, :m]
+        vals = np.take_along_axis(s, top, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")
+        return np.take_along_axis(vals, order, axis=1), np.take_along_axis(top, order, axis=1)
+    vals, top = torch.topk(torch.from_numpy(s), m, dim=1, largest=True, sorted=True)
+    return vals.numpy(), top.numpy().astype(np.int64)
+
+
 def density_from_sims(sims: np.ndarray) -> np.ndarray:
     """Densities from rows of the m largest similarities (m >= 1): 1 / max(mean distance, floor)."""
     dist = np.clip(1.0 - sims.astype(np.float64), 0.0, None).mean(axis=-1)
@@ -212,13 +230,11 @@ class DensityIndex:
             self._ncount[rs] = max(m, 0)
             if m <= 0:
                 continue
-            top = np.argpartition(-s, m - 1, axis=1)[:, :m] if m < n else np.argsort(-s, axis=1)[:, :m]
-            ts = np.take_along_axis(s, top, axis=1)
-            order = np.argsort(-ts, axis=1, kind="stable")
-            self._nsim[rs, :m] = np.take_along_axis(ts, order, axis=1)
-            self._nrow[rs, :m] = np.take_along_axis(top, order, axis=1)
+            vals, top = topk_rows(s, m)
+            self._nsim[rs, :m] = vals
+            self._nrow[rs, :m] = top
 
-    def rebuild(self, block: int = 512) -> None:
+    def rebuild(self, block: int = 1024) -> None:
         """Recompute every list from the stored vectors (start-up from Qdrant)."""
         if self.n:
             self._recompute(np.arange(self.n), block=block)
@@ -241,7 +257,7 @@ class DensityIndex:
         self._seq_row = {int(s): i for i, s in enumerate(self._seq[:n])}
         self.next_seq = int(self._seq[:n].max()) + 1 if n else 0
         self.n = n
-        block = 512
+        block = 1024
         for start in range(0, n, block):
             self._recompute(np.arange(start, min(n, start + block)), block=block)
             if progress:
@@ -311,20 +327,20 @@ class DensityIndex:
             hits.append(DenseHit(self.keys[r], self.texts[r], -neg))
         return hits
 
-    def dense_bruteforce(self, k: int, knn: int) -> list[DenseHit]:
+    def dense_bruteforce(self, k: int, knn: int, block: int = 2048) -> list[DenseHit]:
         """The same answer from an n x n similarity matrix: O(n^2 d). For benchmarks and tests."""
         n = self.n
         if n == 0:
             return []
         m = min(knn, n - 1)
         X = self._vec[:n]
-        if m <= 0:
-            dens = np.zeros(n)
-        else:
-            S = X @ X.T
-            np.fill_diagonal(S, -np.inf)
-            top = -np.partition(-S, m - 1, axis=1)[:, :m]
-            dens = density_from_sims(top)
+        dens = np.zeros(n)
+        if m > 0:  # the n x n matrix, a block of rows at a time so large n fits in memory
+            for a in range(0, n, block):
+                S = X[a:a + block] @ X.T
+                S[np.arange(S.shape[0]), np.arange(a, a + S.shape[0])] = -np.inf
+                top = -np.partition(-S, m - 1, axis=1)[:, :m]
+                dens[a:a + block] = density_from_sims(top)
         order = np.lexsort((self._seq[:n], -dens))[:k]
         return [DenseHit(self.keys[r], self.texts[r], float(dens[r])) for r in order]
 
