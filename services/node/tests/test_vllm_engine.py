@@ -1,0 +1,190 @@
+"""The vLLM engine against the exact batched transformers engine, on the bundled 135M model.
+
+ONE engine for the whole module (start ~30 s), float32, KV cache 0.5 GiB, and deliberately
+TIGHT admission (6 sequence slots, a 600-token step budget) so that concurrent groups must wait
+for each other: every test that runs requests concurrently also proves that the gang scheduler
+never splits a group (a split group fails with GuidanceGroupError, which no test tolerates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from negspace_node.engines.base import GenerationRequest, GuidanceGroupError  # noqa: E402
+from negspace_node.engines.transformers import generate_batched  # noqa: E402
+from negspace_node.settings import NodeSettings  # noqa: E402
+from negspace_node.testing import chat_ids  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+SLOTS, BUDGET = 6, 600
+POSITIVE = "Write one short question a student might ask about the ocean."
+NEGATIVES = [
+    "Write one short question about fish.",
+    "Write one short question a curious student might ask about ships, sailors, ports, storms "
+    "and the long history of navigation across the Atlantic and the Pacific oceans.",  # longer than the positive
+    "Ask about the weather.",
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from negspace_node.engines.vllm.engine import VLLMEngine
+
+    settings = NodeSettings(dtype="float32", max_model_len=512, max_num_seqs=SLOTS, kv_cache_gib=0.5, seed=0)
+    eng = VLLMEngine(settings, max_num_batched_tokens=BUDGET)
+    asyncio.run(eng.start())
+    assert eng.state == "ready", eng.error
+    yield eng
+    asyncio.run(eng.stop())
+
+
+@pytest.fixture(scope="module")
+def ids(engine):
+    tok = engine.tokenizer
+    return chat_ids(tok, POSITIVE), [chat_ids(tok, n) for n in NEGATIVES]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def gather(engine, requests):
+    return await asyncio.gather(*(engine.generate(r) for r in requests), return_exceptions=True)
+
+
+@pytest.mark.parametrize("negatives", [0, 1, 3])
+def test_equals_transformers_engine_token_for_token(engine, ids, smol, negatives):
+    model, tokenizer = smol
+    positive, negs = ids
+    assert len(negs[1]) > len(positive)           # a negative longer than the positive
+    request = GenerationRequest(prompt_ids=positive, negative_ids=negs[:negatives], max_tokens=24,
+                                temperature=0.0, guidance_scale=3.0)
+    expected = generate_batched(model, tokenizer, request)
+    got = run(engine.generate(request))
+    assert got[0].token_ids == expected[0].token_ids
+    assert got[0].text == expected[0].text and got[0].finish_reason == expected[0].finish_reason
+
+
+def test_logprobs_space_and_stop_strings_match_the_reference(engine, ids, smol):
+    model, tokenizer = smol
+    positive, negs = ids
+    request = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=24, temperature=0.0,
+                                guidance_scale=2.0, guidance_space="logprobs")
+    expected = generate_batched(model, tokenizer, request)[0]
+    assert run(engine.generate(request))[0].token_ids == expected.token_ids
+    # A stop string cut from the reference's own text ends both engines at the same place.
+    stop = expected.text.split()[2]
+    stopped = GenerationRequest(**{**request.__dict__, "stop": (stop,)})
+    want = generate_batched(model, tokenizer, stopped)[0]
+    got = run(engine.generate(stopped))[0]
+    assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, "stop")
+
+
+def test_seeded_sampling_matches_reference_and_repeats(engine, ids, smol):
+    model, tokenizer = smol
+    positive, negs = ids
+    request = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=16, temperature=1.0,
+                                top_p=0.95, seed=1234, guidance_scale=3.0)
+    first, second = run(gather(engine, [request, request]))
+    assert first[0].token_ids == second[0].token_ids
+    # Same guidance math and the same seeded generator as the transformers engine: same draw.
+    assert first[0].token_ids == generate_batched(model, tokenizer, request)[0].token_ids
+    other = run(engine.generate(GenerationRequest(**{**request.__dict__, "seed": 99})))
+    assert other[0].token_ids != first[0].token_ids
+    plain = GenerationRequest(prompt_ids=positive, max_tokens=16, temperature=1.0, seed=7)
+    a, b = run(gather(engine, [plain, plain]))
+    assert a[0].text == b[0].text
+
+
+def test_scale_one_is_plain_generation_and_plain_n(engine, ids, smol):
+    model, tokenizer = smol
+    positive, negs = ids
+    plain = GenerationRequest(prompt_ids=positive, max_tokens=20, temperature=0.0)
+    scale_one = GenerationRequest(prompt_ids=positive, negative_ids=negs, max_tokens=20, temperature=0.0,
+                                  guidance_scale=1.0)
+    a, b = run(gather(engine, [plain, scale_one]))
+    assert a[0].token_ids == b[0].token_ids == generate_batched(model, tokenizer, plain)[0].token_ids
+    many = run(engine.generate(GenerationRequest(prompt_ids=positive, max_tokens=12, temperature=1.0, seed=5, n=3)))
+    assert len(many) == 3 and len({tuple(o.token_ids) for o in many}) > 1
+    again = run(engine.generate(GenerationRequest(prompt_ids=positive, max_tokens=12, temperature=1.0, seed=5, n=3)))
+    assert [o.token_ids for o in again] == [o.token_ids for o in many]
+
+
+def test_eight_concurrent_guided_requests_equal_their_solo_results(engine, ids):
+    positive, negs = ids
+    tok = engine.tokenizer
+    topics = ["the ocean", "volcanoes", "bees", "chess", "rain", "bridges", "music", "the moon"]
+    requests = [GenerationRequest(prompt_ids=chat_ids(tok, f"Write one short question about {t}."),
+                                  negative_ids=negs[: 1 + i % 3], max_tokens=16, temperature=0.0,
+                                  guidance_scale=3.0) for i, t in enumerate(topics)]
+    solo = [run(engine.generate(r))[0].token_ids for r in requests]
+    scheduler = engine._llm.engine_core.engine_core.scheduler
+    held_before = scheduler.held_back_steps
+    together = run(gather(engine, requests + [GenerationRequest(prompt_ids=positive, max_tokens=16,
+                                                                temperature=0.0)]))
+    failures = [r for r in together if isinstance(r, BaseException)]
+    assert not failures, failures
+    assert [r[0].token_ids for r in together[:8]] == solo
+    # 8 groups of 2-4 rows cannot fit 6 slots: the scheduler had to hold whole groups back.
+    assert scheduler.held_back_steps > held_before
+    assert engine.queue_depth() == 0
+
+
+def test_a_group_that_loses_a_member_fails_alone(engine, ids, monkeypatch):
+    """Defence in depth: if a member vanishes mid-decode (simulated by aborting it inside vLLM),
+    the group is never guided with again and the request fails; a concurrent request does not."""
+    positive, negs = ids
+    victim = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=20, temperature=0.0,
+                               guidance_scale=3.0, request_id="victim")
+    bystander = GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=20, temperature=0.0,
+                                  guidance_scale=3.0)
+    original = engine._advance_group
+
+    def sabotage(job, news):
+        if job.request.request_id == "victim" and len(job.tokens[job.member_ids[0]]) == 2:
+            engine._llm.abort_request([job.member_ids[2]])     # vLLM drops it; the job does not know
+        return original(job, news)
+
+    monkeypatch.setattr(engine, "_advance_group", sabotage)
+    solo = run(engine.generate(bystander))
+    got_victim, got_bystander = run(gather(engine, [victim, bystander]))
+    assert isinstance(got_victim, GuidanceGroupError), got_victim
+    # The scheduler's gang check sees it first (2 of 3 members scheduled); the processor's own
+    # check (test_vllm_units) would refuse the group in the same step.
+    assert "2 of 3 members" in str(got_victim) or "incomplete" in str(got_victim)
+    assert got_bystander[0].token_ids == solo[0].token_ids
+    monkeypatch.undo()
+    assert run(engine.generate(victim))[0].token_ids       # the engine carries on
+    assert engine.state == "ready"
+
+
+def test_bad_requests_are_refused_before_they_run(engine, ids):
+    from negspace_contracts.errors import BadRequestError
+
+    positive, negs = ids
+    with pytest.raises(BadRequestError, match="context length"):
+        run(engine.generate(GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=500,
+                                              guidance_scale=2.0)))
+    with pytest.raises(BadRequestError, match="max_num_seqs"):
+        run(engine.generate(GenerationRequest(prompt_ids=positive, negative_ids=[negs[0]] * SLOTS,
+                                              max_tokens=8, guidance_scale=2.0)))
+
+
+def test_a_dead_loop_turns_into_engine_errors(ids):
+    """Last, on its own tiny engine state: the loop dying marks the engine 'error' and answers 503s."""
+    # Runs against the shared engine would kill it for later tests, so only the bookkeeping is
+    # exercised here: an engine that failed reports the reason and refuses work.
+    from negspace_node.engines.base import EngineError
+    from negspace_node.engines.vllm.engine import VLLMEngine
+
+    eng = VLLMEngine(NodeSettings())
+    eng.fail("engine loop died: RuntimeError: boom")
+    with pytest.raises(EngineError, match="boom"):
+        run(eng.generate(GenerationRequest(prompt_ids=ids[0])))

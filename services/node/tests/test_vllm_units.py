@@ -1,0 +1,189 @@
+"""The guidance processor and the gang scheduler's admission, without a model.
+
+The processor gets synthetic V1 batch updates (rows added, removed, moved) exactly as vLLM's
+model runner builds them; the scheduler's admission policy runs on a scheduler object whose
+queues and limits are set by hand. No engine starts here (fast), but vLLM must be importable.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.core.sched.request_queue import FCFSRequestQueue  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+
+from negspace_node.engines.vllm.groups import GROUP_KEY, REGISTRY, GroupState  # noqa: E402
+from negspace_node.engines.vllm.processor import CFGLogitsProcessor  # noqa: E402
+from negspace_node.engines.vllm.scheduler import GangScheduler  # noqa: E402
+from negspace_node.guidance import combine, make_generator, sample  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+V = 32
+
+
+def member(group: str, role: int, size: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, extra_args={GROUP_KEY: {"id": group, "role": role, "size": size}})
+
+
+@pytest.fixture
+def groups():
+    made = []
+
+    def register(group_id: str, size: int, scale: float = 3.0, space: str = "logits",
+                 temperature: float = 0.0, seed: int = 0) -> GroupState:
+        state = GroupState(group_id, size, scale, space, temperature, 1.0, make_generator(seed))
+        REGISTRY.register(state)
+        made.append(group_id)
+        return state
+
+    yield register
+    for group_id in made:
+        REGISTRY.discard(group_id)
+
+
+def forced_token(row: torch.Tensor) -> int | None:
+    """The token a row was forced to (one finite entry), or None if the row was left alone."""
+    finite = torch.isfinite(row).nonzero().flatten().tolist()
+    return finite[0] if len(finite) == 1 else None
+
+
+def test_complete_group_is_guided_and_forced_on_every_member(groups):
+    state = groups("gA", 3)
+    proc = CFGLogitsProcessor()
+    outs = [[], [], []]
+    proc.update_state(BatchUpdate(batch_size=4, removed=[], moved=[], added=[
+        (0, member("gA", 0, 3), [1, 2], outs[0]),
+        (1, SamplingParams(temperature=0.0), [5], []),          # a plain request between members
+        (2, member("gA", 1, 3), [3], outs[1]),
+        (3, member("gA", 2, 3), [4, 4, 4], outs[2]),
+    ]))
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1))
+    original = logits.clone()
+    expected = sample(combine(original[0], original[[2, 3]], 3.0, "logits"), 0.0, 1.0, make_generator(0))
+    out = proc.apply(logits)
+    assert [forced_token(out[i]) for i in (0, 2, 3)] == [expected] * 3
+    assert torch.equal(out[1], original[1])                    # the plain row is untouched
+    assert state.tokens == [expected] and state.error is None
+
+
+def test_incomplete_group_is_never_guided_and_others_are_unaffected(groups):
+    good = groups("good", 2)
+    broken = groups("broken", 3)
+    proc = CFGLogitsProcessor()
+    proc.update_state(BatchUpdate(batch_size=4, removed=[], moved=[], added=[
+        (0, member("broken", 0, 3), [1], []),
+        (1, member("good", 0, 2), [1], []),
+        (2, member("broken", 1, 3), [2], []),                  # role 2 of "broken" is missing
+        (3, member("good", 1, 2), [2], []),
+    ]))
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(2))
+    original = logits.clone()
+    out = proc.apply(logits)
+    assert torch.equal(out[0], original[0]) and torch.equal(out[2], original[2])
+    assert broken.error is not None and "incomplete" in broken.error and broken.tokens == []
+    expected = sample(combine(original[1], original[[3]], 3.0, "logits"), 0.0, 1.0, make_generator(0))
+    assert forced_token(out[1]) == forced_token(out[3]) == expected
+    assert good.error is None and good.tokens == [expected]
+
+
+def test_members_out_of_step_are_refused(groups):
+    state = groups("lag", 2)
+    proc = CFGLogitsProcessor()
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[], added=[
+        (0, member("lag", 0, 2), [1], [7, 8]),
+        (1, member("lag", 1, 2), [2], [7]),                    # one token behind
+    ]))
+    out = proc.apply(torch.zeros(2, V))
+    assert forced_token(out[0]) is None and state.error and "out of step" in state.error
+
+
+def test_rows_follow_removals_and_moves(groups):
+    state = groups("gM", 2, space="logprobs")
+    proc = CFGLogitsProcessor()
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
+        (0, SamplingParams(), [9], []),
+        (1, member("gM", 0, 2), [1], []),
+        (2, member("gM", 1, 2), [2], []),
+    ]))
+    # The plain row finishes; the runner condenses the batch: row 2 moves to 0 (unidirectional).
+    proc.update_state(BatchUpdate(batch_size=2, removed=[0], added=[],
+                                  moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    # ...then swaps the two rows (positive back at 0).
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[],
+                                  moved=[(0, 1, MoveDirectionality.SWAP)]))
+    assert {i: (r.group_id, r.role) for i, r in proc.rows.items()} == {0: ("gM", 0), 1: ("gM", 1)}
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(3))
+    expected = sample(combine(logits[0].clone(), logits[[1]].clone(), 3.0, "logprobs"), 0.0, 1.0,
+                      make_generator(0))
+    out = proc.apply(logits)
+    assert forced_token(out[0]) == forced_token(out[1]) == expected and state.error is None
+
+
+def test_processor_rejects_malformed_group_params():
+    with pytest.raises(ValueError):
+        CFGLogitsProcessor.validate_params(SamplingParams(extra_args={GROUP_KEY: {"id": "x", "role": 3, "size": 2}}))
+    CFGLogitsProcessor.validate_params(SamplingParams())       # plain requests pass
+
+
+# -- the gang scheduler's admission ------------------------------------------------------------
+
+class _Req:
+    def __init__(self, rid: str, prompt: int, max_tokens: int, group=None):
+        self.request_id = rid
+        self.num_prompt_tokens = prompt
+        self.num_tokens = prompt
+        self.num_computed_tokens = 0
+        self.max_tokens = max_tokens
+        self.sampling_params = member(*group) if group else SamplingParams()
+
+
+def bare_scheduler(*, slots: int, tokens: int, blocks: int, block_size: int = 16) -> GangScheduler:
+    sched = GangScheduler.__new__(GangScheduler)     # the admission policy only: no engine
+    sched.max_num_running_reqs = sched.max_num_active_reqs = slots
+    sched.max_num_scheduled_tokens = tokens
+    sched._capacity_blocks = blocks
+    sched.block_size = block_size
+    sched._kv_groups = 1
+    sched._max_len = 4096
+    sched.running = []
+    sched.waiting = FCFSRequestQueue()
+    return sched
+
+
+def group(gid: str, size: int, prompt: int = 20, max_tokens: int = 12) -> list[_Req]:
+    return [_Req(f"{gid}-{r}", prompt, max_tokens, (gid, r, size)) for r in range(size)]
+
+
+def test_admission_takes_whole_groups_in_order():
+    sched = bare_scheduler(slots=6, tokens=10_000, blocks=1000)
+    for r in group("a", 4) + group("b", 4) + [_Req("plain", 10, 5)]:
+        sched.waiting.add_request(r)
+    # "a" fits (4 of 6 slots); "b" needs 4 more: held, and so is everything behind it (FCFS).
+    assert sched._admissible() == 4
+
+
+def test_admission_counts_running_rows_token_budget_and_kv_reservation():
+    sched = bare_scheduler(slots=8, tokens=100, blocks=10)
+    sched.running = [_Req("r0", 16, 16)]              # reserves 2 blocks, takes 1 decode token
+    for r in group("a", 3, prompt=30, max_tokens=2):   # 90 prompt tokens <= 99, 6 blocks <= 8
+        sched.waiting.add_request(r)
+    assert sched._admissible() == 3
+    tight = bare_scheduler(slots=8, tokens=80, blocks=10)
+    for r in group("a", 3, prompt=30, max_tokens=2):   # 90 prompt tokens > 80: wait
+        tight.waiting.add_request(r)
+    assert tight._admissible() == 0
+    kv = bare_scheduler(slots=8, tokens=1000, blocks=5)
+    for r in group("a", 3, prompt=30, max_tokens=2):   # 6 blocks > 5: wait (no preemption later)
+        kv.waiting.add_request(r)
+    assert kv._admissible() == 0
+
+
+def test_admission_waits_for_every_member_of_a_group():
+    sched = bare_scheduler(slots=8, tokens=1000, blocks=100)
+    for r in group("a", 3)[:2]:                        # the third member has not arrived
+        sched.waiting.add_request(r)
+    assert sched._admissible() == 0
