@@ -170,6 +170,8 @@ async def test_orchestrator_killed_mid_run_resumes_without_loss_or_duplicates(tm
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.05)
                 insts = await client.runs.instructions(rid)
+                # the persisted event log spans both processes; over real HTTP the stream ends at the end
+                events = [e async for e in client.runs.events(rid)]
         finally:
             proc.kill()
             proc.wait(timeout=10)
@@ -185,6 +187,11 @@ async def test_orchestrator_killed_mid_run_resumes_without_loss_or_duplicates(tm
     repeated = [s for s, c in seeds.items() if c > 1]
     assert len(repeated) <= 3
     assert len(node.requests) - gens_before <= 15 - 5 + 3
+    statuses = [e.data["status"] for e in events if e.type == "status"]
+    assert statuses[:2] == ["queued", "running"] and statuses[-2:] == ["running", "completed"]
+    assert sum(e.type == "round" for e in events) == 5
+    assert len({(e.data["node"], e.data["round"]) for e in events
+                if e.type == "attempt" and e.data["accepted"]}) == 15
 
 
 async def test_a_dependency_refusing_the_request_fails_the_run_with_its_message(make_harness):

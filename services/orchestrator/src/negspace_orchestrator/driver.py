@@ -231,9 +231,10 @@ class Orchestrator:
             else:
                 await self._gather(slots)
             self._check_round(run, r)
-            accepted, attempts, _, _ = self.store.counts(run.id)
-            self.event(run.id, "round", {"round": r, "rounds": cfg.rounds, "accepted": accepted,
-                                         "attempts": attempts})
+            if not self.store.has_round_event(run.id, r):  # once per round, also across restarts
+                accepted, attempts, _, _ = self.store.counts(run.id)
+                self.event(run.id, "round", {"round": r, "rounds": cfg.rounds, "accepted": accepted,
+                                             "attempts": attempts})
 
     def _check_round(self, run: RunRow, round_: int) -> None:
         missing = [n for n in range(run.config.nodes)

@@ -274,6 +274,10 @@ class Store:
     def add_event(self, run_id: str, type_: str, data: dict[str, Any]) -> int:
         return self._event(run_id, type_, data)
 
+    def has_round_event(self, run_id: str, round_: int) -> bool:
+        return self.db.execute("SELECT 1 FROM events WHERE run_id = ? AND type = 'round'"
+                               " AND json_extract(data, '$.round') = ?", (run_id, round_)).fetchone() is not None
+
     def events_after(self, run_id: str, after: int, limit: int = 500) -> list[RunEvent]:
         rows = self.db.execute("SELECT * FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                                (run_id, after, limit)).fetchall()
