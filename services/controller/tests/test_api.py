@@ -135,8 +135,31 @@ async def test_on_disk_store_survives_restart(tmp_path, run_app):
             assert [i.id for i in got.items] == [i.id for i in want.items]
             np.testing.assert_allclose([i.density for i in got.items], [i.density for i in want.items],
                                        rtol=1e-5)
+        assert app.state.controller.from_snapshot == {"run"}  # no O(n^2) rebuild needed
+    # without the snapshot (crash, or 'off'), and with a corrupt one: rebuilt from Qdrant, same answers
+    snap = tmp_path / "qdrant-index" / "negspace_run.npz"
+    assert snap.is_file()
+    snap.write_bytes(b"not a snapshot")
+    for variant in (settings, ControllerSettings(qdrant_path=str(tmp_path / "qdrant"), index_snapshots="off")):
+        async with run_app(variant, embedder=fake()) as (app, client, raw):
+            for knn, want in dense.items():
+                got = await client.collections.dense("run", k=10, knn=knn)
+                assert [i.id for i in got.items] == [i.id for i in want.items]
+                np.testing.assert_allclose([i.density for i in got.items],
+                                           [i.density for i in want.items], rtol=1e-5)
+            assert app.state.controller.from_snapshot == set()
+    async with run_app(settings, embedder=fake()) as (app, client, raw):
+        await client.collections.get("run")  # waits for the collection to load
+        assert app.state.controller.from_snapshot == {"run"}  # rewritten at the last shutdown
         await client.collections.upsert("run", [PointIn(id=1000, text="after restart")])
         assert (await client.collections.get("run")).count == info.count + 1
+    async with run_app(settings, embedder=fake()) as (app, client, raw):
+        assert (await client.collections.get("run")).count == info.count + 1
+        idx = app.state.controller._cols["run"].index
+        got = await client.collections.dense("run", k=10, knn=5)
+        assert [i.id for i in got.items] == [h.key for h in idx.dense_bruteforce(10, 5)]
+        await client.collections.delete("run")
+    assert not snap.exists()
 
 
 async def test_bad_input_is_a_clear_4xx(run_app):

@@ -54,7 +54,8 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
             elif settings.query_instruction and not emb.query_instruction:
                 emb.query_instruction = settings.query_instruction
             st = store or await asyncio.to_thread(build_store, settings)
-            app.state.controller = Controller(emb, st, knn_capacity=settings.knn_capacity)
+            app.state.controller = Controller(emb, st, knn_capacity=settings.knn_capacity,
+                                              snapshot_dir=settings.resolved_snapshot_dir())
             warm = asyncio.create_task(app.state.controller.warm_up())
             log.info("controller ready: embedder %s (%d dims), qdrant %s", emb.name, emb.dimension, st.where)
         except Exception as exc:
@@ -65,6 +66,11 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
         finally:
             if warm is not None and not warm.done():
                 warm.cancel()
+            if app.state.controller is not None:
+                try:
+                    await asyncio.to_thread(app.state.controller.save_snapshots)
+                except Exception:
+                    log.exception("could not write the index snapshots (the next start rebuilds)")
             if own_store and st is not None:
                 st.close()
 

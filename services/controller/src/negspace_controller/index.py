@@ -234,15 +234,19 @@ class DensityIndex:
             self._nsim[rs, :m] = vals
             self._nrow[rs, :m] = top
 
-    def rebuild(self, block: int = 1024) -> None:
-        """Recompute every list from the stored vectors (start-up from Qdrant)."""
-        if self.n:
-            self._recompute(np.arange(self.n), block=block)
+    def rebuild(self, block: int = 1024, progress=None) -> None:
+        """Recompute every list from the stored vectors: O(n^2 d) (start-up without a snapshot)."""
+        n = self.n
+        for start in range(0, n, block):
+            self._recompute(np.arange(start, min(n, start + block)), block=block)
+            if progress:
+                progress(min(n, start + block), n)
         self._heaps.clear()
 
     def load(self, keys: Sequence[Hashable], vectors: np.ndarray, texts: Sequence[str],
-             seqs: Sequence[int], progress=None) -> None:
-        """Fill an empty index in one go (rows ordered by seq), then compute all lists."""
+             seqs: Sequence[int], progress=None, compute: bool = True) -> None:
+        """Fill an empty index in one go (rows ordered by seq), then compute all lists
+        (``compute=False``: leave them for ``apply_snapshot`` or a later ``rebuild``)."""
         if self.n:
             raise RuntimeError("load() needs an empty index")
         order = np.argsort(np.asarray(seqs, np.int64), kind="stable")
@@ -257,12 +261,9 @@ class DensityIndex:
         self._seq_row = {int(s): i for i, s in enumerate(self._seq[:n])}
         self.next_seq = int(self._seq[:n].max()) + 1 if n else 0
         self.n = n
-        block = 1024
-        for start in range(0, n, block):
-            self._recompute(np.arange(start, min(n, start + block)), block=block)
-            if progress:
-                progress(min(n, start + block), n)
         self._heaps.clear()
+        if compute:
+            self.rebuild(progress=progress)
 
     # ---------------------------------------------------------------- densities
     def _densities(self, rows: np.ndarray, knn: int) -> np.ndarray:
@@ -355,3 +356,60 @@ class DensityIndex:
         top = np.argpartition(-s, m - 1)[:m] if m < n else np.arange(n)
         top = top[np.argsort(-s[top], kind="stable")]
         return [(self.keys[r], self.texts[r], float(s[r])) for r in top]
+
+
+# -------------------------------------------------------------------- snapshots
+def _key_str(key: Hashable) -> str:
+    return f"i:{key}" if isinstance(key, int) else f"u:{key}"
+
+
+def vectors_digest(vectors: np.ndarray) -> str:
+    """A digest of the vectors, rounded so Qdrant's own re-normalisation (last-bit changes) matches."""
+    import hashlib
+
+    return hashlib.blake2b(np.round(vectors.astype(np.float64), 5).tobytes(), digest_size=16).hexdigest()
+
+
+def save_snapshot(index: DensityIndex, path) -> None:
+    """Neighbour lists + identity of every point (no vectors: those live in Qdrant)."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = index.n
+    order = np.argsort(index._seq[:n], kind="stable")  # rows in seq order, as load() lays them out
+    new_of_old = np.empty(n, np.int64)
+    new_of_old[order] = np.arange(n)
+    nrow = index._nrow[:n][order]
+    nrow = np.where(nrow >= 0, new_of_old[np.clip(nrow, 0, None)], -1)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
+    np.savez(tmp, keys=np.array([_key_str(index.keys[r]) for r in order]), seqs=index._seq[:n][order],
+             nsim=index._nsim[:n][order], nrow=nrow, ncount=index._ncount[:n][order],
+             capacity=np.array(index.capacity), digest=np.array(vectors_digest(index._vec[:n][order])))
+    os.replace(tmp, path)
+
+
+def apply_snapshot(index: DensityIndex, path) -> bool:
+    """After ``load(..., compute=False)``: take the lists from ``path`` if it describes exactly these
+    points (same ids, sequences, vectors and capacity). False (and nothing changed) otherwise."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as snap:
+            n = index.n
+            if (int(snap["capacity"]) != index.capacity or snap["seqs"].shape != (n,)
+                    or not np.array_equal(snap["seqs"], index._seq[:n])
+                    or snap["keys"].tolist() != [_key_str(k) for k in index.keys]
+                    or str(snap["digest"]) != vectors_digest(index._vec[:n])):
+                return False
+            index._nsim[:n] = snap["nsim"]
+            index._nrow[:n] = snap["nrow"]
+            index._ncount[:n] = snap["ncount"]
+    except (OSError, ValueError, KeyError):
+        return False
+    index._heaps.clear()
+    return True

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 import time
+from pathlib import Path
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from negspace_contracts.controller import (
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
 from negspace_controller import metrics as diversity
 from negspace_controller.embedder import Embedder
-from negspace_controller.index import DensityIndex
+from negspace_controller.index import DensityIndex, apply_snapshot, save_snapshot
 from negspace_controller.store import RESERVED_KEYS, SEQ_KEY, TEXT_KEY, QdrantStore, to_key
 
 log = logging.getLogger("negspace.controller")
@@ -53,13 +54,16 @@ class _Collection:
 
 
 class Controller:
-    def __init__(self, embedder: Embedder, store: QdrantStore, *, knn_capacity: int = 32) -> None:
+    def __init__(self, embedder: Embedder, store: QdrantStore, *, knn_capacity: int = 32,
+                 snapshot_dir: str | Path | None = None) -> None:
         self.embedder = embedder
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.store = store
         self.knn_capacity = knn_capacity
         self._cols: dict[str, _Collection] = {}
         self._loading: dict[str, asyncio.Lock] = {}
         self.loaded_points = 0
+        self.from_snapshot: set[str] = set()  # collections whose lists came from a snapshot
 
     # ------------------------------------------------------------------ collections
     async def _get(self, name: str) -> _Collection:
@@ -93,16 +97,42 @@ class Controller:
             seqs.append(int(payload.get(SEQ_KEY, len(seqs))))
         index = DensityIndex(dim, self.knn_capacity, initial_rows=max(1024, len(keys)))
         if keys:
-            log.info("collection %s: rebuilding the neighbour index of %d points", name, len(keys))
+            log.info("collection %s: indexing %d points", name, len(keys))
 
             def progress(done: int, total: int) -> None:
                 if done == total or done % (1 << 14) < 512:
                     log.info("collection %s: index %d/%d", name, done, total)
 
-            index.load(keys, np.stack(vecs), texts, seqs, progress=progress)
+            index.load(keys, np.stack(vecs), texts, seqs, compute=False)
+            snap = self.snapshot_path(name)
+            if snap is not None and apply_snapshot(index, snap):
+                log.info("collection %s: neighbour lists taken from the snapshot %s", name, snap)
+                self.from_snapshot.add(name)
+            else:
+                index.rebuild(progress=progress)
         log.info("collection %s: %d points loaded in %.1f s", name, len(keys), time.monotonic() - started)
         self.loaded_points += len(keys)
         return _Collection(name, index)
+
+    def snapshot_path(self, name: str) -> Path | None:
+        return self.snapshot_dir / f"{self.store.qname(name)}.npz" if self.snapshot_dir else None
+
+    def save_snapshots(self) -> None:
+        """Write every loaded collection's neighbour lists (shutdown): the next start skips the
+        O(n^2 d) rebuild when Qdrant still holds exactly these points."""
+        for name, col in list(self._cols.items()):
+            path = self.snapshot_path(name)
+            if path is None:
+                return
+            with col.index.lock:
+                if len(col.index):
+                    save_snapshot(col.index, path)
+                    log.info("collection %s: snapshot of %d points written", name, len(col.index))
+
+    def _drop_snapshot(self, name: str) -> None:
+        path = self.snapshot_path(name)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def _info(self, col: _Collection) -> CollectionInfo:
         return CollectionInfo(name=col.name, count=len(col.index), dimension=col.index.dim,
@@ -114,6 +144,7 @@ class Controller:
         async with lock:
             created = False
             if not await asyncio.to_thread(self.store.exists, name):
+                self._drop_snapshot(name)
                 await asyncio.to_thread(self.store.create, name, self.embedder.dimension, self.embedder.name)
                 self._cols[name] = _Collection(name, DensityIndex(self.embedder.dimension, self.knn_capacity))
                 created = True
@@ -127,6 +158,7 @@ class Controller:
         async with col.write_lock:
             await asyncio.to_thread(self.store.drop, name)
             self._cols.pop(name, None)
+            self._drop_snapshot(name)
 
     async def warm_up(self) -> None:
         """Load every existing collection (start-up), so the first request does not pay for it."""

@@ -33,6 +33,19 @@ class ControllerSettings(ServiceSettings):
     knn_capacity: int = Field(32, ge=1, le=256, description="Neighbours kept per point; the largest "
                               "knn /dense accepts.")
 
+    index_snapshots: str | None = Field(
+        None, description="Folder for neighbour-list snapshots written at shutdown (default: "
+        "<qdrant-path>-index, or $NEGSPACE_HOME/controller-index with --qdrant-url; none with "
+        "':memory:'); 'off' always rebuilds from Qdrant.")
+
+    def resolved_snapshot_dir(self) -> str | None:
+        if self.index_snapshots:
+            return None if self.index_snapshots.lower() in ("off", "none", "") else self.index_snapshots
+        if self.qdrant_url:
+            return str(Path(negspace_home()) / "controller-index")
+        path = self.resolved_qdrant_path()
+        return None if path == ":memory:" else str(Path(path).with_name(Path(path).name + "-index"))
+
     def resolved_qdrant_path(self) -> str:
         if self.qdrant_path:
             return self.qdrant_path
