@@ -17,7 +17,10 @@ import time
 
 import numpy as np
 
+from negspace_contracts.controller import PointIn
 from negspace_controller.index import DensityIndex
+from negspace_controller.service import Controller
+from negspace_controller.store import QdrantStore
 
 DIM = 384
 
@@ -97,10 +100,6 @@ class _Precomputed:
 
 
 async def _bench_service(n: int, ops: int, seed: int = 1) -> dict:
-    from negspace_contracts.controller import PointIn
-    from negspace_controller.service import Controller
-    from negspace_controller.store import QdrantStore
-
     rng = np.random.default_rng(seed)
     x = unit(rng, n + ops)
     store = QdrantStore(path=":memory:")
