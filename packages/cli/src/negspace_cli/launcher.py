@@ -128,12 +128,14 @@ class Stack:
     """The four services as child processes. Use as a context manager, or start()/stop()."""
 
     def __init__(self, config: StackConfig | None = None, services: tuple[str, ...] = SERVICES,
-                 echo=None) -> None:
+                 echo=None, commands: dict[str, list[str]] | None = None) -> None:
+        """``commands`` replaces a service's command line (tests start stand-ins this way)."""
         self.config = config or StackConfig()
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
         logs = self.config.resolved_logs_dir
-        self.services = {s: Service(s, self.config.command(s), self.config.url(s), logs / f"{s}.log")
-                         for s in services}
+        commands = commands or {}
+        self.services = {s: Service(s, commands.get(s) or self.config.command(s), self.config.url(s),
+                                    logs / f"{s}.log") for s in services}
 
     @property
     def urls(self) -> dict[str, str]:

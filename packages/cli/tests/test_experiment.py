@@ -1,0 +1,85 @@
+"""The experiment's stages against fake orchestrator/controller apps: artifacts, numbers, report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from negspace_cli.experiment import ExperimentConfig, ExperimentError, run_experiment
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+async def test_experiment_writes_every_artifact_with_consistent_numbers(clients, fake_state, tmp_path):
+    orch, ctl = clients
+    cfg = ExperimentConfig(base="Write a math problem.", nodes=3, rounds=2, train_max_steps=4, eval_limit=5)
+    out = await run_experiment(cfg, orch, ctl, tmp_path, quiet=True)
+
+    assert out == tmp_path / "run-1"
+    for name in ("guided.jsonl", "baseline.jsonl", "qa/guided.jsonl", "qa/baseline.jsonl", "metrics.json",
+                 "report.md", "embedding_map.png", "diversity_per_round.png", "guidance_scales.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    guided, baseline = lines(out / "guided.jsonl"), lines(out / "baseline.jsonl")
+    assert len(guided) == len(baseline) == 3 * 3
+    assert [g["text"] for g in guided] == [i.text for i in fake_state.instructions["run-1"]]
+    assert len(lines(out / "qa/guided.jsonl")) == 9
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["metrics"]["guided"]["n"] == len(guided) and m["metrics"]["baseline"]["n"] == len(baseline)
+    assert m["counts"] == {"guided": 9, "baseline": 9, "guided_attempts": fake_state.runs["run-1"].progress.attempts,
+                           "baseline_attempts": 9}
+    # both runs' metrics used ONE basis (4 x dim), fitted on the union
+    reqs = [r for _, r in fake_state.metrics_requests]
+    assert len(reqs) == 2 and reqs[0].pca_basis == reqs[1].pca_basis and len(reqs[0].pca_basis) == 4
+    assert m["pca_basis"].startswith("fitted on guided + baseline")
+    # per-round metrics: one entry per round, n = nodes
+    assert set(m["per_round"]["guided"]) == {"0", "1", "2"}
+    assert all(v["n"] == 3 for v in m["per_round"]["guided"].values())
+    # eval: base once (compare_base only on the guided job), each tuned model
+    assert fake_state.train_requests["run-1"].compare_base is True
+    assert fake_state.train_requests["run-2"].compare_base is False
+    assert fake_state.train_requests["run-1"].training.max_steps == 4
+    assert fake_state.train_requests["run-1"].eval.limit == 5
+    assert m["eval"] == {"guided-tuned": {"negspace_arith/exact_match,first-number": 0.2},
+                         "base": {"negspace_arith/exact_match,first-number": 0.05},
+                         "baseline-tuned": {"negspace_arith/exact_match,first-number": 0.1}}
+    # guidance scales: guided rounds > 0 only, from the attempt events
+    assert m["guidance_scales"]["attempts"] and all(r > 0 for r, _ in m["guidance_scales"]["attempts"])
+    for label in ("guided", "baseline"):
+        for k, v in m["metrics"][label].items():
+            if isinstance(v, float):
+                assert math.isfinite(v), (label, k)
+
+    report = (out / "report.md").read_text()
+    sd_g = m["metrics"]["guided"]["semantic_diversity"]
+    assert f"| semantic_diversity | {sd_g:.4f} |" in report
+    for row in ("mst_diversity", "hull_volume", "vendi_score", "distinct_1", "distinct_2"):
+        assert f"| {row} |" in report
+    assert "| task/metric | base | baseline-tuned | guided-tuned |" in report
+    assert "| negspace_arith/exact_match,first-number | 0.0500 | 0.1000 | 0.2000 |" in report
+    for fig in ("embedding_map.png", "diversity_per_round.png", "guidance_scales.png"):
+        assert f"]({fig})" in report
+
+
+async def test_without_a_controller_the_report_says_what_is_missing(clients, fake_state, tmp_path):
+    orch, _ = clients
+    cfg = ExperimentConfig(base="b", nodes=2, rounds=1, skip_training=True)
+    out = await run_experiment(cfg, orch, None, tmp_path, quiet=True)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pca_basis"] == "each run's own" and m["eval"] == {}
+    assert not (out / "embedding_map.png").exists()
+    assert fake_state.metrics_requests[0][1] is None
+    assert "training and evaluation skipped" in (out / "report.md").read_text()
+
+
+async def test_a_failed_run_stops_the_experiment_with_its_error(clients, fake_state, tmp_path):
+    orch, ctl = clients
+    fake_state.fail_run = True
+    with pytest.raises(ExperimentError, match="guided run run-1 ended failed: boom"):
+        await run_experiment(ExperimentConfig(base="b", nodes=2, rounds=1), orch, ctl, tmp_path, quiet=True)
