@@ -10,7 +10,6 @@ import uuid
 
 import numpy as np
 import pytest
-
 from negspace_contracts.controller import MetricsRequest, PointIn
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
 from negspace_controller.embedder import FakeEmbedder

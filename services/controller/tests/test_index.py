@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from negspace_controller.index import DISTANCE_FLOOR, DensityIndex
 
 
@@ -39,7 +38,7 @@ def assert_same(got, want, rtol=2e-4):
     gd = np.array([h.density for h in got])
     wd = np.array([d for _, d in want])
     np.testing.assert_allclose(gd, wd, rtol=rtol)
-    for i, (h, (key, d)) in enumerate(zip(got, want)):
+    for i, (h, (key, d)) in enumerate(zip(got, want, strict=True)):
         if h.key != key:  # only allowed where the brute-force order has a tie at this density
             tied = [kk for kk, dd in want if abs(dd - d) <= rtol * d]
             assert h.key in tied, (i, h.key, key)

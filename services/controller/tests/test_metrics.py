@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from scipy.spatial import ConvexHull
-
 from negspace_controller import metrics as M
+from scipy.spatial import ConvexHull
 
 
 def fixed(n=12, d=8, seed=0):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from negspace_contracts.controller import PointIn
 from negspace_controller.embedder import SentenceTransformerEmbedder
 from negspace_controller.index import DensityIndex
@@ -38,7 +37,7 @@ def test_embeddings_are_normalised_batched_and_flag_truncation(minilm):
 def test_dense_on_real_embeddings_equals_bruteforce(minilm):
     vecs, _ = minilm.encode(TEXTS)
     idx = DensityIndex(384, capacity=8)
-    for i, (t, v) in enumerate(zip(TEXTS, vecs)):
+    for i, (t, v) in enumerate(zip(TEXTS, vecs, strict=True)):
         idx.add(i, v, t)
     for knn in (1, 4, 8):
         got, want = idx.dense(10, knn), idx.dense_bruteforce(10, knn)

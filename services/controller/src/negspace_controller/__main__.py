@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from negspace_controller.app import SERVICE, create_app
-from negspace_controller.settings import ControllerSettings
 from negspace_servekit.serve import serve
 from negspace_servekit.settings import parse_settings
+
+from negspace_controller.app import SERVICE, create_app
+from negspace_controller.settings import ControllerSettings
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-
 from negspace_contracts.controller import (
     CollectionInfo,
     DeletePointsRequest,
@@ -22,6 +21,7 @@ from negspace_contracts.controller import (
     UpsertPointsResponse,
 )
 from negspace_contracts.errors import ServiceUnavailableError
+
 from negspace_controller.service import Controller
 
 

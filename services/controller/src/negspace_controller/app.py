@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from negspace_servekit import create_app as servekit_app
+from negspace_servekit import health_response
 from prometheus_client import Gauge
 
 from negspace_controller import __version__
@@ -16,8 +18,6 @@ from negspace_controller.embedder import Embedder, build_embedder
 from negspace_controller.service import Controller
 from negspace_controller.settings import ControllerSettings
 from negspace_controller.store import QdrantStore
-from negspace_servekit import create_app as servekit_app
-from negspace_servekit import health_response
 
 log = logging.getLogger("negspace.controller")
 SERVICE = "controller"

@@ -16,8 +16,8 @@ import resource
 import time
 
 import numpy as np
-
 from negspace_contracts.controller import PointIn
+
 from negspace_controller.index import DensityIndex
 from negspace_controller.service import Controller
 from negspace_controller.store import QdrantStore

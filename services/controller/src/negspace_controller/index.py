@@ -131,7 +131,7 @@ class DensityIndex:
         """The kept neighbour list of one point: (key, similarity), most similar first."""
         r = self.row_of[key]
         c = int(self._ncount[r])
-        return [(self.keys[int(j)], float(s)) for j, s in zip(self._nrow[r, :c], self._nsim[r, :c])]
+        return [(self.keys[int(j)], float(s)) for j, s in zip(self._nrow[r, :c], self._nsim[r, :c], strict=True)]
 
     # ---------------------------------------------------------------- writes
     def add(self, key: Hashable, vector: np.ndarray, text: str, seq: int | None = None) -> None:
@@ -183,7 +183,7 @@ class DensityIndex:
 
     def remove(self, key: Hashable) -> None:
         r = self.row_of.pop(key)
-        n, K = self.n, self.capacity
+        n, _K = self.n, self.capacity
         last = n - 1
         seq = int(self._seq[r])
         del self._seq_row[seq]
@@ -283,7 +283,7 @@ class DensityIndex:
         self._version[rows] += 1
         for h in list(self._heaps.values()):
             dens = self._densities(rows, h.knn)
-            for r, d in zip(rows.tolist(), dens.tolist()):
+            for r, d in zip(rows.tolist(), dens.tolist(), strict=True):
                 seq, ver = int(self._seq[r]), int(self._version[r])
                 h.density[seq] = (d, ver)
                 heapq.heappush(h.entries, (-d, seq, ver))
@@ -298,9 +298,9 @@ class DensityIndex:
             dens = self._densities(rows, knn)
             seqs = self._seq[: self.n].tolist()
             vers = self._version[: self.n].tolist()
-            h.entries = [(-d, s, v) for d, s, v in zip(dens.tolist(), seqs, vers)]
+            h.entries = [(-d, s, v) for d, s, v in zip(dens.tolist(), seqs, vers, strict=True)]
             heapq.heapify(h.entries)
-            h.density = {s: (d, v) for d, s, v in zip(dens.tolist(), seqs, vers)}
+            h.density = {s: (d, v) for d, s, v in zip(dens.tolist(), seqs, vers, strict=True)}
             if len(self._heaps) >= MAX_TRACKED_KNN:
                 self._heaps.pop(next(iter(self._heaps)))
         self._heaps[knn] = h  # most recently used last

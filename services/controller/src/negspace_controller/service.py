@@ -11,12 +11,11 @@ import asyncio
 import logging
 import re
 import time
-from pathlib import Path
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-
 from negspace_contracts.controller import (
     COLLECTION_NAME_PATTERN,
     CollectionInfo,
@@ -30,6 +29,7 @@ from negspace_contracts.controller import (
     UpsertPointsResponse,
 )
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
+
 from negspace_controller import metrics as diversity
 from negspace_controller.embedder import Embedder
 from negspace_controller.index import DensityIndex, apply_snapshot, save_snapshot
@@ -192,7 +192,7 @@ class Controller:
             vecs = np.zeros((0, index.dim), np.float32)
             if changed:
                 vecs, trunc = await asyncio.to_thread(self.embedder.encode, [last[k].text for k in changed])
-                truncated = dict(zip(changed, trunc))
+                truncated = dict(zip(changed, trunc, strict=True))
             await asyncio.to_thread(self._apply, col, last, changed, vecs, current)
         return UpsertPointsResponse(ids=[p.id for p in points],
                                     truncated=[truncated.get(to_key(p.id), False) for p in points])
@@ -215,11 +215,11 @@ class Controller:
                 payloads.append({**p.payload, TEXT_KEY: p.text, SEQ_KEY: s})
                 rows.append(v)
         pos = {k: i for i, k in enumerate(changed)}
-        vectors = np.stack([vecs[pos[k]] if k in changed_set else r for k, r in zip(keys, rows)])
+        vectors = np.stack([vecs[pos[k]] if k in changed_set else r for k, r in zip(keys, rows, strict=True)])
         # System of record first: if Qdrant refuses, the index is untouched.
         self.store.upsert(col.name, keys, vectors, payloads)
         with index.lock:
-            for k, v, pl in zip(keys, vectors, payloads):
+            for k, v, pl in zip(keys, vectors, payloads, strict=True):
                 if k not in changed_set:
                     continue
                 if k in index:

@@ -93,7 +93,7 @@ class QdrantStore:
 
     def upsert(self, name: str, keys: list[Hashable], vectors: np.ndarray, payloads: list[dict]) -> None:
         points = [models.PointStruct(id=to_qdrant_id(k), vector=v.tolist(), payload=p)
-                  for k, v, p in zip(keys, vectors, payloads)]
+                  for k, v, p in zip(keys, vectors, payloads, strict=True)]
         with self._lock:
             for start in range(0, len(points), 512):
                 self.client.upsert(self.qname(name), points=points[start:start + 512], wait=True)
