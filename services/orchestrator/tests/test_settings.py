@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
-
 from negspace_orchestrator.settings import OrchestratorSettings
 from negspace_servekit.settings import parse_settings
+from pydantic import ValidationError
 
 
 def test_flags_repeat_and_env_takes_a_comma_list(monkeypatch, tmp_path):

@@ -276,19 +276,26 @@ class Orchestrator:
         await self.deps.controller_call("upsert", lambda c: c.collections.upsert(run.collection, [point]))
         self.store.mark_inserted(run.id, a.node, a.round, a.attempt)
 
-    async def _accept(self, run: RunRow, a: AttemptRow) -> None:
+    async def _judge(self, run: RunRow, a: AttemptRow, *, max_similarity: float | None,
+                     is_similar: bool | None, accept: bool, empty: bool = False) -> None:
+        """Store an attempt's verdict and its event together; an accepted one then goes to the
+        controller (a restart between the two re-inserts it under the same id)."""
+        a.max_similarity, a.is_similar, a.checked = max_similarity, is_similar, True
         pid = point_id(run.id, a.node, a.round)
-        self.store.mark_accepted(run.id, a.node, a.round, a.attempt, pid)
-        a.accepted, a.point_id = True, pid
-        await self._insert(run, a, pid)
-
-    def _attempt_event(self, run: RunRow, a: AttemptRow, *, accepted: bool, empty: bool = False) -> None:
-        self.event(run.id, "attempt", {
-            "node": a.node, "round": a.round, "attempt": a.attempt, "scale": a.scale,
-            "negatives": len(a.negatives), "max_similarity": a.max_similarity,
-            "similar": a.is_similar, "accepted": accepted, "empty": empty, "text": a.text,
-            "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
-            "latency_s": round(a.latency_s, 4), "node_url": a.node_url})
+        with self.store.transaction():
+            self.store.record_check(run.id, a.node, a.round, a.attempt, max_similarity, bool(is_similar))
+            if accept:
+                self.store.mark_accepted(run.id, a.node, a.round, a.attempt, pid)
+                a.accepted, a.point_id = True, pid
+            self.store.add_event(run.id, "attempt", {
+                "node": a.node, "round": a.round, "attempt": a.attempt, "scale": a.scale,
+                "negatives": len(a.negatives), "max_similarity": max_similarity, "similar": is_similar,
+                "accepted": accept, "empty": empty, "text": a.text, "prompt_tokens": a.prompt_tokens,
+                "completion_tokens": a.completion_tokens, "latency_s": round(a.latency_s, 4),
+                "node_url": a.node_url})
+        self.notify(run.id)
+        if accept:
+            await self._insert(run, a, pid)
 
     def _source(self, run: RunRow, node: int, round_: int) -> str:
         cfg = run.config
@@ -345,15 +352,13 @@ class Orchestrator:
             if not a.text:
                 empties += 1
                 if not a.checked:
-                    self.store.record_check(run.id, node, round_, a.attempt, None, False)
-                    self._attempt_event(run, a, accepted=False, empty=True)
+                    await self._judge(run, a, max_similarity=None, is_similar=None, accept=False, empty=True)
                 if empties > MAX_EMPTY_OUTPUTS:
                     raise RunFailed(f"node {node} returned an empty text {empties} times in round {round_}: "
                                     "raise max_tokens or check the node's model and prompt")
                 continue
             if not guided:
-                await self._accept(run, a)
-                self._attempt_event(run, a, accepted=True)
+                await self._judge(run, a, max_similarity=None, is_similar=None, accept=True)
                 return
             if a.checked and a.is_similar and retries < cfg.guidance.max_retries:
                 retries += 1  # replay: this attempt was already judged similar
@@ -362,13 +367,11 @@ class Orchestrator:
                 sim = await self.deps.controller_call(
                     "similar", lambda c, t=a.text: c.collections.similar(
                         run.collection, t, k=1, threshold=cfg.similarity_threshold))
-                a.max_similarity, a.is_similar, a.checked = sim.max_similarity, sim.is_similar, True
-                self.store.record_check(run.id, node, round_, a.attempt, sim.max_similarity, sim.is_similar)
-                if not sim.is_similar or retries >= cfg.guidance.max_retries:
-                    await self._accept(run, a)
-                    self._attempt_event(run, a, accepted=True)
+                accept = not sim.is_similar or retries >= cfg.guidance.max_retries
+                await self._judge(run, a, max_similarity=sim.max_similarity, is_similar=sim.is_similar,
+                                  accept=accept)
+                if accept:
                     return
-            self._attempt_event(run, a, accepted=False)
             retries += 1
 
     # ---- dependencies coming back ------------------------------------------------------------
