@@ -202,3 +202,33 @@ async def test_a_dependency_refusing_the_request_fails_the_run_with_its_message(
         assert run.status == "failed"
         assert run.error == "node refused the request (400): max_tokens + prompt exceed the context (1024)"
         assert h.nodes[0].rejected == 1  # a 4xx is not retried
+
+
+async def test_baseline_paused_by_a_node_outage_resumes_without_duplicates(make_harness):
+    async with make_harness(node_delay=0.01, health_interval_s=0.05) as h:
+        rid = (await h.client.runs.create(RunConfig(base_instruction="x", mode="baseline", size=12, nodes=3))).id
+        while (await h.client.runs.get(rid)).progress.accepted < 3:
+            await asyncio.sleep(0.005)
+        h.nodes[0].down = True
+        run = await h.wait(rid, statuses=("paused",))
+        assert "node" in run.error
+        h.nodes[0].down = False
+        assert (await h.wait(rid)).status == "completed"
+        await assert_complete_and_unique(h, rid, 12)
+
+
+async def test_qa_with_the_nodes_down_is_a_503_and_continues_later(make_harness):
+    from negspace_contracts.errors import ServiceUnavailableError
+
+    async with make_harness() as h:
+        rid = (await h.client.runs.create(cfg(nodes=1, rounds=1))).id
+        await h.wait(rid)
+        h.nodes[0].down = True
+        try:
+            await h.client.runs.qa(rid)
+            raise AssertionError("expected a 503")
+        except ServiceUnavailableError as exc:
+            assert "node unavailable" in exc.message and "POST /qa again" in exc.message
+        h.nodes[0].down = False
+        result = await h.client.runs.qa(rid)
+        assert result.total == 2 and result.converted + result.rejected == 2
