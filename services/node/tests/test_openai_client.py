@@ -37,7 +37,11 @@ def openai_client(app) -> openai.AsyncOpenAI:
 
 async def test_openai_client_guided_chat_matches_the_reference(app, smol):
     model, tok = smol
-    client = openai_client(app)
+    async with openai_client(app) as client:
+        await _guided_chat_matches_the_reference(client, model, tok)
+
+
+async def _guided_chat_matches_the_reference(client, model, tok):
     models = await client.models.list()
     name = models.data[0].id
     assert name == "SmolLM2-135M-Instruct"
@@ -58,7 +62,11 @@ async def test_openai_client_guided_chat_matches_the_reference(app, smol):
 
 
 async def test_openai_client_error_path(app):
-    client = openai_client(app)
+    async with openai_client(app) as client:
+        await _error_path(client)
+
+
+async def _error_path(client):
     with pytest.raises(openai.NotFoundError) as missing:
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert "does not exist" in missing.value.message
