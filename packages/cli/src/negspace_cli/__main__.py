@@ -51,13 +51,15 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
                    help="node engine (default: vllm when importable, else transformers)")
     g.add_argument("--kv-cache-gib", type=float, default=None, help="node: vLLM CPU KV cache size")
     g.add_argument("--logs", type=Path, default=None, help="log folder (default $NEGSPACE_HOME/logs)")
+    g.add_argument("--data-dir", type=Path, default=None,
+                   help="Qdrant, SQLite, exports and trainer jobs here (default: each service's, under $NEGSPACE_HOME)")
     g.add_argument("--health-timeout", type=float, default=600.0, help="seconds to wait for every /health")
     g.add_argument("--grace", type=float, default=20.0, help="seconds between SIGTERM and SIGKILL on stop")
 
 
 def _stack_config(a: argparse.Namespace) -> launcher.StackConfig:
     return launcher.StackConfig(host=a.host, ports={s: getattr(a, f"{s}_port") for s in launcher.SERVICES},
-                                logs_dir=a.logs, engine=a.engine, node_kv_cache_gib=a.kv_cache_gib,
+                                logs_dir=a.logs, data_dir=a.data_dir, engine=a.engine, node_kv_cache_gib=a.kv_cache_gib,
                                 health_timeout_s=a.health_timeout, grace_s=a.grace)
 
 
@@ -131,6 +133,8 @@ def _up_background(a: argparse.Namespace, pidfile: Path) -> int:
         argv += ["--engine", a.engine]
     if a.kv_cache_gib is not None:
         argv += ["--kv-cache-gib", str(a.kv_cache_gib)]
+    if a.data_dir is not None:
+        argv += ["--data-dir", str(a.data_dir.resolve())]
     logs = a.logs or launcher.negspace_home() / "logs"
     argv += ["--logs", str(logs)]
     logs.mkdir(parents=True, exist_ok=True)
@@ -225,7 +229,9 @@ async def _reachable(url: str) -> bool:
 
 def cmd_experiment(a: argparse.Namespace) -> int:
     cfg = ExperimentConfig(base=a.base, nodes=a.nodes, rounds=a.rounds, max_tokens=a.max_tokens, seed=a.seed,
-                           qa_max_tokens=a.qa_max_tokens, train_max_steps=a.train_steps,
+                           qa_max_tokens=a.qa_max_tokens, guidance_start=a.guidance_start,
+                           guidance_step=a.guidance_step, max_retries=a.max_retries,
+                           similarity_threshold=a.similarity_threshold, negatives_k=a.negatives, train_max_steps=a.train_steps,
                            eval_tasks=[t for t in a.eval_tasks.split(",") if t], eval_limit=a.eval_limit or None,
                            skip_training=a.skip_training)
     stack = None
@@ -317,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--rounds", type=int, default=3)
     ex.add_argument("--max-tokens", type=int, default=64)
     ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--guidance-start", type=float, default=ExperimentConfig.guidance_start,
+                    help="CFG scale of a guided round's first attempt (1 = no guidance)")
+    ex.add_argument("--guidance-step", type=float, default=ExperimentConfig.guidance_step,
+                    help="added to the scale on each retry of a too-similar instruction")
+    ex.add_argument("--max-retries", type=int, default=ExperimentConfig.max_retries)
+    ex.add_argument("--similarity-threshold", type=float, default=ExperimentConfig.similarity_threshold)
+    ex.add_argument("--negatives", type=int, default=ExperimentConfig.negatives_k, help="negatives per generation")
     ex.add_argument("--qa-max-tokens", type=int, default=160)
     ex.add_argument("--train-steps", type=int, default=10, help="LoRA max_steps per adapter")
     ex.add_argument("--eval-tasks", default=DEFAULT_EVAL_TASK, help="comma-separated lm-eval tasks")

@@ -51,10 +51,13 @@ class ExperimentConfig:
     temperature: float = 1.0
     top_p: float = 0.9
     seed: int = 0
-    guidance_start: float = 1.0
+    # The node's scale 1 is plain generation, so a guided round starting at 1.0 (the reference
+    # method's default) is only guided on retries; the experiment starts above 1 so every guided
+    # attempt uses its negatives.
+    guidance_start: float = 2.0
     guidance_step: float = 0.5
-    max_retries: int = 5
-    similarity_threshold: float = 0.9
+    max_retries: int = 3
+    similarity_threshold: float = 0.85
     negatives_k: int = 3
     qa_max_tokens: int = 160
     train_max_steps: int = 10
@@ -281,7 +284,9 @@ def render_report(m: dict) -> str:
     lines = [f"# negspace experiment {m['experiment']}", "",
              f"Base instruction: **{cfg['base']}**  ",
              f"{cfg['nodes']} nodes x {cfg['rounds']} rounds (+ bootstrap round 0), max_tokens "
-             f"{cfg['max_tokens']}, seed {cfg['seed']}; guided run `{m['runs']['guided']['id']}` "
+             f"{cfg['max_tokens']}, seed {cfg['seed']}; guidance scale {cfg['guidance_start']} + "
+             f"{cfg['guidance_step']} per retry (at most {cfg['max_retries']}) while max cosine >= "
+             f"{cfg['similarity_threshold']}, {cfg['negatives_k']} negatives; guided run `{m['runs']['guided']['id']}` "
              f"({m['counts']['guided']} instructions, {m['counts']['guided_attempts']} attempts) vs baseline "
              f"`{m['runs']['baseline']['id']}` ({m['counts']['baseline']} instructions, plain sampling).  ",
              f"Created {m['created_at']}; every number below comes from this run.", "",

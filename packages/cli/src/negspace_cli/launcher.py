@@ -53,6 +53,7 @@ class StackConfig:
     logs_dir: Path | None = None
     engine: str | None = None               # None: default_engine()
     node_kv_cache_gib: float | None = None  # vLLM CPU KV cache (NODE_KV_CACHE_GIB otherwise)
+    data_dir: Path | None = None            # Qdrant, SQLite, exports, trainer jobs (default: $NEGSPACE_HOME)
     health_timeout_s: float = 600.0
     grace_s: float = 20.0
     python: str = sys.executable
@@ -66,6 +67,15 @@ class StackConfig:
     @property
     def resolved_logs_dir(self) -> Path:
         return Path(self.logs_dir) if self.logs_dir else negspace_home() / "logs"
+
+    def env(self) -> dict[str, str]:
+        """Variables the children get on top of ours: the data folder, when one is chosen."""
+        env = {}
+        if self.data_dir is not None:
+            d = Path(self.data_dir).resolve()
+            env.update(CONTROLLER_QDRANT_PATH=str(d / "qdrant"), ORCHESTRATOR_DB=str(d / "orchestrator.db"),
+                       ORCHESTRATOR_DATA_DIR=str(d / "orchestrator"), TRAINER_WORKDIR=str(d / "trainer"))
+        return {**env, **self.extra_env}
 
     def command(self, service: str) -> list[str]:
         base = [self.python, "-m", f"negspace_{service}", "--host", self.host,
@@ -150,7 +160,7 @@ class Stack:
 
     # -- start -------------------------------------------------------------------------------
     def spawn(self) -> None:
-        env = {**os.environ, **self.config.extra_env}
+        env = {**os.environ, **self.config.env()}
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.config.resolved_logs_dir.mkdir(parents=True, exist_ok=True)
         for svc in self.services.values():
