@@ -87,3 +87,21 @@ def test_compute_explains_missing_values():
     # MST and hull grow with n: the documented reason to compare equal sizes only
     big = fixed(40)
     assert M.mst_diversity(big) > M.mst_diversity(big[:20])
+
+
+def test_offline_cli_on_jsonl_with_a_fixed_basis(tmp_path, capsys):
+    import json
+
+    rows = [{"text": f"write a problem about topic {i} and colour {c}"} for i, c in
+            zip(range(12), ["red", "green", "blue"] * 4, strict=True)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    basis = tmp_path / "basis.json"
+    assert M.main([str(data), "--embedder", "fake", "--save-pca", str(basis)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["n"] == 12 and first["hull_volume"] > 0 and 0 < first["distinct_1"] < 1
+    assert M.main([str(data), "--embedder", "fake", "--pca", str(basis)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["hull_volume"] == pytest.approx(first["hull_volume"], rel=1e-6)
+    with pytest.raises(SystemExit, match="no field 'prompt'"):
+        M.main([str(data), "--embedder", "fake", "--field", "prompt"])
