@@ -13,7 +13,7 @@ def lines(path):
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-async def test_experiment_writes_every_artifact_with_consistent_numbers(clients, fake_state, tmp_path):
+async def test_experiment_writes_every_artifact_with_consistent_numbers(clients, fake_state, tmp_path, capsys):
     orch, ctl = clients
     cfg = ExperimentConfig(base="Write a math problem.", nodes=3, rounds=2, train_max_steps=4, eval_limit=5)
     out = await run_experiment(cfg, orch, ctl, tmp_path, quiet=True)
@@ -65,6 +65,17 @@ async def test_experiment_writes_every_artifact_with_consistent_numbers(clients,
     assert "| negspace_arith/exact_match,first-number | 0.0500 | 0.1000 | 0.2000 |" in report
     for fig in ("embedding_map.png", "diversity_per_round.png", "guidance_scales.png"):
         assert f"]({fig})" in report
+
+    # the README's results section comes from the same numbers
+    from negspace_cli import __main__ as cli
+
+    assert cli.main(["results", str(out), "--plot-dir", str(tmp_path / "docs" / "images"),
+                     "--relative-to", str(tmp_path / "docs")]) == 0
+    snippet = capsys.readouterr().out
+    assert snippet.startswith("## Results") and f"| semantic_diversity | {sd_g:.4f} |" in snippet
+    assert "](images/demo-embedding_map.png)" in snippet
+    assert (tmp_path / "docs" / "images" / "demo-embedding_map.png").is_file()
+    assert cli.main(["results", str(tmp_path / "nothing")]) == 1
 
 
 async def test_without_a_controller_the_report_says_what_is_missing(clients, fake_state, tmp_path):

@@ -277,6 +277,24 @@ async def _experiment(cfg, orchestrator_url, controller_url, out_root, quiet):
         return await run_experiment(cfg, orch, controller, Path(out_root), quiet=quiet)
 
 
+def cmd_results(a: argparse.Namespace) -> int:
+    import shutil
+
+    from negspace_cli.experiment import readme_snippet
+
+    try:
+        m = json.loads((a.experiment / "metrics.json").read_text())
+    except FileNotFoundError:
+        _err(f"{a.experiment / 'metrics.json'} does not exist: give the folder `negspace experiment` wrote")
+        return 1
+    a.plot_dir.mkdir(parents=True, exist_ok=True)
+    plot = a.plot_dir / f"demo-{(m.get('figures') or {}).get('map', 'embedding_map.png')}"
+    shutil.copyfile(a.experiment / "embedding_map.png", plot)
+    rel = os.path.relpath(plot, a.relative_to)
+    print(readme_snippet(m, rel))
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="negspace", description=__doc__,
@@ -340,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_stack_args(ex)
     ex.set_defaults(func=cmd_experiment)
+
+    res = sub.add_parser("results", help="print a README results section from an experiment folder")
+    res.add_argument("experiment", type=Path, help="runs/<id>")
+    res.add_argument("--plot-dir", type=Path, default=Path("docs/images"), help="where the map plot is copied")
+    res.add_argument("--relative-to", type=Path, default=Path("."), help="links relative to this folder")
+    res.set_defaults(func=cmd_results)
     return p
 
 

@@ -278,6 +278,41 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def diversity_table(m: dict) -> list[str]:
+    g, b = m["metrics"]["guided"], m["metrics"]["baseline"]
+    lines = ["| metric | guided | baseline | guided - baseline |", "|---|---:|---:|---:|"]
+    for k in METRIC_NAMES:
+        gv, bv = g.get(k), b.get(k)
+        diff = gv - bv if isinstance(gv, (int, float)) and isinstance(bv, (int, float)) else None
+        lines.append(f"| {k} | {_fmt(gv)} | {_fmt(bv)} | {_fmt(diff)} |")
+    return lines
+
+
+def eval_table(m: dict) -> list[str]:
+    evals = m.get("eval") or {}
+    keys = sorted({k for v in evals.values() for k in v})
+    cols = [c for c in ("base", "baseline-tuned", "guided-tuned") if c in evals]
+    lines = ["| task/metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(_fmt(evals[c].get(k)) for c in cols) + " |")
+    return lines
+
+
+def readme_snippet(m: dict, plot_path: str) -> str:
+    """The README's results section from one experiment's metrics.json."""
+    cfg = m["config"]
+    lines = ["## Results", "",
+             f"The latest `make demo` (experiment `{m['experiment']}`, {m['created_at']}): base instruction "
+             f"\"{cfg['base']}\", {cfg['nodes']} nodes x {cfg['rounds']} rounds, {m['counts']['guided']} guided "
+             f"vs {m['counts']['baseline']} baseline instructions, bundled SmolLM2-135M on the vLLM engine "
+             f"(CPU), {m['timings_s'].get('total')} s in all.", "", *diversity_table(m), ""]
+    if m.get("eval"):
+        lines += [f"Evaluation on the local task ({cfg['eval_limit']} items, {cfg['train_max_steps']} LoRA steps "
+                  "per adapter: a pipeline check, not a significant difference):", "", *eval_table(m), ""]
+    lines += [f"![guided (blue) vs baseline (orange) instructions, 2-D PCA]({plot_path})", ""]
+    return "\n".join(lines)
+
+
 def render_report(m: dict) -> str:
     g, b = m["metrics"]["guided"], m["metrics"]["baseline"]
     cfg = m["config"]
@@ -290,12 +325,7 @@ def render_report(m: dict) -> str:
              f"({m['counts']['guided']} instructions, {m['counts']['guided_attempts']} attempts) vs baseline "
              f"`{m['runs']['baseline']['id']}` ({m['counts']['baseline']} instructions, plain sampling).  ",
              f"Created {m['created_at']}; every number below comes from this run.", "",
-             "## Diversity (guided vs baseline)", "",
-             "| metric | guided | baseline | guided - baseline |", "|---|---:|---:|---:|"]
-    for k in METRIC_NAMES:
-        gv, bv = g.get(k), b.get(k)
-        diff = gv - bv if isinstance(gv, (int, float)) and isinstance(bv, (int, float)) else None
-        lines.append(f"| {k} | {_fmt(gv)} | {_fmt(bv)} | {_fmt(diff)} |")
+             "## Diversity (guided vs baseline)", "", *diversity_table(m)]
     lines += ["", f"n = {g['n']} / {b['n']}. Hull volume: {m['pca_basis']} PCA basis (4-D). MST and hull "
               "volume grow with n; they compare here because both sets have the same size.", ""]
     why = {**{f"guided {k}": v for k, v in (g.get("notes") or {}).items()},
@@ -305,11 +335,7 @@ def render_report(m: dict) -> str:
     lines += ["## Evaluation (local task)", ""]
     evals = m.get("eval") or {}
     if evals:
-        keys = sorted({k for v in evals.values() for k in v})
-        cols = [c for c in ("base", "baseline-tuned", "guided-tuned") if c in evals]
-        lines += ["| task/metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-        for k in keys:
-            lines.append(f"| {k} | " + " | ".join(_fmt(evals[c].get(k)) for c in cols) + " |")
+        lines += eval_table(m)
         tr = m.get("training") or {}
         steps = ", ".join(f"{lbl}: {v.get('steps')} steps, last loss "
                           f"{_fmt(v['losses'][-1]['loss']) if v.get('losses') else 'n/a'}" for lbl, v in tr.items())
