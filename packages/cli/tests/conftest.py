@@ -81,6 +81,7 @@ class FakeState:
     metrics_requests: list[tuple[str, MetricsRequest | None]] = field(default_factory=list)
     points: dict[str, list[dict]] = field(default_factory=dict)  # collection -> [{text, round}]
     fail_run: bool = False
+    fail_train: bool = False
 
 
 def fake_orchestrator(state: FakeState) -> FastAPI:
@@ -207,7 +208,9 @@ def fake_orchestrator(state: FakeState) -> FastAPI:
         state.job_polls[rid] += 1
         polls = state.job_polls[rid]
         total = job.progress.total_steps or 1
-        if polls >= 3:
+        if polls >= 2 and state.fail_train:
+            job = job.model_copy(update={"status": "failed", "error": "worker died: out of memory"})
+        elif polls >= 3:
             req = state.train_requests[rid]
             score = 0.2 if rid == "run-1" else 0.1
             job = job.model_copy(update={

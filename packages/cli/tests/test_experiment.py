@@ -94,3 +94,15 @@ async def test_a_failed_run_stops_the_experiment_with_its_error(clients, fake_st
     fake_state.fail_run = True
     with pytest.raises(ExperimentError, match="guided run run-1 ended failed: boom"):
         await run_experiment(ExperimentConfig(base="b", nodes=2, rounds=1), orch, ctl, tmp_path, quiet=True)
+
+
+async def test_failed_training_still_writes_the_data_report_and_fails(clients, fake_state, tmp_path):
+    orch, ctl = clients
+    fake_state.fail_train = True
+    with pytest.raises(ExperimentError, match=r"training job job-run-1 \(guided\) ended failed: worker died"):
+        await run_experiment(ExperimentConfig(base="b", nodes=2, rounds=2), orch, ctl, tmp_path, quiet=True)
+    out = tmp_path / "run-1"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["metrics"]["guided"]["n"] == 6 and m["training"]["guided"]["status"] == "failed"
+    report = (out / "report.md").read_text()
+    assert "| semantic_diversity |" in report and "training/evaluation failed" in report

@@ -170,24 +170,16 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
     # 4. one adapter per dataset, evaluated (and the base model once)
     training: dict[str, Any] = {}
     evals: dict[str, dict[str, float]] = {}
+    train_error: str | None = None
     if cfg.skip_training:
         notes.append("training and evaluation skipped (--skip-training)")
     else:
-        await orchestrator.runs.train(gid, cfg.train_request(compare_base=True))
-        await orchestrator.runs.train(bid, cfg.train_request(compare_base=False))
-        runs_by_label = {"guided": gid, "baseline": bid}
-        jobs = await follow_jobs(lambda k: orchestrator.runs.train_job(runs_by_label[k]), ["guided", "baseline"],
-                                 desc={"guided": "4/5 train+eval guided", "baseline": "4/5 train+eval baseline"},
-                                 quiet=quiet, timeout_s=cfg.train_timeout_s)
-        for label, job in jobs.items():
-            training[label] = {"job_id": job.id, "status": job.status, "error": job.error,
-                               "losses": [lp.model_dump() for lp in job.losses],
-                               "steps": job.progress.step}
-            if job.status != "succeeded":
-                raise ExperimentError(f"training job {job.id} ({label}) ended {job.status}: {job.error}")
-            evals[f"{label}-tuned"] = analysis.eval_scores(job.eval.tuned)
-            if job.eval.base is not None:
-                evals["base"] = analysis.eval_scores(job.eval.base)
+        try:
+            await _train_and_eval(cfg, orchestrator, gid, bid, quiet, training, evals)
+        except (NegspaceError, ExperimentError, TimeoutError) as exc:
+            # keep going: the data and its metrics are worth a report; the exit code says it failed
+            train_error = getattr(exc, "message", None) or str(exc)
+            notes.append(f"training/evaluation failed: {train_error}")
     t = stage_done("train_eval", t)
 
     # 5. metrics with one PCA basis for both, per-round metrics, plots
@@ -263,7 +255,30 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "report.md").write_text(render_report(result))
+    if train_error is not None:
+        raise ExperimentError(f"training/evaluation failed: {train_error} "
+                              f"(the report without evaluation is in {out / 'report.md'})")
     return out
+
+
+async def _train_and_eval(cfg: ExperimentConfig, orchestrator: OrchestratorClient, gid: str, bid: str,
+                          quiet: bool, training: dict[str, Any], evals: dict[str, dict[str, float]]) -> None:
+    """Fills ``training`` (even when a job fails, so the report shows it) and ``evals``."""
+    await orchestrator.runs.train(gid, cfg.train_request(compare_base=True))
+    await orchestrator.runs.train(bid, cfg.train_request(compare_base=False))
+    runs_by_label = {"guided": gid, "baseline": bid}
+    jobs = await follow_jobs(lambda k: orchestrator.runs.train_job(runs_by_label[k]), ["guided", "baseline"],
+                             desc={"guided": "4/5 train+eval guided", "baseline": "4/5 train+eval baseline"},
+                             quiet=quiet, timeout_s=cfg.train_timeout_s)
+    for label, job in jobs.items():
+        training[label] = {"job_id": job.id, "status": job.status, "error": job.error,
+                           "losses": [lp.model_dump() for lp in job.losses], "steps": job.progress.step}
+    for label, job in jobs.items():
+        if job.status != "succeeded":
+            raise ExperimentError(f"training job {job.id} ({label}) ended {job.status}: {job.error}")
+        evals[f"{label}-tuned"] = analysis.eval_scores(job.eval.tuned)
+        if job.eval.base is not None:
+            evals["base"] = analysis.eval_scores(job.eval.base)
 
 
 def _fmt(v: Any) -> str:
