@@ -168,13 +168,27 @@ class VLLMEngine(Engine):
             resolved = await asyncio.to_thread(resolve_model, self.settings.model)
             self.status_detail = f"starting vLLM on {resolved.path} (dtype {self.settings.dtype})"
             log.info("vllm engine: %s", self.status_detail)
-            await asyncio.to_thread(self._build, resolved.path)
-            self._thread = threading.Thread(target=self._run, name="negspace-vllm", daemon=True)
+            # The engine thread builds vLLM AND steps it: vLLM's CPU attention checks that its
+            # metadata and its kernels see the same OpenMP thread count, which is per thread.
+            loop = asyncio.get_running_loop()
+            built = loop.create_future()
+            self._thread = threading.Thread(target=self._main, args=(resolved.path, loop, built),
+                                            name="negspace-vllm", daemon=True)
             self._thread.start()
+            await built
             self.state, self.status_detail = "ready", None
         except Exception as exc:  # noqa: BLE001 - the reason goes to /health
             log.exception("vllm engine failed to start")
             self.fail(f"could not start vLLM on {self.settings.model or 'bundled'!r}: {type(exc).__name__}: {exc}")
+
+    def _main(self, path: str, loop: asyncio.AbstractEventLoop, built: asyncio.Future) -> None:
+        try:
+            self._build(path)
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            loop.call_soon_threadsafe(_settle, built, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, built, None, None)
+        self._run()
 
     def _build(self, path: str) -> None:
         configure_environment()
