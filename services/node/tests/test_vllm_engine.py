@@ -177,14 +177,36 @@ def test_bad_requests_are_refused_before_they_run(engine, ids):
                                               max_tokens=8, guidance_scale=2.0)))
 
 
-def test_a_dead_loop_turns_into_engine_errors(ids):
-    """Last, on its own tiny engine state: the loop dying marks the engine 'error' and answers 503s."""
-    # Runs against the shared engine would kill it for later tests, so only the bookkeeping is
-    # exercised here: an engine that failed reports the reason and refuses work.
-    from negspace_node.engines.base import EngineError
-    from negspace_node.engines.vllm.engine import VLLMEngine
+def test_a_cancelled_request_frees_its_rows(engine, ids):
+    positive, negs = ids
 
-    eng = VLLMEngine(NodeSettings())
-    eng.fail("engine loop died: RuntimeError: boom")
-    with pytest.raises(EngineError, match="boom"):
-        run(eng.generate(GenerationRequest(prompt_ids=ids[0])))
+    async def cancel_midway():
+        task = asyncio.create_task(engine.generate(GenerationRequest(
+            prompt_ids=positive, negative_ids=negs[:2], max_tokens=200, temperature=0.0, guidance_scale=3.0)))
+        while engine.steps == start_steps:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await engine.generate(GenerationRequest(prompt_ids=positive, max_tokens=4, temperature=0.0))
+
+    start_steps = engine.steps
+    assert run(cancel_midway())[0].token_ids
+    assert engine._jobs == {} and engine.queue_depth() == 0
+    assert not engine._llm.has_unfinished_requests()
+
+
+def test_a_dead_loop_turns_into_engine_errors(engine, ids, monkeypatch):
+    """LAST in this module (it kills the shared engine): if a vLLM step raises, the waiting request
+    and every later one get EngineError (503) and the engine reports the reason."""
+    from negspace_node.engines.base import EngineError
+
+    def broken_step():
+        raise RuntimeError("simulated engine crash")
+
+    monkeypatch.setattr(engine._llm, "step", broken_step)
+    with pytest.raises(EngineError, match="simulated engine crash"):
+        run(engine.generate(GenerationRequest(prompt_ids=ids[0], max_tokens=4)))
+    assert engine.state == "error" and "simulated engine crash" in engine.error
+    with pytest.raises(EngineError):
+        run(engine.generate(GenerationRequest(prompt_ids=ids[0], max_tokens=4)))
