@@ -12,14 +12,13 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
-from vllm import SamplingParams  # noqa: E402
-from vllm.v1.core.sched.request_queue import FCFSRequestQueue  # noqa: E402
-from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
-
 from negspace_node.engines.vllm.groups import GROUP_KEY, REGISTRY, GroupState  # noqa: E402
 from negspace_node.engines.vllm.processor import CFGLogitsProcessor  # noqa: E402
 from negspace_node.engines.vllm.scheduler import GangScheduler  # noqa: E402
 from negspace_node.guidance import combine, make_generator, sample  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.core.sched.request_queue import FCFSRequestQueue  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 V = 32

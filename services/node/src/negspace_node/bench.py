@@ -45,9 +45,9 @@ def _chat(tokenizer, text: str) -> list[int]:
     return chat_ids(tokenizer, text)
 
 
-def _timed(fn, *args):
+def _timed(fn, *args, **kwargs):
     start = time.perf_counter()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
 
 
@@ -70,12 +70,12 @@ def bench_reference(tokens: int, negatives: int):
                                 max_tokens=tokens, temperature=0.0, guidance_scale=3.0)
     no_eos = frozenset()
     generate_batched(model, tokenizer, GenerationRequest(**{**request.__dict__, "max_tokens": 4}), eos_ids=no_eos)
-    out_naive, naive_s = _timed(lambda: reference_generate(model, tokenizer, request, eos_ids=no_eos))
-    out_tf, tf_s = _timed(lambda: generate_batched(model, tokenizer, request, eos_ids=no_eos)[0])
+    out_naive, naive_s = _timed(reference_generate, model, tokenizer, request, eos_ids=no_eos)
+    outs_tf, tf_s = _timed(generate_batched, model, tokenizer, request, eos_ids=no_eos)
+    out_tf = outs_tf[0]
     assert len(out_naive.token_ids) == len(out_tf.token_ids) == tokens
     same = out_naive.token_ids == out_tf.token_ids
     threads = torch.get_num_threads()
-    del model
     torch.set_num_threads(previous)
     return {"load": " / ".join(f"{x:.1f}" for x in os.getloadavg()), "naive_s": naive_s, "transformers_s": tf_s, "tokens": tokens, "naive_tokens": out_naive.token_ids,
             "naive_equals_transformers": same, "torch_threads": threads}

@@ -317,7 +317,7 @@ class VLLMEngine(Engine):
             return [(rid, list(ids), SamplingParams(
                         temperature=0.0,
                         extra_args={GROUP_KEY: {"id": job.job_id, "role": role, "size": size}}, **common))
-                    for role, (rid, ids) in enumerate(zip(job.member_ids, prompts))]
+                    for role, (rid, ids) in enumerate(zip(job.member_ids, prompts, strict=True))]
         return [(rid, list(r.prompt_ids), SamplingParams(
                     temperature=r.temperature, top_p=r.top_p,
                     seed=None if r.seed is None else r.seed + choice, **common))
@@ -408,7 +408,7 @@ class VLLMEngine(Engine):
                 self._advance_plain(job, news)
 
     def _advance_plain(self, job: _Job, news: dict[str, list[int]]) -> None:
-        for checker, rid in zip(job.checkers, job.member_ids):
+        for checker, rid in zip(job.checkers, job.member_ids, strict=True):
             if checker.finished:
                 continue
             for token in news.get(rid, ()):
