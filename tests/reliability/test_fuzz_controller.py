@@ -1,0 +1,92 @@
+"""Schema fuzzing of the controller's real app: Qdrant ":memory:" and the hashing FakeEmbedder
+(the API plumbing, the index, the store and the metrics are the real ones; only the encoder is
+replaced, so the fuzz set stays fast on 2 cores).
+
+Two passes: every operation with generated path names (mostly unknown or invalid collection
+names: 404/400 paths), then the collection operations against an existing, populated collection
+(so generated bodies reach the index, the store and the metrics code). None may answer 5xx, hang,
+or answer with a body its schema does not describe. Bounded and seeded (derandomize).
+"""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from negspace_controller.app import create_app
+from negspace_controller.embedder import FakeEmbedder
+from negspace_controller.settings import ControllerSettings
+from schemathesis.checks import not_a_server_error
+from schemathesis.python import asgi
+from hypothesis import assume
+from qdrant_client.local.json_path_parser import parse_json_path
+from schemathesis.specs.openapi.checks import response_schema_conformance
+
+APP = create_app(ControllerSettings(qdrant_path=":memory:", index_snapshots="off"),
+                 embedder=FakeEmbedder(dimension=32, max_tokens=16))
+schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+
+FUZZ = settings(max_examples=30, deadline=5000, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+CHECKS = [not_a_server_error, response_schema_conformance]
+SEEDED = "fuzz-seeded"
+TEXTS = ["Write a poem about the sea.", "Write a poem about rivers.", "Explain gravity to a child.",
+         "List three prime numbers.", "Describe a busy market.", "Write a poem about the ocean."]
+
+
+@pytest.fixture
+def seeded_collection():
+    """(Re)created before each operation's examples: the first pass deletes collections it finds."""
+    with asgi.get_client(APP) as client:
+        assert client.put(f"/collections/{SEEDED}").status_code in (200, 201)
+        r = client.post(f"/collections/{SEEDED}/points",
+                        json={"points": [{"id": i, "text": t, "payload": {"round": i % 2}}
+                                         for i, t in enumerate(TEXTS)]})
+        assert r.status_code == 200, r.text
+
+
+def _bad_filter_key(key: str) -> bool:
+    try:
+        parse_json_path(key)
+    except ValueError:
+        return True
+    return False
+
+
+def known_bug(case) -> bool:
+    """Inputs of the open bug pinned by test_metrics_filter_key_that_is_not_a_payload_path_is_a_400;
+    kept out of the fuzz passes so they keep guarding everything else. Remove once it is fixed."""
+    body = case.body if isinstance(case.body, dict) else {}
+    flt = body.get("filter")
+    return case.path.endswith("/metrics") and isinstance(flt, dict) and any(
+        isinstance(k, str) and _bad_filter_key(k) for k in flt)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="controller bug: a metrics filter key that is not a valid Qdrant "
+                   "payload path (':', '', '0:0') raises ValueError in qdrant-client -> 500, not 400")
+@pytest.mark.parametrize("key", ["", ":", "0:0", "a["])
+def test_metrics_filter_key_that_is_not_a_payload_path_is_a_400(key, seeded_collection):
+    with asgi.get_client(APP) as client:
+        try:
+            r = client.post(f"/collections/{SEEDED}/metrics", json={"filter": {key: None}})
+        except ValueError as exc:  # the in-process client re-raises what the app did not handle
+            raise AssertionError(f"unhandled {exc!r} (a 500 over HTTP)") from exc
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "filter"
+
+
+@schema.parametrize()
+@FUZZ
+def test_controller_api_never_5xx_and_matches_its_schema(case, fuzz_record):
+    assume(not known_bug(case))
+    response = case.call_and_validate(checks=CHECKS)
+    fuzz_record(case, response)
+
+
+@schema.include(path_regex=r"\{name\}").exclude(method="DELETE").parametrize()
+@FUZZ
+def test_controller_api_on_an_existing_collection(case, fuzz_record, seeded_collection):
+    case.path_parameters = {**(case.path_parameters or {}), "name": SEEDED}
+    assume(not known_bug(case))
+    response = case.call_and_validate(checks=CHECKS)
+    fuzz_record(case, response, " [existing]")
