@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 from negspace_contracts.controller import ControllerClient
 from negspace_contracts.errors import ConnectionFailedError, NegspaceError
 from negspace_contracts.orchestrator import OrchestratorClient, RunConfig
@@ -34,6 +35,7 @@ from negspace_cli.follow import follow_run
 
 DEFAULT_ORCHESTRATOR_URL = "http://127.0.0.1:8000"
 DEFAULT_CONTROLLER_URL = "http://127.0.0.1:8002"
+EXPERIMENT_CALL_TIMEOUT_S = 3600.0
 
 
 def _err(msg: str) -> None:
@@ -266,7 +268,10 @@ def cmd_experiment(a: argparse.Namespace) -> int:
 
 
 async def _experiment(cfg, orchestrator_url, controller_url, out_root, quiet):
-    async with OrchestratorClient(orchestrator_url) as orch, ControllerClient(controller_url) as ctl:
+    # Q/A conversion answers when the whole run is converted: minutes, not the clients' default 60 s
+    long = httpx.Timeout(EXPERIMENT_CALL_TIMEOUT_S, connect=10.0)
+    async with OrchestratorClient(orchestrator_url, timeout=long) as orch, \
+            ControllerClient(controller_url, timeout=long) as ctl:
         try:
             await ctl.health()
             controller = ctl
