@@ -243,7 +243,9 @@ def cmd_experiment(a: argparse.Namespace) -> int:
             _err(f"no orchestrator answers at {orchestrator_url} (start one with `negspace up`)")
             return 1
         print(f"negspace: no orchestrator at {orchestrator_url}: starting the local stack", file=sys.stderr)
-        stack = launcher.Stack(_stack_config(a))
+        # without training the trainer is not needed
+        services = tuple(s for s in launcher.SERVICES if not (a.skip_training and s == "trainer"))
+        stack = launcher.Stack(_stack_config(a), services=services)
         orchestrator_url, controller_url = stack.urls["orchestrator"], stack.urls["controller"]
     old = signal.signal(signal.SIGTERM, _raise_stop)
     try:
