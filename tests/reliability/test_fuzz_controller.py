@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, settings
 from negspace_controller.app import create_app
 from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.settings import ControllerSettings
+from qdrant_client.local.json_path_parser import parse_json_path
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
-from hypothesis import assume
-from qdrant_client.local.json_path_parser import parse_json_path
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 APP = create_app(ControllerSettings(qdrant_path=":memory:", index_snapshots="off"),
