@@ -164,3 +164,19 @@ def _bad_key(key: str) -> bool:
     except ValueError:
         return True
     return False
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="orchestrator bug: an export_dir it cannot "
+                   "create (an existing file, a path under /proc) raises OSError in qa.export -> 500, not 400")
+@pytest.mark.parametrize("where", ["existing-file", "unwritable"])
+def test_qa_export_dir_that_cannot_be_created_is_a_400(where, completed_run):
+    target = TMP / "a-file" if where == "existing-file" else Path("/proc/negspace-no-such-dir")
+    if where == "existing-file":
+        target.write_text("not a folder")
+    with asgi.get_client(APP) as client:
+        try:
+            r = client.post(f"/runs/{completed_run}/qa", json={"export_dir": str(target)})
+        except OSError as exc:  # the in-process client re-raises what the app did not handle
+            raise AssertionError(f"unhandled {exc!r} (a 500 over HTTP)") from exc
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "export_dir"
