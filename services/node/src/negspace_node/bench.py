@@ -81,7 +81,7 @@ def bench_reference(tokens: int, negatives: int):
             "naive_equals_transformers": same, "torch_threads": threads}
 
 
-async def bench_vllm(tokens: int, kv_gib: float):
+async def bench_vllm(tokens: int, kv_gib: float, concurrency_tokens: int):
     from negspace_node.engines.base import GenerationRequest
     from negspace_node.engines.vllm.engine import VLLMEngine
     from negspace_node.settings import NodeSettings
@@ -98,9 +98,12 @@ async def bench_vllm(tokens: int, kv_gib: float):
     prompts = [_chat(tok, f"Write one short question about {t}.") for t in TOPICS]
     negs = [_chat(tok, t) for t in NEGATIVE_TEXTS]
 
-    def request(i: int, negatives: int) -> GenerationRequest:
+    def request(i: int, negatives: int, max_tokens: int = tokens) -> GenerationRequest:
         return GenerationRequest(prompt_ids=prompts[i % len(prompts)], negative_ids=negs[:negatives],
-                                 max_tokens=tokens, temperature=0.0, guidance_scale=3.0 if negatives else 1.0)
+                                 max_tokens=max_tokens, temperature=0.0, guidance_scale=3.0 if negatives else 1.0)
+
+    def note(key: str) -> None:
+        print(f"[bench] {key}: {results[key]:.1f} tokens/s", flush=True)
 
     async def rate(requests, repeats: int = 2) -> tuple[float, list]:
         best, outs = 0.0, []
@@ -112,20 +115,25 @@ async def bench_vllm(tokens: int, kv_gib: float):
             best = max(best, count / elapsed)
         return best, outs
 
-    results: dict = {"startup_s": startup_s}
+    results: dict = {"startup_s": startup_s, "concurrency_tokens": concurrency_tokens}
     try:
         await rate([request(0, 3)], repeats=1)                      # warm-up
         results["plain"], _ = await rate([request(0, 0)])
+        note("plain")
         for n in (1, 3, 8):
             results[f"guided{n}"], outs = await rate([request(0, n)])
+            note(f"guided{n}")
             if n == 3:
                 results["guided3_tokens"] = outs[0][0].token_ids
                 results["guided3_s"] = tokens / results["guided3"]
         for negatives in (1, 3):
             for c in (1, 4, 8):
-                results[f"concurrent{c}_{negatives}"], _ = await rate([request(i, negatives) for i in range(c)])
+                key = f"concurrent{c}_{negatives}"
+                results[key], _ = await rate([request(i, negatives, concurrency_tokens) for i in range(c)], 1)
+                note(key)
         for c in (1, 8):       # control: the same concurrency without guidance
-            results[f"concurrent{c}_plain"], _ = await rate([request(i, 0) for i in range(c)])
+            results[f"concurrent{c}_plain"], _ = await rate([request(i, 0, concurrency_tokens) for i in range(c)], 1)
+            note(f"concurrent{c}_plain")
         results["steps"] = engine.steps
     finally:
         await engine.stop()
@@ -151,7 +159,8 @@ def render(ref: dict, v: dict, tokens: int) -> tuple[str, dict]:
         f"(other helpers were loading the CPU: absolute figures are noisy, ratios are from this one run). "
         f"Bundled SmolLM2-135M-Instruct, float32, vLLM CPU engine (in-process, chunked prefill off, "
         f"gang scheduler + CFG logits processor), greedy, guidance scale 3, exactly {tokens} tokens per "
-        f"request (EOS ignored). Each rate is the best of 2 runs.",
+        f"request ({v['concurrency_tokens']} per request in the concurrency rows), EOS ignored. Single-request "
+        f"rates are the best of 2 runs, concurrency rates one run each.",
         "",
         "| measurement | tokens/s |",
         "|---|---|",
@@ -181,7 +190,7 @@ def render(ref: dict, v: dict, tokens: int) -> tuple[str, dict]:
         f"{tokens} tokens: {'yes' if ref['naive_tokens'] == v['guided3_tokens'] else 'NO'}; naive loop = "
         f"transformers engine: {'yes' if ref['naive_equals_transformers'] else 'NO'}. vLLM start-up "
         f"{v['startup_s']:.0f} s. The naive loop and transformers engine ran before vLLM started "
-        f"(vLLM sets torch to 1 thread for serving on this CPU).",
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} for all engines).",
     ]
     return "\n".join(lines), ratios
 
@@ -189,16 +198,21 @@ def render(ref: dict, v: dict, tokens: int) -> tuple[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m negspace_node.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=128, help="tokens per request (fixed, EOS ignored)")
+    parser.add_argument("--concurrency-tokens", type=int, default=32,
+                        help="tokens per request in the 1/4/8-concurrent measurements")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
     parser.add_argument("--no-record", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # One OpenMP thread for every engine (before torch loads): on a shared 2-core machine two
+    # spinning OpenMP threads per process collapsed throughput (seen: 10-20x slower).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     print(f"[bench] naive loop and transformers engine, 3 negatives, {args.tokens} tokens ...", flush=True)
     ref = bench_reference(args.tokens, 3)
     print(f"[bench] naive {ref['naive_s']:.1f} s, transformers {ref['transformers_s']:.1f} s", flush=True)
     print("[bench] vLLM engine ...", flush=True)
-    v = asyncio.run(bench_vllm(args.tokens, args.kv_cache_gib))
+    v = asyncio.run(bench_vllm(args.tokens, args.kv_cache_gib, args.concurrency_tokens))
     markdown, ratios = render(ref, v, args.tokens)
     print(markdown)
     if not args.no_record:

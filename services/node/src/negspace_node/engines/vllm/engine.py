@@ -406,6 +406,9 @@ class VLLMEngine(Engine):
                 self._advance_group(job, news)
             else:
                 self._advance_plain(job, news)
+        # A group the scheduler or processor failed in a step where it produced nothing.
+        for job in [j for j in self._jobs.values() if j.state is not None and j.state.error is not None]:
+            self._finish(job, error=GuidanceGroupError(job.state.error))
 
     def _advance_plain(self, job: _Job, news: dict[str, list[int]]) -> None:
         for checker, rid in zip(job.checkers, job.member_ids, strict=True):
