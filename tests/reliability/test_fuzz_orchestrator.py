@@ -120,7 +120,13 @@ def completed_run() -> str:
             assert time.monotonic() < deadline, run
             time.sleep(0.2)
         assert run["status"] == "completed", run
+        # FakeEngine's texts do not parse as Q/A pairs, so give the run converted pairs directly
+        # (as a successful conversion would store them): the training hand-off is then reachable.
+        store = APP.state.orchestrator.store
+        for a in store.accepted(run_id):
+            store.add_qa(run_id, a.point_id, "converted", f"Question about {a.text}?", "An answer.", "", 1)
         assert client.post(f"/runs/{run_id}/qa", json={}).status_code == 200
+        assert client.get(f"/runs/{run_id}/qa").status_code == 200
     return run_id
 
 
