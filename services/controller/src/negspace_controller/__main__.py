@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Sequence
 
-from negspace_servekit.serve import serve
-from negspace_servekit.settings import parse_settings
+from negspace_servekit.serve import run_service
 
 from negspace_controller.app import SERVICE, create_app
 from negspace_controller.settings import ControllerSettings
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings = parse_settings(ControllerSettings, sys.argv[1:] if argv is None else argv,
-                              prog="negspace-controller")
-    serve(create_app(settings), settings, SERVICE)
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_service(SERVICE, ControllerSettings, create_app, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

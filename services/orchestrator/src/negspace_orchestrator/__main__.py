@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Sequence
 
-from negspace_servekit.serve import serve
-from negspace_servekit.settings import parse_settings
+from negspace_servekit.serve import run_service
 
 from negspace_orchestrator.app import create_app
 from negspace_orchestrator.settings import OrchestratorSettings
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings = parse_settings(OrchestratorSettings, argv if argv is not None else sys.argv[1:],
-                              prog="negspace-orchestrator")
-    serve(create_app(settings), settings, "orchestrator")
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_service("orchestrator", OrchestratorSettings, create_app, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
