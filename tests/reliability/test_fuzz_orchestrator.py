@@ -12,6 +12,7 @@ Bounded and seeded (derandomize).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import shutil
 import tempfile
@@ -42,6 +43,7 @@ from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 TMP = Path(tempfile.mkdtemp(prefix="negspace-fuzz-orch-"))
+atexit.register(shutil.rmtree, TMP, True)  # also when collected but deselected
 NODE, CONTROLLER, TRAINER = "http://node", "http://controller", "http://trainer"
 
 

@@ -8,6 +8,7 @@ Same rules as the other services: no 5xx, no hang, responses match the schema; b
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import inspect
 import shutil
@@ -35,6 +36,7 @@ if _off is None:
                 f"{sorted(NO_WORKER)}); fuzzing POST /jobs would start real training", allow_module_level=True)
 
 TMP = Path(tempfile.mkdtemp(prefix="negspace-fuzz-trainer-"))
+atexit.register(shutil.rmtree, TMP, True)  # also when collected but deselected
 APP = create_app(TrainerSettings(workdir=TMP), **_off)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 FUZZ = settings(max_examples=25, deadline=10000, derandomize=True, database=None,
