@@ -172,7 +172,7 @@ def render(ref: dict, v: dict, tokens: int) -> tuple[str, dict]:
           f"aggregate | {v[f'concurrent{c}_{n}']:.1f} |" for n in (1, 3) for c in (1, 4, 8)),
         *(f"| vLLM {c} concurrent plain request{'s' if c > 1 else ''} (control), aggregate | "
           f"{v[f'concurrent{c}_plain']:.1f} |" for c in (1, 8)),
-        f"| naive recompute loop, 3 negatives ({ref['torch_threads']} torch threads) | {tokens / ref['naive_s']:.1f} |",
+        f"| naive recompute loop, 3 negatives ({ref['torch_threads']} torch thread(s)) | {tokens / ref['naive_s']:.1f} |",
         f"| transformers engine (KV cache, padded batch), 3 negatives | {tokens / ref['transformers_s']:.1f} |",
         "",
         "| target | measured | target | |",
