@@ -113,3 +113,19 @@ async def test_errors_from_non_negspace_bodies_still_carry_the_text():
             lambda r: httpx.Response(502, text="bad gateway from proxy"))) as c:
         with pytest.raises(ServiceUnavailableError, match="bad gateway"):
             await c.models.list()
+
+
+async def test_timeouts_default_to_the_clients_and_none_means_no_read_limit():
+    seen = []
+
+    def record(request):
+        seen.append(request.extensions["timeout"])
+        return httpx.Response(200, json={"object": "list", "data": []})
+
+    async with NodeClient("http://node", timeout=7.0, transport=httpx.MockTransport(record)) as c:
+        await c.models.list()
+        await c.call("GET", "/v1/models", None, timeout=None)
+        await c.call("GET", "/v1/models", None, timeout=2.0)
+    assert seen[0]["read"] == 7.0
+    assert seen[1]["read"] is None and seen[1]["connect"] == 5.0
+    assert seen[2]["read"] == 2.0

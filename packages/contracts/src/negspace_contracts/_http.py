@@ -29,6 +29,16 @@ TOKEN_ENV = "NEGSPACE_API_TOKEN"
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 
 
+class _UseClientDefault:
+    """Marker: a call without ``timeout=`` uses the client's timeout; ``timeout=None`` waits forever."""
+
+    def __repr__(self) -> str:
+        return "CLIENT_DEFAULT"
+
+
+CLIENT_DEFAULT: Any = _UseClientDefault()
+
+
 def _error_from_response(response: httpx.Response) -> NegspaceError:
     message = response.text[:2000] or response.reason_phrase
     param = None
@@ -82,12 +92,18 @@ class ServiceClient:
 
     async def send(self, method: str, path: str, *, json_body: Any = None,
                    params: Mapping[str, Any] | None = None,
-                   timeout: float | httpx.Timeout | None = None) -> httpx.Response:
-        """Send a request; return the response on 2xx, raise the mapped error otherwise."""
+                   timeout: float | httpx.Timeout | None = CLIENT_DEFAULT) -> httpx.Response:
+        """Send a request; return the response on 2xx, raise the mapped error otherwise.
+
+        ``timeout``: omitted = the client's; a number or ``httpx.Timeout``; ``None`` = no limit
+        on reading (long server-side work such as Q/A conversion; connecting still times out).
+        """
         if isinstance(json_body, BaseModel):
             json_body = json_body.model_dump(mode="json", exclude_unset=False)
         kwargs: dict[str, Any] = {}
-        if timeout is not None:
+        if timeout is None:
+            kwargs["timeout"] = httpx.Timeout(None, connect=5.0)
+        elif timeout is not CLIENT_DEFAULT:
             kwargs["timeout"] = timeout
         try:
             response = await self._http.request(method, path, json=json_body, params=params, **kwargs)
@@ -102,7 +118,7 @@ class ServiceClient:
 
     async def call(self, method: str, path: str, response_type: type[T] | Any, *,
                    json_body: Any = None, params: Mapping[str, Any] | None = None,
-                   timeout: float | httpx.Timeout | None = None) -> T:
+                   timeout: float | httpx.Timeout | None = CLIENT_DEFAULT) -> T:
         response = await self.send(method, path, json_body=json_body, params=params, timeout=timeout)
         if response_type is None:
             return None  # type: ignore[return-value]

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from negspace_contracts._http import Resource, ServiceClient
+from negspace_contracts._http import CLIENT_DEFAULT, Resource, ServiceClient
 
 MAX_NEGATIVES = 16
 MAX_STOP_SEQUENCES = 8
@@ -198,14 +198,14 @@ class ModelList(BaseModel):
 
 
 class _Chat(Resource):
-    async def create(self, request: ChatCompletionRequest, *, timeout: float | None = None) -> ChatCompletionResponse:
+    async def create(self, request: ChatCompletionRequest, *, timeout: float | None = CLIENT_DEFAULT) -> ChatCompletionResponse:
         return await self._client.call("POST", "/v1/chat/completions", ChatCompletionResponse,
                                        json_body=request.model_dump(mode="json", exclude_none=True),
                                        timeout=timeout)
 
 
 class _Completions(Resource):
-    async def create(self, request: CompletionRequest, *, timeout: float | None = None) -> CompletionResponse:
+    async def create(self, request: CompletionRequest, *, timeout: float | None = CLIENT_DEFAULT) -> CompletionResponse:
         return await self._client.call("POST", "/v1/completions", CompletionResponse,
                                        json_body=request.model_dump(mode="json", exclude_none=True),
                                        timeout=timeout)

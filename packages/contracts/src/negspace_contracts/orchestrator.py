@@ -17,6 +17,8 @@ from negspace_contracts.trainer import ChatRecord, EvalSpec, Job, LoraSpec, Trai
 MAX_NODES = 64
 MAX_ROUNDS = 1000
 MAX_BASELINE_SIZE = 100_000
+# POST /runs/{id}/qa answers when the whole run is converted: allow long runs, but never wait forever.
+QA_TIMEOUT_S = 3600.0
 
 RunMode = Literal["guided", "baseline"]
 RunStatus = Literal["queued", "running", "paused", "completed", "failed", "cancelled"]
@@ -189,7 +191,7 @@ class _Runs(Resource):
 
     async def qa(self, run_id: str, request: QARequest | None = None) -> QAResult:
         return await self._client.call("POST", f"/runs/{run_id}/qa", QAResult,
-                                       json_body=request or QARequest(), timeout=None)
+                                       json_body=request or QARequest(), timeout=QA_TIMEOUT_S)
 
     async def qa_records(self, run_id: str) -> list[ChatRecord]:
         response = await self._client.send("GET", f"/runs/{run_id}/qa")
