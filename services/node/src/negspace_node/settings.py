@@ -21,6 +21,9 @@ class NodeSettings(ServiceSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int = Field(2048, ge=64, description="Context length the node serves.")
     max_num_seqs: int = Field(64, ge=1, description="vLLM: rows decoded per step (a group uses 1 + negatives).")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="vLLM: tokens per step (default max(max_model_len, 4096)); a guided "
+                                "group's summed prompts must fit in one step.")
     max_queue: int = Field(256, ge=1, description="Requests waiting or running before 429.")
     default_max_tokens: int = Field(256, ge=1)
     kv_cache_gib: float = Field(2.0, gt=0, description="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE).")

@@ -25,7 +25,7 @@ def get_engine(name: str, settings) -> Engine:
                              "install it or use --engine transformers")
         from negspace_node.engines.vllm.engine import VLLMEngine
 
-        return VLLMEngine(settings)
+        return VLLMEngine(settings, max_num_batched_tokens=settings.max_num_batched_tokens)
     if name == "transformers":
         from negspace_node.engines.transformers import TransformersEngine
 
