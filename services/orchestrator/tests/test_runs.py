@@ -44,6 +44,21 @@ async def test_guided_run_uses_dense_negatives_and_persists_everything(make_harn
         assert sorted(i.text for i in insts) == sorted(h.controller.texts())
         assert all(i.max_similarity is not None for i in insts if i.round > 0)
 
+
+async def test_augment_negative_format_wraps_each_dense_instruction_like_the_positive(make_harness):
+    async with make_harness() as h:
+        created = await h.client.runs.create(cfg(negatives=NegativesSpec(k=2, knn=3), negative_format="augment"))
+        run = await h.wait(created.id)
+        assert run.status == "completed", run.error
+        positive = h.nodes[0].requests[0].messages[0].content
+        prefix = positive.removesuffix("Write a math problem.")
+        guided = [c for k, c in h.log.calls if k == "generate"][2:]
+        assert guided
+        for g in guided:
+            dense_texts = [n.removeprefix(prefix) for n in g["negatives"]]
+            assert all(n.startswith(prefix) for n in g["negatives"])
+            assert dense_texts in h.controller.dense_responses
+
         metrics = await h.client.runs.metrics(created.id)
         assert metrics.n == 6
 

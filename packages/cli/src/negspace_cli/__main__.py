@@ -233,7 +233,8 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     cfg = ExperimentConfig(base=a.base, nodes=a.nodes, rounds=a.rounds, max_tokens=a.max_tokens, seed=a.seed,
                            qa_max_tokens=a.qa_max_tokens, guidance_start=a.guidance_start,
                            guidance_step=a.guidance_step, max_retries=a.max_retries,
-                           similarity_threshold=a.similarity_threshold, negatives_k=a.negatives, train_max_steps=a.train_steps,
+                           similarity_threshold=a.similarity_threshold, negatives_k=a.negatives, negative_format=a.negative_format,
+                           train_max_steps=a.train_steps,
                            eval_tasks=[t for t in a.eval_tasks.split(",") if t], eval_limit=a.eval_limit or None,
                            skip_training=a.skip_training)
     stack = None
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-retries", type=int, default=ExperimentConfig.max_retries)
     ex.add_argument("--similarity-threshold", type=float, default=ExperimentConfig.similarity_threshold)
     ex.add_argument("--negatives", type=int, default=ExperimentConfig.negatives_k, help="negatives per generation")
+    ex.add_argument("--negative-format", choices=["raw", "augment"], default=ExperimentConfig.negative_format,
+                    help="raw: dense-region instructions are negative prompts as they are (the reference); "
+                         "augment: wrapped in the augmentation prompt like the positive")
     ex.add_argument("--qa-max-tokens", type=int, default=160)
     ex.add_argument("--train-steps", type=int, default=10, help="LoRA max_steps per adapter")
     ex.add_argument("--eval-tasks", default=DEFAULT_EVAL_TASK, help="comma-separated lm-eval tasks")

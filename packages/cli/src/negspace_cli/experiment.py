@@ -59,6 +59,7 @@ class ExperimentConfig:
     max_retries: int = 3
     similarity_threshold: float = 0.85
     negatives_k: int = 3
+    negative_format: str = "raw"
     qa_max_tokens: int = 160
     train_max_steps: int = 10
     train_batch_size: int = 4
@@ -76,7 +77,8 @@ class ExperimentConfig:
                          guidance=GuidanceSchedule(start=self.guidance_start, step=self.guidance_step,
                                                    max_retries=self.max_retries),
                          similarity_threshold=self.similarity_threshold,
-                         negatives=NegativesSpec(k=self.negatives_k))
+                         negatives=NegativesSpec(k=self.negatives_k),
+                         negative_format=self.negative_format)
 
     def baseline_config(self, guided_id: str) -> RunConfig:
         return RunConfig(base_instruction=self.base, mode="baseline", nodes=self.nodes, rounds=self.rounds,
@@ -336,7 +338,7 @@ def render_report(m: dict) -> str:
              f"{cfg['nodes']} nodes x {cfg['rounds']} rounds (+ bootstrap round 0), max_tokens "
              f"{cfg['max_tokens']}, seed {cfg['seed']}; guidance scale {cfg['guidance_start']} + "
              f"{cfg['guidance_step']} per retry (at most {cfg['max_retries']}) while max cosine >= "
-             f"{cfg['similarity_threshold']}, {cfg['negatives_k']} negatives; guided run `{m['runs']['guided']['id']}` "
+             f"{cfg['similarity_threshold']}, {cfg['negatives_k']} negatives ({cfg.get('negative_format', 'raw')} form); guided run `{m['runs']['guided']['id']}` "
              f"({m['counts']['guided']} instructions, {m['counts']['guided_attempts']} attempts) vs baseline "
              f"`{m['runs']['baseline']['id']}` ({m['counts']['baseline']} instructions, plain sampling).  ",
              f"Created {m['created_at']}; every number below comes from this run.", "",

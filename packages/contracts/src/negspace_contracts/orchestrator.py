@@ -48,6 +48,9 @@ class RunConfig(StrictModel):
     similarity_threshold: float = Field(0.9, gt=0.0, le=1.0)
     negatives: NegativesSpec = Field(default_factory=NegativesSpec)
     use_previous_generation: bool = False
+    negative_format: Literal["raw", "augment"] = Field(
+        "raw", description="raw (the reference): each dense-region instruction is a negative prompt "
+                           "as it is; augment: wrapped in the augmentation prompt like the positive.")
     augmentation_prompt: str | None = Field(None, max_length=8000,
                                             description="None: the project's default prompt.")
     round_mode: Literal["concurrent", "sequential"] | None = Field(

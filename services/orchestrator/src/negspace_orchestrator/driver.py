@@ -341,7 +341,7 @@ class Orchestrator:
                 dense = await self.deps.controller_call(
                     "dense", lambda c: c.collections.dense(run.collection, k=cfg.negatives.k,
                                                            knn=cfg.negatives.knn))
-                negatives = [item.text for item in dense.items if item.text.strip()]
+                negatives = [prompts.negative_prompt(cfg, item.text) for item in dense.items if item.text.strip()]
         retries = empties = 0
         i = 0
         while True:

@@ -32,6 +32,19 @@ def positive_prompt(aug_prompt: str, source: str) -> str:
     return f"{aug_prompt}{source}"
 
 
+def negative_prompt(config, existing: str) -> str:
+    """What a node receives as one negative prompt for an existing (dense-region) instruction.
+
+    ``raw`` (the reference): the instruction itself, so the negative branch predicts what the model
+    would write when *given* that instruction. ``augment``: the positive's own request applied to
+    the existing instruction, so the negative branch predicts an augmentation near it, the text
+    the guided branch should move away from.
+    """
+    if config.negative_format == "augment":
+        return positive_prompt(augmentation_prompt(config.augmentation_prompt), existing)
+    return existing
+
+
 _LABEL = re.compile(r"^\s*[*_#>\-\s]*(?:(?:base|augmented|rewritten|new|improved)\s+)?"
                     r"(?:instructions?|augmentation|augmented\s+version)\s*[*_]*\s*:\s*[*_]*\s*",
                     re.IGNORECASE)
