@@ -74,6 +74,11 @@ class Engine(abc.ABC):
         self.error: str | None = None
         # What a loading engine is doing now (shown by /health while it answers 503).
         self.status_detail: str | None = None
+        # Set by each engine (at construction, refined once loaded); served by the properties below.
+        self._name: str = ""
+        self._max_len: int = 0
+        self._tokenizer = None
+        self._in_flight: int = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -85,23 +90,23 @@ class Engine(abc.ABC):
 
     # -- what the API needs ------------------------------------------------------------------
     @property
-    @abc.abstractmethod
     def model_name(self) -> str:
         """Name served in /v1/models and in responses."""
+        return self._name
 
     @property
-    @abc.abstractmethod
     def max_model_len(self) -> int:
         """Context length: prompt + max_tokens must fit, for the positive and every negative."""
+        return self._max_len
 
     @property
-    @abc.abstractmethod
     def tokenizer(self):
         """A Hugging Face tokenizer (``apply_chat_template``, ``encode``, ``decode``)."""
+        return self._tokenizer
 
     def queue_depth(self) -> int:
         """Requests accepted but not finished (for /metrics and back-pressure)."""
-        return 0
+        return self._in_flight
 
     @abc.abstractmethod
     async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:

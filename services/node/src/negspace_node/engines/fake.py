@@ -107,20 +107,6 @@ class FakeEngine(Engine):
             return
         self.state, self.status_detail = "ready", None
 
-    @property
-    def model_name(self) -> str:
-        return self._name
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_len
-
-    @property
-    def tokenizer(self) -> FakeTokenizer:
-        return self._tokenizer
-
-    def queue_depth(self) -> int:
-        return self._in_flight
 
     async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:
         self.ensure_ready()

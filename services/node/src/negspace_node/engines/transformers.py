@@ -184,22 +184,6 @@ class TransformersEngine(Engine):
         await super().stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    # -- what the API needs ------------------------------------------------------------------
-    @property
-    def model_name(self) -> str:
-        return self._name
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_len
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    def queue_depth(self) -> int:
-        return self._in_flight
-
     async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:
         self.ensure_ready()
         cancel = threading.Event()

@@ -231,22 +231,6 @@ class VLLMEngine(Engine):
                 log.exception("vllm shutdown")
         await super().stop()
 
-    # -- what the API needs ------------------------------------------------------------------
-    @property
-    def model_name(self) -> str:
-        return self._name
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_len
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    def queue_depth(self) -> int:
-        return self._in_flight
-
     # -- generation --------------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> None:
         """Reject what could never run (the API validates most of this first)."""
