@@ -1,0 +1,122 @@
+"""Job records in SQLite: one row per job; JSON columns for the request, progress, losses, eval."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from negspace_contracts.trainer import Job, JobRequest
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    name TEXT,
+    status TEXT NOT NULL,
+    request TEXT NOT NULL,
+    progress TEXT NOT NULL DEFAULT '{}',
+    losses TEXT NOT NULL DEFAULT '[]',
+    eval TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    pid INTEGER,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
+"""
+
+_JSON_COLUMNS = ("progress", "losses", "eval")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class JobStore:
+    """Small and synchronous: each call is one short SQLite transaction (WAL), safe across threads."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create(self, job_id: str, request: JobRequest) -> None:
+        with self._lock:
+            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            self._db.execute(
+                "INSERT INTO jobs (id, seq, name, status, request, created_at) VALUES (?, ?, ?, 'queued', ?, ?)",
+                (job_id, seq, request.name, request.model_dump_json(), now()))
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        if not fields:
+            return
+        values = [json.dumps(v) if k in _JSON_COLUMNS else v for k, v in fields.items()]
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*values, job_id))
+
+    def transition(self, job_id: str, from_status: str, **fields: Any) -> bool:
+        """Update only if the job is still in ``from_status`` (so a cancel and a start cannot race)."""
+        values = [json.dumps(v) if k in _JSON_COLUMNS else v for k, v in fields.items()]
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._lock:
+            cur = self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status = ?",
+                                   (*values, job_id, from_status))
+            return cur.rowcount == 1
+
+    def row(self, job_id: str) -> sqlite3.Row | None:
+        with self._lock:
+            return self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+    def get(self, job_id: str) -> Job | None:
+        row = self.row(job_id)
+        return to_job(row) if row is not None else None
+
+    def list(self, status: str | None = None) -> list[Job]:
+        with self._lock:
+            if status:
+                rows = self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status,)).fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+        return [to_job(r) for r in rows]
+
+    def next_queued(self) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+        return row["id"] if row else None
+
+    def count(self, status: str) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
+
+    def fail_interrupted(self, reason: str) -> list[str]:
+        """Mark jobs a previous service process left ``running`` as failed; return their ids."""
+        with self._lock:
+            ids = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = 'running'")]
+            self._db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, pid = NULL "
+                             "WHERE status = 'running'", (reason, now()))
+        return ids
+
+
+def to_job(row: sqlite3.Row) -> Job:
+    progress = json.loads(row["progress"] or "{}")
+    return Job(
+        id=row["id"], status=row["status"], name=row["name"],
+        progress={"step": progress.get("step", 0), "total_steps": progress.get("total_steps"),
+                  "stage": progress.get("stage")},
+        losses=json.loads(row["losses"] or "[]"),
+        eval=json.loads(row["eval"] or "{}"),
+        error=row["error"], created_at=row["created_at"], started_at=row["started_at"],
+        finished_at=row["finished_at"], request=JobRequest.model_validate_json(row["request"]))
