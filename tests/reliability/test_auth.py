@@ -43,7 +43,8 @@ def _trainer(tmp_path, **kw):
     from negspace_trainer.app import create_app  # type: ignore[import-not-found]
     from negspace_trainer.settings import TrainerSettings
 
-    return create_app(TrainerSettings(workdir=tmp_path / "trainer", **kw))
+    # no job is ever created here (POST /jobs is refused or empty), so the worker stays idle
+    return create_app(TrainerSettings(workdir=tmp_path / "trainer", orchestrator_url="http://127.0.0.1:9", **kw))
 
 
 # (factory, a real GET route, a real POST route with a valid body)
