@@ -1,60 +1,40 @@
-"""Helpers: the real trainer app in-process (httpx.ASGITransport) with a typed client."""
-
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import time
-from pathlib import Path
 
 import httpx
-from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, Job, TrainerClient
+import pytest
+from fastapi import FastAPI
+
+from negspace_contracts.trainer import TrainerClient
+from negspace_trainer.app import create_app
+from negspace_trainer.settings import TrainerSettings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ARITH = [(a, b) for a in range(3, 15) for b in (2, 5)]
+
+class Service:
+    def __init__(self, app: FastAPI, client: TrainerClient) -> None:
+        self.app, self.client = app, client
+
+    @property
+    def runner(self):
+        return self.app.state.runner
 
 
-def chat_records(n: int) -> list[dict]:
-    """Short arithmetic Q/A chats (the shape the orchestrator sends)."""
-    out = []
-    for a, b in ARITH[:n]:
-        out.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                 {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
-    return out
+@pytest.fixture
+async def service(tmp_path):
+    async def make(orchestrator=None, **settings):
+        s = TrainerSettings(workdir=tmp_path / "trainer", poll_interval_s=0.2, cancel_grace_s=5, **settings)
+        app = create_app(s, orchestrator=orchestrator)
+        ctx = app.router.lifespan_context(app)
+        await ctx.__aenter__()
+        client = TrainerClient("http://trainer", transport=httpx.ASGITransport(app=app))
+        made.append((ctx, client))
+        return Service(app, client)
 
-
-@contextlib.asynccontextmanager
-async def running_app(app):
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with TrainerClient("http://trainer", transport=transport, timeout=60) as client:
-            yield client
-
-
-async def wait_for(client: TrainerClient, job_id: str, predicate, timeout_s: float = 600.0) -> Job:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = await client.jobs.get(job_id)
-        if predicate(job):
-            return job
-        if job.status in TERMINAL_JOB_STATUSES or time.monotonic() > deadline:
-            logs = await client.jobs.logs(job_id)
-            raise AssertionError(f"job {job_id} is {job.status} ({job.error}); waited for another state\n"
-                                 f"{logs[-4000:]}")
-        await asyncio.sleep(0.3)
-
-
-async def wait_done(client: TrainerClient, job_id: str, timeout_s: float = 600.0) -> Job:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = await client.jobs.get(job_id)
-        if job.status in TERMINAL_JOB_STATUSES:
-            return job
-        assert time.monotonic() < deadline, f"job {job_id} still {job.status} after {timeout_s} s"
-        await asyncio.sleep(0.3)
-
-
-def workdir(tmp: Path) -> Path:
-    return tmp / "trainer"
+    made: list = []
+    yield make
+    for ctx, client in reversed(made):
+        await client.aclose()
+        await ctx.__aexit__(None, None, None)

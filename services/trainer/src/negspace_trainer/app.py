@@ -1,4 +1,4 @@
-"""The trainer's HTTP API (shapes in ``negspace_contracts.trainer``)."""
+"""The trainer's HTTP API: thin routers over the JobRunner."""
 
 from __future__ import annotations
 
@@ -6,25 +6,18 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from negspace_contracts.trainer import (
-    Artifact,
-    ArtifactList,
-    Job,
-    JobCreated,
-    JobList,
-    JobRequest,
-    JobStatus,
-    LocalTask,
-    TaskList,
-)
-from negspace_servekit import create_app as servekit_app
-from negspace_servekit import health_response
-from prometheus_client import Gauge
+from fastapi.responses import PlainTextResponse
+from prometheus_client import Counter, Gauge
 
-from negspace_trainer import __version__, local_tasks
-from negspace_trainer.jobs import JobRunner
+from negspace_contracts.trainer import (
+    Artifact, ArtifactList, Job, JobCreated, JobList, JobRequest, LocalTask, TaskList,
+)
+from negspace_servekit import create_app as _create_app
+from negspace_servekit import health_response
+from negspace_trainer import local_tasks
+from negspace_trainer.runner import JobRunner
 from negspace_trainer.settings import TrainerSettings
+from negspace_trainer.store import JobStore
 
 SERVICE = "trainer"
 
@@ -33,98 +26,99 @@ def get_runner(request: Request) -> JobRunner:
     return request.app.state.runner
 
 
-Runner = Annotated[JobRunner, Depends(get_runner)]
+RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 
 jobs = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 @jobs.post("", status_code=201, response_model=JobCreated)
-async def create_job(request: JobRequest, runner: Runner) -> JobCreated:
-    """Queue a fine-tune (+ evaluation). Dataset problems answer 422 before anything is queued."""
-    job = await runner.submit(request)
+async def create_job(body: JobRequest, runner: RunnerDep) -> JobCreated:
+    job = runner.submit(body)
     return JobCreated(id=job.id, status=job.status)
 
 
 @jobs.get("", response_model=JobList)
-async def list_jobs(runner: Runner, status: JobStatus | None = None) -> JobList:
-    return JobList(jobs=runner.store.list(status))
+async def list_jobs(runner: RunnerDep) -> JobList:
+    return JobList(jobs=runner.store.list())
 
 
 @jobs.get("/{job_id}", response_model=Job)
-async def get_job(job_id: str, runner: Runner) -> Job:
+async def get_job(job_id: str, runner: RunnerDep) -> Job:
     return runner.get(job_id)
 
 
 @jobs.post("/{job_id}/cancel", response_model=Job)
-async def cancel_job(job_id: str, runner: Runner) -> Job:
-    """Queued: cancelled at once. Running: the worker is stopped (SIGTERM, then SIGKILL after a
-    grace) and the job turns ``cancelled`` when it has exited. Finished: unchanged."""
+async def cancel_job(job_id: str, runner: RunnerDep) -> Job:
     return await runner.cancel(job_id)
 
 
 @jobs.get("/{job_id}/logs", response_class=PlainTextResponse)
-async def job_logs(job_id: str, runner: Runner,
-                   tail_bytes: Annotated[int | None, Query(ge=1, le=64 * 1024 * 1024)] = None) -> PlainTextResponse:
-    """The worker's stdout and stderr (training, evaluation, tracebacks)."""
-    return PlainTextResponse(runner.log_text(job_id, tail_bytes))
+async def job_logs(job_id: str, runner: RunnerDep,
+                   tail: Annotated[int | None, Query(ge=1, le=100_000)] = None) -> PlainTextResponse:
+    return PlainTextResponse(runner.logs(job_id, tail))
 
 
 @jobs.get("/{job_id}/artifacts", response_model=ArtifactList)
-async def job_artifacts(job_id: str, runner: Runner) -> ArtifactList:
-    """Files under the job's artifacts folder: ``adapter/`` (LoRA) or ``model/`` (full), ``metrics.json``."""
-    root, files = runner.artifacts(job_id)
-    return ArtifactList(job_id=job_id, root=str(root),
-                        artifacts=[Artifact(name=name, path=str(path), size_bytes=size) for name, path, size in files])
+async def job_artifacts(job_id: str, runner: RunnerDep) -> ArtifactList:
+    root = runner.artifacts_root(job_id)
+    found = []
+    for top in ("adapter", "model", "metrics.json"):
+        path = root / top
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        for f in files:
+            found.append(Artifact(name=str(f.relative_to(root)), path=str(f), size_bytes=f.stat().st_size))
+    return ArtifactList(job_id=job_id, root=str(root), artifacts=found)
 
 
-tasks = APIRouter(prefix="/tasks", tags=["tasks"])
+meta = APIRouter(tags=["meta"])
 
 
-@tasks.get("", response_model=TaskList)
-async def list_tasks(runner: Runner) -> TaskList:
-    """The lm-eval tasks shipped with the trainer (evaluation offline). Any lm-eval task name
-    also works where its data is reachable."""
+@meta.get("/tasks", response_model=TaskList)
+async def list_tasks(request: Request) -> TaskList:
+    include = str(request.app.state.tasks_dir)
     return TaskList(tasks=[LocalTask(name=t.name, description=t.description, num_docs=t.num_docs,
-                                     include_path=str(runner.tasks_dir))
-                           for t in local_tasks.shipped_tasks()])
+                                     include_path=include) for t in local_tasks.shipped_tasks()])
 
 
-def create_app(settings: TrainerSettings, start_worker: bool = True) -> FastAPI:
-    """The trainer app. ``start_worker=False`` keeps jobs queued (nothing trains): API tests, fuzzing."""
+@meta.get("/health")
+async def health(request: Request):
+    runner: JobRunner | None = getattr(request.app.state, "runner", None)
+    if runner is None:
+        return health_response(SERVICE, "loading", "starting the job runner")
+    return health_response(SERVICE, "ok", running=runner.busy, queued=runner.store.count("queued"),
+                           workdir=str(runner.settings.resolved_workdir))
+
+
+def create_app(settings: TrainerSettings | None = None, runner: JobRunner | None = None,
+               orchestrator=None) -> FastAPI:
+    """``runner`` lets tests inject one; ``orchestrator`` is a factory of OrchestratorClient."""
+    settings = settings or TrainerSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        runner = JobRunner(settings, start_worker=start_worker)
-        app.state.runner = runner
-        await runner.start()
+        workdir = settings.resolved_workdir
+        app.state.tasks_dir = local_tasks.materialize(workdir / "tasks")
+        own = runner is None
+        r = runner or JobRunner(settings, JobStore(workdir / "jobs.sqlite"), orchestrator=orchestrator)
+        finished = Counter("negspace_trainer_jobs_finished", "Jobs finished, by status", ["status"],
+                           registry=app.state.metrics_registry)
+        Gauge("negspace_trainer_jobs_queued", "Jobs waiting", registry=app.state.metrics_registry
+              ).set_function(lambda: r.store.count("queued"))
+        Gauge("negspace_trainer_jobs_running", "Jobs running", registry=app.state.metrics_registry
+              ).set_function(lambda: 1 if r.busy else 0)
+        r.on_finish = lambda status: finished.labels(status).inc()
+        await r.start()
+        app.state.runner = r
         try:
             yield
         finally:
-            await runner.stop()
+            await r.stop()
+            if own:
+                r.store.close()
 
-    app = servekit_app(service=SERVICE, settings=settings, title="negspace trainer", lifespan=lifespan,
-                       version=__version__,
-                       description="Fine-tune (TRL SFTTrainer, PEFT LoRA or full) and evaluate "
-                                   "(lm-evaluation-harness) as jobs, each in its own worker process.")
+    app = _create_app(service=SERVICE, settings=settings, title="negspace trainer",
+                      description="SFT jobs (TRL + PEFT) evaluated with lm-evaluation-harness",
+                      lifespan=lifespan)
     app.include_router(jobs)
-    app.include_router(tasks)
-
-    def _count(status: str):
-        def read() -> float:
-            runner = getattr(app.state, "runner", None)
-            return float(runner.store.count(status)) if runner is not None else 0.0
-        return read
-
-    gauge = Gauge("negspace_trainer_jobs", "Jobs by status", ["status"], registry=app.state.metrics_registry)
-    for status in ("queued", "running", "succeeded", "failed", "cancelled"):
-        gauge.labels(status).set_function(_count(status))
-
-    @app.get("/health", tags=["health"])
-    async def health(request: Request) -> JSONResponse:
-        runner = getattr(request.app.state, "runner", None)
-        if runner is None:
-            return health_response(SERVICE, "loading", "starting up")
-        return health_response(SERVICE, "ok", workdir=str(runner.root), queued=runner.store.count("queued"),
-                               running=runner.store.count("running"), worker=start_worker)
-
+    app.include_router(meta)
     return app

@@ -1,0 +1,132 @@
+"""API and job-lifecycle tests (no training: workers here are cancelled or killed early)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import httpx
+import pytest
+from fastapi import FastAPI, HTTPException
+
+from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
+from negspace_contracts.orchestrator import OrchestratorClient
+from negspace_contracts.trainer import JobRequest
+from negspace_trainer.store import JobStore
+
+RECORD = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+
+
+def request(**kw) -> JobRequest:
+    body = {"dataset": {"records": [RECORD] * 4}, "training": {"max_steps": 50, "batch_size": 2}}
+    body.update(kw)
+    return JobRequest.model_validate(body)
+
+
+async def wait_for(client, job_id, statuses, timeout=120.0):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        job = await client.jobs.get(job_id)
+        if job.status in statuses:
+            return job
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"job {job_id} never reached {statuses}: {job}")
+
+
+async def test_invalid_datasets_are_422(service):
+    svc = await service()
+    for dataset in ({"records": []}, {"records": [{"text": "no messages"}]}, {},
+                    {"records": [{"messages": [{"role": "user", "content": "only a question"}]}]}):
+        response = await svc.client._http.post("/jobs", json={"dataset": dataset})
+        assert response.status_code == 422, (dataset, response.text)
+        assert response.json()["error"]["message"]
+    assert (await svc.client.jobs.list()).jobs == []
+
+
+async def test_tasks_health_metrics_and_unknown_job(service):
+    svc = await service()
+    tasks = (await svc.client.tasks()).tasks
+    arith = next(t for t in tasks if t.name == "negspace_arith")
+    assert arith.num_docs == 50
+    assert os.path.isfile(os.path.join(arith.include_path, "negspace_arith.yaml"))
+    assert (await svc.client.health()).status == "ok"
+    with pytest.raises(NotFoundError):
+        await svc.client.jobs.get("nope")
+    metrics = await svc.client._http.get("/metrics")
+    assert "negspace_trainer_jobs_queued" in metrics.text
+
+
+def test_materialized_task_is_found_by_lm_eval(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    from negspace_trainer import local_tasks
+
+    folder = local_tasks.materialize(tmp_path / "tasks")
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    assert "negspace_arith" in manager.all_tasks
+    task = manager.load(["negspace_arith"])["tasks"]["negspace_arith"]
+    docs = list(task.test_docs())
+    assert len(docs) == 50 and all(d["answer"].lstrip("-").isdigit() for d in docs)
+
+
+async def test_restart_marks_running_jobs_failed(service, tmp_path):
+    store = JobStore(tmp_path / "trainer" / "jobs.sqlite")
+    store.create("old", request())
+    store.update("old", status="running", pid=999999)
+    store.close()
+    svc = await service()
+    job = await svc.client.jobs.get("old")
+    assert job.status == "failed" and "restart" in job.error
+
+
+async def test_cancel_queued_and_running(service):
+    svc = await service()
+    first = await svc.client.jobs.create(request())
+    second = await svc.client.jobs.create(request())
+    await wait_for(svc.client, first.id, {"running"})
+    assert (await svc.client.jobs.get(second.id)).status == "queued"
+    cancelled = await svc.client.jobs.cancel(second.id)
+    assert cancelled.status == "cancelled"
+    running = await svc.client.jobs.cancel(first.id)
+    assert running.status == "cancelled", running
+    with pytest.raises(ConflictError):
+        await svc.client.jobs.cancel(first.id)
+
+
+async def test_killed_worker_fails_with_reason(service):
+    svc = await service()
+    created = await svc.client.jobs.create(request())
+    await wait_for(svc.client, created.id, {"running"})
+    for _ in range(100):
+        row = svc.runner.store.row(created.id)
+        if row["pid"]:
+            break
+        await asyncio.sleep(0.1)
+    os.kill(row["pid"], signal.SIGKILL)
+    job = await wait_for(svc.client, created.id, {"failed"}, timeout=30)
+    assert "signal 9" in job.error
+
+
+async def test_unknown_run_id_fails_with_orchestrator_message(service):
+    orch = FastAPI()
+
+    @orch.get("/runs/{run_id}/qa")
+    async def qa(run_id: str):
+        raise HTTPException(404, f"no run {run_id}")
+
+    factory = lambda: OrchestratorClient("http://orch", transport=httpx.ASGITransport(app=orch))  # noqa: E731
+    svc = await service(orchestrator=factory)
+    created = await svc.client.jobs.create(JobRequest.model_validate({"dataset": {"run_id": "r404"}}))
+    job = await wait_for(svc.client, created.id, {"failed"}, timeout=20)
+    assert "r404" in job.error
+
+
+async def test_unknown_eval_task_fails_naming_local_tasks(service):
+    svc = await service()
+    created = await svc.client.jobs.create(request(eval={"tasks": ["no_such_task_xyz"]}))
+    job = await wait_for(svc.client, created.id, {"failed", "succeeded"}, timeout=180)
+    assert job.status == "failed"
+    assert "no_such_task_xyz" in job.error and "negspace_arith" in job.error
+    assert job.losses == []  # it failed before training
