@@ -1,0 +1,61 @@
+"""Acceptance 1: one real tiny job on the bundled model (LoRA, run-id dataset, eval tuned + base)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+
+from negspace_contracts.orchestrator import OrchestratorClient
+from negspace_contracts.trainer import JobRequest
+from negspace_trainer.local_tasks import TASKS_DIR
+
+from test_api import wait_for  # noqa: E402  (same folder; importlib import mode)
+
+pytestmark = pytest.mark.slow
+
+
+def _records() -> list[dict]:
+    rows = [json.loads(l) for l in (TASKS_DIR / "negspace_arith" / "test.jsonl").read_text().splitlines()]
+    return [{"messages": [{"role": "user", "content": r["question"]},
+                          {"role": "assistant", "content": f"The answer is {r['answer']}."}]} for r in rows[:24]]
+
+
+async def test_real_tiny_job(service):
+    orch = FastAPI()
+
+    @orch.get("/runs/{run_id}/qa")
+    async def qa(run_id: str):
+        return PlainTextResponse("".join(json.dumps(r) + "\n" for r in _records()))
+
+    factory = lambda: OrchestratorClient("http://orch", transport=httpx.ASGITransport(app=orch))  # noqa: E731
+    svc = await service(orchestrator=factory)
+    created = await svc.client.jobs.create(JobRequest.model_validate({
+        "dataset": {"run_id": "run1"},
+        "training": {"max_steps": 3, "batch_size": 4, "max_length": 128},
+        "eval": {"tasks": ["negspace_arith"], "limit": 4, "batch_size": 4},
+        "compare_base": True}))
+    job = await wait_for(svc.client, created.id, {"succeeded", "failed", "cancelled"}, timeout=900)
+    assert job.status == "succeeded", (job.error, await svc.client.jobs.logs(created.id))
+    assert job.progress.step == 3 and job.progress.total_steps == 3
+    assert len(job.losses) == 3 and all(p.loss > 0 for p in job.losses)
+    for which in ("tuned", "base"):
+        scores = getattr(job.eval, which)["negspace_arith"]
+        value = scores["exact_match,first-number"]
+        assert isinstance(value, float) and 0.0 <= value <= 1.0
+    arts = await svc.client.jobs.artifacts(created.id)
+    names = {a.name for a in arts.artifacts}
+    assert "metrics.json" in names and "adapter/adapter_model.safetensors" in names
+    # LoRA's B matrices start at zero (PEFT's init): training must have moved them.
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(arts.root) / "adapter" / "adapter_model.safetensors"))
+    b = [t for k, t in weights.items() if "lora_B" in k]
+    assert b and any(t.abs().sum() > 0 for t in b)
+    metrics = json.loads((Path(arts.root) / "metrics.json").read_text())
+    assert metrics["train_tokens"] > 0 and metrics["peak_rss_mb"] > 0
+    assert "step 3/3" in await svc.client.jobs.logs(created.id)
