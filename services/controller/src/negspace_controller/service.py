@@ -273,14 +273,14 @@ class Controller:
         col = await self._get(name)
         basis = mean = None
         if req.pca_basis is not None:
-            basis = np.asarray(req.pca_basis, np.float64)
-            if basis.ndim != 2 or basis.shape != (diversity.HULL_DIMS, col.index.dim):
-                raise BadRequestError(f"pca_basis must be {diversity.HULL_DIMS} rows of {col.index.dim} "
-                                      "numbers", param="pca_basis")
+            basis = _float_array(req.pca_basis, (diversity.HULL_DIMS, col.index.dim), "pca_basis",
+                                 f"{diversity.HULL_DIMS} rows of {col.index.dim} numbers")
         if req.pca_mean is not None:
-            mean = np.asarray(req.pca_mean, np.float64)
-            if mean.shape != (col.index.dim,):
-                raise BadRequestError(f"pca_mean must have {col.index.dim} numbers", param="pca_mean")
+            mean = _float_array(req.pca_mean, (col.index.dim,), "pca_mean", f"{col.index.dim} numbers")
+        for key in req.filter or {}:
+            if not _PAYLOAD_KEY.fullmatch(key):
+                raise BadRequestError(f"filter key {key!r} is not a payload key: use the plain keys the "
+                                      "points were stored with (letters, digits, '_' and '-')", param="filter")
 
         def gather() -> tuple[np.ndarray, list[str]]:
             if req.filter:
@@ -299,3 +299,17 @@ class Controller:
 
     async def embed(self, texts: list[str], query: bool) -> tuple[np.ndarray, list[bool]]:
         return await asyncio.to_thread(self.embedder.encode, texts, query=query)
+
+
+_PAYLOAD_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
+def _float_array(values, shape: tuple[int, ...], param: str, expected: str) -> np.ndarray:
+    """A request's nested number lists as an array of exactly ``shape``, or a 400 naming ``param``."""
+    try:
+        arr = np.asarray(values, np.float64)
+    except ValueError:  # ragged rows
+        arr = None
+    if arr is None or arr.shape != shape or not np.isfinite(arr).all():
+        raise BadRequestError(f"{param} must be {expected} (finite)", param=param)
+    return arr

@@ -13,6 +13,7 @@ import asyncio
 import json
 from pathlib import Path
 
+from negspace_contracts.errors import BadRequestError
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage
 from negspace_contracts.orchestrator import QARequest, QAResult
 from negspace_contracts.trainer import ChatRecord, ChatTurn
@@ -29,6 +30,12 @@ def chat_record(question: str, answer: str) -> ChatRecord:
 
 async def convert(orch: Orchestrator, run: RunRow, request: QARequest) -> QAResult:
     store = orch.store
+    out_dir = Path(request.export_dir) if request.export_dir else orch.settings.exports_dir / run.id / "qa"
+    try:  # refuse an unusable folder before spending generation on the conversion
+        await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadRequestError(f"cannot create the Q/A export folder {str(out_dir)!r}: {exc.strerror or exc}",
+                              param="export_dir") from exc
     accepted = store.accepted(run.id)
     done = store.qa_done(run.id)
     todo = [a for a in accepted if a.point_id not in done]
@@ -63,8 +70,11 @@ async def convert(orch: Orchestrator, run: RunRow, request: QARequest) -> QAResu
     await orch._gather([one(a) for a in todo])
     converted, rejected = store.qa_counts(run.id)
     records = [chat_record(q, a) for q, a in store.qa_records(run.id)]
-    out_dir = Path(request.export_dir) if request.export_dir else orch.settings.exports_dir / run.id / "qa"
-    jsonl_path, dataset_path = await asyncio.to_thread(export, records, out_dir)
+    try:
+        jsonl_path, dataset_path = await asyncio.to_thread(export, records, out_dir)
+    except OSError as exc:
+        raise BadRequestError(f"cannot write the Q/A export to {str(out_dir)!r}: {exc.strerror or exc}; the "
+                              "conversion is stored: POST again with a writable export_dir", param="export_dir") from exc
     return QAResult(run_id=run.id, total=total, converted=converted, rejected=rejected,
                     jsonl_path=str(jsonl_path), dataset_path=str(dataset_path) if dataset_path else None)
 
