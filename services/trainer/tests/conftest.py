@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 
 import httpx
@@ -11,6 +12,25 @@ from negspace_trainer.app import create_app
 from negspace_trainer.settings import TrainerSettings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+async def wait_for(client, job_id, statuses, timeout=120.0):
+    """Poll GET /jobs/{id} until the job reaches one of ``statuses``; fail with its state and log."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    job = None
+    while loop.time() < end:
+        job = await client.jobs.get(job_id)
+        if job.status in statuses:
+            return job
+        await asyncio.sleep(0.2)
+    logs = await client.jobs.logs(job_id)
+    raise AssertionError(f"job {job_id} never reached {statuses}: {job}\n{logs[-3000:]}")
+
+
+@pytest.fixture
+def wait_job():
+    return wait_for
 
 
 class Service:

@@ -24,17 +24,6 @@ def request(**kw) -> JobRequest:
     return JobRequest.model_validate(body)
 
 
-async def wait_for(client, job_id, statuses, timeout=120.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        job = await client.jobs.get(job_id)
-        if job.status in statuses:
-            return job
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"job {job_id} never reached {statuses}: {job}")
-
-
 async def test_invalid_datasets_are_422(service):
     svc = await service()
     for dataset in ({"records": []}, {"records": [{"text": "no messages"}]}, {},
@@ -81,11 +70,11 @@ async def test_restart_marks_running_jobs_failed(service, tmp_path):
     assert job.status == "failed" and "restart" in job.error
 
 
-async def test_cancel_queued_and_running(service):
+async def test_cancel_queued_and_running(service, wait_job):
     svc = await service()
     first = await svc.client.jobs.create(request())
     second = await svc.client.jobs.create(request())
-    await wait_for(svc.client, first.id, {"running"})
+    await wait_job(svc.client, first.id, {"running"})
     assert (await svc.client.jobs.get(second.id)).status == "queued"
     cancelled = await svc.client.jobs.cancel(second.id)
     assert cancelled.status == "cancelled"
@@ -95,21 +84,21 @@ async def test_cancel_queued_and_running(service):
         await svc.client.jobs.cancel(first.id)
 
 
-async def test_killed_worker_fails_with_reason(service):
+async def test_killed_worker_fails_with_reason(service, wait_job):
     svc = await service()
     created = await svc.client.jobs.create(request())
-    await wait_for(svc.client, created.id, {"running"})
+    await wait_job(svc.client, created.id, {"running"})
     for _ in range(100):
         row = svc.runner.store.row(created.id)
         if row["pid"]:
             break
         await asyncio.sleep(0.1)
     os.kill(row["pid"], signal.SIGKILL)
-    job = await wait_for(svc.client, created.id, {"failed"}, timeout=30)
+    job = await wait_job(svc.client, created.id, {"failed"}, timeout=30)
     assert "signal 9" in job.error
 
 
-async def test_unknown_run_id_fails_with_orchestrator_message(service):
+async def test_unknown_run_id_fails_with_orchestrator_message(service, wait_job):
     orch = FastAPI()
 
     @orch.get("/runs/{run_id}/qa")
@@ -119,14 +108,14 @@ async def test_unknown_run_id_fails_with_orchestrator_message(service):
     factory = lambda: OrchestratorClient("http://orch", transport=httpx.ASGITransport(app=orch))  # noqa: E731
     svc = await service(orchestrator=factory)
     created = await svc.client.jobs.create(JobRequest.model_validate({"dataset": {"run_id": "r404"}}))
-    job = await wait_for(svc.client, created.id, {"failed"}, timeout=20)
+    job = await wait_job(svc.client, created.id, {"failed"}, timeout=20)
     assert "r404" in job.error
 
 
-async def test_unknown_eval_task_fails_naming_local_tasks(service):
+async def test_unknown_eval_task_fails_naming_local_tasks(service, wait_job):
     svc = await service()
     created = await svc.client.jobs.create(request(eval={"tasks": ["no_such_task_xyz"]}))
-    job = await wait_for(svc.client, created.id, {"failed", "succeeded"}, timeout=180)
+    job = await wait_job(svc.client, created.id, {"failed", "succeeded"}, timeout=180)
     assert job.status == "failed"
     assert "no_such_task_xyz" in job.error and "negspace_arith" in job.error
     assert job.losses == []  # it failed before training

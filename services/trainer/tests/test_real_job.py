@@ -14,7 +14,6 @@ from negspace_contracts.orchestrator import OrchestratorClient
 from negspace_contracts.trainer import JobRequest
 from negspace_trainer.local_tasks import TASKS_DIR
 
-from test_api import wait_for  # noqa: E402  (same folder; importlib import mode)
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +24,7 @@ def _records() -> list[dict]:
                           {"role": "assistant", "content": f"The answer is {r['answer']}."}]} for r in rows[:24]]
 
 
-async def test_real_tiny_job(service):
+async def test_real_tiny_job(service, wait_job):
     orch = FastAPI()
 
     @orch.get("/runs/{run_id}/qa")
@@ -39,7 +38,7 @@ async def test_real_tiny_job(service):
         "training": {"max_steps": 3, "batch_size": 4, "max_length": 128},
         "eval": {"tasks": ["negspace_arith"], "limit": 4, "batch_size": 4},
         "compare_base": True}))
-    job = await wait_for(svc.client, created.id, {"succeeded", "failed", "cancelled"}, timeout=900)
+    job = await wait_job(svc.client, created.id, {"succeeded", "failed", "cancelled"}, timeout=900)
     assert job.status == "succeeded", (job.error, await svc.client.jobs.logs(created.id))
     assert job.progress.step == 3 and job.progress.total_steps == 3
     assert len(job.losses) == 3 and all(p.loss > 0 for p in job.losses)
