@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, assume, settings
+from hypothesis import HealthCheck, settings
 from negspace_controller.app import create_app
 from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.settings import ControllerSettings
-from qdrant_client.local.json_path_parser import parse_json_path
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import response_schema_conformance
@@ -44,33 +43,9 @@ def seeded_collection():
         assert r.status_code == 200, r.text
 
 
-def _bad_filter_key(key: str) -> bool:
-    try:
-        parse_json_path(key)
-    except ValueError:
-        return True
-    return False
-
-
-def _ragged(basis) -> bool:
-    return isinstance(basis, list) and len({len(r) if isinstance(r, list) else -1 for r in basis}) > 1
-
-
-def known_bug(case) -> bool:
-    """Inputs of the open bugs pinned by the xfail tests below; kept out of the fuzz passes so
-    the passes keep guarding everything else. Remove once they are fixed."""
-    body = case.body if isinstance(case.body, dict) else {}
-    if not case.path.endswith("/metrics"):
-        return False
-    flt = body.get("filter")
-    bad_key = isinstance(flt, dict) and any(isinstance(k, str) and _bad_filter_key(k) for k in flt)
-    return bad_key or _ragged(body.get("pca_basis"))
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="controller bug: a metrics filter key that is not a valid Qdrant "
-                   "payload path (':', '', '0:0') raises ValueError in qdrant-client -> 500, not 400")
 @pytest.mark.parametrize("key", ["", ":", "0:0", "a["])
 def test_metrics_filter_key_that_is_not_a_payload_path_is_a_400(key, seeded_collection):
+    """Found by this fuzzing (was a 500 from qdrant-client's path parser); fixed in f2a0036."""
     with asgi.get_client(APP) as client:
         try:
             r = client.post(f"/collections/{SEEDED}/metrics", json={"filter": {key: None}})
@@ -80,9 +55,8 @@ def test_metrics_filter_key_that_is_not_a_payload_path_is_a_400(key, seeded_coll
     assert r.json()["error"]["param"] == "filter"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="controller bug: a ragged pca_basis (rows of "
-                   "different lengths) makes np.asarray raise ValueError -> 500, not 400")
 def test_metrics_ragged_pca_basis_is_a_400(seeded_collection):
+    """Found by this fuzzing (was a 500 from np.asarray); fixed in f2a0036."""
     with asgi.get_client(APP) as client:
         try:
             r = client.post(f"/collections/{SEEDED}/metrics", json={"pca_basis": [[], [0.0]]})
@@ -94,7 +68,6 @@ def test_metrics_ragged_pca_basis_is_a_400(seeded_collection):
 @schema.parametrize()
 @FUZZ
 def test_controller_api_never_5xx_and_matches_its_schema(case, fuzz_record):
-    assume(not known_bug(case))
     response = case.call_and_validate(checks=CHECKS)
     fuzz_record(case, response)
 
@@ -103,6 +76,5 @@ def test_controller_api_never_5xx_and_matches_its_schema(case, fuzz_record):
 @FUZZ
 def test_controller_api_on_an_existing_collection(case, fuzz_record, seeded_collection):
     case.path_parameters = {**(case.path_parameters or {}), "name": SEEDED}
-    assume(not known_bug(case))
     response = case.call_and_validate(checks=CHECKS)
     fuzz_record(case, response, " [existing]")

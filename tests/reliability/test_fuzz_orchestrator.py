@@ -24,7 +24,7 @@ import httpx
 import pytest
 import schemathesis
 from fastapi import FastAPI
-from hypothesis import HealthCheck, assume, settings
+from hypothesis import HealthCheck, settings
 from negspace_contracts.errors import NotFoundError
 from negspace_contracts.trainer import Job, JobCreated, JobRequest
 from negspace_controller.app import create_app as controller_app
@@ -37,7 +37,6 @@ from negspace_node.settings import NodeSettings
 from negspace_orchestrator.app import create_app
 from negspace_orchestrator.services import Dependencies
 from negspace_orchestrator.settings import OrchestratorSettings
-from qdrant_client.local.json_path_parser import parse_json_path
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import response_schema_conformance
@@ -154,30 +153,14 @@ def test_orchestrator_api_on_a_completed_run(case, fuzz_record, completed_run):
         # A generated export_dir would make the orchestrator write anywhere on this machine
         # (see test_limits.py for what it does with a bad one); keep the writes in our tmp dir.
         case.body = {**case.body, "export_dir": str(TMP / "qa-export")}
-    # The controller bugs pinned in test_fuzz_controller.py (metrics filter keys that are not
-    # Qdrant payload paths, a ragged pca_basis): the orchestrator forwards these bodies, the
-    # controller answers 500, the orchestrator retries and answers 503. Remove once fixed.
-    body = case.body if isinstance(case.body, dict) else {}
-    flt, basis = body.get("filter"), body.get("pca_basis")
-    assume(not (case.path.endswith("/metrics") and (
-        (isinstance(flt, dict) and any(isinstance(k, str) and _bad_key(k) for k in flt))
-        or (isinstance(basis, list) and len({len(r) if isinstance(r, list) else -1 for r in basis}) > 1))))
     response = case.call_and_validate(checks=CHECKS)
     fuzz_record(case, response, " [completed run]")
 
 
-def _bad_key(key: str) -> bool:
-    try:
-        parse_json_path(key)
-    except ValueError:
-        return True
-    return False
 
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="orchestrator bug: an export_dir it cannot "
-                   "create (an existing file, a path under /proc) raises OSError in qa.export -> 500, not 400")
 @pytest.mark.parametrize("where", ["existing-file", "unwritable"])
 def test_qa_export_dir_that_cannot_be_created_is_a_400(where, completed_run):
+    """Found by this fuzzing (was an unhandled OSError, 500); fixed in f2a0036."""
     target = TMP / "a-file" if where == "existing-file" else Path("/proc/negspace-no-such-dir")
     if where == "existing-file":
         target.write_text("not a folder")

@@ -9,6 +9,8 @@ Same rules as the other services: no 5xx, no hang, responses match the schema; b
 from __future__ import annotations
 
 import atexit
+import contextlib
+import importlib
 import importlib.util
 import inspect
 import shutil
@@ -30,25 +32,36 @@ from schemathesis.specs.openapi.checks import response_schema_conformance  # noq
 
 
 def _app_without_worker(settings):
-    """The real app whose job runner never starts a worker (jobs stay queued), or None.
+    """The real app whose job queue never starts a worker (jobs stay queued), or None.
 
-    Asks the trainer's code: ``create_app(..., start_worker=False)``, or an injected
-    ``JobRunner(settings, [store], start_worker=False)`` through ``create_app(runner=...)``."""
+    Asks the trainer's code, in order: ``create_app(..., start_worker=False)``; an injected
+    ``JobRunner(..., start_worker=False)``; an injected JobRunner whose ``start`` does not start
+    its job loop (the runner's ``submit``/``get``/``cancel``/``logs`` stay the real ones)."""
     params = inspect.signature(create_app).parameters
     if "start_worker" in params:
         return create_app(settings, start_worker=False)
-    from negspace_trainer import jobs
+    if "runner" not in params:
+        return None
+    runner_mod = next((importlib.import_module(m) for m in ("negspace_trainer.runner", "negspace_trainer.jobs")
+                       if importlib.util.find_spec(m) is not None), None)
+    if runner_mod is None or not hasattr(runner_mod, "JobRunner"):
+        return None
+    job_runner = runner_mod.JobRunner
+    runner_params = inspect.signature(job_runner).parameters
+    args = [settings]
+    if "store" in runner_params:
+        from negspace_trainer.store import JobStore
 
-    runner_params = inspect.signature(jobs.JobRunner).parameters
-    if "runner" in params and "start_worker" in runner_params:
-        args = [settings]
-        if "store" in runner_params:
-            from negspace_trainer.store import JobStore
+        settings.resolved_workdir.mkdir(parents=True, exist_ok=True)
+        args.append(JobStore(settings.resolved_workdir / "jobs.sqlite"))
+    if "start_worker" in runner_params:
+        return create_app(settings, runner=job_runner(*args, start_worker=False))
 
-            settings.resolved_workdir.mkdir(parents=True, exist_ok=True)
-            args.append(JobStore(settings.resolved_workdir / "jobs.sqlite"))
-        return create_app(settings, runner=jobs.JobRunner(*args, start_worker=False))
-    return None
+    class QueueOnlyRunner(job_runner):
+        async def start(self) -> None:  # no job loop: nothing is ever trained
+            return None
+
+    return create_app(settings, runner=QueueOnlyRunner(*args))
 
 
 TMP = Path(tempfile.mkdtemp(prefix="negspace-fuzz-trainer-"))
@@ -61,6 +74,23 @@ if APP is None:
     pytest.skip("the trainer app cannot be built with its worker disabled (create_app(start_worker=False) "
                 "or create_app(runner=JobRunner(..., start_worker=False))); fuzzing POST /jobs would start "
                 "real training", allow_module_level=True)
+# schemathesis ends and restarts an app's lifespan around every test item; the trainer's lifespan
+# registers its Prometheus metrics and cannot start twice in one app (reported), so it runs once
+# here, for the whole module, as it does once per process under uvicorn.
+_lifespan = APP.router.lifespan_context
+_started: list = []
+
+
+@contextlib.asynccontextmanager
+async def _once(app):
+    if not _started:
+        cm = _lifespan(app)
+        await cm.__aenter__()
+        _started.append(cm)
+    yield
+
+
+APP.router.lifespan_context = _once
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 FUZZ = settings(max_examples=25, deadline=10000, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
