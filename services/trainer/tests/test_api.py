@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
@@ -25,13 +26,31 @@ def request(**kw) -> JobRequest:
 
 
 async def test_invalid_datasets_are_422(service):
-    svc = await service()
+    svc = await service(start_worker=False)
     for dataset in ({"records": []}, {"records": [{"text": "no messages"}]}, {},
                     {"records": [{"messages": [{"role": "user", "content": "only a question"}]}]}):
         response = await svc.client._http.post("/jobs", json={"dataset": dataset})
         assert response.status_code == 422, (dataset, response.text)
         assert response.json()["error"]["message"]
     assert (await svc.client.jobs.list()).jobs == []
+
+
+async def test_dataset_files_are_checked_when_submitted(service, tmp_path):
+    svc = await service(start_worker=False)
+    empty, bad, good = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl", tmp_path / "good.jsonl"
+    empty.write_text("\n")
+    bad.write_text(json.dumps(RECORD) + "\n" + json.dumps({"text": "no messages"}) + "\n")
+    good.write_text(json.dumps(RECORD) + "\n")
+    for path, words in ((tmp_path / "missing.jsonl", "not a file"), (empty, "no records"),
+                        (bad, "line 2"), ("bad\x00name", "not a file")):
+        response = await svc.client._http.post("/jobs", json={"dataset": {"path": str(path)}})
+        assert response.status_code == 422, (path, response.text)
+        assert words in response.json()["error"]["message"]
+    assert (await svc.client.jobs.list()).jobs == []
+    created = await svc.client.jobs.create(JobRequest.model_validate({"dataset": {"path": str(good)}}))
+    good.write_text("")  # the job trains on what the file held when it was submitted
+    copied = svc.runner.job_dir(created.id) / "dataset.jsonl"
+    assert [json.loads(line) for line in copied.read_text().splitlines()] == [RECORD]
 
 
 async def test_tasks_health_metrics_and_unknown_job(service):
@@ -95,7 +114,7 @@ async def test_killed_worker_fails_with_reason(service, wait_job):
         await asyncio.sleep(0.1)
     os.kill(row["pid"], signal.SIGKILL)
     job = await wait_job(svc.client, created.id, {"failed"}, timeout=30)
-    assert "signal 9" in job.error
+    assert "worker killed by signal 9" in job.error
 
 
 async def test_unknown_run_id_fails_with_orchestrator_message(service, wait_job):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from negspace_contracts.trainer import (
 from negspace_servekit import create_app as _create_app
 from negspace_servekit import health_response
 from negspace_trainer import local_tasks
-from negspace_trainer.runner import JobRunner
+from negspace_trainer.runner import JobRunner, read_dataset_file
 from negspace_trainer.settings import TrainerSettings
 from negspace_trainer.store import JobStore
 
@@ -33,7 +34,11 @@ jobs = APIRouter(prefix="/jobs", tags=["jobs"])
 
 @jobs.post("", status_code=201, response_model=JobCreated)
 async def create_job(body: JobRequest, runner: RunnerDep) -> JobCreated:
-    job = runner.submit(body)
+    records = None
+    path = body.dataset.path
+    if path is not None and not path.startswith(("http://", "https://")):
+        records = await asyncio.to_thread(read_dataset_file, path)
+    job = runner.submit(body, records)
     return JobCreated(id=job.id, status=job.status)
 
 
@@ -90,8 +95,9 @@ async def health(request: Request):
 
 
 def create_app(settings: TrainerSettings | None = None, runner: JobRunner | None = None,
-               orchestrator=None) -> FastAPI:
-    """``runner`` lets tests inject one; ``orchestrator`` is a factory of OrchestratorClient."""
+               orchestrator=None, start_worker: bool = True) -> FastAPI:
+    """``runner`` lets tests inject one; ``orchestrator`` is a factory of OrchestratorClient;
+    ``start_worker=False`` accepts jobs but never runs them (API tests, fuzzing)."""
     settings = settings or TrainerSettings()
 
     @asynccontextmanager
@@ -99,7 +105,8 @@ def create_app(settings: TrainerSettings | None = None, runner: JobRunner | None
         workdir = settings.resolved_workdir
         app.state.tasks_dir = local_tasks.materialize(workdir / "tasks")
         own = runner is None
-        r = runner or JobRunner(settings, JobStore(workdir / "jobs.sqlite"), orchestrator=orchestrator)
+        r = runner or JobRunner(settings, JobStore(workdir / "jobs.sqlite"), orchestrator=orchestrator,
+                                 start_worker=start_worker)
         finished = Counter("negspace_trainer_jobs_finished", "Jobs finished, by status", ["status"],
                            registry=app.state.metrics_registry)
         Gauge("negspace_trainer_jobs_queued", "Jobs waiting", registry=app.state.metrics_registry

@@ -21,9 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from negspace_contracts.errors import ConflictError, NegspaceError, NotFoundError, RateLimitError
+from negspace_contracts.errors import BadRequestError, ConflictError, NegspaceError, NotFoundError, RateLimitError
 from negspace_contracts.orchestrator import OrchestratorClient
-from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, Job, JobRequest
+from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, ChatRecord, Job, JobRequest
+from pydantic import ValidationError
 
 from negspace_trainer.settings import TrainerSettings
 from negspace_trainer.store import JobStore, now
@@ -47,15 +48,76 @@ def exit_reason(returncode: int) -> str:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        hint = " (killed: out of memory, or ended from outside)" if -returncode == signal.SIGKILL else ""
-        return f"worker exited with signal {-returncode} ({name}){hint}; see GET /jobs/{{id}}/logs"
+        hint = ": out of memory, or ended from outside" if -returncode == signal.SIGKILL else ""
+        return f"worker killed by signal {-returncode} ({name}{hint}); see GET /jobs/{{id}}/logs"
     return f"worker exited with code {returncode} without a result; see GET /jobs/{{id}}/logs"
+
+
+def _kill_orphan(pid: int, job_dir: Path) -> bool:
+    """A worker left by a previous service process may still be training: end its group, but only
+    if that pid really is this job's worker (pids are reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"negspace_trainer.worker" not in cmdline or str(job_dir).encode() not in cmdline:
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+MAX_DATASET_FILE_BYTES = 1024 * 1024 * 1024
+
+
+def read_dataset_file(source: str) -> list[dict]:
+    """A ``dataset.path`` on this machine, checked when the job is submitted (a missing file, an
+    empty one or a line that is not a chat record answers 422 naming the line) and copied into
+    the job, so editing the file later does not change what the job trains on. http(s) URLs are
+    fetched by the worker."""
+    try:
+        path = Path(source).expanduser()
+        is_file = path.is_file()
+    except (OSError, ValueError, RuntimeError):  # e.g. a NUL byte, an unknown ~user
+        is_file = False
+    if not is_file:
+        raise BadRequestError(f"dataset.path {source!r} is not a file on the trainer's machine (give a JSONL "
+                              "file of chat records, an http(s) URL, inline records or an orchestrator run_id)",
+                              param="dataset.path", status_code=422)
+    if path.stat().st_size > MAX_DATASET_FILE_BYTES:
+        raise BadRequestError(f"dataset.path {source!r} is larger than {MAX_DATASET_FILE_BYTES} bytes",
+                              param="dataset.path", status_code=422)
+    records = []
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(ChatRecord.model_validate_json(line).model_dump())
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    where = ".".join(str(p) for p in err.get("loc", ())) or "record"
+                    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+                    raise BadRequestError(f"dataset.path {source!r} line {number} is not a chat record "
+                                          f'{{"messages": [{{"role", "content"}}, ...]}}: {where}: {msg}',
+                                          param="dataset.path", status_code=422) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"cannot read dataset.path {source!r}: {exc}", param="dataset.path",
+                              status_code=422) from None
+    if not records:
+        raise BadRequestError(f"dataset.path {source!r} holds no records: it needs at least one "
+                              '{"messages": [...]} line', param="dataset.path", status_code=422)
+    return records
 
 
 class JobRunner:
     def __init__(self, settings: TrainerSettings, store: JobStore,
-                 orchestrator: Callable[[], OrchestratorClient] | None = None) -> None:
+                 orchestrator: Callable[[], OrchestratorClient] | None = None, *,
+                 start_worker: bool = True) -> None:
+        """``start_worker=False``: jobs are accepted and stay queued (API tests, fuzzing)."""
         self.settings = settings
+        self.start_worker = start_worker
         self.store = store
         self.jobs_dir = settings.resolved_workdir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -69,10 +131,15 @@ class JobRunner:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
+        for job in self.store.list("running"):
+            row = self.store.row(job.id)
+            if row is not None and row["pid"] and _kill_orphan(int(row["pid"]), self.job_dir(job.id)):
+                log.warning("job %s: ended worker pid %s left by the previous service process", job.id, row["pid"])
         lost = self.store.fail_interrupted(RESTART_REASON)
         if lost:
             log.warning("marked %d job(s) interrupted by the restart as failed: %s", len(lost), ", ".join(lost))
-        self._task = asyncio.create_task(self._loop(), name="trainer-job-loop")
+        if self.start_worker:
+            self._task = asyncio.create_task(self._loop(), name="trainer-job-loop")
 
     async def stop(self) -> None:
         if self._current is not None and self._proc is not None:
@@ -92,7 +159,8 @@ class JobRunner:
         return self.jobs_dir / job_id
 
     # -- API operations ---------------------------------------------------------------------------
-    def submit(self, request: JobRequest) -> Job:
+    def submit(self, request: JobRequest, records: list[dict] | None = None) -> Job:
+        """Queue a job. ``records``: the dataset already read (``read_dataset_file``) for a path."""
         if self.store.count("queued") >= self.settings.max_queued:
             raise RateLimitError(f"{self.settings.max_queued} jobs are already queued; retry later",
                                  retry_after=60)
@@ -103,7 +171,9 @@ class JobRunner:
             request = request.model_copy(update={"base_model": self.settings.default_base_model})
         (job_dir / "request.json").write_text(request.model_dump_json())
         if request.dataset.records is not None:
-            self._write_dataset(job_dir, [r.model_dump() for r in request.dataset.records])
+            records = [r.model_dump() for r in request.dataset.records]
+        if records is not None:
+            self._write_dataset(job_dir, records)
         self.store.create(job_id, request)
         self._wake.set()
         job = self.store.get(job_id)
