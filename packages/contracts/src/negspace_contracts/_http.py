@@ -27,6 +27,9 @@ M = TypeVar("M", bound=BaseModel)
 
 TOKEN_ENV = "NEGSPACE_API_TOKEN"
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+# Streams (server-sent events, JSONL) may last hours but never go quiet for long: the orchestrator
+# sends a keep-alive every 15 s, so a 60 s silence means a dead connection, not a slow run.
+STREAM_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 
 
 class _UseClientDefault:
@@ -130,7 +133,7 @@ class ServiceClient:
         try:
             async with self._http.stream(method, path, params=params,
                                          timeout=timeout if timeout is not None else
-                                         httpx.Timeout(None, connect=5.0)) as response:
+                                         STREAM_TIMEOUT) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise _error_from_response(response)
