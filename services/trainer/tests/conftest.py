@@ -6,7 +6,6 @@ import os
 import httpx
 import pytest
 from fastapi import FastAPI
-
 from negspace_contracts.trainer import TrainerClient
 from negspace_trainer.app import create_app
 from negspace_trainer.settings import TrainerSettings

@@ -10,8 +10,7 @@ import signal
 import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
-
-from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
+from negspace_contracts.errors import ConflictError, NotFoundError
 from negspace_contracts.orchestrator import OrchestratorClient
 from negspace_contracts.trainer import JobRequest
 from negspace_trainer.store import JobStore
@@ -68,7 +67,6 @@ async def test_tasks_health_metrics_and_unknown_job(service):
 
 def test_materialized_task_is_found_by_lm_eval(tmp_path):
     from lm_eval.tasks import TaskManager
-
     from negspace_trainer import local_tasks
 
     folder = local_tasks.materialize(tmp_path / "tasks")

@@ -9,17 +9,15 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
-
 from negspace_contracts.orchestrator import OrchestratorClient
 from negspace_contracts.trainer import JobRequest
 from negspace_trainer.local_tasks import TASKS_DIR
-
 
 pytestmark = pytest.mark.slow
 
 
 def _records() -> list[dict]:
-    rows = [json.loads(l) for l in (TASKS_DIR / "negspace_arith" / "test.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (TASKS_DIR / "negspace_arith" / "test.jsonl").read_text().splitlines()]
     return [{"messages": [{"role": "user", "content": r["question"]},
                           {"role": "assistant", "content": f"The answer is {r['answer']}."}]} for r in rows[:24]]
 

@@ -6,6 +6,7 @@ import sys
 
 from negspace_servekit import parse_settings
 from negspace_servekit.serve import serve
+
 from negspace_trainer.app import create_app
 from negspace_trainer.settings import TrainerSettings
 

@@ -8,13 +8,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse
-from prometheus_client import Counter, Gauge
-
+from negspace_contracts.errors import ServiceUnavailableError
 from negspace_contracts.trainer import (
-    Artifact, ArtifactList, Job, JobCreated, JobList, JobRequest, LocalTask, TaskList,
+    Artifact,
+    ArtifactList,
+    Job,
+    JobCreated,
+    JobList,
+    JobRequest,
+    LocalTask,
+    TaskList,
 )
 from negspace_servekit import create_app as _create_app
 from negspace_servekit import health_response
+from prometheus_client import Counter, Gauge
+
 from negspace_trainer import local_tasks
 from negspace_trainer.runner import JobRunner, read_dataset_file
 from negspace_trainer.settings import TrainerSettings
@@ -24,7 +32,10 @@ SERVICE = "trainer"
 
 
 def get_runner(request: Request) -> JobRunner:
-    return request.app.state.runner
+    runner = getattr(request.app.state, "runner", None)
+    if runner is None:
+        raise ServiceUnavailableError("the trainer is starting or stopping; retry in a moment")
+    return runner
 
 
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
@@ -107,18 +118,13 @@ def create_app(settings: TrainerSettings | None = None, runner: JobRunner | None
         own = runner is None
         r = runner or JobRunner(settings, JobStore(workdir / "jobs.sqlite"), orchestrator=orchestrator,
                                  start_worker=start_worker)
-        finished = Counter("negspace_trainer_jobs_finished", "Jobs finished, by status", ["status"],
-                           registry=app.state.metrics_registry)
-        Gauge("negspace_trainer_jobs_queued", "Jobs waiting", registry=app.state.metrics_registry
-              ).set_function(lambda: r.store.count("queued"))
-        Gauge("negspace_trainer_jobs_running", "Jobs running", registry=app.state.metrics_registry
-              ).set_function(lambda: 1 if r.busy else 0)
-        r.on_finish = lambda status: finished.labels(status).inc()
+        r.on_finish = lambda status: app.state.jobs_finished.labels(status).inc()
         await r.start()
         app.state.runner = r
         try:
             yield
         finally:
+            app.state.runner = None
             await r.stop()
             if own:
                 r.store.close()
@@ -128,4 +134,16 @@ def create_app(settings: TrainerSettings | None = None, runner: JobRunner | None
                       lifespan=lifespan)
     app.include_router(jobs)
     app.include_router(meta)
+    # Registered once per app (not per lifespan start): the gauges read whichever runner is live.
+    registry = app.state.metrics_registry
+    app.state.jobs_finished = Counter("negspace_trainer_jobs_finished", "Jobs finished, by status",
+                                      ["status"], registry=registry)
+
+    def _runner() -> JobRunner | None:
+        return getattr(app.state, "runner", None)
+
+    Gauge("negspace_trainer_jobs_queued", "Jobs waiting", registry=registry).set_function(
+        lambda: _runner().store.count("queued") if _runner() is not None else 0)
+    Gauge("negspace_trainer_jobs_running", "Jobs running", registry=registry).set_function(
+        lambda: 1 if _runner() is not None and _runner().busy else 0)
     return app

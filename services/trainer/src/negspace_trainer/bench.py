@@ -16,13 +16,14 @@ from pathlib import Path
 
 from negspace_contracts.trainer import JobRequest
 from negspace_servekit.benchdoc import machine_line, record_section
+
 from negspace_trainer.local_tasks import TASKS_DIR
 
 
 def _records() -> list[dict]:
     rows = []
     for name in ("fewshot.jsonl", "test.jsonl"):
-        rows += [json.loads(l) for l in (TASKS_DIR / "negspace_arith" / name).read_text().splitlines() if l.strip()]
+        rows += [json.loads(line) for line in (TASKS_DIR / "negspace_arith" / name).read_text().splitlines() if line.strip()]
     return [{"messages": [{"role": "user", "content": r["question"]},
                           {"role": "assistant", "content": f"The answer is {r['answer']}."}]} for r in rows]
 

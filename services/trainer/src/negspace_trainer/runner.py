@@ -21,7 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from negspace_contracts.errors import BadRequestError, ConflictError, NegspaceError, NotFoundError, RateLimitError
+from negspace_contracts.errors import (
+    BadRequestError,
+    ConflictError,
+    NegspaceError,
+    NotFoundError,
+    RateLimitError,
+)
 from negspace_contracts.orchestrator import OrchestratorClient
 from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, ChatRecord, Job, JobRequest
 from pydantic import ValidationError
@@ -295,7 +301,7 @@ class JobRunner:
             try:
                 await asyncio.wait_for(proc.wait(), timeout=self.settings.poll_interval_s)
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._sync_progress(job_id, job_dir)
         self._sync_progress(job_id, job_dir)
         rc = proc.returncode
@@ -329,7 +335,7 @@ class JobRunner:
             os.killpg(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), timeout=grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()

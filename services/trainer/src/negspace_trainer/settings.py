@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from negspace_servekit.home import negspace_home
 from negspace_servekit.settings import ServiceSettings
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 
 class TrainerSettings(ServiceSettings):
