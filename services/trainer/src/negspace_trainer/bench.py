@@ -54,19 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     rows = []
+    load_before = os.getloadavg()[0]
     for method in ("lora", "full"):
         m = run_one(method, args.steps, args.batch_size, args.max_length, args.base_model)
         rows.append(m)
         print(f"{method}: {m['tokens_per_second']:.0f} tokens/s, peak RSS {m['peak_rss_mb']:.0f} MiB, "
               f"{m['trainable_params']:,} trainable params, {m['train_runtime_s']:.1f} s", flush=True)
     lora, full = rows
+    load_after = os.getloadavg()[0]
     gpu = "peak_gpu_mem_mb" in lora
     lines = [
         "## Trainer: LoRA vs full fine-tuning (bundled SmolLM2-135M-Instruct)", "",
         f"{machine_line()}; device {lora['device']}. {args.steps} optimizer steps, batch {args.batch_size}, "
         f"max_length {args.max_length}, short arithmetic chat records; throughput counts non-padding "
         "tokens (TRL `num_tokens`) over the train runtime; memory is the worker process's peak RSS"
-        + (" and peak GPU memory allocated." if gpu else "."), "",
+        + (" and peak GPU memory allocated." if gpu else ".")
+        + f" 1-min load average {load_before:.1f} before, {load_after:.1f} after (above the core count, "
+        "other processes shared the CPU and the figures are low and noisy).", "",
         "| method | trainable params | tokens/s | train time (s) | peak RSS (MiB) |" + (" peak GPU (MiB) |" if gpu else ""),
         "|---|---:|---:|---:|---:|" + ("---:|" if gpu else ""),
     ]
