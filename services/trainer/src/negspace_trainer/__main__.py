@@ -1,21 +1,17 @@
-"""``python -m negspace_trainer --port 8003`` (flags, or ``TRAINER_*`` environment variables)."""
+"""``python -m negspace_trainer --port 8003 [--workdir DIR] [--orchestrator-url URL]``."""
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Sequence
 
-from negspace_servekit import parse_settings
-from negspace_servekit.serve import serve
+from negspace_servekit.serve import run_service
 
 from negspace_trainer.app import create_app
 from negspace_trainer.settings import TrainerSettings
 
 
-def main(argv: list[str] | None = None) -> int:
-    settings = parse_settings(TrainerSettings, argv if argv is not None else sys.argv[1:],
-                              prog="python -m negspace_trainer")
-    serve(create_app(settings), settings, "trainer")
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_service("trainer", TrainerSettings, create_app, argv)
 
 
 if __name__ == "__main__":
