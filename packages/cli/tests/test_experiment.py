@@ -106,3 +106,13 @@ async def test_failed_training_still_writes_the_data_report_and_fails(clients, f
     assert m["metrics"]["guided"]["n"] == 6 and m["training"]["guided"]["status"] == "failed"
     report = (out / "report.md").read_text()
     assert "| semantic_diversity |" in report and "training/evaluation failed" in report
+
+
+def test_eval_scores_keep_metrics_and_drop_lm_eval_bookkeeping():
+    from negspace_cli.analysis import eval_scores
+
+    lm_eval_results = {"negspace_arith": {"alias": "negspace_arith", "exact_match,first-number": 0.25,
+                                          "exact_match_stderr,first-number": 0.1, "sample_len": 10,
+                                          "num_fewshot": 0}}
+    assert eval_scores({"results": lm_eval_results}) == {"negspace_arith/exact_match,first-number": 0.25}
+    assert eval_scores(lm_eval_results) == {"negspace_arith/exact_match,first-number": 0.25}

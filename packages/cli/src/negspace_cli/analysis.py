@@ -49,6 +49,9 @@ def _numeric(v: Any) -> float | None:
     return float(v)
 
 
+_NOT_SCORES = frozenset({"samples", "sample_len", "num_fewshot"})
+
+
 def eval_scores(result: Mapping[str, Any] | None) -> dict[str, float]:
     """Flatten lm-eval's results (``{"results": {task: {"exact_match,first-number": x, ...}}}``,
     or the ``results`` mapping itself) to ``{"task/metric,filter": value}``, stderr left out."""
@@ -63,7 +66,9 @@ def eval_scores(result: Mapping[str, Any] | None) -> dict[str, float]:
             continue
         for name, value in metrics.items():
             v = _numeric(value)
-            if v is None or "stderr" in name or name in ("samples", "num_fewshot"):
+            # Scores only: lm-eval's results also carry bookkeeping numbers (sample_len = how
+            # many items ran, samples, num_fewshot) that are not metrics.
+            if v is None or "stderr" in name or name in _NOT_SCORES:
                 continue
             out[f"{task}/{name}"] = v
     return out
