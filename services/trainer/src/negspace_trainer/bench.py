@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['trainable_params']:,} trainable params, {m['train_runtime_s']:.1f} s", flush=True)
     lora, full = rows
     load_after = os.getloadavg()[0]
+    # Before the bench the load is other processes'; after, it includes the bench's own workers.
+    load_note = ("other processes shared the CPU: the figures are low and noisy"
+                 if load_before > 0.5 else "the machine was otherwise idle")
     gpu = "peak_gpu_mem_mb" in lora
     lines = [
         "## Trainer: LoRA vs full fine-tuning (bundled SmolLM2-135M-Instruct)", "",
@@ -69,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         f"max_length {args.max_length}, short arithmetic chat records; throughput counts non-padding "
         "tokens (TRL `num_tokens`) over the train runtime; memory is the worker process's peak RSS"
         + (" and peak GPU memory allocated." if gpu else ".")
-        + f" 1-min load average {load_before:.1f} before, {load_after:.1f} after (above the core count, "
-        "other processes shared the CPU and the figures are low and noisy).", "",
+        + f" 1-min load average {load_before:.1f} before, {load_after:.1f} after ({load_note}).", "",
         "| method | trainable params | tokens/s | train time (s) | peak RSS (MiB) |" + (" peak GPU (MiB) |" if gpu else ""),
         "|---|---:|---:|---:|---:|" + ("---:|" if gpu else ""),
     ]
