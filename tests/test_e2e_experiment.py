@@ -9,10 +9,10 @@ import importlib.util
 import json
 import math
 import re
-import socket
 from pathlib import Path
 
 import pytest
+from negspace_servekit.testing import free_ports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.vllm]
 
@@ -25,16 +25,6 @@ for _mod in ("negspace_cli", "negspace_node", "negspace_controller", "negspace_o
     if not _found:
         pytestmark.append(pytest.mark.skip(reason=f"{_mod} is not installed"))
         break
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def rows(path: Path) -> list[dict]:

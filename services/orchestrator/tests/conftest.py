@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import math
 import random
-import socket
 import threading
 import time
 import uuid
@@ -53,6 +52,7 @@ from negspace_contracts.trainer import Job, JobCreated, JobRequest
 from negspace_orchestrator.app import create_app
 from negspace_orchestrator.services import Dependencies
 from negspace_orchestrator.settings import OrchestratorSettings
+from negspace_servekit.testing import free_port
 
 VOCAB = [f"w{i}" for i in range(400)]
 
@@ -308,12 +308,6 @@ def make_harness(tmp_path):
 
 
 # ---- real sockets (for the orchestrator as a subprocess) -----------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ThreadServer:
     """A uvicorn server on 127.0.0.1 in a background thread (its own event loop)."""
 

@@ -13,8 +13,9 @@ from collections import Counter
 
 import httpx
 from negspace_contracts.orchestrator import OrchestratorClient, RunConfig
+from negspace_servekit.testing import free_port
 
-from .conftest import CallLog, MockController, MockNode, ThreadServer, free_port  # noqa: TID252
+from .conftest import CallLog, MockController, MockNode, ThreadServer  # noqa: TID252
 
 
 def cfg(**kw) -> RunConfig:

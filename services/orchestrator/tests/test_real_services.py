@@ -20,8 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from negspace_contracts.orchestrator import OrchestratorClient, QARequest, RunConfig
-
-from .conftest import free_port  # noqa: TID252
+from negspace_servekit.testing import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.vllm]
 
