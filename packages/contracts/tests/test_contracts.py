@@ -6,14 +6,13 @@ import math
 
 import httpx
 import pytest
-from pydantic import ValidationError
-
 from negspace_contracts import ConnectionFailedError, TimeoutError_, is_retryable
 from negspace_contracts.controller import DenseRequest, EmbedRequest, PointIn, SimilarRequest
 from negspace_contracts.errors import RateLimitError, ServiceUnavailableError, error_class_for
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage, CompletionRequest, NodeClient
 from negspace_contracts.orchestrator import RunConfig
 from negspace_contracts.trainer import DatasetSpec, JobRequest
+from pydantic import ValidationError
 
 
 def chat(**kw):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import httpx
 import pytest
 from fastapi import APIRouter
-from pydantic import BaseModel
-
 from negspace_contracts._http import ServiceClient
 from negspace_contracts.errors import (
     AuthenticationError,
@@ -19,6 +17,7 @@ from negspace_contracts.errors import (
 )
 from negspace_servekit import ServiceSettings, create_app, health_response
 from negspace_servekit.settings import parse_settings
+from pydantic import BaseModel
 
 
 class Item(BaseModel):

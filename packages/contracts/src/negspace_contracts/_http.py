@@ -144,7 +144,7 @@ class ServiceClient:
         except httpx.TransportError as exc:
             raise ConnectionFailedError(f"cannot reach {self.base_url}: {exc!r}") from exc
 
-    async def health(self) -> "HealthResponse":
+    async def health(self) -> HealthResponse:
         """GET /health, returning the body whether the service is ready (200) or not (503)."""
         from negspace_contracts.common import HealthResponse
 

@@ -12,10 +12,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from negspace_contracts.common import HealthResponse
 from negspace_contracts.errors import (
     AuthenticationError,
@@ -26,6 +22,10 @@ from negspace_contracts.errors import (
     PayloadTooLargeError,
     error_class_for,
 )
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from negspace_servekit.settings import ServiceSettings
 
 log = logging.getLogger("negspace")
