@@ -29,6 +29,7 @@ if mode == "crash":
 # a grandchild in the same process group, like vLLM's engine process or a trainer worker
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
 open(os.path.join(os.environ["STANDIN_DIR"], name + ".child"), "w").write(str(child.pid))
+open(os.path.join(os.environ["STANDIN_DIR"], name + ".token"), "w").write(os.environ.get("NEGSPACE_API_TOKEN", ""))
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 ready_at = time.monotonic() + float(os.environ.get("STANDIN_DELAY", "0.3"))
@@ -119,6 +120,41 @@ def test_start_waits_for_every_health_and_stop_leaves_no_process(standins):
         stack.stop()
     pids = [s.pid for s in stack.services.values()] + kids
     assert wait_gone(pids) == []
+
+
+def test_every_service_gets_one_token_created_once_and_private(standins, monkeypatch):
+    monkeypatch.delenv("NEGSPACE_API_TOKEN", raising=False)
+    stack = launcher.Stack(config(standins), echo=lambda m: None)
+    with stack:
+        tokens = {p.stem: p.read_text() for p in standins.glob("*.token")}
+    path = standins / "home" / launcher.TOKEN_FILE_NAME
+    assert set(tokens) == set(launcher.SERVICES)
+    assert len(set(tokens.values())) == 1 and len(tokens["node"]) >= 32
+    assert path.read_text().strip() == tokens["node"]
+    assert path.stat().st_mode & 0o077 == 0  # readable by its owner only
+    # the CLI's clients find the same token; a later stack reuses it
+    assert launcher.resolve_api_token() == tokens["node"]
+    assert launcher.StackConfig().env()["NEGSPACE_API_TOKEN"] == tokens["node"]
+    # the environment wins over the file
+    monkeypatch.setenv("NEGSPACE_API_TOKEN", "from-the-env")
+    assert launcher.resolve_api_token() == "from-the-env"
+    assert launcher.StackConfig().env()["NEGSPACE_API_TOKEN"] == "from-the-env"
+
+
+def test_one_service_is_killed_with_its_group_and_restarted(standins):
+    stack = launcher.Stack(config(standins), echo=lambda m: None)
+    with stack:
+        old_pid, old_child = stack.services["controller"].pid, int((standins / "controller.child").read_text())
+        stack.kill("controller")
+        assert not stack.services["controller"].alive() and wait_gone([old_pid, old_child]) == []
+        assert stack.services["controller"].proc.returncode == -signal.SIGKILL
+        assert all(stack.services[s].alive() for s in ("node", "trainer", "orchestrator"))
+        with pytest.raises(launcher.LaunchError, match="node .* is still running"):
+            stack.restart("node")
+        stack.restart("controller")
+        assert stack.services["controller"].alive() and stack.services["controller"].pid != old_pid
+        assert stack.first_dead() is None
+    assert wait_gone([s.pid for s in stack.services.values()] + children(standins)) == []
 
 
 def test_a_service_that_crashes_is_named_with_its_log_and_the_rest_stopped(standins, monkeypatch):

@@ -7,7 +7,8 @@
     negspace experiment --base "Write a math problem." --nodes 4 --rounds 3 [--out runs]
 
 The orchestrator URL comes from --orchestrator-url or $NEGSPACE_ORCHESTRATOR_URL (default
-http://127.0.0.1:8000); the bearer token from $NEGSPACE_API_TOKEN (read by the clients).
+http://127.0.0.1:8000); the bearer token from $NEGSPACE_API_TOKEN, else $NEGSPACE_HOME/api-token
+(which `negspace up` creates when neither exists, and gives to every service).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def cmd_down(a: argparse.Namespace) -> int:
 
 # ---- run / runs ------------------------------------------------------------------------------
 def _orch(a: argparse.Namespace) -> OrchestratorClient:
-    return OrchestratorClient(a.orchestrator_url)
+    return OrchestratorClient(a.orchestrator_url, token=launcher.resolve_api_token())
 
 
 async def _run(a: argparse.Namespace) -> int:
@@ -273,8 +274,9 @@ def cmd_experiment(a: argparse.Namespace) -> int:
 async def _experiment(cfg, orchestrator_url, controller_url, out_root, quiet):
     # Q/A conversion answers when the whole run is converted: minutes, not the clients' default 60 s
     long = httpx.Timeout(EXPERIMENT_CALL_TIMEOUT_S, connect=10.0)
-    async with OrchestratorClient(orchestrator_url, timeout=long) as orch, \
-            ControllerClient(controller_url, timeout=long) as ctl:
+    token = launcher.resolve_api_token()  # the env's, or the one `negspace up` wrote
+    async with OrchestratorClient(orchestrator_url, timeout=long, token=token) as orch, \
+            ControllerClient(controller_url, timeout=long, token=token) as ctl:
         try:
             await ctl.health()
             controller = ctl

@@ -10,6 +10,11 @@ Embedded defaults: the bundled models (empty model settings), the controller's Q
 disk under ``$NEGSPACE_HOME/qdrant``, the orchestrator's SQLite under ``$NEGSPACE_HOME``. Anything
 else is configured through each service's own environment variables (``NODE_*``,
 ``CONTROLLER_*``, ``ORCHESTRATOR_*``, ``TRAINER_*``), which the children inherit.
+
+Authentication is always on: every service gets ``NEGSPACE_API_TOKEN``, taken from the environment
+when set, else from ``$NEGSPACE_HOME/api-token`` (created once, mode 0600, with a random token).
+The CLI's clients read the same two places (``resolve_api_token``), so ``negspace run`` in another
+shell reaches a stack that ``negspace up`` started.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -31,6 +37,8 @@ import httpx
 SERVICES = ("node", "controller", "trainer", "orchestrator")
 DEFAULT_PORTS = {"orchestrator": 8000, "node": 8001, "controller": 8002, "trainer": 8003}
 PID_FILE_NAME = "negspace-up.json"
+TOKEN_ENV = "NEGSPACE_API_TOKEN"
+TOKEN_FILE_NAME = "api-token"
 
 
 class LaunchError(RuntimeError):
@@ -39,6 +47,31 @@ class LaunchError(RuntimeError):
 
 def negspace_home() -> Path:
     return Path(os.environ.get("NEGSPACE_HOME") or Path.home() / ".cache" / "negspace").expanduser()
+
+
+def token_file(home: Path | None = None) -> Path:
+    return (home or negspace_home()) / TOKEN_FILE_NAME
+
+
+def resolve_api_token(*, create: bool = False, home: Path | None = None) -> str | None:
+    """``$NEGSPACE_API_TOKEN``, else the token file; with ``create`` a new random token is written
+    there (0600) when neither exists. None: no token (the services then run without auth)."""
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if env:
+        return env
+    path = token_file(home)
+    with contextlib.suppress(OSError):
+        stored = path.read_text().strip()
+        if stored:
+            return stored
+    if not create:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
 
 
 def default_engine() -> str:
@@ -59,6 +92,7 @@ class StackConfig:
     python: str = sys.executable
     extra_env: dict[str, str] = field(default_factory=dict)
     extra_args: dict[str, list[str]] = field(default_factory=dict)
+    api_token: str | None = None            # None: resolve_api_token(create=True) when the stack spawns
 
     def url(self, service: str) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
@@ -69,8 +103,11 @@ class StackConfig:
         return Path(self.logs_dir) if self.logs_dir else negspace_home() / "logs"
 
     def env(self) -> dict[str, str]:
-        """Variables the children get on top of ours: the data folder, when one is chosen."""
-        env = {}
+        """Variables the children get on top of ours: the API token, and the data folder when one
+        is chosen."""
+        if self.api_token is None:
+            self.api_token = resolve_api_token(create=True)
+        env = {TOKEN_ENV: self.api_token}
         if self.data_dir is not None:
             d = Path(self.data_dir).resolve()
             env.update(CONTROLLER_QDRANT_PATH=str(d / "qdrant"), ORCHESTRATOR_DB=str(d / "orchestrator.db"),
@@ -160,20 +197,46 @@ class Stack:
 
     # -- start -------------------------------------------------------------------------------
     def spawn(self) -> None:
-        env = {**os.environ, **self.config.env()}
-        env.setdefault("PYTHONUNBUFFERED", "1")
         self.config.resolved_logs_dir.mkdir(parents=True, exist_ok=True)
         for svc in self.services.values():
             self._check_port_free(svc)
         for svc in self.services.values():
-            log = svc.log_path.open("ab")
-            log.write(f"\n=== negspace up: {' '.join(svc.command)} ===\n".encode())
-            log.flush()
-            svc.proc = subprocess.Popen(svc.command, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-            log.close()
-            self.echo(f"negspace: started {svc.name} (pid {svc.pid}) -> {svc.url}  log: {svc.log_path}")
+            self._spawn_one(svc)
+
+    def _spawn_one(self, svc: Service) -> None:
+        env = {**os.environ, **self.config.env()}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        log = svc.log_path.open("ab")
+        log.write(f"\n=== negspace up: {' '.join(svc.command)} ===\n".encode())
+        log.flush()
+        svc.proc = subprocess.Popen(svc.command, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        log.close()
+        self.echo(f"negspace: started {svc.name} (pid {svc.pid}) -> {svc.url}  log: {svc.log_path}")
+
+    # -- one service at a time (fault tests, and an operator replacing one process) ----------
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to a service's whole process group (its engine or worker processes too)
+        and, for SIGKILL, wait until the group is gone."""
+        svc = self.services[name]
+        if svc.proc is None:
+            return
+        _kill_group(svc.pid, sig)
+        if sig == signal.SIGKILL:
+            deadline = time.monotonic() + 30
+            # poll() reaps the leader; the group is gone once its last member is
+            while (svc.proc.poll() is None or _group_alive(svc.pid)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        self.echo(f"negspace: {name} (pid {svc.pid}) ended by {signal.Signals(sig).name}")
+
+    def restart(self, name: str, timeout_s: float | None = None) -> None:
+        """Start a service whose process has ended, then wait until every service is healthy."""
+        svc = self.services[name]
+        if svc.alive():
+            raise LaunchError(f"{name} (pid {svc.pid}) is still running; kill or stop it first")
+        self._spawn_one(svc)
+        self.wait_healthy(timeout_s)
 
     def _check_port_free(self, svc: Service) -> None:
         try:
