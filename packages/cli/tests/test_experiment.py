@@ -116,3 +116,38 @@ def test_eval_scores_keep_metrics_and_drop_lm_eval_bookkeeping():
                                           "num_fewshot": 0}}
     assert eval_scores({"results": lm_eval_results}) == {"negspace_arith/exact_match,first-number": 0.25}
     assert eval_scores(lm_eval_results) == {"negspace_arith/exact_match,first-number": 0.25}
+
+
+async def test_following_jobs_rides_out_a_restart_and_gives_up_after_the_outage_budget():
+    from negspace_cli.follow import follow_jobs
+    from negspace_contracts.errors import BadRequestError, ConnectionFailedError, ServiceUnavailableError
+    from negspace_contracts.trainer import Job
+
+    def job(status: str) -> Job:
+        return Job.model_validate({"id": "j1", "status": status, "name": "x", "created_at": "2026-01-01T00:00:00Z",
+                                   "request": {"dataset": {"records": [{"messages": [
+                                       {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]}}})
+
+    answers = [job("running"), ConnectionFailedError("refused"), ServiceUnavailableError("trainer: down"),
+               job("running"), job("succeeded")]
+
+    async def get_job(_key):
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    jobs = await follow_jobs(get_job, ["guided"], quiet=True, poll_s=0.01)
+    assert jobs["guided"].status == "succeeded" and answers == []
+
+    async def always_down(_key):
+        raise ConnectionFailedError("refused")
+
+    with pytest.raises(ConnectionFailedError):
+        await follow_jobs(always_down, ["guided"], quiet=True, poll_s=0.01, outage_s=0.1)
+
+    async def refused(_key):
+        raise BadRequestError("no such run")
+
+    with pytest.raises(BadRequestError):  # not retryable: raised at once
+        await follow_jobs(refused, ["guided"], quiet=True, poll_s=0.01)

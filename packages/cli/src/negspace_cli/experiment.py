@@ -12,6 +12,7 @@ Writes ``<out>/<guided run id>/``: ``guided.jsonl``, ``baseline.jsonl``, ``qa/``
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from negspace_contracts.controller import MAX_TEXTS_PER_EMBED, ControllerClient, MetricsRequest
-from negspace_contracts.errors import NegspaceError
+from negspace_contracts.errors import NegspaceError, is_retryable
 from negspace_contracts.orchestrator import (
     GuidanceSchedule,
     NegativesSpec,
@@ -40,6 +41,7 @@ from negspace_cli.follow import follow_jobs, follow_run, with_qa_progress
 
 METRIC_NAMES = ("semantic_diversity", "mst_diversity", "hull_volume", "vendi_score", "distinct_1", "distinct_2")
 DEFAULT_EVAL_TASK = "negspace_arith"
+QA_OUTAGE_S = 600.0  # how long a Q/A stage waits, in a row, for an orchestrator that went away
 
 
 @dataclass
@@ -162,9 +164,8 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
     # 3. Q/A for both
     qa_results: dict[str, Any] = {}
     for label, rid, n in (("guided", gid, len(g_instr)), ("baseline", bid, len(b_instr))):
-        res = await with_qa_progress(orchestrator, rid,
-                                     orchestrator.runs.qa(rid, QARequest(max_tokens=cfg.qa_max_tokens)),
-                                     total=n, desc=f"3/5 Q/A {label}", quiet=quiet)
+        res = await _qa_with_retries(orchestrator, rid, QARequest(max_tokens=cfg.qa_max_tokens), n,
+                                     f"3/5 Q/A {label}", quiet)
         qa_results[label] = res.model_dump(mode="json")
         records = await orchestrator.runs.qa_records(rid)
         _write_jsonl(out / "qa" / f"{label}.jsonl", [r.model_dump(mode="json") for r in records])
@@ -265,6 +266,26 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
         raise ExperimentError(f"training/evaluation failed: {train_error} "
                               f"(the report without evaluation is in {out / 'report.md'})")
     return out
+
+
+async def _qa_with_retries(orchestrator: OrchestratorClient, rid: str, request: QARequest, n: int,
+                           desc: str, quiet: bool, outage_s: float = QA_OUTAGE_S):
+    """``POST /runs/{id}/qa``, again after a retryable failure (the orchestrator restarting, a
+    dependency down: 503): the pairs converted so far are kept, so a new call continues."""
+    loop = asyncio.get_running_loop()
+    down_since: float | None = None
+    while True:
+        try:
+            return await with_qa_progress(orchestrator, rid, orchestrator.runs.qa(rid, request),
+                                          total=n, desc=desc, quiet=quiet)
+        except NegspaceError as exc:
+            if not is_retryable(exc):
+                raise
+            down_since = loop.time() if down_since is None else down_since
+            if loop.time() - down_since > outage_s:
+                raise
+            _log(f"negspace: Q/A of run {rid} interrupted ({exc.message}); retrying")
+            await asyncio.sleep(2.0)
 
 
 async def _train_and_eval(cfg: ExperimentConfig, orchestrator: OrchestratorClient, gid: str, bid: str,

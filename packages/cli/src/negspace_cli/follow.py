@@ -125,18 +125,33 @@ async def with_qa_progress(client: OrchestratorClient, run_id: str, work: Awaita
 
 
 async def follow_jobs(get_job, keys: list[str], *, desc: dict[str, str] | None = None,
-                      quiet: bool = False, poll_s: float = 2.0, timeout_s: float | None = None) -> dict[str, Job]:
-    """Poll training jobs (``await get_job(key) -> Job``) until all end; one bar per job (steps)."""
+                      quiet: bool = False, poll_s: float = 2.0, timeout_s: float | None = None,
+                      outage_s: float = 600.0) -> dict[str, Job]:
+    """Poll training jobs (``await get_job(key) -> Job``) until all end; one bar per job (steps).
+
+    A retryable error (the orchestrator or the trainer restarting: connection refused, 503) is
+    shown on the bar and polled through for up to ``outage_s`` in a row; then it is raised."""
     bars = {k: make_bar(None, (desc or {}).get(k, k), "step", i, quiet) for i, k in enumerate(keys)}
     jobs: dict[str, Job] = {}
     loop = asyncio.get_running_loop()
     start = loop.time()
+    down_since: float | None = None
     try:
         while True:
             for k in keys:
                 if k in jobs and jobs[k].status in TERMINAL_JOB_STATUSES:
                     continue
-                job: Job = await get_job(k)
+                try:
+                    job: Job = await get_job(k)
+                except NegspaceError as exc:
+                    if not is_retryable(exc):
+                        raise
+                    down_since = loop.time() if down_since is None else down_since
+                    if loop.time() - down_since > outage_s:
+                        raise
+                    bars[k].set_postfix(waiting=exc.message[:60], refresh=True)
+                    break
+                down_since = None
                 jobs[k] = job
                 b = bars[k]
                 if job.progress.total_steps and b.total != job.progress.total_steps:
@@ -149,11 +164,11 @@ async def follow_jobs(get_job, keys: list[str], *, desc: dict[str, str] | None =
                 if job.losses:
                     post["loss"] = f"{job.losses[-1].loss:.3f}"
                 b.set_postfix(post, refresh=True)
-            if all(jobs[k].status in TERMINAL_JOB_STATUSES for k in keys):
+            if len(jobs) == len(keys) and all(jobs[k].status in TERMINAL_JOB_STATUSES for k in keys):
                 return jobs
             if timeout_s is not None and loop.time() - start > timeout_s:
                 raise TimeoutError(f"training jobs not finished after {timeout_s:.0f}s: "
-                                   + ", ".join(f"{k}={jobs[k].status}" for k in keys))
+                                   + ", ".join(f"{k}={jobs[k].status if k in jobs else '?'}" for k in keys))
             await asyncio.sleep(poll_s)
     finally:
         for b in bars.values():
