@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from negspace_contracts.errors import ServiceUnavailableError
 from negspace_servekit import create_app as servekit_app
 from negspace_servekit import health_response
 from prometheus_client import Gauge
@@ -26,7 +27,7 @@ SERVICE = "controller"
 def build_store(settings: ControllerSettings) -> QdrantStore:
     if settings.qdrant_url:
         return QdrantStore(url=settings.qdrant_url, api_key=settings.qdrant_api_key,
-                           prefix=settings.collection_prefix)
+                           prefix=settings.collection_prefix, timeout=settings.qdrant_timeout_s)
     path = settings.resolved_qdrant_path()
     if path != ":memory:":
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -83,6 +84,20 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
     points = Gauge("negspace_controller_points", "Points held in memory per collection", ["collection"],
                    registry=app.state.metrics_registry)
 
+    probe: dict[str, asyncio.Task | None] = {"task": None}
+
+    async def qdrant_problem(controller: Controller) -> str | None:
+        """None when Qdrant answers (server mode: one short probe shared by concurrent /health
+        calls, so a hung Qdrant cannot pile up threads), else why not."""
+        task = probe["task"]
+        if task is None or task.done():
+            task = probe["task"] = asyncio.ensure_future(asyncio.to_thread(controller.store.ping))
+        try:
+            await asyncio.shield(task)
+        except ServiceUnavailableError as exc:
+            return exc.message
+        return None
+
     @app.get("/health", include_in_schema=False)
     async def health():
         controller = getattr(app.state, "controller", None)
@@ -92,8 +107,13 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
         sizes = {name: len(c.index) for name, c in controller._cols.items()}
         for name, size in sizes.items():
             points.labels(name).set(size)
-        return health_response(SERVICE, "ok", embedder=controller.embedder.name,
-                               dimension=controller.embedder.dimension, qdrant=controller.store.where,
-                               collections=sizes, knn_capacity=controller.knn_capacity)
+        info = dict(embedder=controller.embedder.name, dimension=controller.embedder.dimension,
+                    qdrant=controller.store.where, collections=sizes, knn_capacity=controller.knn_capacity)
+        problem = await qdrant_problem(controller)
+        if problem is not None:
+            return health_response(SERVICE, "error", f"{problem}. Routes that need Qdrant answer 503 "
+                                   "until it is back; /similar and /dense on loaded collections still "
+                                   "answer from memory", qdrant_status="down", **info)
+        return health_response(SERVICE, "ok", qdrant_status="ok", **info)
 
     return app

@@ -28,7 +28,7 @@ from negspace_contracts.controller import (
     SimilarResponse,
     UpsertPointsResponse,
 )
-from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
+from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 
 from negspace_controller import metrics as diversity
 from negspace_controller.embedder import Embedder
@@ -51,6 +51,9 @@ class _Collection:
     name: str
     index: DensityIndex
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Keys whose last write to Qdrant failed with an unknown outcome (timeout, dropped connection,
+    # 5xx mid-batch): Qdrant may or may not hold it. Reconciled from Qdrant before the next write.
+    unsure: set[Hashable] = field(default_factory=set)
 
 
 class Controller:
@@ -156,13 +159,30 @@ class Controller:
     async def delete(self, name: str) -> None:
         col = await self._get(name)
         async with col.write_lock:
-            await asyncio.to_thread(self.store.drop, name)
+            try:
+                await asyncio.to_thread(self.store.drop, name)
+            except ServiceUnavailableError:
+                # it may have been dropped anyway: forget the in-memory copy, the next request
+                # asks Qdrant again (404, or a reload of what it still holds)
+                self._cols.pop(name, None)
+                raise
             self._cols.pop(name, None)
             self._drop_snapshot(name)
 
-    async def warm_up(self) -> None:
-        """Load every existing collection (start-up), so the first request does not pay for it."""
-        for name in await asyncio.to_thread(self.store.names):
+    async def warm_up(self, max_wait_s: float = 30.0) -> None:
+        """Load every existing collection (start-up), so the first request does not pay for it.
+        While Qdrant is unreachable it retries (backing off to ``max_wait_s``); requests meanwhile
+        get a 503 naming Qdrant and /health says why."""
+        wait = 1.0
+        while True:
+            try:
+                names = await asyncio.to_thread(self.store.names)
+                break
+            except ServiceUnavailableError as exc:
+                log.warning("start-up: %s; trying again in %.0f s", exc.message, wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, max_wait_s)
+        for name in names:
             try:
                 await self._get(name)
             except Exception as exc:  # one bad collection must not stop the others
@@ -184,6 +204,8 @@ class Controller:
         async with col.write_lock:
             if self._cols.get(name) is not col:
                 raise NotFoundError(f"collection {name!r} was deleted", param="name")
+            if col.unsure:
+                await asyncio.to_thread(self._reconcile, col)
             index = col.index
             with index.lock:
                 current = {k: index.texts[index.row_of[k]] for k in last if k in index}
@@ -216,8 +238,13 @@ class Controller:
                 rows.append(v)
         pos = {k: i for i, k in enumerate(changed)}
         vectors = np.stack([vecs[pos[k]] if k in changed_set else r for k, r in zip(keys, rows, strict=True)])
-        # System of record first: if Qdrant refuses, the index is untouched.
-        self.store.upsert(col.name, keys, vectors, payloads)
+        # System of record first: if Qdrant refuses, the index is untouched. A timeout or a failure
+        # mid-batch leaves Qdrant's state unknown: those keys are reconciled before the next write.
+        try:
+            self.store.upsert(col.name, keys, vectors, payloads)
+        except ServiceUnavailableError:
+            col.unsure.update(keys)
+            raise
         with index.lock:
             for k, v, pl in zip(keys, vectors, payloads, strict=True):
                 if k not in changed_set:
@@ -230,7 +257,13 @@ class Controller:
         col = await self._get(name)
         keys = [to_key(i) for i in ids]
         async with col.write_lock:
-            await asyncio.to_thread(self.store.delete_points, name, keys)
+            if col.unsure:
+                await asyncio.to_thread(self._reconcile, col)
+            try:
+                await asyncio.to_thread(self.store.delete_points, name, keys)
+            except ServiceUnavailableError:
+                col.unsure.update(keys)
+                raise
 
             def drop() -> None:
                 with col.index.lock:
@@ -240,6 +273,33 @@ class Controller:
 
             await asyncio.to_thread(drop)
         return ids
+
+    def _reconcile(self, col: _Collection) -> None:
+        """Make the index hold exactly what Qdrant holds for the keys of failed writes."""
+        keys = list(col.unsure)
+        held = self.store.retrieve(col.name, keys)  # a 503 here: they stay unsure, the write fails
+        index = col.index
+        fixed = 0
+        with index.lock:
+            for k in keys:
+                got = held.get(k)
+                if got is None:
+                    if k in index:
+                        index.remove(k)
+                        fixed += 1
+                    continue
+                vec, payload = got
+                text = str(payload.get(TEXT_KEY, ""))
+                seq = int(payload.get(SEQ_KEY, index.next_seq))
+                if k in index and index.texts[index.row_of[k]] == text and index.seq_of(k) == seq:
+                    continue
+                if k in index:
+                    index.remove(k)
+                index.add(k, vec, text, seq=seq)
+                fixed += 1
+        col.unsure.clear()
+        log.info("collection %s: %d of %d points of failed writes reconciled with Qdrant", col.name, fixed,
+                 len(keys))
 
     # ------------------------------------------------------------------ queries
     async def similar(self, name: str, text: str, k: int, threshold: float) -> SimilarResponse:

@@ -26,6 +26,10 @@ class ControllerSettings(ServiceSettings):
     device: str | None = Field(None, description="torch device for the embedder (default: auto).")
     qdrant_url: str | None = Field(None, description="Qdrant server URL; without it, embedded local mode.")
     qdrant_api_key: str | None = None
+    qdrant_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait for one Qdrant server request (rounded up to whole "
+        "seconds by qdrant-client); past it the route answers 503. Keep it below the callers' timeout "
+        "(the orchestrator's --controller-timeout-s, 60 s).")
     qdrant_path: str | None = Field(None, description="Local-mode folder (default $NEGSPACE_HOME/qdrant); "
                                     "':memory:' keeps nothing.")
     collection_prefix: str = Field("negspace_", description="Prefix of the Qdrant collection names.")
