@@ -16,6 +16,7 @@ with a short timeout, so queued requests fail in seconds instead of each waiting
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import sqlite3
@@ -134,6 +135,9 @@ class QdrantStore:
             else:
                 why = f"answered {what} with something that is not Qdrant's API ({type(cause).__name__})"
             return ServiceUnavailableError(f"{where} {why}{hint}", headers=retry)
+        if self.remote and isinstance(exc, json.JSONDecodeError):  # qdrant-client does not wrap these
+            return ServiceUnavailableError(f"{where} answered {what} with something that is not Qdrant's "
+                                           f"API (not JSON){hint}", headers=retry)
         if not self.remote and isinstance(exc, (sqlite3.Error, OSError)):
             return ServiceUnavailableError(f"{where} failed during {what}: {type(exc).__name__}: {exc}",
                                            headers=retry)
