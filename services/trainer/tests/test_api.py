@@ -13,7 +13,6 @@ from fastapi import FastAPI, HTTPException
 from negspace_contracts.errors import ConflictError, NotFoundError
 from negspace_contracts.orchestrator import OrchestratorClient
 from negspace_contracts.trainer import JobRequest
-from negspace_trainer.store import JobStore
 
 RECORD = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
 
@@ -35,21 +34,98 @@ async def test_invalid_datasets_are_422(service):
 
 
 async def test_dataset_files_are_checked_when_submitted(service, tmp_path):
+    data = tmp_path / "trainer" / "datasets"  # the default --dataset-dirs, made at start
     svc = await service(start_worker=False)
-    empty, bad, good = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl", tmp_path / "good.jsonl"
+    empty, bad, good = data / "empty.jsonl", data / "bad.jsonl", data / "good.jsonl"
     empty.write_text("\n")
     bad.write_text(json.dumps(RECORD) + "\n" + json.dumps({"text": "no messages"}) + "\n")
     good.write_text(json.dumps(RECORD) + "\n")
-    for path, words in ((tmp_path / "missing.jsonl", "not a file"), (empty, "no records"),
-                        (bad, "line 2"), ("bad\x00name", "not a file")):
+    fifo = data / "fifo.jsonl"
+    os.mkfifo(fifo)  # must not hang the request
+    for path, words in ((data / "missing.jsonl", "not a readable file"), (empty, "no records"),
+                        (bad, "line 2"), ("bad\x00name", "not a usable file path"), (data, "not a regular file"),
+                        (fifo, "not a regular file")):
         response = await svc.client._http.post("/jobs", json={"dataset": {"path": str(path)}})
         assert response.status_code == 422, (path, response.text)
         assert words in response.json()["error"]["message"]
+        assert response.json()["error"]["param"] == "dataset.path"
     assert (await svc.client.jobs.list()).jobs == []
     created = await svc.client.jobs.create(JobRequest.model_validate({"dataset": {"path": str(good)}}))
+    relative = await svc.client.jobs.create(JobRequest.model_validate({"dataset": {"path": "good.jsonl"}}))
     good.write_text("")  # the job trains on what the file held when it was submitted
-    copied = svc.runner.job_dir(created.id) / "dataset.jsonl"
-    assert [json.loads(line) for line in copied.read_text().splitlines()] == [RECORD]
+    for job_id in (created.id, relative.id):
+        copied = svc.runner.job_dir(job_id) / "dataset.jsonl"
+        assert [json.loads(line) for line in copied.read_text().splitlines()] == [RECORD]
+
+
+async def test_dataset_path_is_confined_to_dataset_dirs(service, tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    for folder in (allowed, outside):
+        (folder / "d.jsonl").write_text(json.dumps(RECORD) + "\n")
+    (allowed / "escape.jsonl").symlink_to(outside / "d.jsonl")
+    (allowed / "escape_dir").symlink_to(outside)
+    (allowed / "sub").mkdir()
+    (allowed / "sub" / "inside.jsonl").symlink_to(allowed / "d.jsonl")  # a link that stays inside: fine
+    svc = await service(start_worker=False, dataset_dirs=[allowed])
+
+    async def post(path: str) -> httpx.Response:
+        return await svc.client._http.post("/jobs", json={"dataset": {"path": path}})
+
+    for path in (allowed / "d.jsonl", allowed / "sub" / "inside.jsonl", allowed / "sub" / ".." / "d.jsonl",
+                 "sub/inside.jsonl"):
+        assert (await post(str(path))).status_code == 201, path
+    refused = [outside / "d.jsonl", allowed / ".." / "outside" / "d.jsonl", "../outside/d.jsonl",
+               allowed / "escape.jsonl", allowed / "escape_dir" / "d.jsonl", "/etc/passwd",
+               "/nonexistent/x.jsonl", "~/x.jsonl", tmp_path / "trainer" / "jobs.sqlite"]
+    for path in refused:
+        response = await post(str(path))
+        assert response.status_code == 422, (path, response.text)
+        error = response.json()["error"]
+        assert error["param"] == "dataset.path" and "--dataset-dirs" in error["message"], (path, error)
+        assert str(allowed) in error["message"]  # says where files may be
+    assert len((await svc.client.jobs.list()).jobs) == 4
+
+
+async def test_dataset_urls_are_refused_unless_allowed(service):
+    svc = await service(start_worker=False)
+
+    async def post(url: str) -> httpx.Response:
+        return await svc.client._http.post("/jobs", json={"dataset": {"path": url}})
+
+    for url in ("http://169.254.169.254/latest/meta-data", "https://data.example.org/negspace/d.jsonl"):
+        response = await post(url)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["param"] == "dataset.path" and "--dataset-url-prefixes" in error["message"]
+    response = await post("file:///etc/passwd")
+    assert response.status_code == 422 and "only http:// and https://" in response.text
+
+    svc = await service(start_worker=False, dataset_url_prefixes=["https://data.example.org/negspace/"])
+    created = await svc.client.jobs.create(JobRequest.model_validate(
+        {"dataset": {"path": "https://DATA.example.org/negspace/sub/../d.jsonl"}}))
+    job = await svc.client.jobs.get(created.id)
+    assert job.request.dataset.path == "https://data.example.org/negspace/d.jsonl"  # what the worker fetches
+    for url in ("https://data.example.org/other/d.jsonl", "https://data.example.org/negspace/../secret",
+                "https://data.example.org.evil.net/negspace/d.jsonl", "http://data.example.org/negspace/d.jsonl",
+                "https://data.example.org/negspace/%2e%2e/secret", "https://x@data.example.org/negspace/d.jsonl",
+                "https://data.example.org/negspace\\..\\secret"):
+        response = await post(url)
+        assert response.status_code == 422, (url, response.text)
+        assert response.json()["error"]["param"] == "dataset.path"
+    assert len((await svc.client.jobs.list()).jobs) == 1
+
+
+def test_dataset_url_prefix_setting_must_name_its_host():
+    from negspace_trainer.settings import TrainerSettings
+    from pydantic import ValidationError
+
+    for prefix in ("https://data.example.org", "ftp://x/", "data.example.org/"):
+        with pytest.raises(ValidationError, match="names its host"):
+            TrainerSettings(dataset_url_prefixes=[prefix])
+    assert TrainerSettings(dataset_url_prefixes="https://a.org/x/,https://b.org/").dataset_url_prefixes == [
+        "https://a.org/x/", "https://b.org/"]
 
 
 async def test_tasks_health_metrics_and_unknown_job(service):
@@ -75,16 +151,6 @@ def test_materialized_task_is_found_by_lm_eval(tmp_path):
     task = manager.load(["negspace_arith"])["tasks"]["negspace_arith"]
     docs = list(task.test_docs())
     assert len(docs) == 50 and all(d["answer"].lstrip("-").isdigit() for d in docs)
-
-
-async def test_restart_marks_running_jobs_failed(service, tmp_path):
-    store = JobStore(tmp_path / "trainer" / "jobs.sqlite")
-    store.create("old", request())
-    store.update("old", status="running", pid=999999)
-    store.close()
-    svc = await service()
-    job = await svc.client.jobs.get("old")
-    assert job.status == "failed" and "restart" in job.error
 
 
 async def test_cancel_queued_and_running(service, wait_job):

@@ -38,7 +38,10 @@ class DatasetSpec(StrictModel):
     orchestrator ``run_id`` whose Q/A dataset is fetched from the orchestrator."""
 
     records: list[ChatRecord] | None = Field(None, max_length=MAX_INLINE_RECORDS)
-    path: str | None = None
+    path: str | None = Field(
+        None, description="A JSONL file of chat records inside one of the trainer's --dataset-dirs "
+                          "(a relative path is taken inside the first of them), or an http(s) URL "
+                          "under one of its --dataset-url-prefixes (none by default: URLs refused).")
     run_id: str | None = None
 
     @model_validator(mode="after")
@@ -127,6 +130,9 @@ class Job(StrictModel):
     losses: list[LossPoint] = Field(default_factory=list)
     eval: JobEval = Field(default_factory=JobEval)
     error: str | None = None
+    attempt: int = Field(1, ge=1, description="Which attempt this is: a job interrupted by a trainer "
+                                              "restart is queued again with attempt + 1 (and fails "
+                                              "after the trainer's --max-attempts).")
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None

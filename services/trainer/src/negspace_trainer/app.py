@@ -23,8 +23,8 @@ from negspace_servekit import create_app as _create_app
 from negspace_servekit import health_response
 from prometheus_client import Counter, Gauge
 
-from negspace_trainer import local_tasks
-from negspace_trainer.runner import JobRunner, read_dataset_file
+from negspace_trainer import local_tasks, sources
+from negspace_trainer.runner import JobRunner
 from negspace_trainer.settings import TrainerSettings
 from negspace_trainer.store import JobStore
 
@@ -47,8 +47,12 @@ jobs = APIRouter(prefix="/jobs", tags=["jobs"])
 async def create_job(body: JobRequest, runner: RunnerDep) -> JobCreated:
     records = None
     path = body.dataset.path
-    if path is not None and not path.startswith(("http://", "https://")):
-        records = await asyncio.to_thread(read_dataset_file, path)
+    if path is not None:  # confined to --dataset-dirs / --dataset-url-prefixes (422 otherwise)
+        source = sources.check(path, runner.settings)
+        if source.file is not None:
+            records = await asyncio.to_thread(sources.read_file, source.file, path, runner.settings)
+        else:  # the worker fetches the normalized URL that was checked
+            body = body.model_copy(update={"dataset": body.dataset.model_copy(update={"path": source.url})})
     job = runner.submit(body, records)
     return JobCreated(id=job.id, status=job.status)
 
@@ -106,18 +110,21 @@ async def health(request: Request):
 
 
 def create_app(settings: TrainerSettings | None = None, runner: JobRunner | None = None,
-               orchestrator=None, start_worker: bool = True) -> FastAPI:
+               orchestrator=None, start_worker: bool = True, worker_command=None) -> FastAPI:
     """``runner`` lets tests inject one; ``orchestrator`` is a factory of OrchestratorClient;
-    ``start_worker=False`` accepts jobs but never runs them (API tests, fuzzing)."""
+    ``start_worker=False`` accepts jobs but never runs them (API tests, fuzzing);
+    ``worker_command`` replaces ``python -m negspace_trainer.worker`` (tests: a fake worker)."""
     settings = settings or TrainerSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         workdir = settings.resolved_workdir
         app.state.tasks_dir = local_tasks.materialize(workdir / "tasks")
+        if not settings.dataset_dirs:  # the default place for dataset files: make it exist
+            settings.allowed_dataset_dirs[0].mkdir(parents=True, exist_ok=True)
         own = runner is None
         r = runner or JobRunner(settings, JobStore(workdir / "jobs.sqlite"), orchestrator=orchestrator,
-                                 start_worker=start_worker)
+                                 start_worker=start_worker, worker_command=worker_command)
         r.on_finish = lambda status: app.state.jobs_finished.labels(status).inc()
         await r.start()
         app.state.runner = r

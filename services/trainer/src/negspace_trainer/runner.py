@@ -5,6 +5,11 @@ crash (or the OOM killer) takes only the worker, and cancel can end the worker a
 The runner polls the worker's ``progress.json`` into the job's SQLite row and, when the worker
 exits, records ``succeeded`` (``result.json``), ``failed`` (``error.json``, or the exit code /
 signal when the worker could not say) or ``cancelled``.
+
+A job whose attempt is interrupted by the trainer itself stopping (a graceful shutdown, or a crash
+or SIGKILL found at the next start) is queued again in its old place with ``attempt + 1``, its
+partial outputs removed (training restarts from scratch: the worker writes no checkpoints), until
+``--max-attempts`` attempts were interrupted; then it fails saying so. Cancelled jobs stay cancelled.
 """
 
 from __future__ import annotations
@@ -14,31 +19,34 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from negspace_contracts.errors import (
-    BadRequestError,
     ConflictError,
     NegspaceError,
     NotFoundError,
     RateLimitError,
 )
 from negspace_contracts.orchestrator import OrchestratorClient
-from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, ChatRecord, Job, JobRequest
-from pydantic import ValidationError
+from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, Job, JobRequest
 
 from negspace_trainer.settings import TrainerSettings
 from negspace_trainer.store import JobStore, now
 
 log = logging.getLogger("negspace.trainer")
 
-RESTART_REASON = "interrupted by service restart: the worker was lost when the trainer stopped; submit the job again"
-SHUTDOWN_REASON = "interrupted: the trainer service shut down while the job ran"
+CRASH_REASON = "the trainer stopped (crashed or was killed) while it ran"
+SHUTDOWN_REASON = "the trainer service shut down while it ran"
+WORKER_MODULE = "negspace_trainer.worker"
+# What a requeued job keeps of its folder: what it was asked to do, its data, and its log.
+KEPT_ON_REQUEUE = frozenset({"request.json", "dataset.jsonl", "worker.log"})
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -59,71 +67,55 @@ def exit_reason(returncode: int) -> str:
     return f"worker exited with code {returncode} without a result; see GET /jobs/{{id}}/logs"
 
 
-def _kill_orphan(pid: int, job_dir: Path) -> bool:
-    """A worker left by a previous service process may still be training: end its group, but only
-    if that pid really is this job's worker (pids are reused)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    if b"negspace_trainer.worker" not in cmdline or str(job_dir).encode() not in cmdline:
-        return False
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    return True
+def _job_processes(job_dir: Path, marker: str) -> list[int]:
+    """Live worker processes of this job (e.g. left by a previous service process), found by
+    their command line: it names the worker (``marker``) and this job's folder. By command line
+    and not by the stored pid, because pids are reused and a service killed right after starting
+    a worker had no time to store it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and marker.encode() in cmdline and str(job_dir).encode() in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
-MAX_DATASET_FILE_BYTES = 1024 * 1024 * 1024
+async def _kill_orphans(job_dir: Path, marker: str, timeout: float = 10.0) -> list[int]:
+    """SIGKILL this job's leftover workers (their whole process groups) and wait until they are
+    gone, so none still writes into the job's folder when it is cleaned and run again."""
+    pids = _job_processes(job_dir, marker)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + timeout
+    while pids and _job_processes(job_dir, marker) and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    return pids
 
 
-def read_dataset_file(source: str) -> list[dict]:
-    """A ``dataset.path`` on this machine, checked when the job is submitted (a missing file, an
-    empty one or a line that is not a chat record answers 422 naming the line) and copied into
-    the job, so editing the file later does not change what the job trains on. http(s) URLs are
-    fetched by the worker."""
-    try:
-        path = Path(source).expanduser()
-        is_file = path.is_file()
-    except (OSError, ValueError, RuntimeError):  # e.g. a NUL byte, an unknown ~user
-        is_file = False
-    if not is_file:
-        raise BadRequestError(f"dataset.path {source!r} is not a file on the trainer's machine (give a JSONL "
-                              "file of chat records, an http(s) URL, inline records or an orchestrator run_id)",
-                              param="dataset.path", status_code=422)
-    if path.stat().st_size > MAX_DATASET_FILE_BYTES:
-        raise BadRequestError(f"dataset.path {source!r} is larger than {MAX_DATASET_FILE_BYTES} bytes",
-                              param="dataset.path", status_code=422)
-    records = []
-    try:
-        with path.open(encoding="utf-8") as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(ChatRecord.model_validate_json(line).model_dump())
-                except ValidationError as exc:
-                    err = exc.errors()[0]
-                    where = ".".join(str(p) for p in err.get("loc", ())) or "record"
-                    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-                    raise BadRequestError(f"dataset.path {source!r} line {number} is not a chat record "
-                                          f'{{"messages": [{{"role", "content"}}, ...]}}: {where}: {msg}',
-                                          param="dataset.path", status_code=422) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"cannot read dataset.path {source!r}: {exc}", param="dataset.path",
-                              status_code=422) from None
-    if not records:
-        raise BadRequestError(f"dataset.path {source!r} holds no records: it needs at least one "
-                              '{"messages": [...]} line', param="dataset.path", status_code=422)
-    return records
+def _stamp(message: str) -> str:
+    return f"[negspace trainer {time.strftime('%H:%M:%S')}] {message}\n"
 
 
 class JobRunner:
     def __init__(self, settings: TrainerSettings, store: JobStore,
                  orchestrator: Callable[[], OrchestratorClient] | None = None, *,
-                 start_worker: bool = True) -> None:
-        """``start_worker=False``: jobs are accepted and stay queued (API tests, fuzzing)."""
+                 start_worker: bool = True, worker_command: Sequence[str] | None = None) -> None:
+        """``start_worker=False``: jobs are accepted and stay queued (API tests, fuzzing).
+        ``worker_command``: what runs a job, given its folder as the last argument (default
+        ``python -m negspace_trainer.worker``; tests give a fake one that does not train)."""
         self.settings = settings
         self.start_worker = start_worker
+        self.worker_command = list(worker_command or [sys.executable, "-m", WORKER_MODULE])
         self.store = store
         self.jobs_dir = settings.resolved_workdir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -137,25 +129,95 @@ class JobRunner:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Settle the jobs a previous service process left ``running`` (it crashed or was killed):
+        end their leftover workers, then record what the worker finished, or queue them again."""
         for job in self.store.list("running"):
-            row = self.store.row(job.id)
-            if row is not None and row["pid"] and _kill_orphan(int(row["pid"]), self.job_dir(job.id)):
-                log.warning("job %s: ended worker pid %s left by the previous service process", job.id, row["pid"])
-        lost = self.store.fail_interrupted(RESTART_REASON)
-        if lost:
-            log.warning("marked %d job(s) interrupted by the restart as failed: %s", len(lost), ", ".join(lost))
+            killed = await _kill_orphans(self.job_dir(job.id), self.worker_command[-1])
+            if killed:
+                log.warning("job %s: ended worker(s) %s left by the previous service process",
+                            job.id, ", ".join(map(str, killed)))
+            self._settle_interrupted(job.id, CRASH_REASON)
         if self.start_worker:
             self._task = asyncio.create_task(self._loop(), name="trainer-job-loop")
 
     async def stop(self) -> None:
-        if self._current is not None and self._proc is not None:
-            job_id = self._current
-            await self._terminate(self._proc, grace=min(self.settings.cancel_grace_s, 5.0))
-            self._finish(job_id, "failed", error=SHUTDOWN_REASON)
+        """Graceful shutdown: stop the loop, end the running worker, and queue its job again
+        (or record it cancelled when the user asked for that)."""
+        job_id, proc = self._current, self._proc
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+        if job_id is None:
+            return
+        if proc is not None:
+            await self._terminate(proc, grace=min(self.settings.cancel_grace_s, 5.0))
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if job_id in self._cancel_requested:
+            self._cancel_requested.discard(job_id)
+            if self.store.transition(job_id, "running", status="cancelled", error="cancelled while running",
+                                     finished_at=now(), pid=None):
+                self._count(job_id, "cancelled")
+            return
+        self._settle_interrupted(job_id, SHUTDOWN_REASON)
+
+    def _settle_interrupted(self, job_id: str, why: str) -> None:
+        """A ``running`` job whose worker is gone and whose outcome was never recorded. If the
+        worker had finished (``result.json``) or failed for a reason it named (``error.json``),
+        record that; otherwise the attempt was lost: queue the job again or, after
+        ``--max-attempts``, fail it."""
+        job_dir = self.job_dir(job_id)
+        row = self.store.row(job_id)
+        if row is None or row["status"] != "running":
+            return
+        self._sync_progress(job_id, job_dir)
+        result = _read_json(job_dir / "result.json")
+        if result is not None:
+            self._job_log(job_id, f"the worker had finished before the trainer stopped ({why}): succeeded")
+            self._finish(job_id, "succeeded", eval=result.get("eval") or {})
+            return
+        err = _read_json(job_dir / "error.json")
+        if err is not None and err.get("error"):
+            self._job_log(job_id, f"the worker had failed before the trainer stopped ({why})")
+            self._finish(job_id, "failed", error=str(err["error"]))
+            return
+        attempt, limit = int(row["attempt"]), self.settings.max_attempts
+        if attempt < limit:
+            self._clean_attempt(job_dir)  # before requeueing: a crash in between just repeats this
+        outcome = self.store.requeue(
+            job_id, limit, lambda n: (f"interrupted {n} times: {why} during attempt {n}, and "
+                                      f"--max-attempts is {limit}; submit the job again (or raise "
+                                      "--max-attempts / TRAINER_MAX_ATTEMPTS)"))
+        if outcome is None:
+            return
+        status, attempt = outcome
+        if status == "queued":
+            message = (f"attempt {attempt} of {limit} interrupted: {why}; requeued as attempt {attempt + 1} "
+                       "(restarts from scratch: the partial outputs were removed)")
+            log.warning("job %s: %s", job_id, message)
+            self._job_log(job_id, message)
+            self._wake.set()
+        else:
+            message = f"attempt {attempt} of {limit} interrupted: {why}; no attempts left: failed"
+            log.warning("job %s: %s", job_id, message)
+            self._job_log(job_id, message)
+            self._count(job_id, "failed")
+
+    def _clean_attempt(self, job_dir: Path) -> None:
+        for entry in job_dir.iterdir():
+            if entry.name in KEPT_ON_REQUEUE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+    def _job_log(self, job_id: str, message: str) -> None:
+        """A line from the service in the job's log (``GET /jobs/{id}/logs``), among the worker's."""
+        with contextlib.suppress(OSError), (self.job_dir(job_id) / "worker.log").open("a") as fh:
+            fh.write(_stamp(message))
 
     @property
     def busy(self) -> str | None:
@@ -287,11 +349,22 @@ class JobRunner:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         if self.settings.worker_threads:
             env["NEGSPACE_TRAINER_THREADS"] = str(self.settings.worker_threads)
+        job = self.get(job_id)
+        if job.attempt > 1:
+            self._job_log(job_id, f"attempt {job.attempt} of {self.settings.max_attempts} starting")
         with (job_dir / "worker.log").open("ab") as logfile:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "negspace_trainer.worker", str(job_dir),
+            spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
+                *self.worker_command, str(job_dir),
                 stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=asyncio.subprocess.STDOUT,
-                env=env, start_new_session=True)
+                env=env, start_new_session=True))
+            try:
+                proc = await asyncio.shield(spawn)
+            except asyncio.CancelledError:  # stopping right now: the new worker must not outlive us
+                with contextlib.suppress(Exception):
+                    started = await spawn
+                    os.killpg(started.pid, signal.SIGKILL)
+                    await started.wait()
+                raise
         self._proc = proc
         self.store.update(job_id, pid=proc.pid)
         log.info("job %s: worker pid %d", job_id, proc.pid)

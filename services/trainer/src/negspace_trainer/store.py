@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     eval TEXT NOT NULL DEFAULT '{}',
     error TEXT,
     pid INTEGER,
+    attempt INTEGER NOT NULL DEFAULT 1,
     created_at TEXT NOT NULL,
     started_at TEXT,
     finished_at TEXT
@@ -47,6 +49,9 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "attempt" not in columns:  # a jobs.sqlite written before attempts were counted
+            self._db.execute("ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1")
 
     def close(self) -> None:
         with self._lock:
@@ -101,14 +106,27 @@ class JobStore:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
 
-    def fail_interrupted(self, reason: str) -> list[str]:
-        """Mark jobs a previous service process left ``running`` as failed; return their ids."""
+    def requeue(self, job_id: str, max_attempts: int, fail_reason: Callable[[int], str]) -> tuple[str, int] | None:
+        """A ``running`` job whose attempt was interrupted (the trainer stopped or crashed): back to
+        ``queued`` with ``attempt + 1``, keeping its place in the queue (``seq``), or ``failed``
+        (error ``fail_reason(attempt)``) once ``max_attempts`` attempts were interrupted. Returns the new status and the attempt
+        that was interrupted, or None when the job was not running (nothing changed)."""
         with self._lock:
-            ids = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = 'running'")]
-            self._db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, pid = NULL "
-                             "WHERE status = 'running'", (reason, now()))
-        return ids
-
+            row = self._db.execute("SELECT attempt FROM jobs WHERE id = ? AND status = 'running'",
+                                   (job_id,)).fetchone()
+            if row is None:
+                return None
+            attempt = int(row["attempt"])
+            if attempt >= max_attempts:
+                self._db.execute(
+                    "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, pid = NULL "
+                    "WHERE id = ? AND status = 'running'", (fail_reason(attempt), now(), job_id))
+                return "failed", attempt
+            self._db.execute(
+                "UPDATE jobs SET status = 'queued', attempt = ?, pid = NULL, started_at = NULL, "
+                "progress = ?, losses = '[]', eval = '{}', error = NULL WHERE id = ? AND status = 'running'",
+                (attempt + 1, json.dumps({"stage": "requeued", "step": 0}), job_id))
+            return "queued", attempt
 
 def to_job(row: sqlite3.Row) -> Job:
     progress = json.loads(row["progress"] or "{}")
@@ -118,5 +136,5 @@ def to_job(row: sqlite3.Row) -> Job:
                   "stage": progress.get("stage")},
         losses=json.loads(row["losses"] or "[]"),
         eval=json.loads(row["eval"] or "{}"),
-        error=row["error"], created_at=row["created_at"], started_at=row["started_at"],
+        error=row["error"], attempt=row["attempt"], created_at=row["created_at"], started_at=row["started_at"],
         finished_at=row["finished_at"], request=JobRequest.model_validate_json(row["request"]))

@@ -103,26 +103,27 @@ def _parse_jsonl(lines: list[str], source: str) -> list[dict]:
 
 
 def load_records(job_dir: Path, request: JobRequest) -> list[dict]:
+    """The job's ``dataset.jsonl`` (inline records, a checked file, or a run's Q/A dataset, all
+    written by the service), or the http(s) URL the service checked against
+    ``--dataset-url-prefixes``. Redirects are not followed: they could lead outside the prefixes."""
     local = job_dir / "dataset.jsonl"
     if local.is_file():
         return _parse_jsonl(local.read_text().splitlines(), "dataset.jsonl")
     source = request.dataset.path
-    if source is None:
+    if source is None or not source.startswith(("http://", "https://")):
         raise JobError("the job has no dataset file (the service did not write dataset.jsonl)")
-    if source.startswith(("http://", "https://")):
-        import httpx
+    import httpx
 
-        try:
-            response = httpx.get(source, timeout=60.0, follow_redirects=True)
-            response.raise_for_status()
-        except httpx.HTTPError as exc:
-            raise JobError(f"cannot download dataset {source}: {exc}") from None
-        return _parse_jsonl(response.text.splitlines(), source)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise JobError(f"dataset path {source!r} is not a file (give a JSONL file of chat records, "
-                       "an http(s) URL, inline records, or an orchestrator run_id)")
-    return _parse_jsonl(path.read_text().splitlines(), source)
+    try:
+        response = httpx.get(source, timeout=60.0, follow_redirects=False)
+        if response.is_redirect:
+            raise JobError(f"dataset URL {source} redirects to {response.headers.get('location')!r}; the "
+                           "trainer does not follow redirects (they could leave its "
+                           "--dataset-url-prefixes): give the final URL")
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise JobError(f"cannot download dataset {source}: {exc}") from None
+    return _parse_jsonl(response.text.splitlines(), source)
 
 
 # -- evaluation ---------------------------------------------------------------------------------
