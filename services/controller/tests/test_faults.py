@@ -272,6 +272,15 @@ async def test_write_with_unknown_outcome_is_reconciled_and_replay_adds_nothing(
             assert 200 not in app.state.controller._cols["c"].index
             assert (await client.collections.get("c")).count == store.count("c")
             check_index_matches_qdrant(app, store, "c")
+
+            # dropping the collection with Qdrant down: 503, and the in-memory copy is not trusted
+            # any more (it may be gone); once Qdrant is back the collection is read again
+            flaky.mode = "down"
+            await assert_503(raw, "DELETE", "/collections/c", None, "unreachable")
+            flaky.mode = None
+            assert "c" not in app.state.controller._cols
+            assert (await client.collections.get("c")).count == store.count("c")
+            check_index_matches_qdrant(app, store, "c")
     finally:
         store.client = flaky.inner
         store.close()
