@@ -10,6 +10,7 @@ a point twice. Real processes (``python -m negspace_controller --embedder fake``
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -21,7 +22,10 @@ import time
 import httpx
 import numpy as np
 import pytest
+from negspace_contracts.controller import PointIn
+from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.index import DensityIndex
+from negspace_controller.settings import ControllerSettings
 from negspace_controller.store import SEQ_KEY, TEXT_KEY, to_key
 from negspace_servekit.testing import free_port
 from qdrant_client import QdrantClient
@@ -107,16 +111,18 @@ def brute_force_densities(path: str, name: str, knn: int) -> dict:
     return {h.key: h.density for h in idx.dense_bruteforce(len(keys), knn)}
 
 
-def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started):
+def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started, run_app):
     qdrant = str(tmp_path / "qdrant")
     log = tmp_path / "controller.log"
 
+    async def clean_run() -> None:  # in-process (the same embedder as --embedder fake), closed cleanly
+        async with run_app(ControllerSettings(qdrant_path=qdrant), embedder=FakeEmbedder()) as (_, client, _r):
+            await client.collections.create("run")
+            for i in range(2):
+                await client.collections.upsert("run", [PointIn(**p) for p in batch(i)])
+
     # a clean run first, so an index snapshot exists that the crash will make stale
-    first = started(qdrant, log)
-    assert first.call("PUT", "/collections/run").status_code == 201
-    for i in range(2):
-        assert first.call("POST", "/collections/run/points", json={"points": batch(i)}).status_code == 200
-    assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    asyncio.run(clean_run())
     assert (tmp_path / "qdrant-index" / "negspace_run.npz").is_file()
 
     # a stream of upserts, killed while one is in flight
