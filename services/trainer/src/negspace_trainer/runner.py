@@ -72,8 +72,12 @@ def _job_processes(job_dir: Path, marker: str) -> list[int]:
     their command line: it names the worker (``marker``) and this job's folder. By command line
     and not by the stored pid, because pids are reused and a service killed right after starting
     a worker had no time to store it."""
-    found = []
-    for entry in Path("/proc").iterdir():
+    found: list[int] = []
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:  # no /proc (not Linux): nothing to find
+        return found
+    for entry in entries:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
