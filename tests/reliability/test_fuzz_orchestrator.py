@@ -149,25 +149,31 @@ def test_orchestrator_api_never_5xx_and_matches_its_schema(case, fuzz_record):
 @FUZZ
 def test_orchestrator_api_on_a_completed_run(case, fuzz_record, completed_run):
     case.path_parameters = {**(case.path_parameters or {}), "run_id": completed_run}
-    if isinstance(case.body, dict) and "export_dir" in case.body:
-        # A generated export_dir would make the orchestrator write anywhere on this machine
-        # (see test_limits.py for what it does with a bad one); keep the writes in our tmp dir.
-        case.body = {**case.body, "export_dir": str(TMP / "qa-export")}
+    # Generated export_dir values go through as they are: the orchestrator confines them to its data
+    # dir (TMP / "exports"), so the worst a generated one can do is write a folder there.
     response = case.call_and_validate(checks=CHECKS)
     fuzz_record(case, response, " [completed run]")
 
 
 
-@pytest.mark.parametrize("where", ["existing-file", "unwritable"])
+@pytest.mark.parametrize("where", ["existing-file", "too-long", "outside"])
 def test_qa_export_dir_that_cannot_be_created_is_a_400(where, completed_run):
-    """Found by this fuzzing (was an unhandled OSError, 500); fixed in f2a0036."""
-    target = TMP / "a-file" if where == "existing-file" else Path("/proc/negspace-no-such-dir")
+    """Found by this fuzzing (was an unhandled OSError, 500); fixed in f2a0036. Since export_dir is
+    confined to the data dir, a folder outside it is refused before anything is created."""
     if where == "existing-file":
-        target.write_text("not a folder")
+        (SETTINGS.exports_dir / "a-file").parent.mkdir(parents=True, exist_ok=True)
+        (SETTINGS.exports_dir / "a-file").write_text("not a folder")
+        export_dir = "a-file"
+    elif where == "too-long":
+        export_dir = "x" * 300  # one path component over the file system's 255 bytes
+    else:
+        export_dir = "/proc/negspace-no-such-dir"
     with asgi.get_client(APP) as client:
         try:
-            r = client.post(f"/runs/{completed_run}/qa", json={"export_dir": str(target)})
+            r = client.post(f"/runs/{completed_run}/qa", json={"export_dir": export_dir})
         except OSError as exc:  # the in-process client re-raises what the app did not handle
             raise AssertionError(f"unhandled {exc!r} (a 500 over HTTP)") from exc
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "export_dir"
+    assert ("outside" in r.json()["error"]["message"]) == (where == "outside")
+    assert not Path("/proc/negspace-no-such-dir").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from negspace_contracts.errors import ConflictError
+from negspace_contracts.errors import BadRequestError, ConflictError
 from negspace_contracts.node import ChatCompletionRequest
 from negspace_contracts.orchestrator import QARequest, RunConfig, TrainRequest
 from negspace_orchestrator import prompts
@@ -46,14 +46,16 @@ async def test_qa_converts_retries_once_and_counts_rejects(make_harness, tmp_pat
         FLAKY.add(cleaned[1].split()[0])
         with pytest.raises(ConflictError):
             await h.client.runs.qa_records(rid)
-        result = await h.client.runs.qa(rid, QARequest(export_dir=str(tmp_path / "out")))
+        # export_dir is relative to the data dir (the harness points it at tmp_path / "exports")
+        result = await h.client.runs.qa(rid, QARequest(export_dir="out"))
         assert (result.total, result.converted, result.rejected) == (4, 3, 1)
+        assert result.jsonl_path == str((tmp_path / "exports" / "out" / "qa.jsonl").resolve())
         records = await h.client.runs.qa_records(rid)
         assert len(records) == 3
         for r in records:
             assert [m.role for m in r.messages] == ["user", "assistant"]
             assert r.messages[0].content.startswith("What about ") and "*" not in r.messages[1].content
-        lines = (tmp_path / "out" / "qa.jsonl").read_text().splitlines()
+        lines = (tmp_path / "exports" / "out" / "qa.jsonl").read_text().splitlines()
         assert [json.loads(x) for x in lines] == [r.model_dump(mode="json") for r in records]
         import datasets
         ds = datasets.load_from_disk(result.dataset_path)
@@ -65,6 +67,49 @@ async def test_qa_converts_retries_once_and_counts_rejects(make_harness, tmp_pat
         assert sum(len(n.requests) for n in h.nodes) == n_requests
         qa_events = [e async for e in h.client.runs.events(rid) if e.type == "qa"]
         assert len(qa_events) == 4 and qa_events[-1].data["done"] == 4
+
+
+async def test_export_dir_is_confined_to_the_data_dir(make_harness, tmp_path):
+    data_dir = tmp_path / "exports"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    async with make_harness(script=script) as h:
+        rid = (await h.client.runs.create(RunConfig(base_instruction="Write a riddle.", nodes=1, rounds=0))).id
+        await h.wait(rid)
+        data_dir.mkdir(exist_ok=True)
+        (data_dir / "link-out").symlink_to(outside, target_is_directory=True)
+        (data_dir / "link-in").symlink_to(data_dir / "real", target_is_directory=True)
+        generated = sum(len(n.requests) for n in h.nodes)
+        refused = {
+            "../escape": "a '..' escape",
+            "a/../../escape": "'..' in the middle",
+            "a/../b": "'..' even when it would stay inside",
+            str(outside / "x"): "an absolute path outside",
+            "/": "the root",
+            "link-out": "a symlink leading out",
+            "link-out/sub": "a folder under a symlink leading out",
+            str(data_dir / "link-out"): "the same symlink, absolute",
+        }
+        for export_dir, why in refused.items():
+            with pytest.raises(BadRequestError) as ei:
+                await h.client.runs.qa(rid, QARequest(export_dir=export_dir))
+            assert ei.value.param == "export_dir", why
+            assert "outside the orchestrator's data folder" in ei.value.message, (why, ei.value.message)
+            assert "relative to it" in ei.value.message  # says what is allowed
+        with pytest.raises(BadRequestError) as ei:
+            await h.client.runs.qa(rid, QARequest(export_dir="bad\x00name"))
+        assert ei.value.param == "export_dir"
+        assert list(outside.iterdir()) == [] and not (tmp_path / "escape").exists()
+        assert sum(len(n.requests) for n in h.nodes) == generated  # refused before any Q/A generation
+        # allowed: relative (nested), absolute inside, a symlink that stays inside
+        for export_dir, where in [("nested/one", data_dir / "nested" / "one"),
+                                  (str(data_dir / "abs"), data_dir / "abs"),
+                                  ("link-in/x", data_dir / "real" / "x")]:
+            result = await h.client.runs.qa(rid, QARequest(export_dir=export_dir))
+            assert result.jsonl_path == str((where / "qa.jsonl").resolve()), export_dir
+            assert (where / "qa.jsonl").is_file()
+        default = await h.client.runs.qa(rid)
+        assert default.jsonl_path == str((data_dir / rid / "qa" / "qa.jsonl").resolve())
 
 
 async def test_train_hands_the_qa_dataset_to_the_trainer_and_tracks_the_job(make_harness):

@@ -28,14 +28,46 @@ def chat_record(question: str, answer: str) -> ChatRecord:
                                 ChatTurn(role="assistant", content=answer)])
 
 
+def _outside(data_dir: Path, given: str) -> BadRequestError:
+    return BadRequestError(
+        f"export_dir {given!r} is outside the orchestrator's data folder {str(data_dir)!r}: give a folder "
+        "inside it, relative to it (e.g. 'my-export') or as an absolute path under it; no '..' "
+        "and no symbolic link that leads out of it", param="export_dir")
+
+
+def resolve_export_dir(data_dir: Path, export_dir: str) -> Path:
+    """``export_dir`` confined to ``data_dir``: relative paths are taken under it, absolute ones must
+    lie in it; a ``..`` part or a symbolic link that leads out of it is refused (BadRequestError)."""
+    base = data_dir.resolve()
+    try:
+        given = Path(export_dir)
+        if ".." in given.parts:
+            raise _outside(base, export_dir)
+        target = (given if given.is_absolute() else base / given).resolve()  # follows symlinks
+    except (ValueError, OSError) as exc:  # a NUL byte, a symlink loop
+        raise BadRequestError(f"export_dir {export_dir!r} is not a usable path: {exc}", param="export_dir") from exc
+    if target != base and base not in target.parents:
+        raise _outside(base, export_dir)
+    return target
+
+
+def _make_export_dir(data_dir: Path, export_dir: str | None, run_id: str) -> Path:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = resolve_export_dir(data_dir, export_dir) if export_dir else data_dir.resolve() / run_id / "qa"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if export_dir:  # a link swapped in while the folders were made must not lead out either
+        resolve_export_dir(data_dir, str(out_dir))
+    return out_dir
+
+
 async def convert(orch: Orchestrator, run: RunRow, request: QARequest) -> QAResult:
     store = orch.store
-    out_dir = Path(request.export_dir) if request.export_dir else orch.settings.exports_dir / run.id / "qa"
+    data_dir = orch.settings.exports_dir
     try:  # refuse an unusable folder before spending generation on the conversion
-        await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+        out_dir = await asyncio.to_thread(_make_export_dir, data_dir, request.export_dir, run.id)
     except OSError as exc:
-        raise BadRequestError(f"cannot create the Q/A export folder {str(out_dir)!r}: {exc.strerror or exc}",
-                              param="export_dir") from exc
+        raise BadRequestError(f"cannot create the Q/A export folder {request.export_dir or run.id + '/qa'!r} "
+                              f"under {str(data_dir)!r}: {exc.strerror or exc}", param="export_dir") from exc
     accepted = store.accepted(run.id)
     done = store.qa_done(run.id)
     todo = [a for a in accepted if a.point_id not in done]
