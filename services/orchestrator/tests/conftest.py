@@ -219,9 +219,19 @@ class MockController:
 
 
 class MockTrainer:
-    def __init__(self) -> None:
+    """Jobs are ``running`` on their first poll and ``succeeded`` from the second; ``delay`` slows
+    every answer (for timeouts, over real sockets); an unknown job is a 404."""
+
+    def __init__(self, delay: float = 0.0) -> None:
         self.jobs: dict[str, tuple[JobRequest, int]] = {}
+        self.delay = delay
         app = FastAPI()
+
+        @app.middleware("http")
+        async def slow(request, call_next):
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            return await call_next(request)
 
         @app.get("/health")
         async def health():
@@ -235,6 +245,9 @@ class MockTrainer:
 
         @app.get("/jobs/{jid}")
         async def get(jid: str):
+            if jid not in self.jobs:
+                return JSONResponse({"error": {"message": f"no job {jid}", "type": "not_found_error",
+                                               "param": None, "code": 404}}, status_code=404)
             req, polls = self.jobs[jid]
             self.jobs[jid] = (req, polls + 1)
             return Job(id=jid, status="succeeded" if polls >= 1 else "running", request=req, name=req.name)
@@ -275,11 +288,12 @@ class Harness:
 @asynccontextmanager
 async def harness(tmp_path, *, n_urls: int = 1, script=default_script, node_delay: float = 0.0,
                   similar_delay: float = 0.0, node_apps: list | None = None,
-                  controller_app: FastAPI | None = None, **settings_kw):
+                  controller_app: FastAPI | None = None, trainer: MockTrainer | None = None,
+                  **settings_kw):
     log = CallLog()
     nodes = [MockNode(log, name=f"node-{i}", script=script, delay=node_delay) for i in range(n_urls)]
     controller = MockController(log, similar_delay=similar_delay)
-    trainer = MockTrainer()
+    trainer = trainer or MockTrainer()
     kw = dict(node_url=NODE_URLS[:n_urls], controller_url=CONTROLLER_URL, trainer_url=TRAINER_URL,
               db=tmp_path / "orch.db", data_dir=tmp_path / "exports", retry_attempts=3,
               retry_backoff_s=0.01, retry_max_backoff_s=0.02, health_interval_s=0.1)

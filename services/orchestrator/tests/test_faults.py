@@ -4,11 +4,13 @@ and the orchestrator SIGKILLed mid-run and started again on the same database.""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 
 import httpx
@@ -233,3 +235,26 @@ async def test_qa_with_the_nodes_down_is_a_503_and_continues_later(make_harness)
         h.nodes[0].down = False
         result = await h.client.runs.qa(rid)
         assert result.total == 2 and result.converted + result.rejected == 2
+
+
+def _never_awaited(records) -> list[str]:
+    return [str(w.message) for w in records
+            if issubclass(w.category, RuntimeWarning) and "never awaited" in str(w.message)]
+
+
+async def test_sequential_rounds_leave_no_coroutine_unawaited_on_failure_or_cancel(make_harness):
+    """A sequential round used to create every slot's coroutine up front and await them in turn:
+    a failure or a cancel left the rest never awaited (RuntimeWarning at garbage collection)."""
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        async with make_harness(round_mode="sequential", node_delay=0.05) as h:
+            h.nodes[0].reject_with = "prompt too long"  # a 4xx: the run fails in slot (0, 0)
+            failed = (await h.client.runs.create(cfg(nodes=4, rounds=1))).id
+            assert (await h.wait(failed)).status == "failed"
+            h.nodes[0].reject_with = None
+            cancelled = (await h.client.runs.create(cfg(nodes=4, rounds=1))).id
+            await h.wait(cancelled, statuses=("running",))
+            await asyncio.sleep(0.02)  # inside the first slot's generation
+            await h.client.runs.cancel(cancelled)
+        gc.collect()
+    assert _never_awaited(records) == []

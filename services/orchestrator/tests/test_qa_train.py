@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
-from negspace_contracts.errors import BadRequestError, ConflictError
+from negspace_contracts.errors import BadRequestError, ConflictError, ServiceUnavailableError
 from negspace_contracts.node import ChatCompletionRequest
 from negspace_contracts.orchestrator import QARequest, RunConfig, TrainRequest
+from negspace_orchestrator import app as app_mod
 from negspace_orchestrator import prompts
 
-from .conftest import seeded_text  # noqa: TID252
+from .conftest import MockTrainer, ThreadServer, harness, seeded_text  # noqa: TID252
 
 
 def script(req: ChatCompletionRequest) -> str:
@@ -33,7 +36,8 @@ HOPELESS: set[str] = set()
 FLAKY: set[str] = set()
 
 
-async def test_qa_converts_retries_once_and_counts_rejects(make_harness, tmp_path):
+async def test_qa_converts_retries_once_and_counts_rejects(make_harness, tmp_path, monkeypatch):
+    monkeypatch.setattr(app_mod, "NDJSON_BATCH", 2)  # GET /qa streams its 3 records in two batches
     async with make_harness(script=script) as h:
         rid = (await h.client.runs.create(RunConfig(base_instruction="Write a riddle.", nodes=2, rounds=1,
                                                     seed=1))).id
@@ -140,3 +144,59 @@ def test_parse_and_clean():
     assert prompts.parse_qa("Question: What?\nAnswer: [Adding the answer to the question]") is None
     assert prompts.clean_instruction("**Instruction:** Do X") == "Do X"
     assert prompts.clean_instruction("Design an instruction set") == "Design an instruction set"
+
+
+def train_events(h, run_id: str) -> list[dict]:
+    return [e.data for e in h.orch.store.events_after(run_id, 0, limit=10_000) if e.type == "train"]
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_restarted_orchestrator_follows_unfinished_training_jobs_again(make_harness):
+    trainer = MockTrainer()
+    async with make_harness(script=script, trainer=trainer, train_poll_s=3600) as h:  # never polls here
+        rid = (await h.client.runs.create(RunConfig(base_instruction="Write a riddle.", nodes=1, rounds=0))).id
+        await h.wait(rid)
+        await h.client.runs.qa(rid)
+        job = await h.client.runs.train(rid)
+        assert [e["status"] for e in train_events(h, rid)] == ["running"]
+        lost_rid = (await h.client.runs.create(RunConfig(base_instruction="Write a poem.", nodes=1, rounds=0))).id
+        await h.wait(lost_rid)
+        await h.client.runs.qa(lost_rid)
+        lost_job = await h.client.runs.train(lost_rid)
+    del trainer.jobs[lost_job.id]  # the trainer lost this one (e.g. its database was wiped)
+    async with make_harness(script=script, trainer=trainer, train_poll_s=0.02) as h:
+        await wait_for(lambda: train_events(h, rid)[-1]["status"] == "succeeded")
+        assert [e["status"] for e in train_events(h, rid)] == ["running", "succeeded"]
+        assert train_events(h, rid)[-1]["job_id"] == job.id
+        await wait_for(lambda: train_events(h, lost_rid)[-1]["status"] == "lost")
+        assert lost_job.id in train_events(h, lost_rid)[-1]["error"]
+        await wait_for(lambda: not h.orch._trackers)  # both followers ended
+    async with make_harness(script=script, trainer=trainer, train_poll_s=0.02) as h:
+        assert not h.orch._trackers  # nothing left to follow: both jobs' last events were final
+
+
+async def test_trainer_timeout_is_a_503_naming_the_trainer(tmp_path):
+    trainer = MockTrainer()
+    with ThreadServer(trainer.app) as server:  # real sockets: httpx enforces timeouts there only
+        async with harness(tmp_path, script=script, trainer=trainer, trainer_url=server.url,
+                           trainer_timeout_s=0.3) as h:
+            assert h.orch.deps.trainer._http.timeout.read == 0.3
+            rid = (await h.client.runs.create(RunConfig(base_instruction="Write a riddle.", nodes=1,
+                                                        rounds=0))).id
+            await h.wait(rid)
+            await h.client.runs.qa(rid)
+            trainer.delay = 1.5
+            start = time.monotonic()
+            with pytest.raises(ServiceUnavailableError) as ei:
+                await h.client.runs.train(rid)
+            assert time.monotonic() - start < 1.4
+            assert ei.value.message.startswith("trainer:") and "timed out" in ei.value.message
+            trainer.delay = 0.0
+            job = await h.client.runs.train(rid)  # answers again once the trainer does
+            assert (await h.client.runs.train_job(rid)).id == job.id

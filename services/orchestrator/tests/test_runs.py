@@ -19,7 +19,7 @@ def cfg(**kw) -> RunConfig:
 async def test_guided_run_uses_dense_negatives_and_persists_everything(make_harness):
     async with make_harness() as h:
         created = await h.client.runs.create(cfg(negatives=NegativesSpec(k=2, knn=3)))
-        assert created.status == "queued"
+        assert created.status == "running"  # a slot was free: it started at once
         run = await h.wait(created.id)
         assert run.status == "completed", run.error
         assert run.progress.accepted == 2 * 3 == run.progress.target
@@ -299,3 +299,51 @@ async def test_guided_run_and_baseline_against_the_real_node_and_controller_apps
             assert len(await h.client.runs.instructions(rid)) == 9
             m = await h.client.runs.metrics(rid)
             assert m.n == 9 and m.semantic_diversity is not None
+
+
+async def test_list_pages_in_creation_order_with_a_stable_cursor(make_harness):
+    async with make_harness() as h:
+        ids = [(await h.client.runs.create(cfg(nodes=1, rounds=0, seed=i))).id for i in range(5)]
+        for rid in ids:
+            await h.wait(rid)
+        assert [r.id for r in (await h.client.runs.list()).runs] == ids  # default: one page of 100
+        page = await h.client.runs.list(limit=2)
+        assert [r.id for r in page.runs] == ids[:2] and page.next_after == ids[1]
+        late = (await h.client.runs.create(cfg(nodes=1, rounds=0, seed=99))).id  # added while paging
+        page = await h.client.runs.list(limit=2, after=page.next_after)
+        assert [r.id for r in page.runs] == ids[2:4] and page.next_after == ids[3]
+        page = await h.client.runs.list(limit=2, after=page.next_after)
+        assert [r.id for r in page.runs] == [ids[4], late] and page.next_after is None  # exactly full: last
+        await h.wait(late)
+        assert [r.id async for r in h.client.runs.iterate(page_size=2)] == [*ids, late]
+        assert [r.id async for r in h.client.runs.iterate("completed", page_size=4)] == [*ids, late]
+        assert [r.id async for r in h.client.runs.iterate("paused")] == []
+        # the cursor run's own status does not matter to a filtered page
+        await h.client.runs.cancel((await h.client.runs.create(cfg(nodes=1, rounds=50))).id)
+        cancelled = (await h.client.runs.list("cancelled")).runs[0].id
+        assert (await h.client.runs.list("completed", after=cancelled)).runs == []
+        assert [r.id for r in (await h.client.runs.list("completed", after=ids[2])).runs] == [*ids[3:], late]
+        for params, where in [({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": "x"}, "limit"),
+                              ({"after": "no-such-run"}, "after"), ({"after": "x" * 201}, "after")]:
+            resp = await h.client._http.get("/runs", params=params)
+            assert resp.status_code in (400, 422) and where in resp.text, (params, resp.text)
+        with pytest.raises(BadRequestError) as ei:
+            await h.client.runs.list(after="no-such-run")
+        assert ei.value.param == "after" and "next_after" in ei.value.message
+
+
+async def test_instructions_stream_in_batches_in_round_node_order(make_harness, monkeypatch):
+    from negspace_orchestrator import app as app_mod
+
+    monkeypatch.setattr(app_mod, "NDJSON_BATCH", 4)  # 9 instructions: batches of 4, 4, 1
+    async with make_harness() as h:
+        rid = (await h.client.runs.create(cfg(nodes=3, rounds=2))).id
+        await h.wait(rid)
+        resp = await h.client._http.get(f"/runs/{rid}/instructions")
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/x-ndjson")
+        streamed = await h.client.runs.instructions(rid)
+        assert streamed == h.orch.store.instructions(rid)
+        assert [(i.round, i.node) for i in streamed] == [(r, n) for r in range(3) for n in range(3)]
+        empty = (await h.client.runs.create(cfg(nodes=1, rounds=50))).id
+        await h.client.runs.cancel(empty)
+        assert len(await h.client.runs.instructions(empty)) <= 1

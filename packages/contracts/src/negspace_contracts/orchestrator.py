@@ -19,6 +19,9 @@ MAX_ROUNDS = 1000
 MAX_BASELINE_SIZE = 100_000
 # POST /runs/{id}/qa answers when the whole run is converted: allow long runs, but never wait forever.
 QA_TIMEOUT_S = 3600.0
+# GET /runs pages: the default and the largest page.
+RUNS_PAGE_SIZE = 100
+MAX_RUNS_PAGE_SIZE = 1000
 
 RunMode = Literal["guided", "baseline"]
 RunStatus = Literal["queued", "running", "paused", "completed", "failed", "cancelled"]
@@ -105,7 +108,12 @@ class Run(StrictModel):
 
 
 class RunList(StrictModel):
+    """One page of ``GET /runs``, in creation order (oldest first). ``next_after`` is the id to
+    pass as ``?after=`` for the next page; ``None`` on the last page. Runs created meanwhile come
+    after every existing run, so paging never skips or repeats one."""
+
     runs: list[Run]
+    next_after: str | None = None
 
 
 class Instruction(StrictModel):
@@ -142,7 +150,11 @@ class QARequest(StrictModel):
     max_tokens: int = Field(300, ge=16, le=4096)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
-    export_dir: str | None = Field(None, description="Also write JSONL and a datasets folder here.")
+    export_dir: str | None = Field(
+        None, max_length=4096,
+        description="Where to write qa.jsonl and the datasets folder: a folder inside the orchestrator's "
+                    "--data-dir, given relative to it (e.g. 'my-export') or as an absolute path inside it. "
+                    "Default: <data-dir>/<run id>/qa.")
 
 
 class QAResult(StrictModel):
@@ -171,9 +183,30 @@ class _Runs(Resource):
     async def get(self, run_id: str) -> Run:
         return await self._client.call("GET", f"/runs/{run_id}", Run)
 
-    async def list(self, status: RunStatus | None = None) -> RunList:
-        return await self._client.call("GET", "/runs", RunList,
-                                       params={"status": status} if status else None)
+    async def list(self, status: RunStatus | None = None, *, limit: int | None = None,
+                   after: str | None = None) -> RunList:
+        """One page of runs in creation order (``limit``: the server's default 100, at most 1000;
+        ``after``: a run id, normally the previous page's ``next_after``)."""
+        params: dict[str, Any] = {}
+        if status:
+            params["status"] = status
+        if limit is not None:
+            params["limit"] = limit
+        if after is not None:
+            params["after"] = after
+        return await self._client.call("GET", "/runs", RunList, params=params or None)
+
+    async def iterate(self, status: RunStatus | None = None, *,
+                      page_size: int = RUNS_PAGE_SIZE) -> AsyncIterator[Run]:
+        """Every run (with ``status``, if given) in creation order, fetching pages as needed."""
+        after: str | None = None
+        while True:
+            page = await self.list(status, limit=page_size, after=after)
+            for run in page.runs:
+                yield run
+            if page.next_after is None:
+                return
+            after = page.next_after
 
     async def cancel(self, run_id: str) -> Run:
         return await self._client.call("POST", f"/runs/{run_id}/cancel", Run)

@@ -20,6 +20,8 @@ from negspace_contracts.errors import (
     is_retryable,
 )
 from negspace_contracts.orchestrator import (
+    MAX_RUNS_PAGE_SIZE,
+    RUNS_PAGE_SIZE,
     TERMINAL_RUN_STATUSES,
     QARequest,
     QAResult,
@@ -43,7 +45,7 @@ from negspace_orchestrator.store import RunRow, Store
 log = logging.getLogger("negspace.orchestrator")
 SERVICE = "orchestrator"
 KEEPALIVE_S = 15.0
-TRAIN_POLL_S = 5.0
+NDJSON_BATCH = 500  # rows per store query while streaming instructions or Q/A records
 
 
 def get_orch(request: Request) -> Orchestrator:
@@ -97,8 +99,20 @@ async def create_run(config: RunConfig, orch: Orch) -> RunCreated:
 
 
 @runs.get("", response_model=RunList)
-async def list_runs(orch: Orch, status: RunStatus | None = None) -> RunList:
-    return RunList(runs=[_to_wire(orch, r) for r in orch.store.list_runs(status)])
+async def list_runs(orch: Orch, status: RunStatus | None = None,
+                    limit: Annotated[int, Query(ge=1, le=MAX_RUNS_PAGE_SIZE)] = RUNS_PAGE_SIZE,
+                    after: Annotated[str | None, Query(max_length=200)] = None) -> RunList:
+    """A page of runs in creation order; pass ``next_after`` as ``?after=`` for the next one."""
+    cursor = None
+    if after is not None:
+        cursor = orch.store.get_run(after)
+        if cursor is None:
+            raise BadRequestError(f"after={after!r} is not a run id; pass the next_after of the previous page "
+                                  "(or leave it out for the first page)", param="after")
+    rows = orch.store.list_runs(status, limit=limit + 1, after=cursor)
+    page = rows[:limit]
+    return RunList(runs=[_to_wire(orch, r) for r in page],
+                   next_after=page[-1].id if len(rows) > limit else None)
 
 
 @runs.get("/{run_id}", response_model=Run)
@@ -130,8 +144,13 @@ async def resume_run(run_id: str, orch: Orch) -> Run:
           responses={200: {"content": {"application/x-ndjson": {}}}})
 async def instructions(run_id: str, orch: Orch) -> Response:
     _run_or_404(orch, run_id)
-    body = "".join(i.model_dump_json() + "\n" for i in orch.store.instructions(run_id))
-    return Response(body, media_type="application/x-ndjson")
+
+    async def lines() -> AsyncIterator[str]:
+        for batch in orch.store.iter_instructions(run_id, NDJSON_BATCH):
+            yield "".join(i.model_dump_json() + "\n" for i in batch)
+            await asyncio.sleep(0)  # let the event loop (the drivers) run between batches
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 @runs.get("/{run_id}/metrics", response_model=MetricsResponse)
@@ -212,11 +231,15 @@ async def qa(run_id: str, orch: Orch, request: QARequest | None = None) -> QARes
 @runs.get("/{run_id}/qa", response_class=Response, responses={200: {"content": {"application/x-ndjson": {}}}})
 async def qa_records(run_id: str, orch: Orch) -> Response:
     _run_or_404(orch, run_id)
-    pairs = orch.store.qa_records(run_id)
-    if not pairs:
+    if not orch.store.has_qa_records(run_id):
         raise ConflictError(f"run {run_id} has no Q/A records: POST /runs/{run_id}/qa first")
-    body = "".join(qa_mod.chat_record(q, a).model_dump_json() + "\n" for q, a in pairs)
-    return Response(body, media_type="application/x-ndjson")
+
+    async def lines() -> AsyncIterator[str]:
+        for batch in orch.store.iter_qa_records(run_id, NDJSON_BATCH):
+            yield "".join(qa_mod.chat_record(q, a).model_dump_json() + "\n" for q, a in batch)
+            await asyncio.sleep(0)
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 def _trainer(orch: Orchestrator):
@@ -250,7 +273,7 @@ async def train(run_id: str, orch: Orch, request: TrainRequest | None = None) ->
         job = await trainer.jobs.get(created.id)
     orch.store.set_train_job(run_id, job.id)
     orch.event(run_id, "train", {"job_id": job.id, "status": job.status})
-    orch.spawn_side(_track_job(orch, run_id, job.id), name=f"train-{run_id}")
+    orch.track_train_job(run_id, job.id)
     return job
 
 
@@ -272,25 +295,6 @@ async def _trainer_errors():
         if is_retryable(exc) or exc.status_code >= 500:
             raise ServiceUnavailableError(f"trainer: {exc.message}") from exc
         raise
-
-
-async def _track_job(orch: Orchestrator, run_id: str, job_id: str) -> None:
-    """Follow the trainer job, writing a ``train`` event whenever its status or step changes."""
-    last = None
-    while True:
-        await asyncio.sleep(TRAIN_POLL_S)
-        try:
-            job = await orch.deps.trainer.jobs.get(job_id)  # type: ignore[union-attr]
-        except Exception as exc:  # the trainer may be restarting; keep following
-            log.info("train job %s: %r", job_id, exc)
-            continue
-        state = (job.status, job.progress.step)
-        if state != last:
-            last = state
-            orch.event(run_id, "train", {"job_id": job_id, "status": job.status, "step": job.progress.step,
-                                         "total_steps": job.progress.total_steps, "error": job.error})
-        if job.status in TERMINAL_JOB_STATUSES:
-            return
 
 
 def create_app(settings: OrchestratorSettings, deps: Dependencies | None = None) -> FastAPI:
@@ -319,11 +323,10 @@ def create_app(settings: OrchestratorSettings, deps: Dependencies | None = None)
     @app.get("/health", tags=["health"])
     async def health(request: Request) -> JSONResponse:
         orch: Orchestrator = request.app.state.orchestrator
-        counts: dict[str, int] = {}
-        for r in orch.store.list_runs():
-            counts[r.status] = counts.get(r.status, 0) + 1
         deps_state = await orch.deps.check()
-        return health_response(SERVICE, "ok", runs=counts, dependencies=deps_state,
-                               round_mode=settings.round_mode, db=str(settings.db_path))
+        return health_response(SERVICE, "ok", runs=orch.store.status_counts(), dependencies=deps_state,
+                               round_mode=settings.round_mode, db=str(settings.db_path),
+                               max_active_runs=settings.max_active_runs,
+                               max_queued_runs=settings.max_queued_runs)
 
     return app

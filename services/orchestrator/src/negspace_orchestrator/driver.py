@@ -23,13 +23,13 @@ from collections.abc import Awaitable
 from typing import Any
 
 from negspace_contracts.controller import PointIn
-from negspace_contracts.errors import ConflictError, NegspaceError
+from negspace_contracts.errors import ConflictError, NegspaceError, NotFoundError, RateLimitError
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage
 from negspace_contracts.orchestrator import (
-    TERMINAL_RUN_STATUSES,
     RunConfig,
     RunProgress,
 )
+from negspace_contracts.trainer import TERMINAL_JOB_STATUSES
 
 from negspace_orchestrator import prompts
 from negspace_orchestrator.services import Dependencies, DependencyDown
@@ -39,6 +39,8 @@ from negspace_orchestrator.store import AttemptRow, RunRow, Store, point_id
 log = logging.getLogger("negspace.orchestrator")
 
 MAX_EMPTY_OUTPUTS = 5  # empty generations tolerated per slot before the run fails
+DEFAULT_RETRY_AFTER_S = 30.0  # the 429's Retry-After when no active run has an ETA yet
+LOST_JOB = "lost"  # the train event status of a job the trainer no longer knows
 
 
 class RunFailed(Exception):
@@ -65,7 +67,13 @@ def new_run_id() -> str:
 
 
 class Orchestrator:
-    """Owns the driver tasks, the acceptance locks and the event notifications."""
+    """Owns the driver tasks, the acceptance locks and the event notifications.
+
+    At most ``--max-active-runs`` drivers are live. A run is ``running`` from the moment its driver
+    gets a slot, so ``queued`` always means waiting for one; queued runs start in creation order
+    whenever a driver ends (completed, failed, cancelled or paused: a paused run gives its slot
+    back, and comes back through the queue when it is resumed).
+    """
 
     def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies) -> None:
         self.settings = settings
@@ -73,6 +81,7 @@ class Orchestrator:
         self.deps = deps
         self.tasks: dict[str, asyncio.Task] = {}
         self.side_tasks: set[asyncio.Task] = set()
+        self._trackers: dict[str, asyncio.Task] = {}
         self._accept_locks: dict[str, asyncio.Lock] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._health_task: asyncio.Task | None = None
@@ -81,23 +90,31 @@ class Orchestrator:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        """Resume every run that was queued or running when the service stopped."""
+        """Resume the runs that were running when the service stopped (they keep their slots, up to
+        ``--max-active-runs``; any beyond go back to the queue), start queued runs in creation
+        order, and follow again every training job that had not ended."""
         self._stopping = False
-        for run in self.store.list_runs():
-            if run.status in ("queued", "running"):
-                log.info("resuming run %s (%s)", run.id, run.status)
-                self._spawn(run.id)
+        for i, run in enumerate(self.store.list_runs("running")):
+            if i < self.settings.max_active_runs:
+                log.info("resuming run %s", run.id)
+                self._start_driver(run.id)
+            else:
+                log.info("run %s waits for a slot (--max-active-runs %d)", run.id, self.settings.max_active_runs)
+                self.set_status(run.id, "queued", reason="restarted with all --max-active-runs slots taken")
+        self._schedule()
+        self._resume_train_tracking()
         self._health_task = asyncio.create_task(self._health_loop(), name="health-loop")
 
     async def stop(self) -> None:
         self._stopping = True
-        tasks = [*self.tasks.values(), *self.side_tasks]
+        tasks = [*self.tasks.values(), *self.side_tasks, *self._trackers.values()]
         if self._health_task:
             tasks.append(self._health_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.tasks.clear()
+        self._trackers.clear()
 
     # ---- events ------------------------------------------------------------------------------
     def event(self, run_id: str, type_: str, data: dict[str, Any]) -> None:
@@ -118,36 +135,66 @@ class Orchestrator:
 
     # ---- runs --------------------------------------------------------------------------------
     def create(self, config: RunConfig, target: int) -> RunRow:
+        """Store a new run (``queued``) and start it if a slot is free; 429 when the queue is full."""
+        queued = self.store.count_status("queued")
+        if queued >= self.settings.max_queued_runs:
+            raise RateLimitError(
+                f"{queued} runs are already waiting for a slot (--max-queued-runs "
+                f"{self.settings.max_queued_runs}, --max-active-runs {self.settings.max_active_runs}); "
+                "retry after the Retry-After seconds, or cancel queued runs", retry_after=self.retry_after_s())
         run_id = new_run_id()
-        run = self.store.create_run(run_id, config, target, collection_name(run_id))
-        self._spawn(run_id)
-        return run
+        self.store.create_run(run_id, config, target, collection_name(run_id))
+        self._schedule()
+        return self.store.get_run(run_id)  # type: ignore[return-value]
 
-    def _spawn(self, run_id: str) -> None:
-        old = self.tasks.get(run_id)
-        if old is not None and not old.done():
-            # a driver that is just ending (e.g. writing "paused"): start again once it has ended
-            old.add_done_callback(lambda _t: self._respawn(run_id))
-            return
-        self.tasks[run_id] = asyncio.create_task(self._drive(run_id), name=f"run-{run_id}")
+    def retry_after_s(self) -> float:
+        """When a slot is likely to free: the smallest ETA of the running runs (1 s .. 10 min)."""
+        etas = [e for r in self.store.list_runs("running")
+                if (e := self.progress(r).eta_seconds) is not None]
+        return min(600.0, max(1.0, min(etas))) if etas else DEFAULT_RETRY_AFTER_S
 
-    def _respawn(self, run_id: str) -> None:
+    def live(self, run_id: str) -> bool:
+        task = self.tasks.get(run_id)
+        return task is not None and not task.done()
+
+    def _schedule(self) -> None:
+        """Give free slots to queued runs, first created first (a queued run whose previous driver is
+        still ending waits for it)."""
         if self._stopping:
             return
-        run = self.store.get_run(run_id)
-        if run is not None and run.status in ("queued", "running"):
-            self._spawn(run_id)
+        free = self.settings.max_active_runs - sum(1 for t in self.tasks.values() if not t.done())
+        if free <= 0:
+            return
+        for run in self.store.list_runs("queued", limit=free + len(self.tasks)):
+            if free <= 0:
+                break
+            if self.live(run.id):
+                continue
+            self._start_driver(run.id)
+            free -= 1
+
+    def _start_driver(self, run_id: str) -> None:
+        self.set_status(run_id, "running")
+        task = asyncio.create_task(self._drive(run_id), name=f"run-{run_id}")
+        self.tasks[run_id] = task
+        task.add_done_callback(lambda t, rid=run_id: self._driver_done(rid, t))
+
+    def _driver_done(self, run_id: str, task: asyncio.Task) -> None:
+        if self.tasks.get(run_id) is task:
+            del self.tasks[run_id]
+        self._schedule()  # the slot is free: the next queued run starts
 
     async def cancel(self, run_id: str) -> None:
         self.set_status(run_id, "cancelled", error="cancelled by request")
-        task = self.tasks.pop(run_id, None)
+        task = self.tasks.get(run_id)
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
     def resume(self, run_id: str, reason: str = "resumed by request") -> None:
+        """Back to the queue; it starts when it is the oldest queued run and a slot is free."""
         self.set_status(run_id, "queued", reason=reason)
-        self._spawn(run_id)
+        self._schedule()
 
     def progress(self, run: RunRow) -> RunProgress:
         accepted, attempts, latency, slots = self.store.counts(run.id)
@@ -166,9 +213,8 @@ class Orchestrator:
     # ---- the driver --------------------------------------------------------------------------
     async def _drive(self, run_id: str) -> None:
         run = self.store.get_run(run_id)
-        if run is None or run.status in TERMINAL_RUN_STATUSES:
+        if run is None or run.status != "running":  # cancelled between getting its slot and here
             return
-        self.set_status(run_id, "running")
         try:
             await self.deps.controller_call("create collection", lambda c: self._ensure_collection(c, run))
             if run.mode == "guided":
@@ -224,12 +270,11 @@ class Orchestrator:
         sequential = (cfg.round_mode or self.settings.round_mode) == "sequential"
         for r in range(cfg.rounds + 1):
             self.store.set_round(run.id, r)
-            slots = [self._slot(run, n, r) for n in range(cfg.nodes)]
-            if sequential:
-                for s in slots:
-                    await s
+            if sequential:  # each slot's coroutine is made only when its turn comes: a failure or a
+                for n in range(cfg.nodes):  # cancel leaves none created and never awaited
+                    await self._slot(run, n, r)
             else:
-                await self._gather(slots)
+                await self._gather([self._slot(run, n, r) for n in range(cfg.nodes)])
             self._check_round(run, r)
             if not self.store.has_round_event(run.id, r):  # once per round, also across restarts
                 accepted, attempts, _, _ = self.store.counts(run.id)
@@ -396,6 +441,53 @@ class Orchestrator:
             log.info("dependencies are back: resuming run %s", run.id)
             self.resume(run.id, reason="dependencies are back")
         return True
+
+    # ---- training jobs -----------------------------------------------------------------------
+    def track_train_job(self, run_id: str, job_id: str) -> None:
+        """Follow a run's training job (one follower per run; a newer job replaces the older)."""
+        if self.deps.trainer is None or self._stopping:
+            return
+        old = self._trackers.pop(run_id, None)
+        if old is not None:
+            old.cancel()
+        task = asyncio.create_task(self._track_job(run_id, job_id), name=f"train-{run_id}")
+        self._trackers[run_id] = task
+        task.add_done_callback(lambda t: self._trackers.pop(run_id, None) if self._trackers.get(run_id) is t
+                               else None)
+
+    def _resume_train_tracking(self) -> None:
+        """After a restart: follow every run's training job whose last ``train`` event was not final."""
+        if self.deps.trainer is None:
+            return
+        for run_id, job_id in self.store.train_jobs():
+            last = self.store.last_event(run_id, "train")
+            if last is not None and last.data.get("job_id") == job_id and (
+                    last.data.get("status") in TERMINAL_JOB_STATUSES or last.data.get("status") == LOST_JOB):
+                continue
+            log.info("following training job %s of run %s again", job_id, run_id)
+            self.track_train_job(run_id, job_id)
+
+    async def _track_job(self, run_id: str, job_id: str) -> None:
+        """Poll the trainer job, writing a ``train`` event whenever its status or step changes."""
+        last = None
+        while True:
+            await asyncio.sleep(self.settings.train_poll_s)
+            try:
+                job = await self.deps.trainer.jobs.get(job_id)  # type: ignore[union-attr]
+            except NotFoundError as exc:  # the trainer lost it (e.g. a wiped database): stop following
+                self.event(run_id, "train", {"job_id": job_id, "status": LOST_JOB,
+                                             "error": f"the trainer does not know job {job_id}: {exc.message}"})
+                return
+            except Exception as exc:  # the trainer may be restarting or slow: keep following
+                log.info("train job %s: %r", job_id, exc)
+                continue
+            state = (job.status, job.progress.step)
+            if state != last:
+                last = state
+                self.event(run_id, "train", {"job_id": job_id, "status": job.status, "step": job.progress.step,
+                                             "total_steps": job.progress.total_steps, "error": job.error})
+            if job.status in TERMINAL_JOB_STATUSES:
+                return
 
     def spawn_side(self, coro: Awaitable[None], name: str) -> None:
         t = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]

@@ -64,6 +64,7 @@ class Dependencies:
                                             transport=transports.get(settings.controller_url))
                            if settings.controller_url else None)
         self.trainer = (TrainerClient(settings.trainer_url, token=settings.token,
+                                      timeout=httpx.Timeout(settings.trainer_timeout_s, connect=5.0),
                                       transport=transports.get(settings.trainer_url))
                         if settings.trainer_url else None)
         self._rng = random.Random()

@@ -30,6 +30,14 @@ class OrchestratorSettings(ServiceSettings):
                                   "another, exactly like the reference.")
     node_timeout_s: float = Field(300.0, gt=0, description="Per generation request.")
     controller_timeout_s: float = Field(60.0, gt=0)
+    trainer_timeout_s: float = Field(60.0, gt=0, description="Per trainer request (job creation carries "
+                                                             "the Q/A records inline).")
+    train_poll_s: float = Field(5.0, gt=0, description="How often a run's training job is polled for "
+                                                       "its train events.")
+    max_active_runs: int = Field(8, ge=1, le=10_000, description="Runs generating at once; the others wait "
+                                                                 "queued, first created first started.")
+    max_queued_runs: int = Field(1000, ge=0, le=1_000_000, description="Queued runs beyond which POST /runs "
+                                                                       "answers 429 with Retry-After.")
     retry_attempts: int = Field(6, ge=1, le=100, description="Tries per call (moving to the next node "
                                                             "URL each time) before the run is paused.")
     retry_backoff_s: float = Field(0.5, ge=0, description="First backoff; doubles per try, with jitter.")

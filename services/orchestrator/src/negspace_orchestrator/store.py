@@ -78,6 +78,8 @@ CREATE TABLE IF NOT EXISTS qa (
     created_at REAL NOT NULL,
     PRIMARY KEY (run_id, instruction_id)
 );
+CREATE INDEX IF NOT EXISTS runs_by_creation ON runs (created_at, id);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at, id);
 """
 
 ACTIVE = ("queued", "running")
@@ -187,12 +189,30 @@ class Store:
         r = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return self._row_to_run(r) if r else None
 
-    def list_runs(self, status: str | None = None) -> list[RunRow]:
+    def list_runs(self, status: str | None = None, *, limit: int | None = None,
+                  after: RunRow | None = None) -> list[RunRow]:
+        """Runs in creation order (``created_at``, then id): the queue's order and the pages' order.
+        ``after``: only runs created after that one (a page cursor)."""
+        where, args = [], []
         if status:
-            rows = self.db.execute("SELECT * FROM runs WHERE status = ? ORDER BY created_at", (status,))
-        else:
-            rows = self.db.execute("SELECT * FROM runs ORDER BY created_at")
-        return [self._row_to_run(r) for r in rows.fetchall()]
+            where.append("status = ?")
+            args.append(status)
+        if after is not None:
+            where.append("(created_at > ? OR (created_at = ? AND id > ?))")
+            args += [after.created_at, after.created_at, after.id]
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [self._row_to_run(r) for r in self.db.execute(sql, args).fetchall()]
+
+    def status_counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT status, COUNT(*) AS n FROM runs GROUP BY status").fetchall()
+        return {r["status"]: int(r["n"]) for r in rows}
+
+    def count_status(self, status: str) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM runs WHERE status = ?", (status,)).fetchone()[0])
 
     def set_status(self, run_id: str, status: str, *, error: str | None = None,
                    paused_reason: str | None = None, **data: Any) -> None:
@@ -208,6 +228,12 @@ class Store:
 
     def set_round(self, run_id: str, round_: int) -> None:
         self.db.execute("UPDATE runs SET round = ?, updated_at = ? WHERE id = ?", (round_, time.time(), run_id))
+
+    def train_jobs(self) -> list[tuple[str, str]]:
+        """(run id, training job id) of every run that has had a training job."""
+        rows = self.db.execute("SELECT id, train_job_id FROM runs WHERE train_job_id IS NOT NULL"
+                               " ORDER BY created_at, id").fetchall()
+        return [(r["id"], r["train_job_id"]) for r in rows]
 
     def set_train_job(self, run_id: str, job_id: str) -> None:
         self.db.execute("UPDATE runs SET train_job_id = ?, updated_at = ? WHERE id = ?",
@@ -263,13 +289,36 @@ class Store:
                                " ORDER BY round, node", (run_id,)).fetchall()
         return [self._row_to_attempt(r) for r in rows]
 
-    def instructions(self, run_id: str) -> list[Instruction]:
+    def accepted_batch(self, run_id: str, after: tuple[int, int] | None, limit: int) -> list[AttemptRow]:
+        """Accepted attempts in (round, node) order, starting after the slot ``after`` (keyset paging)."""
+        r, n = after if after is not None else (-1, -1)
+        rows = self.db.execute("SELECT * FROM attempts WHERE run_id = ? AND accepted = 1"
+                               " AND (round > ? OR (round = ? AND node > ?)) ORDER BY round, node LIMIT ?",
+                               (run_id, r, r, n, limit)).fetchall()
+        return [self._row_to_attempt(r) for r in rows]
+
+    def _is_guided(self, run_id: str) -> bool:
         mode = self.db.execute("SELECT mode FROM runs WHERE id = ?", (run_id,)).fetchone()
-        guided = mode is not None and mode["mode"] == "guided"
-        return [Instruction(id=a.point_id or "", node=a.node, round=a.round, text=a.text,
-                            guidance_scale=a.scale if guided else None, attempt=a.attempt,
-                            max_similarity=a.max_similarity)
-                for a in self.accepted(run_id)]
+        return mode is not None and mode["mode"] == "guided"
+
+    @staticmethod
+    def _instruction(a: AttemptRow, guided: bool) -> Instruction:
+        return Instruction(id=a.point_id or "", node=a.node, round=a.round, text=a.text,
+                           guidance_scale=a.scale if guided else None, attempt=a.attempt,
+                           max_similarity=a.max_similarity)
+
+    def instructions(self, run_id: str) -> list[Instruction]:
+        guided = self._is_guided(run_id)
+        return [self._instruction(a, guided) for a in self.accepted(run_id)]
+
+    def iter_instructions(self, run_id: str, batch: int = 500) -> Iterator[list[Instruction]]:
+        """The run's instructions in (round, node) order, ``batch`` rows per query; no cursor stays
+        open between batches, so a consumer may await between them."""
+        guided = self._is_guided(run_id)
+        after: tuple[int, int] | None = None
+        while rows := self.accepted_batch(run_id, after, batch):
+            yield [self._instruction(a, guided) for a in rows]
+            after = (rows[-1].round, rows[-1].node)
 
     def counts(self, run_id: str) -> tuple[int, int, float, int]:
         """(accepted, attempts, summed attempt latency, slots whose latency is counted)."""
@@ -286,6 +335,11 @@ class Store:
 
     def add_event(self, run_id: str, type_: str, data: dict[str, Any]) -> int:
         return self._event(run_id, type_, data)
+
+    def last_event(self, run_id: str, type_: str) -> RunEvent | None:
+        r = self.db.execute("SELECT * FROM events WHERE run_id = ? AND type = ? ORDER BY seq DESC LIMIT 1",
+                            (run_id, type_)).fetchone()
+        return RunEvent(type=r["type"], run_id=r["run_id"], seq=r["seq"], data=json.loads(r["data"])) if r else None
 
     def has_round_event(self, run_id: str, round_: int) -> bool:
         return self.db.execute("SELECT 1 FROM events WHERE run_id = ? AND type = 'round'"
@@ -310,11 +364,24 @@ class Store:
 
     def qa_records(self, run_id: str) -> list[tuple[str, str]]:
         """Converted pairs in instruction order (round, node)."""
-        rows = self.db.execute(
-            "SELECT q.question, q.answer FROM qa q JOIN attempts a ON a.run_id = q.run_id"
-            " AND a.point_id = q.instruction_id AND a.accepted = 1"
-            " WHERE q.run_id = ? AND q.status = 'converted' ORDER BY a.round, a.node", (run_id,)).fetchall()
-        return [(r["question"], r["answer"]) for r in rows]
+        return [pair for batch in self.iter_qa_records(run_id, batch=10_000) for pair in batch]
+
+    def iter_qa_records(self, run_id: str, batch: int = 500) -> Iterator[list[tuple[str, str]]]:
+        """Converted pairs in instruction order, ``batch`` per query (keyset on (round, node))."""
+        r, n = -1, -1
+        while True:
+            rows = self.db.execute(
+                "SELECT q.question, q.answer, a.round, a.node FROM qa q JOIN attempts a ON a.run_id = q.run_id"
+                " AND a.point_id = q.instruction_id AND a.accepted = 1"
+                " WHERE q.run_id = ? AND q.status = 'converted' AND (a.round > ? OR (a.round = ? AND a.node > ?))"
+                " ORDER BY a.round, a.node LIMIT ?", (run_id, r, r, n, batch)).fetchall()
+            if not rows:
+                return
+            yield [(row["question"], row["answer"]) for row in rows]
+            r, n = rows[-1]["round"], rows[-1]["node"]
+
+    def has_qa_records(self, run_id: str) -> bool:
+        return next(self.iter_qa_records(run_id, batch=1), None) is not None
 
     def qa_counts(self, run_id: str) -> tuple[int, int]:
         r = self.db.execute("SELECT COALESCE(SUM(status = 'converted'), 0) AS c,"
