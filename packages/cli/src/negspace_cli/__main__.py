@@ -27,7 +27,12 @@ from pathlib import Path
 import httpx
 from negspace_contracts.controller import ControllerClient
 from negspace_contracts.errors import ConnectionFailedError, NegspaceError
-from negspace_contracts.orchestrator import OrchestratorClient, RunConfig
+from negspace_contracts.orchestrator import (
+    MAX_RUNS_PAGE_SIZE,
+    RUNS_PAGE_SIZE,
+    OrchestratorClient,
+    RunConfig,
+)
 from pydantic import ValidationError
 
 from negspace_cli import launcher
@@ -201,9 +206,26 @@ async def _run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """``negspace runs --limit``: a whole number of runs, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 async def _runs(a: argparse.Namespace) -> int:
-    async with _orch(a) as client:
-        runs = (await client.runs.list()).runs
+    runs = []
+    async with _orch(a) as client:  # GET /runs is paginated: follow the pages, up to --limit runs
+        page_size = min(a.limit, MAX_RUNS_PAGE_SIZE) if a.limit else RUNS_PAGE_SIZE
+        async with contextlib.aclosing(client.runs.iterate(page_size=page_size)) as pages:
+            async for r in pages:
+                runs.append(r)
+                if a.limit and len(runs) >= a.limit:
+                    break
     if a.json:
         print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
         return 0
@@ -338,9 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--match-run", default=None, help="baseline: as many as this run")
     run.set_defaults(func=lambda a: asyncio.run(_run(a)))
 
-    runs = sub.add_parser("runs", help="list runs")
+    runs = sub.add_parser("runs", help="list runs (oldest first)")
     client_args(runs)
     runs.add_argument("--json", action="store_true")
+    runs.add_argument("--limit", type=_positive_int, default=None,
+                      help="show at most this many runs, oldest first (default: all, fetched page by page)")
     runs.set_defaults(func=lambda a: asyncio.run(_runs(a)))
 
     ex = sub.add_parser("experiment", help="guided run vs baseline: data, Q/A, training, eval, report")
