@@ -80,7 +80,6 @@ class Orchestrator:
         self.store = store
         self.deps = deps
         self.tasks: dict[str, asyncio.Task] = {}
-        self.side_tasks: set[asyncio.Task] = set()
         self._trackers: dict[str, asyncio.Task] = {}
         self._accept_locks: dict[str, asyncio.Lock] = {}
         self._changed: dict[str, asyncio.Event] = {}
@@ -107,7 +106,7 @@ class Orchestrator:
 
     async def stop(self) -> None:
         self._stopping = True
-        tasks = [*self.tasks.values(), *self.side_tasks, *self._trackers.values()]
+        tasks = [*self.tasks.values(), *self._trackers.values()]
         if self._health_task:
             tasks.append(self._health_task)
         for t in tasks:
@@ -488,8 +487,3 @@ class Orchestrator:
                                              "total_steps": job.progress.total_steps, "error": job.error})
             if job.status in TERMINAL_JOB_STATUSES:
                 return
-
-    def spawn_side(self, coro: Awaitable[None], name: str) -> None:
-        t = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        self.side_tasks.add(t)
-        t.add_done_callback(self.side_tasks.discard)
