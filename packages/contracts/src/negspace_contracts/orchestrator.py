@@ -136,7 +136,8 @@ class RunEvent(BaseModel):
       "completion_tokens", "latency_s", "node_url"}``
     - ``round``: ``{"round", "rounds", "accepted", "attempts"}`` when every node finished a round
     - ``qa``: ``{"instruction_id", "status", "done", "total", "converted", "rejected"}``
-    - ``train``: ``{"job_id", "status", "step"?, "total_steps"?, "error"?}``
+    - ``train``: ``{"job_id", "status", "step"?, "total_steps"?, "error"?}`` (``status`` is the job's,
+      or ``"lost"`` once the trainer answers 404 for the job)
     The stream ends when the run is completed, failed or cancelled.
     """
 
