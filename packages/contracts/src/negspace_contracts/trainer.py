@@ -13,6 +13,8 @@ from negspace_contracts.common import StrictModel
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_JOB_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 MAX_INLINE_RECORDS = 100_000
+# Printable ASCII without spaces (a UUID, a hash, "run-<id>-train-<n>").
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]+$"
 
 
 class ChatTurn(StrictModel):
@@ -86,7 +88,10 @@ class EvalSpec(StrictModel):
     tasks: list[str] = Field(..., min_length=1)
     limit: int | None = Field(None, ge=1)
     num_fewshot: int | None = Field(None, ge=0)
-    include_path: str | None = None
+    include_path: str | None = Field(
+        None, description="A folder of lm-eval task YAML (which may import Python via !function) "
+                          "inside one of the trainer's --task-dirs (default <workdir>/tasks; a "
+                          "relative path is taken inside the first of them).")
     batch_size: int = Field(8, ge=1)
 
 
@@ -99,11 +104,18 @@ class JobRequest(StrictModel):
     eval: EvalSpec | None = None
     compare_base: bool = False
     name: str | None = Field(None, max_length=200)
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=255, pattern=IDEMPOTENCY_KEY_PATTERN,
+        description="Makes POST /jobs safe to retry: a repeat with the same key returns the job "
+                    "created the first time (200, no new job); the same key with a different "
+                    "request is a 409. Keys are kept with the job (across trainer restarts).")
 
 
 class JobCreated(StrictModel):
     id: str
     status: JobStatus
+    replayed: bool = Field(False, description="True when an earlier POST /jobs with the same "
+                                              "idempotency_key created this job (answered 200).")
 
 
 class JobProgress(StrictModel):
@@ -167,14 +179,20 @@ class TaskList(StrictModel):
 
 
 class _Jobs(Resource):
-    async def create(self, request: JobRequest) -> JobCreated:
+    async def create(self, request: JobRequest, *, idempotency_key: str | None = None) -> JobCreated:
+        """``idempotency_key`` (or ``request.idempotency_key``): retrying with the same key after
+        a timeout or a dropped connection returns the job the first try created, never a second."""
+        if idempotency_key is not None:
+            request = request.model_copy(update={"idempotency_key": idempotency_key})
         return await self._client.call("POST", "/jobs", JobCreated, json_body=request)
 
     async def get(self, job_id: str) -> Job:
         return await self._client.call("GET", f"/jobs/{job_id}", Job)
 
-    async def list(self) -> JobList:
-        return await self._client.call("GET", "/jobs", JobList)
+    async def list(self, *, idempotency_key: str | None = None) -> JobList:
+        """All jobs, or only the one created with ``idempotency_key`` (an empty list if none)."""
+        params = {"idempotency_key": idempotency_key} if idempotency_key is not None else None
+        return await self._client.call("GET", "/jobs", JobList, params=params)
 
     async def cancel(self, job_id: str) -> Job:
         return await self._client.call("POST", f"/jobs/{job_id}/cancel", Job)

@@ -6,7 +6,7 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from negspace_contracts.errors import ServiceUnavailableError
 from negspace_contracts.trainer import (
@@ -24,7 +24,7 @@ from negspace_servekit import health_response
 from prometheus_client import Counter, Gauge
 
 from negspace_trainer import local_tasks, sources
-from negspace_trainer.runner import JobRunner
+from negspace_trainer.runner import JobRunner, request_fingerprint
 from negspace_trainer.settings import TrainerSettings
 from negspace_trainer.store import JobStore
 
@@ -43,8 +43,23 @@ RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 jobs = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@jobs.post("", status_code=201, response_model=JobCreated)
-async def create_job(body: JobRequest, runner: RunnerDep) -> JobCreated:
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+@jobs.post("", status_code=201, response_model=JobCreated,
+           responses={200: {"model": JobCreated, "description": "A repeat of an earlier request "
+                            "with the same idempotency_key: the job it created (no new job)."},
+                      409: {"description": "The idempotency_key was used for a different request."}})
+async def create_job(body: JobRequest, runner: RunnerDep, response: Response) -> JobCreated:
+    fingerprint = None
+    if body.idempotency_key is not None:  # a retry gets the first job, before anything is re-checked
+        fingerprint = request_fingerprint(body)
+        existing = runner.replay(body.idempotency_key, fingerprint)
+        if existing is not None:
+            return _replayed(existing, response)
+    if body.eval is not None and body.eval.include_path is not None:  # confined to --task-dirs (422)
+        folder = sources.check_include_path(body.eval.include_path, runner.settings.allowed_task_dirs)
+        body = body.model_copy(update={"eval": body.eval.model_copy(update={"include_path": str(folder)})})
     records = None
     path = body.dataset.path
     if path is not None:  # confined to --dataset-dirs / --dataset-url-prefixes (422 otherwise)
@@ -53,12 +68,25 @@ async def create_job(body: JobRequest, runner: RunnerDep) -> JobCreated:
             records = await asyncio.to_thread(sources.read_file, source.file, path, runner.settings)
         else:  # the worker fetches the normalized URL that was checked
             body = body.model_copy(update={"dataset": body.dataset.model_copy(update={"path": source.url})})
-    job = runner.submit(body, records)
+    job, replayed = runner.submit(body, records, fingerprint=fingerprint)
+    if replayed:  # a concurrent request with the same key created it while this one read the file
+        return _replayed(job, response)
     return JobCreated(id=job.id, status=job.status)
 
 
+def _replayed(job: Job, response: Response) -> JobCreated:
+    response.status_code = 200
+    response.headers[REPLAYED_HEADER] = "true"
+    return JobCreated(id=job.id, status=job.status, replayed=True)
+
+
 @jobs.get("", response_model=JobList)
-async def list_jobs(runner: RunnerDep) -> JobList:
+async def list_jobs(runner: RunnerDep, idempotency_key: Annotated[
+        str | None, Query(max_length=255, description="Only the job created with this key "
+                                                      "(an empty list if none was).")] = None) -> JobList:
+    if idempotency_key is not None:
+        found = runner.store.by_key(idempotency_key)
+        return JobList(jobs=[runner.get(found[0])] if found else [])
     return JobList(jobs=runner.store.list())
 
 

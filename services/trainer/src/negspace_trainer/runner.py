@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 import uuid
@@ -38,6 +40,7 @@ from negspace_contracts.orchestrator import OrchestratorClient
 from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, Job, JobRequest
 
 from negspace_trainer.settings import TrainerSettings
+from negspace_trainer.sources import TASK_DIRS_ENV
 from negspace_trainer.store import JobStore, now
 
 log = logging.getLogger("negspace.trainer")
@@ -104,6 +107,12 @@ async def _kill_orphans(job_dir: Path, marker: str, timeout: float = 10.0) -> li
     while pids and _job_processes(job_dir, marker) and time.monotonic() < end:
         await asyncio.sleep(0.05)
     return pids
+
+
+def request_fingerprint(request: JobRequest) -> str:
+    """What "the same request" means for an idempotency key: the request as parsed (defaults
+    spelled out or left out compare equal), without the key itself."""
+    return hashlib.sha256(request.model_dump_json(exclude={"idempotency_key"}).encode()).hexdigest()
 
 
 def _stamp(message: str) -> str:
@@ -231,8 +240,34 @@ class JobRunner:
         return self.jobs_dir / job_id
 
     # -- API operations ---------------------------------------------------------------------------
-    def submit(self, request: JobRequest, records: list[dict] | None = None) -> Job:
-        """Queue a job. ``records``: the dataset already read (``read_dataset_file``) for a path."""
+    def replay(self, key: str, fingerprint: str) -> Job | None:
+        """The job created earlier with idempotency key ``key`` (None if none was): the same
+        request again gets that job; a different request under the same key is a 409."""
+        found = self.store.by_key(key)
+        if found is None:
+            return None
+        job_id, stored = found
+        if stored != fingerprint:
+            raise ConflictError(
+                f"idempotency_key {key!r} was already used for job {job_id}, created from a different "
+                "request; a key may only be reused to retry the very same request (send a new key for "
+                "a new job)", param="idempotency_key")
+        return self.get(job_id)
+
+    def submit(self, request: JobRequest, records: list[dict] | None = None, *,
+               fingerprint: str | None = None) -> tuple[Job, bool]:
+        """Queue a job; return it and whether it was a replay. ``records``: the dataset already
+        read (``read_dataset_file``) for a path. ``fingerprint``: ``request_fingerprint`` of the
+        request as the client sent it (before paths were resolved and defaults filled in), kept
+        with ``request.idempotency_key``; a key already used returns that job (``replay``)."""
+        key = request.idempotency_key
+        if key is not None:
+            fingerprint = fingerprint or request_fingerprint(request)
+            # No await between this check and the insert below: concurrent POSTs with one key
+            # (all on the event loop) cannot both create; the unique index guards the rest.
+            existing = self.replay(key, fingerprint)
+            if existing is not None:
+                return existing, True
         if self.store.count("queued") >= self.settings.max_queued:
             raise RateLimitError(f"{self.settings.max_queued} jobs are already queued; retry later",
                                  retry_after=60)
@@ -246,11 +281,18 @@ class JobRunner:
             records = [r.model_dump() for r in request.dataset.records]
         if records is not None:
             self._write_dataset(job_dir, records)
-        self.store.create(job_id, request)
+        try:
+            self.store.create(job_id, request, fingerprint if key is not None else None)
+        except sqlite3.IntegrityError:  # another process/thread created the key's job meanwhile
+            shutil.rmtree(job_dir, ignore_errors=True)
+            existing = self.replay(key, fingerprint) if key is not None else None
+            if existing is None:
+                raise
+            return existing, True
         self._wake.set()
         job = self.store.get(job_id)
         assert job is not None
-        return job
+        return job, False
 
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -351,6 +393,7 @@ class JobRunner:
         env = dict(os.environ)
         env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env[TASK_DIRS_ENV] = os.pathsep.join(map(str, self.settings.allowed_task_dirs))
         if self.settings.worker_threads:
             env["NEGSPACE_TRAINER_THREADS"] = str(self.settings.worker_threads)
         job = self.get(job_id)

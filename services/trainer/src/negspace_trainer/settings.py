@@ -49,11 +49,16 @@ class TrainerSettings(ServiceSettings):
         default_factory=list, description="http(s) URL prefixes a job's dataset.path may start with, "
                                           "e.g. https://data.example.org/negspace/ (default: none, "
                                           "URLs are refused).")
+    task_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Folders a job's eval.include_path may name (lm-eval task "
+                                          "YAML can import Python from there via !function); repeat "
+                                          "the flag for several (default: <workdir>/tasks only, "
+                                          "where the shipped local tasks are written).")
     poll_interval_s: float = Field(0.5, gt=0, description="How often a running worker's progress is read.")
     cancel_grace_s: float = Field(10.0, ge=0, description="SIGTERM -> SIGKILL delay when cancelling.")
     worker_threads: int | None = Field(None, ge=1, description="torch threads in a worker (default: torch's).")
 
-    @field_validator("dataset_dirs", mode="before")
+    @field_validator("dataset_dirs", "task_dirs", mode="before")
     @classmethod
     def _dirs(cls, v: object) -> object:
         return _split_commas(v)
@@ -77,4 +82,10 @@ class TrainerSettings(ServiceSettings):
     def allowed_dataset_dirs(self) -> list[Path]:
         """The folders dataset.path may read from, symlinks resolved."""
         dirs = self.dataset_dirs or [self.resolved_workdir / "datasets"]
+        return [Path(d).expanduser().resolve() for d in dirs]
+
+    @property
+    def allowed_task_dirs(self) -> list[Path]:
+        """The folders eval.include_path may name, symlinks resolved."""
+        dirs = self.task_dirs or [self.resolved_workdir / "tasks"]
         return [Path(d).expanduser().resolve() for d in dirs]

@@ -151,3 +151,36 @@ def read_file(path: Path, source: str, settings: TrainerSettings) -> list[dict]:
         raise _refuse(f"dataset.path {source!r} holds no records: it needs at least one "
                       '{"messages": [...]} line')
     return records
+
+
+# -- eval.include_path ----------------------------------------------------------------------------
+INCLUDE_PARAM = "eval.include_path"
+# The worker re-checks include_path against the folders the service allowed (os.pathsep-separated).
+TASK_DIRS_ENV = "NEGSPACE_TRAINER_TASK_DIRS"
+
+
+def check_include_path(source: str, dirs: list[Path]) -> Path:
+    """The resolved folder of lm-eval task YAML if it lies inside one of ``dirs`` (the trainer's
+    ``--task-dirs``); 422 with ``param`` ``eval.include_path`` otherwise. lm-eval imports Python
+    from there (``!function``), so the same rules as ``dataset.path`` apply: ``~``, ``..`` and
+    symlinks are resolved first, a relative path is taken inside the first folder, and outside
+    paths are refused without being looked at (the answer does not reveal whether they exist)."""
+    def refuse(message: str) -> BadRequestError:
+        return BadRequestError(message, param=INCLUDE_PARAM, status_code=422)
+
+    try:
+        raw = Path(source).expanduser()
+        path = (raw if raw.is_absolute() else dirs[0] / raw).resolve()
+    except (OSError, ValueError, RuntimeError):
+        raise refuse(f"eval.include_path {source!r} is not a usable folder path") from None
+    if not _inside(path, dirs):
+        raise refuse(f"eval.include_path {source!r} is outside the folders this trainer may load "
+                     f"lm-eval tasks from ({', '.join(map(str, dirs))}; symlinks and '..' are "
+                     "resolved first), because task YAML can import Python (!function); put the "
+                     "task folder there, or have the operator add its folder to --task-dirs / "
+                     "TRAINER_TASK_DIRS")
+    if not path.is_dir():
+        raise refuse(f"eval.include_path {source!r} is not a folder on the trainer's machine (give "
+                     "a folder of lm-eval task YAML inside --task-dirs; GET /tasks shows the "
+                     "shipped one)")
+    return path

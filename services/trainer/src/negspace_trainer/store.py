@@ -25,12 +25,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     pid INTEGER,
     attempt INTEGER NOT NULL DEFAULT 1,
+    idempotency_key TEXT,
+    request_hash TEXT,
     created_at TEXT NOT NULL,
     started_at TEXT,
     finished_at TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 """
+# After the columns exist (a jobs.sqlite from before idempotency keys gets them first).
+_KEY_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency_key ON jobs(idempotency_key) "
+              "WHERE idempotency_key IS NOT NULL")
 
 _JSON_COLUMNS = ("progress", "losses", "eval")
 
@@ -52,17 +57,32 @@ class JobStore:
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
         if "attempt" not in columns:  # a jobs.sqlite written before attempts were counted
             self._db.execute("ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1")
+        for column in ("idempotency_key", "request_hash"):  # ... or before idempotency keys
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+        self._db.execute(_KEY_INDEX)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def create(self, job_id: str, request: JobRequest) -> None:
+    def create(self, job_id: str, request: JobRequest, request_hash: str | None = None) -> None:
+        """Insert a queued job. With ``request.idempotency_key`` set, a second job with the same
+        key is refused by the unique index (``sqlite3.IntegrityError``)."""
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             self._db.execute(
-                "INSERT INTO jobs (id, seq, name, status, request, created_at) VALUES (?, ?, ?, 'queued', ?, ?)",
-                (job_id, seq, request.name, request.model_dump_json(), now()))
+                "INSERT INTO jobs (id, seq, name, status, request, idempotency_key, request_hash, created_at)"
+                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, seq, request.name, request.model_dump_json(), request.idempotency_key,
+                 request_hash, now()))
+
+    def by_key(self, key: str) -> tuple[str, str | None] | None:
+        """(job id, request hash) of the job created with idempotency key ``key``, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT id, request_hash FROM jobs WHERE idempotency_key = ?",
+                                   (key,)).fetchone()
+        return (row["id"], row["request_hash"]) if row else None
 
     def update(self, job_id: str, **fields: Any) -> None:
         if not fields:

@@ -128,6 +128,24 @@ def load_records(job_dir: Path, request: JobRequest) -> list[dict]:
 
 # -- evaluation ---------------------------------------------------------------------------------
 
+def checked_include_path(include_path: str) -> Path:
+    """The service checked ``eval.include_path`` at POST /jobs; checked again here against the
+    folders it allows now (``--task-dirs`` may have changed across a restart, or a symlink been
+    swapped since), because lm-eval imports Python from there."""
+    from negspace_contracts.errors import BadRequestError
+
+    from negspace_trainer.sources import TASK_DIRS_ENV, check_include_path
+
+    allowed = [Path(d) for d in os.environ.get(TASK_DIRS_ENV, "").split(os.pathsep) if d]
+    if not allowed:
+        raise JobError(f"eval.include_path {include_path!r}: the worker was started without "
+                       f"{TASK_DIRS_ENV} (the folders it may load task YAML from), so it loads none")
+    try:
+        return check_include_path(include_path, [d.resolve() for d in allowed])
+    except BadRequestError as exc:
+        raise JobError(exc.message) from None
+
+
 def task_manager(job_dir: Path, request: JobRequest):
     """lm-eval's TaskManager over its own tasks, the shipped local ones and the job's include_path;
     unknown task names fail here, before any training."""
@@ -135,10 +153,7 @@ def task_manager(job_dir: Path, request: JobRequest):
 
     include = [str(local_tasks.materialize(job_dir / "tasks"))]
     if request.eval and request.eval.include_path:
-        extra = Path(request.eval.include_path).expanduser()
-        if not extra.exists():
-            raise JobError(f"eval.include_path {request.eval.include_path!r} does not exist")
-        include.append(str(extra))
+        include.append(str(checked_include_path(request.eval.include_path)))
     manager = TaskManager(include_path=include)
     if request.eval:
         known = set(manager.all_tasks)
