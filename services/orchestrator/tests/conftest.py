@@ -25,7 +25,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from negspace_contracts.controller import (
     CollectionInfo,
     DenseItem,
@@ -48,7 +48,7 @@ from negspace_contracts.node import (
     Usage,
 )
 from negspace_contracts.orchestrator import OrchestratorClient
-from negspace_contracts.trainer import Job, JobCreated, JobRequest
+from negspace_contracts.trainer import Job, JobCreated, JobList, JobRequest
 from negspace_orchestrator.app import create_app
 from negspace_orchestrator.services import Dependencies
 from negspace_orchestrator.settings import OrchestratorSettings
@@ -220,11 +220,20 @@ class MockController:
 
 class MockTrainer:
     """Jobs are ``running`` on their first poll and ``succeeded`` from the second; ``delay`` slows
-    every answer (for timeouts, over real sockets); an unknown job is a 404."""
+    every answer (for timeouts, over real sockets); an unknown job is a 404. ``idempotency_key``
+    as the real trainer: the same key and request return the first job (200), another request
+    under a used key is a 409. ``lose_answers``: exceptions raised AFTER the next POST /jobs
+    calls did their work (through ASGITransport they reach the client as a timeout or a dropped
+    connection, exactly as if the answer was lost on the wire); ``answer_delay`` does the same over
+    real sockets (the job is made, then the answer comes too late)."""
 
     def __init__(self, delay: float = 0.0) -> None:
         self.jobs: dict[str, tuple[JobRequest, int]] = {}
+        self.keys: dict[str, str] = {}
+        self.creates = 0  # POST /jobs calls, replays included
+        self.lose_answers: list[Exception] = []
         self.delay = delay
+        self.answer_delay = 0.0  # POST /jobs: seconds between creating the job and answering
         app = FastAPI()
 
         @app.middleware("http")
@@ -238,10 +247,38 @@ class MockTrainer:
             return {"status": "ok", "service": "trainer"}
 
         @app.post("/jobs", status_code=201)
-        async def create(req: JobRequest):
-            jid = f"job-{len(self.jobs) + 1}"
-            self.jobs[jid] = (req, 0)
-            return JobCreated(id=jid, status="queued")
+        async def create(req: JobRequest, response: Response):
+            self.creates += 1
+            key = req.idempotency_key
+            if key is not None and key in self.keys:
+                jid = self.keys[key]
+                first = self.jobs[jid][0]
+                if first.model_dump(exclude={"idempotency_key"}) != req.model_dump(exclude={"idempotency_key"}):
+                    return JSONResponse({"error": {"message": f"idempotency_key {key!r} was already used for "
+                                                              f"job {jid}, created from a different request",
+                                                   "type": "conflict_error", "param": "idempotency_key",
+                                                   "code": 409}}, status_code=409)
+                response.status_code = 200
+                created = JobCreated(id=jid, status="queued", replayed=True)
+            else:
+                jid = f"job-{len(self.jobs) + 1}"
+                self.jobs[jid] = (req, 0)
+                if key is not None:
+                    self.keys[key] = jid
+                created = JobCreated(id=jid, status="queued")
+            if self.answer_delay:
+                await asyncio.sleep(self.answer_delay)
+            if self.lose_answers:
+                raise self.lose_answers.pop(0)
+            return created
+
+        @app.get("/jobs")
+        async def list_jobs(idempotency_key: str | None = None):
+            if idempotency_key is None:
+                ids = list(self.jobs)
+            else:
+                ids = [self.keys[idempotency_key]] if idempotency_key in self.keys else []
+            return JobList(jobs=[self._job(jid) for jid in ids if jid in self.jobs])
 
         @app.get("/jobs/{jid}")
         async def get(jid: str):
@@ -250,9 +287,14 @@ class MockTrainer:
                                                "param": None, "code": 404}}, status_code=404)
             req, polls = self.jobs[jid]
             self.jobs[jid] = (req, polls + 1)
-            return Job(id=jid, status="succeeded" if polls >= 1 else "running", request=req, name=req.name)
+            return self._job(jid, polls)
 
         self.app = app
+
+    def _job(self, jid: str, polls: int | None = None) -> Job:
+        req, seen = self.jobs[jid]
+        polls = seen if polls is None else polls
+        return Job(id=jid, status="succeeded" if polls >= 1 else "running", request=req, name=req.name)
 
 
 NODE_URLS = ["http://node-a", "http://node-b"]

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 
+import httpx
 import pytest
 from negspace_contracts.errors import BadRequestError, ConflictError, ServiceUnavailableError
 from negspace_contracts.node import ChatCompletionRequest
@@ -191,12 +192,129 @@ async def test_trainer_timeout_is_a_503_naming_the_trainer(tmp_path):
                                                         rounds=0))).id
             await h.wait(rid)
             await h.client.runs.qa(rid)
-            trainer.delay = 1.5
+            trainer.answer_delay = 1.5  # the job is created, but its answer comes too late
             start = time.monotonic()
             with pytest.raises(ServiceUnavailableError) as ei:
                 await h.client.runs.train(rid)
-            assert time.monotonic() - start < 1.4
+            assert time.monotonic() - start < 1.4  # 3 tries of 0.3 s
             assert ei.value.message.startswith("trainer:") and "timed out" in ei.value.message
-            trainer.delay = 0.0
-            job = await h.client.runs.train(rid)  # answers again once the trainer does
+            assert trainer.creates == 3 and len(trainer.jobs) == 1  # the retries sent the same key
+            trainer.answer_delay = 0.0
+            job = await h.client.runs.train(rid)  # answers again once the trainer does: the same job
             assert (await h.client.runs.train_job(rid)).id == job.id
+            assert list(trainer.jobs) == [job.id]
+
+
+# ---- the trainer's answer to POST /jobs is lost: never a second job ------------------------------
+def lost_answer(kind: str) -> Exception:
+    """What the orchestrator's client sees when the trainer made the job but its answer never came."""
+    return (httpx.ReadTimeout("the answer never came") if kind == "timeout"
+            else httpx.RemoteProtocolError("Server disconnected without sending a response."))
+
+
+async def trained_run(h) -> str:
+    rid = (await h.client.runs.create(RunConfig(base_instruction="Write a riddle.", nodes=1, rounds=0))).id
+    await h.wait(rid)
+    await h.client.runs.qa(rid)
+    return rid
+
+
+async def test_a_lost_create_answer_is_retried_with_the_same_key(make_harness):
+    trainer = MockTrainer()
+    async with make_harness(script=script, trainer=trainer) as h:
+        rid = await trained_run(h)
+        trainer.lose_answers = [lost_answer("timeout"), lost_answer("drop")]
+        job = await h.client.runs.train(rid)
+        assert trainer.creates == 3 and list(trainer.jobs) == [job.id]  # three tries, one job
+        sent = trainer.jobs[job.id][0]
+        assert sent.idempotency_key and sent.idempotency_key.startswith(f"negspace-run-{rid}-train-")
+        assert (await h.client.runs.get(rid)).train_job_id == job.id
+        assert [e["job_id"] for e in train_events(h, rid)] == [job.id]
+        assert h.orch.store.db.execute("SELECT train_key FROM runs WHERE id = ?", (rid,)).fetchone()[0] is None
+
+
+async def test_a_retried_train_request_after_a_503_gets_the_first_job(make_harness):
+    """Every try lost (503), then POST /runs/{id}/train again, after an orchestrator restart."""
+    trainer = MockTrainer()
+    async with make_harness(script=script, trainer=trainer) as h:
+        rid = await trained_run(h)
+        trainer.lose_answers = [lost_answer("drop"), lost_answer("timeout"), lost_answer("drop")]
+        with pytest.raises(ServiceUnavailableError) as ei:
+            await h.client.runs.train(rid)
+        assert ei.value.message.startswith("trainer:") and "same key" in ei.value.message
+        assert len(trainer.jobs) == 1 and (await h.client.runs.get(rid)).train_job_id is None
+    async with make_harness(script=script, trainer=trainer) as h:  # the pending key was stored
+        job = await h.client.runs.train(rid)
+        assert list(trainer.jobs) == [job.id] and trainer.creates == 4
+        assert (await h.client.runs.get(rid)).train_job_id == job.id
+        await wait_for(lambda: train_events(h, rid)[-1]["status"] == "succeeded")
+        again = await h.client.runs.train(rid)  # the job finished: a new request is a new job (new key)
+        assert again.id != job.id and len(trainer.jobs) == 2
+        assert trainer.jobs[again.id][0].idempotency_key != trainer.jobs[job.id][0].idempotency_key
+
+
+async def test_a_retry_with_other_settings_adopts_the_lost_job(make_harness):
+    trainer = MockTrainer()
+    async with make_harness(script=script, trainer=trainer, train_poll_s=3600) as h:
+        rid = await trained_run(h)
+        trainer.lose_answers = [lost_answer("timeout")] * 3
+        with pytest.raises(ServiceUnavailableError):
+            await h.client.runs.train(rid, TrainRequest(method="lora"))
+        (lost_id,) = trainer.jobs
+        trainer.jobs[lost_id] = (trainer.jobs[lost_id][0], -5)  # still running for a few polls
+        with pytest.raises(ConflictError) as ei:  # not a second job: the first one is the run's
+            await h.client.runs.train(rid, TrainRequest(method="full"))
+        assert lost_id in ei.value.message and "answer was lost" in ei.value.message
+        assert list(trainer.jobs) == [lost_id] and (await h.client.runs.get(rid)).train_job_id == lost_id
+        assert [e["job_id"] for e in train_events(h, rid)] == [lost_id]
+        with pytest.raises(ConflictError):  # recorded now: the usual "already has a job" answer
+            await h.client.runs.train(rid, TrainRequest(method="full"))
+
+
+async def test_a_retry_with_other_settings_after_the_lost_job_finished_creates_one(make_harness):
+    trainer = MockTrainer()
+    async with make_harness(script=script, trainer=trainer, train_poll_s=3600) as h:
+        rid = await trained_run(h)
+        trainer.lose_answers = [lost_answer("timeout")] * 3
+        with pytest.raises(ServiceUnavailableError):
+            await h.client.runs.train(rid, TrainRequest(method="lora"))
+        (lost_id,) = trainer.jobs
+        trainer.jobs[lost_id] = (trainer.jobs[lost_id][0], 5)  # it has succeeded meanwhile
+        job = await h.client.runs.train(rid, TrainRequest(method="full"))
+        assert job.id != lost_id and trainer.jobs[job.id][0].method == "full" and len(trainer.jobs) == 2
+        assert (await h.client.runs.get(rid)).train_job_id == job.id
+        assert [e["job_id"] for e in train_events(h, rid)] == [lost_id, job.id]
+
+
+async def test_concurrent_train_requests_make_one_job(make_harness):
+    trainer = MockTrainer()
+    async with make_harness(script=script, trainer=trainer) as h:
+        rid = await trained_run(h)
+        results = await asyncio.gather(*(h.client.runs.train(rid) for _ in range(3)), return_exceptions=True)
+        ids = {r.id for r in results if not isinstance(r, BaseException)}
+        assert len(trainer.jobs) == 1 and ids == set(trainer.jobs)
+        assert all(isinstance(r, ConflictError) for r in results if isinstance(r, BaseException))
+        assert len(train_events(h, rid)) == 1
+
+
+def test_an_orchestrator_db_from_before_train_keys_gets_the_column(tmp_path):
+    import sqlite3
+
+    from negspace_orchestrator.store import Store
+
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, mode TEXT NOT NULL, status TEXT NOT NULL, "
+                "config TEXT NOT NULL, target INTEGER NOT NULL, round INTEGER NOT NULL DEFAULT 0, error TEXT, "
+                "paused_reason TEXT, collection TEXT NOT NULL, train_job_id TEXT, created_at REAL NOT NULL, "
+                "updated_at REAL NOT NULL)")
+    old.commit()
+    old.close()
+    store = Store(tmp_path / "old.db")
+    try:
+        store.create_run("r1", RunConfig(base_instruction="x", nodes=1, rounds=0), 1, "c")
+        key = store.train_key("r1")
+        assert store.train_key("r1") == key  # kept until a job is recorded
+        store.set_train_job("r1", "j1")
+        assert store.train_key("r1") != key
+    finally:
+        store.close()

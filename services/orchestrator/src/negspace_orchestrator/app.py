@@ -268,13 +268,80 @@ async def train(run_id: str, orch: Orch, request: TrainRequest | None = None) ->
                              base_model=req.base_model, method=req.method, lora=req.lora,
                              training=req.training, eval=req.eval, compare_base=req.compare_base,
                              name=f"negspace-run-{run_id}")
-    async with _trainer_errors():
-        created = await trainer.jobs.create(job_request)
-        job = await trainer.jobs.get(created.id)
-    orch.store.set_train_job(run_id, job.id)
-    orch.event(run_id, "train", {"job_id": job.id, "status": job.status})
-    orch.track_train_job(run_id, job.id)
+    created = await _create_train_job(orch, trainer, run_id, job_request)
+    try:
+        async with _trainer_errors():
+            job = await trainer.jobs.get(created.id)
+    except ServiceUnavailableError:  # the job exists: record it and answer with what we know
+        job = Job(id=created.id, status=created.status, name=job_request.name, request=job_request)
+    _record_train_job(orch, run_id, job.id, job.status)
     return job
+
+
+# Tries of one job creation when the trainer's answer is lost (timeout, dropped connection) or
+# it is briefly unavailable: safe because every try sends the run's same idempotency key.
+TRAIN_CREATE_TRIES = 3
+
+
+async def _create_train_job(orch: Orchestrator, trainer, run_id: str, job_request: JobRequest):
+    """Create the run's training job on the trainer exactly once, however often this is retried
+    (here, or by a client retrying POST /runs/{id}/train after a timeout): the key is stored on
+    the run before the first call and sent with every try until a job is recorded."""
+    key = orch.store.train_key(run_id)
+    last: NegspaceError | None = None
+    for tries in range(TRAIN_CREATE_TRIES):
+        if tries:
+            await asyncio.sleep(min(orch.settings.retry_max_backoff_s,
+                                    orch.settings.retry_backoff_s * 2 ** (tries - 1)))
+        try:
+            return await trainer.jobs.create(job_request, idempotency_key=key)
+        except ConflictError as exc:
+            if exc.param != "idempotency_key":
+                raise
+            # An earlier POST /runs/{id}/train, whose answer was lost, created a job with other
+            # settings under this key: that job is the run's.
+            key = await _adopt_earlier_job(orch, trainer, run_id, key)
+        except NegspaceError as exc:
+            if not is_retryable(exc) or exc.status_code == 429:  # a full queue: retrying now won't help
+                ours = _as_ours(exc)
+                if ours is exc:
+                    raise
+                raise ours from exc
+            last = exc
+            log.warning("run %s: creating the training job failed (try %d/%d, idempotency key %s): %s",
+                        run_id, tries + 1, TRAIN_CREATE_TRIES, key, exc.message)
+    assert last is not None
+    raise ServiceUnavailableError(
+        f"trainer: {last.message} (tried {TRAIN_CREATE_TRIES} times with idempotency key {key}; the "
+        f"trainer may have created the job: retrying POST /runs/{run_id}/train sends the same key, "
+        "so it cannot start a second one)") from last
+
+
+async def _adopt_earlier_job(orch: Orchestrator, trainer, run_id: str, key: str) -> str:
+    """Record the job an earlier, lost create made under ``key``; 409 while it is active, else
+    the new key to create this request's job with."""
+    async with _trainer_errors():
+        found = (await trainer.jobs.list(idempotency_key=key)).jobs
+    if not found:
+        raise ServiceUnavailableError(f"trainer: it refused idempotency key {key} as used, yet lists "
+                                      "no job for it; retry in a moment")
+    earlier = found[0]
+    _record_train_job(orch, run_id, earlier.id, earlier.status)
+    if earlier.status not in TERMINAL_JOB_STATUSES:
+        raise ConflictError(f"run {run_id} already has training job {earlier.id} ({earlier.status}), "
+                            "created by an earlier POST /runs/{id}/train whose answer was lost, with "
+                            "other settings; wait for it or cancel it on the trainer, then train again")
+    return orch.store.train_key(run_id)  # it finished: this request's job gets a new key
+
+
+def _record_train_job(orch: Orchestrator, run_id: str, job_id: str, status: str) -> None:
+    """The run's training job (once, however many retries reported it), followed for train events."""
+    run = orch.store.get_run(run_id)
+    if run is not None and run.train_job_id == job_id:
+        return
+    orch.store.set_train_job(run_id, job_id)
+    orch.event(run_id, "train", {"job_id": job_id, "status": status})
+    orch.track_train_job(run_id, job_id)
 
 
 @runs.get("/{run_id}/train", response_model=Job)
@@ -292,9 +359,16 @@ async def _trainer_errors():
     try:
         yield
     except NegspaceError as exc:
-        if is_retryable(exc) or exc.status_code >= 500:
-            raise ServiceUnavailableError(f"trainer: {exc.message}") from exc
-        raise
+        ours = _as_ours(exc)
+        if ours is exc:
+            raise
+        raise ours from exc
+
+
+def _as_ours(exc: NegspaceError) -> NegspaceError:
+    if is_retryable(exc) or exc.status_code >= 500:
+        return ServiceUnavailableError(f"trainer: {exc.message}")
+    return exc
 
 
 def create_app(settings: OrchestratorSettings, deps: Dependencies | None = None) -> FastAPI:

@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS runs (
     paused_reason TEXT,
     collection TEXT NOT NULL,
     train_job_id TEXT,
+    train_key TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -151,6 +152,9 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(runs)")}
+        if "train_key" not in columns:  # a database from before training jobs had idempotency keys
+            self.db.execute("ALTER TABLE runs ADD COLUMN train_key TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -235,8 +239,25 @@ class Store:
                                " ORDER BY created_at, id").fetchall()
         return [(r["id"], r["train_job_id"]) for r in rows]
 
+    def train_key(self, run_id: str) -> str:
+        """The idempotency key of the run's next training job, made and stored BEFORE the trainer
+        is asked to create it: when the trainer's answer is lost (a timeout, a dropped connection,
+        an orchestrator restart), a retry sends the same key and gets the job the first try made
+        instead of a second one. ``set_train_job`` clears it, so the next job gets a new key."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            row = self.db.execute("SELECT train_key FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(run_id)
+            if row["train_key"]:
+                return row["train_key"]
+            key = f"negspace-run-{run_id}-train-{uuid.uuid4().hex}"
+            self.db.execute("UPDATE runs SET train_key = ? WHERE id = ?", (key, run_id))
+            return key
+
     def set_train_job(self, run_id: str, job_id: str) -> None:
-        self.db.execute("UPDATE runs SET train_job_id = ?, updated_at = ? WHERE id = ?",
+        """Record the run's training job; its idempotency key is spent."""
+        self.db.execute("UPDATE runs SET train_job_id = ?, train_key = NULL, updated_at = ? WHERE id = ?",
                         (job_id, time.time(), run_id))
 
     # ---- attempts ---------------------------------------------------------------------------
