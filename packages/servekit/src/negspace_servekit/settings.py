@@ -14,6 +14,19 @@ S = TypeVar("S", bound="ServiceSettings")
 TOKEN_ENV = "NEGSPACE_API_TOKEN"
 
 
+def split_commas(v: object) -> object:
+    """A list setting's ``mode="before"`` validator: a repeated flag, or comma-separated values in
+    one flag or environment variable, become one flat list of non-empty stripped strings."""
+    if isinstance(v, str):
+        v = [v]
+    if isinstance(v, list):
+        out: list[str] = []
+        for item in v:
+            out.extend(p.strip() for p in str(item).split(",") if p.strip())
+        return out
+    return v
+
+
 class ServiceSettings(BaseSettings):
     """Fields every service has. Subclasses set ``env_prefix`` (``NODE_``, ``CONTROLLER_``...).
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from negspace_servekit.home import negspace_home
-from negspace_servekit.settings import ServiceSettings
+from negspace_servekit.settings import ServiceSettings, split_commas
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
@@ -49,14 +49,7 @@ class OrchestratorSettings(ServiceSettings):
     @field_validator("node_url", mode="before")
     @classmethod
     def _split_urls(cls, v: object) -> object:
-        if isinstance(v, str):
-            v = [v]
-        if isinstance(v, list):
-            out: list[str] = []
-            for item in v:
-                out.extend(p.strip() for p in str(item).split(",") if p.strip())
-            return out
-        return v
+        return split_commas(v)
 
     @model_validator(mode="after")
     def _urls(self):

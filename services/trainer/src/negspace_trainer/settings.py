@@ -8,24 +8,13 @@ from pathlib import Path
 from typing import Annotated
 
 from negspace_servekit.home import negspace_home
-from negspace_servekit.settings import ServiceSettings
+from negspace_servekit.settings import ServiceSettings, split_commas
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 # A URL prefix must name its host and end it with "/": "https://example.com" would also allow
 # "https://example.com.evil.org/...".
 _URL_PREFIX = re.compile(r"^https?://[^/?#@\\\s]+/")
-
-
-def _split_commas(v: object) -> object:
-    if isinstance(v, str):
-        v = [v]
-    if isinstance(v, list):
-        out: list[str] = []
-        for item in v:
-            out.extend(p.strip() for p in str(item).split(",") if p.strip())
-        return out
-    return v
 
 
 class TrainerSettings(ServiceSettings):
@@ -61,12 +50,12 @@ class TrainerSettings(ServiceSettings):
     @field_validator("dataset_dirs", "task_dirs", mode="before")
     @classmethod
     def _dirs(cls, v: object) -> object:
-        return _split_commas(v)
+        return split_commas(v)
 
     @field_validator("dataset_url_prefixes", mode="before")
     @classmethod
     def _prefixes(cls, v: object) -> object:
-        v = _split_commas(v)
+        v = split_commas(v)
         if isinstance(v, list):
             for prefix in v:
                 if not _URL_PREFIX.match(prefix):
