@@ -78,6 +78,7 @@ class FakeState:
     jobs: dict[str, Job] = field(default_factory=dict)
     job_polls: dict[str, int] = field(default_factory=dict)
     train_requests: dict[str, TrainRequest] = field(default_factory=dict)
+    list_calls: list[str] = field(default_factory=list)
     metrics_requests: list[tuple[str, MetricsRequest | None]] = field(default_factory=list)
     points: dict[str, list[dict]] = field(default_factory=dict)  # collection -> [{text, round}]
     fail_run: bool = False
@@ -136,8 +137,14 @@ def fake_orchestrator(state: FakeState) -> FastAPI:
         return RunCreated(id=rid, status="queued").model_dump()
 
     @app.get("/runs")
-    async def list_runs():
-        return RunList(runs=list(state.runs.values())).model_dump(mode="json")
+    async def list_runs(limit: int = 100, after: str | None = None):
+        # pages in creation order, like the orchestrator's
+        runs = list(state.runs.values())
+        start = [r.id for r in runs].index(after) + 1 if after else 0
+        page = runs[start:start + limit]
+        more = start + limit < len(runs)
+        state.list_calls.append(f"limit={limit} after={after}")
+        return RunList(runs=page, next_after=page[-1].id if more and page else None).model_dump(mode="json")
 
     @app.get("/runs/{rid}")
     async def get_run(rid: str):

@@ -69,6 +69,25 @@ def test_runs_lists_table_and_json(patched, capsys):
     assert json.loads(capsys.readouterr().out)[0]["id"] == "run-1"
 
 
+def test_runs_follows_the_pages_and_stops_at_the_limit(patched, fake_state, capsys, monkeypatch):
+    for i in range(3):
+        cli.main(["run", "--base", f"Base {i}.", "--nodes", "1", "--rounds", "0"])
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "RUNS_PAGE_SIZE", 1)  # one run per page: three pages
+    fake_state.list_calls.clear()
+    assert cli.main(["runs"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split()[0] for r in rows] == ["run-1", "run-2", "run-3"]
+    assert fake_state.list_calls == ["limit=1 after=None", "limit=1 after=run-1", "limit=1 after=run-2"]
+    fake_state.list_calls.clear()
+    assert cli.main(["runs", "--limit", "2"]) == 0
+    assert [r.split()[0] for r in capsys.readouterr().out.splitlines()[1:]] == ["run-1", "run-2"]
+    assert fake_state.list_calls == ["limit=2 after=None"]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["runs", "--limit", "0"])
+    assert exc.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
 def test_unreachable_orchestrator_is_one_clear_line(capsys, monkeypatch):
     monkeypatch.delenv("NEGSPACE_ORCHESTRATOR_URL", raising=False)
     assert cli.main(["runs", "--orchestrator-url", "http://127.0.0.1:9"]) == 1
