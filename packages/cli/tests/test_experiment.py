@@ -151,3 +151,33 @@ async def test_following_jobs_rides_out_a_restart_and_gives_up_after_the_outage_
 
     with pytest.raises(BadRequestError):  # not retryable: raised at once
         await follow_jobs(refused, ["guided"], quiet=True, poll_s=0.01)
+
+
+async def test_requests_are_repeated_while_the_orchestrator_is_away_and_errors_that_waiting_cannot_fix_are_not():
+    from negspace_cli.experiment import retry_while_down
+    from negspace_contracts.errors import ConflictError, ConnectionFailedError, ServiceUnavailableError
+
+    answers = [ConnectionFailedError("refused"), ServiceUnavailableError("node down"), "done"]
+    calls = 0
+
+    async def call():
+        nonlocal calls
+        calls += 1
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    assert await retry_while_down(call, "Q/A", pause_s=0.01) == "done" and calls == 3
+
+    async def conflict():
+        raise ConflictError("run is running")
+
+    with pytest.raises(ConflictError):
+        await retry_while_down(conflict, "Q/A", pause_s=0.01)
+
+    async def away():
+        raise ConnectionFailedError("refused")
+
+    with pytest.raises(ConnectionFailedError):
+        await retry_while_down(away, "Q/A", outage_s=0.05, pause_s=0.01)

@@ -41,7 +41,7 @@ from negspace_cli.follow import follow_jobs, follow_run, with_qa_progress
 
 METRIC_NAMES = ("semantic_diversity", "mst_diversity", "hull_volume", "vendi_score", "distinct_1", "distinct_2")
 DEFAULT_EVAL_TASK = "negspace_arith"
-QA_OUTAGE_S = 600.0  # how long a Q/A stage waits, in a row, for an orchestrator that went away
+OUTAGE_S = 600.0  # how long a Q/A or training request waits, in a row, for an orchestrator that went away
 
 
 @dataclass
@@ -164,8 +164,11 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
     # 3. Q/A for both
     qa_results: dict[str, Any] = {}
     for label, rid, n in (("guided", gid, len(g_instr)), ("baseline", bid, len(b_instr))):
-        res = await _qa_with_retries(orchestrator, rid, QARequest(max_tokens=cfg.qa_max_tokens), n,
-                                     f"3/5 Q/A {label}", quiet)
+        res = await retry_while_down(
+            lambda rid=rid, n=n, label=label: with_qa_progress(
+                orchestrator, rid, orchestrator.runs.qa(rid, QARequest(max_tokens=cfg.qa_max_tokens)),
+                total=n, desc=f"3/5 Q/A {label}", quiet=quiet),
+            f"Q/A of run {rid}")
         qa_results[label] = res.model_dump(mode="json")
         records = await orchestrator.runs.qa_records(rid)
         _write_jsonl(out / "qa" / f"{label}.jsonl", [r.model_dump(mode="json") for r in records])
@@ -268,31 +271,32 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
     return out
 
 
-async def _qa_with_retries(orchestrator: OrchestratorClient, rid: str, request: QARequest, n: int,
-                           desc: str, quiet: bool, outage_s: float = QA_OUTAGE_S):
-    """``POST /runs/{id}/qa``, again after a retryable failure (the orchestrator restarting, a
-    dependency down: 503): the pairs converted so far are kept, so a new call continues."""
+async def retry_while_down(call, what: str, outage_s: float = OUTAGE_S, pause_s: float = 2.0):
+    """``await call()``, again after a retryable failure (the orchestrator restarting, a dependency
+    down: 503) for up to ``outage_s`` in a row. Safe for the calls it wraps: a repeated ``POST /qa``
+    continues from the pairs already converted, and a repeated ``POST /train`` reuses the run's
+    stored idempotency key, so it returns the job the first call created."""
     loop = asyncio.get_running_loop()
     down_since: float | None = None
     while True:
         try:
-            return await with_qa_progress(orchestrator, rid, orchestrator.runs.qa(rid, request),
-                                          total=n, desc=desc, quiet=quiet)
+            return await call()
         except NegspaceError as exc:
             if not is_retryable(exc):
                 raise
             down_since = loop.time() if down_since is None else down_since
             if loop.time() - down_since > outage_s:
                 raise
-            _log(f"negspace: Q/A of run {rid} interrupted ({exc.message}); retrying")
-            await asyncio.sleep(2.0)
+            _log(f"negspace: {what} interrupted ({exc.message}); retrying")
+            await asyncio.sleep(pause_s)
 
 
 async def _train_and_eval(cfg: ExperimentConfig, orchestrator: OrchestratorClient, gid: str, bid: str,
                           quiet: bool, training: dict[str, Any], evals: dict[str, dict[str, float]]) -> None:
     """Fills ``training`` (even when a job fails, so the report shows it) and ``evals``."""
-    await orchestrator.runs.train(gid, cfg.train_request(compare_base=True))
-    await orchestrator.runs.train(bid, cfg.train_request(compare_base=False))
+    for rid, compare_base in ((gid, True), (bid, False)):
+        await retry_while_down(lambda rid=rid, cb=compare_base: orchestrator.runs.train(rid, cfg.train_request(cb)),
+                               f"training request for run {rid}")
     runs_by_label = {"guided": gid, "baseline": bid}
     jobs = await follow_jobs(lambda k: orchestrator.runs.train_job(runs_by_label[k]), ["guided", "baseline"],
                              desc={"guided": "4/5 train+eval guided", "baseline": "4/5 train+eval baseline"},
