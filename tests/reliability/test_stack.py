@@ -6,11 +6,12 @@ local mode on disk, orchestrator with SQLite, trainer with TRL + lm-eval), beare
   every count right and nothing shared between them;
 - faults: during one running experiment each service's whole process group is SIGKILLed and
   started again (node, controller and orchestrator during the guided run, the trainer during the
-  training job). The run pauses with a reason and resumes; the experiment finishes; no
-  instruction, controller point or training job is lost or duplicated.
+  training job; the orchestrator once more during the Q/A conversion). The run pauses with a
+  reason and resumes; the experiment finishes; no instruction, controller point, Q/A pair or
+  training job is lost or duplicated.
 
 The tests share one stack (module fixture), load first. Sizes are tiny; together they take a few
-minutes on 2 cores, most of it model loading and the four restarts.
+minutes on 2 cores, most of it model loading, training and the five restarts.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from negspace_contracts.controller import ControllerClient
+from negspace_contracts.errors import NegspaceError
 from negspace_contracts.orchestrator import OrchestratorClient
 from negspace_contracts.trainer import TrainerClient
 from negspace_servekit.testing import free_ports
@@ -189,7 +191,7 @@ def test_each_service_killed_and_restarted_during_an_experiment(stack):
         """SIGKILL the service's group; with ``gid``, keep it down until the run has paused (the
         driver may not need the service for a while: a round's generations take seconds)."""
         t = time.monotonic()
-        if not faults or faults[-1]["service"] != name:
+        if not faults or faults[-1]["service"] != name or "down_s" in faults[-1]:
             faults.append({"service": name})
         await asyncio.to_thread(stack.kill, name)
         if name == "trainer":  # the whole machine lost: the worker dies with its service
@@ -218,6 +220,21 @@ def test_each_service_killed_and_restarted_during_an_experiment(stack):
                 await asyncio.sleep(0.2)
             # the orchestrator is the driver itself: it resumes its runs when it starts again
             await kill_and_restart(name, orch, None if name == "orchestrator" else gid)
+        # the orchestrator again, in the middle of the guided run's Q/A conversion (the CLI's
+        # POST /qa drops; it calls again, and the restarted orchestrator converts only the rest)
+        seen, qa_done = 0, 0
+        while qa_done < 3:
+            assert not experiment.done(), "the experiment ended before the Q/A fault was injected"
+            with contextlib.suppress(NegspaceError):
+                async for ev in orch.runs.events(gid, after=seen):
+                    seen = ev.seq
+                    if ev.type == "qa":
+                        qa_done = int(ev.data.get("done") or 0)
+                        if qa_done >= 3:
+                            break
+            await asyncio.sleep(0.1)
+        faults.append({"service": "orchestrator", "stage": "qa", "qa_done": qa_done})
+        await kill_and_restart("orchestrator")
         # the trainer while the guided run's job is running
         while True:
             assert not experiment.done(), "the experiment ended before the trainer was killed"
@@ -261,7 +278,11 @@ def test_each_service_killed_and_restarted_during_an_experiment(stack):
             guided_job = jobs[f"negspace-run-{gid}"]
             assert guided_job.id == faults[-1]["job"] and guided_job.attempt == 2, guided_job
             assert faults[-1]["workers_killed"] >= 1
-            assert [f["service"] for f in faults] == ["node", "controller", "orchestrator", "trainer"]
+            assert [f["service"] for f in faults] == ["node", "controller", "orchestrator", "orchestrator",
+                                                      "trainer"]
+            # the Q/A conversion interrupted by the orchestrator's death covered every instruction once
+            qa = m["qa"]["guided"]
+            assert qa["converted"] + qa["rejected"] == qa["total"] == nodes * (rounds + 1), qa
 
     try:
         asyncio.run(main())
