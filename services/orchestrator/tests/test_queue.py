@@ -78,16 +78,34 @@ async def test_a_paused_run_gives_its_slot_back_and_requeues_in_creation_order(m
         a = (await h.client.runs.create(cfg())).id
         b = (await h.client.runs.create(cfg())).id
         await h.wait(a, statuses=("paused",))
-        await h.wait(b, statuses=("paused",))  # b got the slot a gave back (and paused too)
-        assert first(status_seqs(h, a), "paused") < first(status_seqs(h, b), "running")
+        # a's slot is free, but the node is down: b is held in the queue instead of starting only to
+        # pause in turn, and /health says why
+        await asyncio.sleep(0.3)
+        assert (await h.client.runs.get(b)).status == "queued"
+        assert "node unavailable" in (await h.client.health()).info["queued_runs_held_because"]
         for n in h.nodes:
-            n.down = False  # the health loop resumes both: back to the queue, oldest first
+            n.down = False  # the health loop resumes a and releases the queue, oldest first
         assert (await h.wait(a)).status == "completed"
         assert (await h.wait(b)).status == "completed"
         a_seqs, b_seqs = status_seqs(h, a), status_seqs(h, b)
+        assert [s for _, s in b_seqs] == ["queued", "running", "completed"], b_seqs  # never paused
         a_resumed = [seq for seq, s in a_seqs if s == "running"][-1]
-        b_resumed = [seq for seq, s in b_seqs if s == "running"][-1]
-        assert a_resumed < first(a_seqs, "completed") < b_resumed
+        assert a_resumed < first(a_seqs, "completed") < first(b_seqs, "running")
+        assert (await h.client.health()).info["queued_runs_held_because"] is None
+
+
+async def test_a_resume_by_request_releases_the_held_queue_at_once(make_harness):
+    async with make_harness(max_active_runs=1, health_interval_s=60) as h:
+        for n in h.nodes:
+            n.down = True
+        a = (await h.client.runs.create(cfg())).id
+        b = (await h.client.runs.create(cfg())).id
+        await h.wait(a, statuses=("paused",))
+        for n in h.nodes:
+            n.down = False  # back, but the health loop will not look for a minute
+        await h.client.runs.resume(a)  # the operator says: try now
+        assert (await h.wait(a)).status == "completed"
+        assert (await h.wait(b)).status == "completed"
 
 
 async def test_a_restart_keeps_the_queue_order_and_the_active_cap(make_harness):

@@ -401,6 +401,7 @@ def create_app(settings: OrchestratorSettings, deps: Dependencies | None = None)
         return health_response(SERVICE, "ok", runs=orch.store.status_counts(), dependencies=deps_state,
                                round_mode=settings.round_mode, db=str(settings.db_path),
                                max_active_runs=settings.max_active_runs,
-                               max_queued_runs=settings.max_queued_runs)
+                               max_queued_runs=settings.max_queued_runs,
+                               queued_runs_held_because=orch.waiting_for)
 
     return app

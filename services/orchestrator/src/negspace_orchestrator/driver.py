@@ -73,6 +73,10 @@ class Orchestrator:
     gets a slot, so ``queued`` always means waiting for one; queued runs start in creation order
     whenever a driver ends (completed, failed, cancelled or paused: a paused run gives its slot
     back, and comes back through the queue when it is resumed).
+
+    While a dependency is down (a run paused on ``DependencyDown``) no queued run is started: it
+    would only pause in turn. The health loop lifts that once the node and the controller answer
+    (and resumes the paused runs); a resume by request lifts it at once.
     """
 
     def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies) -> None:
@@ -86,6 +90,7 @@ class Orchestrator:
         self._health_task: asyncio.Task | None = None
         self.qa_running: set[str] = set()
         self._stopping = False
+        self.waiting_for: str | None = None  # why queued runs are held back (a dependency is down)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -159,7 +164,7 @@ class Orchestrator:
     def _schedule(self) -> None:
         """Give free slots to queued runs, first created first (a queued run whose previous driver is
         still ending waits for it)."""
-        if self._stopping:
+        if self._stopping or self.waiting_for is not None:
             return
         free = self.settings.max_active_runs - sum(1 for t in self.tasks.values() if not t.done())
         if free <= 0:
@@ -190,8 +195,11 @@ class Orchestrator:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    def resume(self, run_id: str, reason: str = "resumed by request") -> None:
-        """Back to the queue; it starts when it is the oldest queued run and a slot is free."""
+    def resume(self, run_id: str, reason: str = "resumed by request", *, by_request: bool = True) -> None:
+        """Back to the queue; it starts when it is the oldest queued run and a slot is free. A
+        resume by request also lifts the hold on queued runs (the operator says: try now)."""
+        if by_request:
+            self.waiting_for = None
         self.set_status(run_id, "queued", reason=reason)
         self._schedule()
 
@@ -225,6 +233,9 @@ class Orchestrator:
         except DependencyDown as exc:
             if self._still_running(run_id):
                 log.warning("run %s paused: %s", run_id, exc)
+                if self.waiting_for is None:
+                    log.warning("queued runs wait until the dependencies answer again")
+                self.waiting_for = str(exc)
                 self.set_status(run_id, "paused", error=str(exc), paused_reason=str(exc))
             return
         except (RunFailed, NegspaceError) as exc:
@@ -431,14 +442,18 @@ class Orchestrator:
 
     async def resume_paused_if_healthy(self) -> bool:
         paused = self.store.list_runs("paused")
-        if not paused:
+        if not paused and self.waiting_for is None:
             return False
         health = await self.deps.check()
         if health.get("node") != "ok" or health.get("controller") != "ok":
             return False
+        if self.waiting_for is not None:
+            log.info("dependencies are back: queued runs start again")
+            self.waiting_for = None
         for run in paused:
             log.info("dependencies are back: resuming run %s", run.id)
-            self.resume(run.id, reason="dependencies are back")
+            self.resume(run.id, reason="dependencies are back", by_request=False)
+        self._schedule()
         return True
 
     # ---- training jobs -----------------------------------------------------------------------
