@@ -13,6 +13,8 @@ temporary data folder, then measures, in one run:
 3. **Per endpoint**, closed loop at each ``--concurrency`` for ``--duration`` seconds: the node's
    guided chat completion (3 negatives, 16 tokens), the controller's ``similar`` (embed + search)
    and ``dense``, the orchestrator's ``GET /runs/{id}``; requests per second, p50, p99, errors.
+4. **Memory**: each service's resident memory (its whole process group) once healthy and after
+   all of the above.
 
 Training is left out (one job runs at a time by design; ``make bench-trainer`` measures it). The
 figures are printed and recorded in ``docs/benchmarks.md`` (section ``load``).
@@ -49,6 +51,28 @@ BASES = ["Write a math problem.", "Write a question about history.", "Write a po
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
+
+
+def group_rss_mib(pgid: int) -> float:
+    """Resident memory of every process in a process group (a service and its engine processes)."""
+    total_kib = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:  # field 5: the process group
+                continue
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kib += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total_kib / 1024
+
+
+def stack_rss(stack: launcher.Stack) -> dict[str, float]:
+    return {name: group_rss_mib(svc.pid) for name, svc in stack.services.items() if svc.pid}
 
 
 def pct_ms(samples: list[float], q: float) -> float:
@@ -165,7 +189,7 @@ async def run_bench(urls: dict[str, str], token: str | None, a: argparse.Namespa
     return out
 
 
-def markdown(res: dict, a: argparse.Namespace, started: str) -> str:
+def markdown(res: dict, a: argparse.Namespace, started: str, rss: dict[str, dict[str, float]]) -> str:
     solo, g, b, qa = res["solo"], res["guided"], res["baseline"], res["qa"]
     ratio = g["instr_per_s"] / solo["instr_per_s"] if solo["instr_per_s"] else float("nan")
     lines = [
@@ -192,7 +216,12 @@ def markdown(res: dict, a: argparse.Namespace, started: str) -> str:
             errs = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
             lines.append(f"| {name} | {r['concurrency']} | {r['n']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | "
                          f"{r['p99_ms']:.0f} | {errs} |")
-    lines += ["", "A p99 over fewer than 100 requests is close to the slowest one (the node rows)."]
+    lines += ["", "A p99 over fewer than 100 requests is close to the slowest one (the node rows).", "",
+              "Resident memory of each service's process group (MiB), once healthy and after all of the above:",
+              "", "| service | after start | after the load | growth |", "|---|---:|---:|---:|"]
+    for name in rss["start"]:
+        before, after = rss["start"][name], rss["end"].get(name, float("nan"))
+        lines.append(f"| {name} | {before:.0f} | {after:.0f} | {after - before:+.0f} |")
     busy = os.getloadavg()[0]
     lines += ["", f"Load average when it ended: {busy:.1f} on {os.cpu_count()} cores (the node, the embedder and "
               "the bench share them)."]
@@ -224,14 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         log("starting the stack (model loading takes a minute)")
         try:
             stack.start()
+            rss = {"start": stack_rss(stack)}
             res = asyncio.run(run_bench(stack.urls, cfg.api_token, a))
+            rss["end"] = stack_rss(stack)
         except BaseException:
             for f in sorted((root / "logs").glob("*.log")):
                 print(f"--- {f.name}\n{launcher.log_tail(f)}")
             raise
         finally:
             stack.stop()
-    md = markdown(res, a, started)
+    md = markdown(res, a, started, rss)
     print(md)
     if not a.no_record:
         log(f"recorded in {record_section('load', md)}")
