@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import numpy as np
@@ -152,14 +152,18 @@ class QdrantStore:
             with self._lock:
                 result = fn(self.client)
         except Exception as exc:
-            err = self._fault(exc, what)
-            if err is None:
-                raise
-            if isinstance(err, ServiceUnavailableError):
-                self._mark_down(err.message)
-            raise err from exc
+            self._raise_fault(exc, what)
         self._mark_up()
         return result
+
+    def _raise_fault(self, exc: Exception, what: str, timeout: float | None = None) -> NoReturn:
+        """Re-raise a failed Qdrant call as ours (a 503 also marks Qdrant down), or as it is."""
+        err = self._fault(exc, what, timeout=timeout)
+        if err is None:
+            raise exc
+        if isinstance(err, ServiceUnavailableError):
+            self._mark_down(err.message)
+        raise err from exc
 
     def _mark_down(self, why: str) -> None:
         if self.down is None:
@@ -182,12 +186,7 @@ class QdrantStore:
         try:
             self._probe.get_collections()
         except Exception as exc:
-            err = self._fault(exc, "a health check", timeout=self._probe_timeout)
-            if err is None:
-                raise
-            if isinstance(err, ServiceUnavailableError):
-                self._mark_down(err.message)
-            raise err from exc
+            self._raise_fault(exc, "a health check", timeout=self._probe_timeout)
         self._mark_up()
 
     def close(self) -> None:
