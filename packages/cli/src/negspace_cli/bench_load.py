@@ -40,7 +40,6 @@ from negspace_contracts.orchestrator import (
     QARequest,
     RunConfig,
 )
-from negspace_servekit.testing import free_ports
 
 from negspace_cli import launcher
 
@@ -241,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record", action="store_true", help="print only; leave docs/benchmarks.md alone")
     a = p.parse_args(argv)
 
+    # a repository tool: servekit is the services' package, not a dependency of the CLI itself
     from negspace_servekit.benchdoc import machine_line, record_section
+    from negspace_servekit.testing import free_ports
 
     started = machine_line()
     with tempfile.TemporaryDirectory(prefix="negspace-bench-load-") as tmp:
