@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from negspace_contracts.controller import MAX_TEXTS_PER_EMBED, ControllerClient, MetricsRequest
-from negspace_contracts.errors import NegspaceError, is_retryable
+from negspace_contracts.errors import NegspaceError
 from negspace_contracts.orchestrator import (
     GuidanceSchedule,
     NegativesSpec,
@@ -37,7 +37,7 @@ from negspace_contracts.orchestrator import (
 from negspace_contracts.trainer import EvalSpec, LoraSpec, TrainingSpec
 
 from negspace_cli import analysis, plots
-from negspace_cli.follow import follow_jobs, follow_run, with_qa_progress
+from negspace_cli.follow import OutageBudget, follow_jobs, follow_run, with_qa_progress
 
 METRIC_NAMES = ("semantic_diversity", "mst_diversity", "hull_volume", "vendi_score", "distinct_1", "distinct_2")
 DEFAULT_EVAL_TASK = "negspace_arith"
@@ -276,17 +276,12 @@ async def retry_while_down(call, what: str, outage_s: float = OUTAGE_S, pause_s:
     down: 503) for up to ``outage_s`` in a row. Safe for the calls it wraps: a repeated ``POST /qa``
     continues from the pairs already converted, and a repeated ``POST /train`` reuses the run's
     stored idempotency key, so it returns the job the first call created."""
-    loop = asyncio.get_running_loop()
-    down_since: float | None = None
+    budget = OutageBudget(outage_s)
     while True:
         try:
             return await call()
         except NegspaceError as exc:
-            if not is_retryable(exc):
-                raise
-            down_since = loop.time() if down_since is None else down_since
-            if loop.time() - down_since > outage_s:
-                raise
+            budget.failed(exc)
             _log(f"negspace: {what} interrupted ({exc.message}); retrying")
             await asyncio.sleep(pause_s)
 

@@ -23,6 +23,27 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
+class OutageBudget:
+    """How long a caller keeps retrying a service that went away: ``failed(exc)`` re-raises an
+    error waiting cannot fix, or one that has lasted more than ``outage_s`` in a row; ``ok()``
+    starts the count again."""
+
+    def __init__(self, outage_s: float) -> None:
+        self.outage_s = outage_s
+        self.down_since: float | None = None
+
+    def failed(self, exc: NegspaceError) -> None:
+        if not is_retryable(exc):
+            raise exc
+        now = asyncio.get_running_loop().time()
+        self.down_since = now if self.down_since is None else self.down_since
+        if now - self.down_since > self.outage_s:
+            raise exc
+
+    def ok(self) -> None:
+        self.down_since = None
+
+
 def make_bar(total: int | None, desc: str, unit: str, position: int | None = None, disable: bool = False):
     return tqdm(total=total, desc=desc, unit=unit, position=position, leave=True, dynamic_ncols=True,
                 file=sys.stderr, disable=disable)
@@ -135,7 +156,7 @@ async def follow_jobs(get_job, keys: list[str], *, desc: dict[str, str] | None =
     jobs: dict[str, Job] = {}
     loop = asyncio.get_running_loop()
     start = loop.time()
-    down_since: float | None = None
+    budget = OutageBudget(outage_s)
     try:
         while True:
             for k in keys:
@@ -144,14 +165,10 @@ async def follow_jobs(get_job, keys: list[str], *, desc: dict[str, str] | None =
                 try:
                     job: Job = await get_job(k)
                 except NegspaceError as exc:
-                    if not is_retryable(exc):
-                        raise
-                    down_since = loop.time() if down_since is None else down_since
-                    if loop.time() - down_since > outage_s:
-                        raise
+                    budget.failed(exc)
                     bars[k].set_postfix(waiting=exc.message[:60], refresh=True)
                     break
-                down_since = None
+                budget.ok()
                 jobs[k] = job
                 b = bars[k]
                 if job.progress.total_steps and b.total != job.progress.total_steps:
