@@ -1,5 +1,8 @@
 """Shared fixtures of the reliability tests (importlib mode: helpers live here as fixtures).
 
+``running``: ``async with running(app) as client`` runs a real app's lifespan and gives an httpx
+client bound to it in-process.
+
 ``fuzz_record``: a module-scoped recorder of what the fuzzed app answered, per operation and
 generation mode (positive = valid by the schema, negative = deliberately invalid); the table is
 printed when the module ends (run pytest with ``-s`` to see it; docs/reliability.md quotes it).
@@ -7,9 +10,11 @@ printed when the module ends (run pytest with ``-s`` to see it; docs/reliability
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 
+import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,3 +39,15 @@ def fuzz_record(request):
         for (op, mode), counts in sorted(by_op.items()):
             lines.append(f"{op:55s} {mode:9s} {' '.join(counts)}")
         print("\n".join(lines))
+
+
+@pytest.fixture
+def running():
+    @contextlib.asynccontextmanager
+    async def run(app):
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc",
+                                         timeout=30) as client:
+                yield client
+
+    return run

@@ -5,11 +5,9 @@ service's settings bind to 127.0.0.1 by default."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 
-import httpx
 import pytest
 
 TOKEN = "s3cret-token"
@@ -56,24 +54,8 @@ SERVICES = {
 }
 
 
-def _needs(service: str):
-    mod = {"trainer": "negspace_trainer.app"}.get(service)
-    if mod and (importlib.util.find_spec("negspace_trainer") is None
-                or importlib.util.find_spec(mod) is None):
-        pytest.skip(f"{mod} does not exist yet")
-
-
-@contextlib.asynccontextmanager
-async def running(app):
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc",
-                                     timeout=30) as client:
-            yield client
-
-
 @pytest.mark.parametrize("service", list(SERVICES))
-async def test_token_required_everywhere_but_health(service, tmp_path, monkeypatch):
-    _needs(service)
+async def test_token_required_everywhere_but_health(service, tmp_path, monkeypatch, running):
     monkeypatch.delenv("NEGSPACE_API_TOKEN", raising=False)
     factory, get_route, (post_route, body) = SERVICES[service]
     app = factory(tmp_path, api_token=TOKEN)
@@ -96,8 +78,7 @@ async def test_token_required_everywhere_but_health(service, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("service", list(SERVICES))
-async def test_token_from_the_shared_environment_variable(service, tmp_path, monkeypatch):
-    _needs(service)
+async def test_token_from_the_shared_environment_variable(service, tmp_path, monkeypatch, running):
     monkeypatch.setenv("NEGSPACE_API_TOKEN", TOKEN)
     factory, get_route, _ = SERVICES[service]
     async with running(factory(tmp_path)) as client:
@@ -106,8 +87,7 @@ async def test_token_from_the_shared_environment_variable(service, tmp_path, mon
 
 
 @pytest.mark.parametrize("service", list(SERVICES))
-async def test_no_token_no_auth(service, tmp_path, monkeypatch):
-    _needs(service)
+async def test_no_token_no_auth(service, tmp_path, monkeypatch, running):
     monkeypatch.delenv("NEGSPACE_API_TOKEN", raising=False)
     factory, _, _ = SERVICES[service]
     async with running(factory(tmp_path)) as client:

@@ -7,7 +7,6 @@ lists them)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import httpx
 import pytest
@@ -18,14 +17,6 @@ from negspace_contracts.trainer import MAX_INLINE_RECORDS, JobRequest
 from pydantic import ValidationError
 
 SMALL_BODY = 4096
-
-
-@contextlib.asynccontextmanager
-async def running(app):
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc",
-                                     timeout=30) as client:
-            yield client
 
 
 def node_app(**kw):
@@ -71,7 +62,7 @@ async def _chunks(n: int):
 # ---- request body size: 413 on every service --------------------------------------------------
 @pytest.mark.parametrize("service,route", [("node", "/v1/completions"), ("controller", "/embed"),
                                            ("orchestrator", "/runs")])
-async def test_body_over_max_body_bytes_is_413(service, route, tmp_path):
+async def test_body_over_max_body_bytes_is_413(service, route, tmp_path, running):
     app = {"node": lambda: node_app(max_body_bytes=SMALL_BODY),
            "controller": lambda: controller_app(max_body_bytes=SMALL_BODY),
            "orchestrator": lambda: orchestrator_app(tmp_path, max_body_bytes=SMALL_BODY)}[service]()
@@ -99,7 +90,7 @@ def test_max_body_bytes_setting_floor():
 HI = [{"role": "user", "content": "Write a question about rivers."}]
 
 
-async def test_node_list_lengths_and_max_tokens():
+async def test_node_list_lengths_and_max_tokens(running):
     async with running(node_app(max_model_len=256)) as c:
         ok = await c.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 8,
                                                          "negative_prompts": ["lakes"] * MAX_NEGATIVES,
@@ -127,7 +118,7 @@ async def test_node_list_lengths_and_max_tokens():
         assert_error(r, 400, "negative_prompts[0]")
 
 
-async def test_node_full_queue_is_429_with_retry_after():
+async def test_node_full_queue_is_429_with_retry_after(running):
     app = node_app(max_queue=2, delay=0.5)
     async with running(app) as c:
         replies = await asyncio.gather(*(c.post("/v1/completions", json={"prompt": f"p{i}", "max_tokens": 4})
@@ -143,7 +134,7 @@ async def test_node_full_queue_is_429_with_retry_after():
 
 
 # ---- controller ------------------------------------------------------------------------------
-async def test_controller_list_lengths_and_k():
+async def test_controller_list_lengths_and_k(running):
     async with running(controller_app(knn_capacity=8)) as c:
         assert (await c.put("/collections/lim")).status_code == 201
         pts = [{"id": i, "text": f"text number {i}"} for i in range(MAX_POINTS_PER_UPSERT + 1)]
@@ -175,13 +166,13 @@ async def test_controller_list_lengths_and_k():
     ("negatives", {"k": 17}, "negatives.k"),
     ("guidance", {"max_retries": 51}, "guidance.max_retries"),
 ])
-async def test_orchestrator_run_size_limits(field, value, param, tmp_path):
+async def test_orchestrator_run_size_limits(field, value, param, tmp_path, running):
     async with running(orchestrator_app(tmp_path)) as c:
         body = {"base_instruction": "Write a poem.", field: value}
         assert_error(await c.post("/runs", json=body), 422, param)
 
 
-async def test_orchestrator_baseline_size_and_request_limits(tmp_path):
+async def test_orchestrator_baseline_size_and_request_limits(tmp_path, running):
     async with running(orchestrator_app(tmp_path)) as c:
         r = await c.post("/runs", json={"base_instruction": "x", "mode": "baseline", "size": MAX_BASELINE_SIZE + 1})
         assert_error(r, 422, "size")
