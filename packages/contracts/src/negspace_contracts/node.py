@@ -25,6 +25,7 @@ MAX_NEGATIVES = 16
 MAX_STOP_SEQUENCES = 8
 
 GuidanceSpace = Literal["logits", "logprobs"]
+GuidanceCombine = Literal["min", "mean", "max"]
 FinishReason = Literal["stop", "length", "error"]
 
 
@@ -71,6 +72,20 @@ class _SamplingFields(BaseModel):
     negative_prompts: list[str] = Field(default_factory=list, max_length=MAX_NEGATIVES)
     guidance_scale: float = Field(1.0, description="1.0 = no guidance; must be finite and >= 0.")
     guidance_space: GuidanceSpace = "logits"
+    guidance_combine: GuidanceCombine = Field(
+        "min", description="How the negatives' scores are combined element-wise before guidance: "
+                           "min (the reference), mean or max (push away from what ANY negative favours).")
+    guidance_alpha: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Plausibility restriction (as in contrastive decoding): with guidance, only tokens whose "
+                    "probability under the positive alone is >= alpha x the positive's top probability may "
+                    "be drawn. None or 0 = no restriction.")
+    guidance_max_tokens: int | None = Field(
+        None, ge=0, description="Guide only the first N completion tokens, then decode plainly from the "
+                                "positive (a guidance interval). None = guide every token.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0,
+                         description="Drop tokens whose probability is < min_p x the top token's (after "
+                                     "temperature); 0 = off. Applies to plain and guided decoding.")
 
     @field_validator("guidance_scale")
     @classmethod
@@ -131,6 +146,9 @@ class GuidanceInfo(BaseModel):
     scale: float
     num_negatives: int
     space: GuidanceSpace = "logits"
+    combine: GuidanceCombine = "min"
+    alpha: float | None = None
+    max_tokens: int | None = None
 
 
 class ChatCompletionMessage(BaseModel):
