@@ -46,7 +46,14 @@ async def test_lifecycle_similar_dense_metrics_and_embed(run_app):
         assert sim.is_similar and sim.max_similarity == pytest.approx(1.0, abs=1e-5)
         assert [n.score for n in sim.neighbors] == sorted((n.score for n in sim.neighbors), reverse=True)
         far = await client.collections.similar("run-1", "zebra quantum violin", k=2, threshold=0.99)
-        assert not far.is_similar and far.max_similarity < 0.99
+        assert not far.is_similar and far.max_similarity < 0.99 and far.threshold == 0.99
+        # a calibrated bar: the quantile of the collection's own nearest-neighbour similarities
+        index = app.state.controller._cols["run-1"].index
+        bar = index.nn_similarity_quantile(0.5)
+        cal = await client.collections.similar("run-1", "zebra quantum violin", k=1, threshold=0.01,
+                                               threshold_quantile=0.5)
+        assert cal.threshold == pytest.approx(bar) and cal.is_similar == (cal.max_similarity >= bar)
+        assert (await client.collections.similar("run-1", TEXTS[3], k=1, threshold_quantile=0.5)).is_similar
 
         dense = await client.collections.dense("run-1", k=3, knn=2)
         index = app.state.controller._cols["run-1"].index

@@ -129,3 +129,27 @@ def test_similar_is_exact_topk():
     want = np.argsort(-(x @ q))[:5]
     assert [h[0] for h in hits] == want.tolist()
     assert idx.similar(q, 500)[-1][0] == int(np.argmin(x @ q))
+
+
+def test_nn_similarity_quantile_matches_brute_force_and_follows_removals():
+    rng = np.random.default_rng(7)
+    idx = DensityIndex(dim=24, capacity=4)
+    assert idx.nn_similarity_quantile(0.5) is None
+    vecs = {f"p{i}": v for i, v in enumerate(unit(rng, 40))}
+    for key, v in vecs.items():
+        idx.add(key, v, key)
+        if len(idx) == 1:
+            assert idx.nn_similarity_quantile(0.5) is None  # one point has no neighbour
+
+    def want(q):
+        x = np.stack(list(vecs.values())).astype(np.float64)
+        s = x @ x.T
+        np.fill_diagonal(s, -np.inf)
+        return float(np.quantile(s.max(axis=1), q))
+
+    for q in (0.1, 0.5, 0.9):
+        assert idx.nn_similarity_quantile(q) == pytest.approx(want(q), abs=1e-5)
+    for key in ("p3", "p17"):
+        idx.remove(key)
+        del vecs[key]
+    assert idx.nn_similarity_quantile(0.5) == pytest.approx(want(0.5), abs=1e-5)

@@ -183,7 +183,7 @@ class MockController:
                 await asyncio.sleep(self.similar_delay)
             scored = sorted(((cosine(v, vec), pid, t) for pid, (t, vec, _) in col.items()), reverse=True)[:req.k]
             best = scored[0][0] if scored else None
-            self.log.calls.append(("similar", {"text": req.text, "max": best}))
+            self.log.calls.append(("similar", {"text": req.text, "max": best, "quantile": req.threshold_quantile}))
             return SimilarResponse(neighbors=[Neighbor(id=uuid.UUID(pid), text=t, score=s) for s, pid, t in scored],
                                    max_similarity=best, is_similar=best is not None and best >= req.threshold)
 

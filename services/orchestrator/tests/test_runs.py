@@ -347,3 +347,65 @@ async def test_instructions_stream_in_batches_in_round_node_order(make_harness, 
         empty = (await h.client.runs.create(cfg(nodes=1, rounds=50))).id
         await h.client.runs.cancel(empty)
         assert len(await h.client.runs.instructions(empty)) <= 1
+
+
+# ---- the run options a study compares (issue: the method must measurably diversify) ----------
+
+async def test_random_negatives_come_from_the_runs_accepted_instructions_not_dense(make_harness):
+    async with make_harness() as h:
+        created = await h.client.runs.create(cfg(negatives=NegativesSpec(k=2, source="random")))
+        run = await h.wait(created.id)
+        assert run.status == "completed", run.error
+        assert not h.controller.dense_responses  # density selection is switched off
+        accepted = {i.text for i in await h.client.runs.instructions(created.id)}
+        guided = [c for k, c in h.log.calls if k == "generate"][2:]
+        assert guided and all(len(g["negatives"]) == 2 and set(g["negatives"]) <= accepted for g in guided)
+
+
+async def test_in_prompt_history_lists_the_dense_instructions_and_sends_no_negatives(make_harness):
+    async with make_harness() as h:
+        created = await h.client.runs.create(cfg(negatives=NegativesSpec(k=2, use="prompt"),
+                                                 guidance=GuidanceSchedule(start=3.0)))
+        run = await h.wait(created.id)
+        assert run.status == "completed", run.error
+        reqs = [r for n in h.nodes for r in n.requests]
+        assert len(reqs) == 6 and all(r.negative_prompts == [] for r in reqs)
+        guided_reqs = [r for r in reqs if "clearly different" in r.messages[0].content]
+        assert len(guided_reqs) == 4  # every slot after the bootstrap round (no retries here)
+        assert all(r.negative_prompts == [] and r.guidance_scale == 1.0 for r in guided_reqs)
+        dense = {t for d in h.controller.dense_responses for t in d}
+        for r in guided_reqs:
+            content = r.messages[0].content
+            assert "clearly different from all of them" in content
+            assert any(f"- {t}" in content for t in dense)
+        insts = await h.client.runs.instructions(created.id)
+        assert all(i.guidance_scale is None for i in insts)  # no CFG, so no scale
+
+
+async def test_guidance_options_min_p_and_calibrated_threshold_reach_the_node_and_controller(make_harness):
+    async with make_harness() as h:
+        created = await h.client.runs.create(cfg(
+            min_p=0.05, similarity_quantile=0.5,
+            guidance=GuidanceSchedule(start=2.0, space="logprobs", combine="max", alpha=0.1, max_tokens=8)))
+        run = await h.wait(created.id)
+        assert run.status == "completed", run.error
+        guided = [r for n in h.nodes for r in n.requests if r.negative_prompts]
+        assert guided
+        for r in guided:
+            assert (r.guidance_space, r.guidance_combine, r.guidance_alpha, r.guidance_max_tokens, r.min_p) == (
+                "logprobs", "max", 0.1, 8, 0.05)
+        sims = [c for k, c in h.log.calls if k == "similar"]
+        assert sims and all(c["quantile"] == 0.5 for c in sims)
+
+
+def test_reference_preset_is_the_seed_method_and_explicit_fields_win():
+    ref = RunConfig(base_instruction="x", preset="reference")
+    assert (ref.guidance.start, ref.guidance.step, ref.guidance.max_retries, ref.similarity_threshold,
+            ref.negative_format, ref.guidance.combine, ref.guidance.space, ref.temperature, ref.top_p,
+            ref.max_tokens, ref.negatives.k, ref.negatives.knn) == (
+        1.0, 0.5, 5, 0.9, "raw", "min", "logits", 1.0, 0.9, 150, 3, 5)
+    mine = RunConfig(base_instruction="x", preset="reference", similarity_quantile=0.5,
+                     guidance={"start": 2.0})
+    assert mine.similarity_quantile == 0.5 and mine.guidance.start == 2.0 and mine.guidance.step == 0.5
+    # a stored config read back is the same config (the preset does not re-apply over stored fields)
+    assert RunConfig.model_validate(mine.model_dump()) == mine

@@ -68,6 +68,11 @@ class SimilarRequest(StrictModel):
     text: str
     k: int = Field(5, ge=1, le=1000)
     threshold: float = Field(0.9, gt=0.0, le=1.0)
+    threshold_quantile: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="Calibrated threshold: is_similar when max_similarity >= this quantile of the collection's "
+                    "nearest-neighbour similarities (each point's cosine to its closest other point), so the "
+                    "bar means the same for any embedder. Needs 2 points; below that `threshold` applies.")
 
     _check_text = field_validator("text")(_non_blank)
 
@@ -82,6 +87,8 @@ class SimilarResponse(StrictModel):
     neighbors: list[Neighbor]
     max_similarity: float | None = Field(None, description="None when the collection is empty.")
     is_similar: bool
+    threshold: float | None = Field(None, description="The bar is_similar was judged against (the quantile's "
+                                                      "value when threshold_quantile was given).")
 
 
 class DenseRequest(StrictModel):
@@ -155,9 +162,11 @@ class _Collections(Resource):
         return await self._client.call("POST", f"/collections/{name}/points/delete", DeletePointsResponse,
                                        json_body=DeletePointsRequest(ids=ids))
 
-    async def similar(self, name: str, text: str, *, k: int = 5, threshold: float = 0.9) -> SimilarResponse:
+    async def similar(self, name: str, text: str, *, k: int = 5, threshold: float = 0.9,
+                      threshold_quantile: float | None = None) -> SimilarResponse:
         return await self._client.call("POST", f"/collections/{name}/similar", SimilarResponse,
-                                       json_body=SimilarRequest(text=text, k=k, threshold=threshold))
+                                       json_body=SimilarRequest(text=text, k=k, threshold=threshold,
+                                                                threshold_quantile=threshold_quantile))
 
     async def dense(self, name: str, *, k: int = 3, knn: int = 5) -> DenseResponse:
         return await self._client.call("POST", f"/collections/{name}/dense", DenseResponse,

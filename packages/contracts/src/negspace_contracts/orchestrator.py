@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from negspace_contracts._http import Resource, ServiceClient
 from negspace_contracts.common import StrictModel
 from negspace_contracts.controller import MetricsRequest, MetricsResponse
+from negspace_contracts.node import GuidanceCombine, GuidanceSpace
 from negspace_contracts.trainer import ChatRecord, EvalSpec, Job, LoraSpec, TrainingSpec
 
 MAX_NODES = 64
@@ -29,17 +30,65 @@ TERMINAL_RUN_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cance
 
 
 class GuidanceSchedule(StrictModel):
-    start: float = Field(1.0, ge=0.0, le=100.0)
-    step: float = Field(0.5, ge=0.0, le=100.0)
-    max_retries: int = Field(5, ge=0, le=50)
+    """The guidance scale schedule and how the node combines the negatives (see the node README)."""
+
+    start: float = Field(1.0, ge=0.0, le=100.0,
+                         description="Scale of a slot's first attempt (1.0 = plain: guided only on retries).")
+    step: float = Field(0.5, ge=0.0, le=100.0, description="Added to the scale on every retry.")
+    max_retries: int = Field(5, ge=0, le=50, description="Retries while the text is too similar.")
+    space: GuidanceSpace = Field("logits", description="logits (the reference) or logprobs.")
+    combine: GuidanceCombine = Field("min", description="How the negatives are combined: min (the "
+                                                        "reference), mean or max.")
+    alpha: float | None = Field(None, ge=0.0, le=1.0,
+                                description="Plausibility restriction: only tokens with positive-branch "
+                                            "probability >= alpha x its top probability may win. None = off.")
+    max_tokens: int | None = Field(None, ge=0, le=4096,
+                                   description="Guide only the first N tokens of each attempt (a guidance "
+                                               "interval); None = every token.")
 
 
 class NegativesSpec(StrictModel):
     k: int = Field(3, ge=0, le=16, description="Negatives per generation (0 = none).")
     knn: int = Field(5, ge=1, le=100, description="Neighbours used for density.")
+    source: Literal["dense", "random"] = Field(
+        "dense", description="dense (the method): the controller's densest instructions; random: k accepted "
+                             "instructions of the run drawn at random (isolates the density selection).")
+    use: Literal["guidance", "prompt"] = Field(
+        "guidance", description="guidance (the method): the node's negative prompts under CFG; prompt: the "
+                                "instructions are listed in the positive prompt, which asks for something "
+                                "different, and no CFG is used (the in-prompt history baseline).")
+
+
+#: ``preset: "reference"``: the seed method exactly (firstbatchxyz/cohere-aya-expedition, dria.py):
+#: scale 1.0 then +0.5 per retry, at most 5 retries, threshold 0.9 on the embedder's cosine, 3 dense
+#: negatives (knn 5) as raw instructions, min over raw logits, T 1.0, top-p 0.9, 150 tokens.
+REFERENCE_PRESET: dict[str, Any] = {
+    "max_tokens": 150, "temperature": 1.0, "top_p": 0.9, "min_p": 0.0,
+    "guidance": {"start": 1.0, "step": 0.5, "max_retries": 5, "space": "logits", "combine": "min",
+                 "alpha": None, "max_tokens": None},
+    "similarity_threshold": 0.9, "similarity_quantile": None,
+    "negatives": {"k": 3, "knn": 5, "source": "dense", "use": "guidance"},
+    "negative_format": "raw",
+}
+PRESETS: dict[str, dict[str, Any]] = {"reference": REFERENCE_PRESET}
+
+
+def _merge_preset(preset: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The preset's values under the fields the caller gave (nested specs merge field by field)."""
+    out = dict(preset)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
 
 
 class RunConfig(StrictModel):
+    preset: Literal["reference"] | None = Field(
+        None, description="Fill every field the request leaves out from a named configuration: "
+                          "'reference' is the seed method exactly (REFERENCE_PRESET). Fields given "
+                          "explicitly win.")
     base_instruction: str = Field(..., max_length=8000)
     mode: RunMode = "guided"
     nodes: int = Field(4, ge=1, le=MAX_NODES)
@@ -47,8 +96,17 @@ class RunConfig(StrictModel):
     max_tokens: int = Field(150, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top token's "
+                                                          "probability (after temperature); 0 = off.")
     guidance: GuidanceSchedule = Field(default_factory=GuidanceSchedule)
-    similarity_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    similarity_threshold: float = Field(0.9, gt=0.0, le=1.0,
+                                        description="Too similar: max cosine to the run's instructions >= this.")
+    similarity_quantile: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="Calibrated threshold: too similar when the max cosine reaches this quantile of the "
+                    "run's own nearest-neighbour similarities (the same meaning whatever the embedder); "
+                    "until the run has 2 instructions similarity_threshold applies. None = the absolute "
+                    "similarity_threshold.")
     negatives: NegativesSpec = Field(default_factory=NegativesSpec)
     use_previous_generation: bool = False
     negative_format: Literal["raw", "augment"] = Field(
@@ -62,6 +120,13 @@ class RunConfig(StrictModel):
     size: int | None = Field(None, ge=1, le=MAX_BASELINE_SIZE,
                              description="Baseline only: number of instructions.")
     match_run: str | None = Field(None, description="Baseline only: produce as many as this run.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return _merge_preset(PRESETS[data["preset"]], data)
+        return data
 
     @field_validator("base_instruction")
     @classmethod

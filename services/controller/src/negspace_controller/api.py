@@ -68,7 +68,7 @@ async def delete_points(name: str, body: DeletePointsRequest, controller: Contro
 
 @collections.post("/{name}/similar", response_model=SimilarResponse)
 async def similar(name: str, body: SimilarRequest, controller: ControllerDep) -> SimilarResponse:
-    return await controller.similar(name, body.text, body.k, body.threshold)
+    return await controller.similar(name, body.text, body.k, body.threshold, body.threshold_quantile)
 
 
 @collections.post("/{name}/dense", response_model=DenseResponse)

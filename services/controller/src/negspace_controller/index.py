@@ -346,6 +346,15 @@ class DensityIndex:
         return [DenseHit(self.keys[r], self.texts[r], float(dens[r])) for r in order]
 
     # ---------------------------------------------------------------- queries
+    def nn_similarity_quantile(self, q: float) -> float | None:
+        """The ``q``-quantile of every point's similarity to its nearest other point (O(n) from the
+        kept neighbour lists); None with fewer than 2 points."""
+        n = self.n
+        has = self._ncount[:n] > 0
+        if n < 2 or not has.any():
+            return None
+        return float(np.quantile(self._nsim[:n, 0][has], q))
+
     def similar(self, vector: np.ndarray, k: int) -> list[tuple[Hashable, str, float]]:
         """Exact top-k by cosine similarity (O(n d))."""
         n = self.n

@@ -302,18 +302,24 @@ class Controller:
                  len(keys))
 
     # ------------------------------------------------------------------ queries
-    async def similar(self, name: str, text: str, k: int, threshold: float) -> SimilarResponse:
+    async def similar(self, name: str, text: str, k: int, threshold: float,
+                      threshold_quantile: float | None = None) -> SimilarResponse:
+        """Nearest stored points; ``is_similar`` against ``threshold`` or, when given, against the
+        ``threshold_quantile`` of the collection's nearest-neighbour similarities (2+ points)."""
         col = await self._get(name)
         vec, _ = await asyncio.to_thread(self.embedder.encode, [text], query=True)
 
         def run():
             with col.index.lock:
-                return col.index.similar(vec[0], k)
+                hits = col.index.similar(vec[0], k)
+                bar = col.index.nn_similarity_quantile(threshold_quantile) if threshold_quantile else None
+                return hits, bar
 
-        hits = await asyncio.to_thread(run)
+        hits, bar = await asyncio.to_thread(run)
+        bar = threshold if bar is None else bar
         best = hits[0][2] if hits else None
         return SimilarResponse(neighbors=[Neighbor(id=key, text=t, score=s) for key, t, s in hits],
-                               max_similarity=best, is_similar=best is not None and best >= threshold)
+                               max_similarity=best, is_similar=best is not None and best >= bar, threshold=bar)
 
     async def dense(self, name: str, k: int, knn: int) -> DenseResponse:
         if knn > self.knn_capacity:

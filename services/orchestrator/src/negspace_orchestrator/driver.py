@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import uuid
 from collections.abc import Awaitable
 from typing import Any
@@ -362,14 +363,22 @@ class Orchestrator:
 
     async def _generate(self, run: RunRow, node: int, round_: int, attempt: int, *, scale: float | None,
                         negatives: list[str]) -> AttemptRow:
+        """One attempt. ``negatives`` are the slot's chosen instructions: the node's negative prompts
+        with ``negatives.use == "guidance"``, listed in the positive prompt with ``"prompt"``."""
         cfg = run.config
         prompt = prompts.positive_prompt(prompts.augmentation_prompt(cfg.augmentation_prompt),
                                          self._source(run, node, round_))
+        in_prompt = cfg.negatives.use == "prompt"
+        if in_prompt:
+            prompt = prompts.history_prompt(prompt, negatives)
         seed = derive_seed(cfg.seed, run.mode, node, round_, attempt)
+        g = cfg.guidance
         request = ChatCompletionRequest(
             messages=[ChatMessage(role="user", content=prompt)], max_tokens=cfg.max_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, seed=seed, negative_prompts=negatives,
-            guidance_scale=scale if scale is not None else 1.0)
+            temperature=cfg.temperature, top_p=cfg.top_p, min_p=cfg.min_p, seed=seed,
+            negative_prompts=[] if in_prompt else negatives,
+            guidance_scale=scale if scale is not None else 1.0, guidance_space=g.space,
+            guidance_combine=g.combine, guidance_alpha=g.alpha, guidance_max_tokens=g.max_tokens)
         gen = await self.deps.generate(node, request)
         row = AttemptRow(run_id=run.id, node=node, round=round_, attempt=attempt, scale=scale,
                          negatives=negatives, seed=seed, text=gen.text.strip(),
@@ -378,6 +387,26 @@ class Orchestrator:
                          checked=False, accepted=False, point_id=None, inserted=False)
         self.store.add_attempt(row)  # persisted the moment it returns
         return row
+
+    async def _choose_negatives(self, run: RunRow, node: int, round_: int) -> list[str]:
+        """The slot's negatives: the controller's densest instructions, or (``source: random``) k
+        accepted instructions of the run drawn with a per-slot seed; formatted as negative prompts
+        for guidance, kept as they are for the in-prompt history."""
+        cfg = run.config
+        k = cfg.negatives.k
+        if k <= 0:
+            return []
+        if cfg.negatives.source == "random":
+            pool = sorted({a.text for a in self.store.accepted(run.id) if a.text.strip()})
+            texts = random.Random(derive_seed(cfg.seed, "random-negatives", node, round_)).sample(
+                pool, min(k, len(pool)))
+        else:
+            dense = await self.deps.controller_call(
+                "dense", lambda c: c.collections.dense(run.collection, k=k, knn=cfg.negatives.knn))
+            texts = [item.text for item in dense.items if item.text.strip()]
+        if cfg.negatives.use == "prompt":
+            return texts
+        return [prompts.negative_prompt(cfg, t) for t in texts]
 
     async def _slot(self, run: RunRow, node: int, round_: int) -> None:
         existing = self.store.slot_attempts(run.id, node, round_)
@@ -392,15 +421,13 @@ class Orchestrator:
         if guided:
             if existing:
                 negatives = existing[0].negatives  # the retries of a slot share its negatives
-            elif cfg.negatives.k > 0:
-                dense = await self.deps.controller_call(
-                    "dense", lambda c: c.collections.dense(run.collection, k=cfg.negatives.k,
-                                                           knn=cfg.negatives.knn))
-                negatives = [prompts.negative_prompt(cfg, item.text) for item in dense.items if item.text.strip()]
+            else:
+                negatives = await self._choose_negatives(run, node, round_)
+        cfg_guided = guided and cfg.negatives.use == "guidance"  # the in-prompt history has no scale
         retries = empties = 0
         i = 0
         while True:
-            scale = (cfg.guidance.start + cfg.guidance.step * retries) if guided else None
+            scale = (cfg.guidance.start + cfg.guidance.step * retries) if cfg_guided else None
             a = existing[i] if i < len(existing) else await self._generate(
                 run, node, round_, i, scale=scale, negatives=negatives)
             i += 1
@@ -421,7 +448,8 @@ class Orchestrator:
             async with self._lock(run.id):
                 sim = await self.deps.controller_call(
                     "similar", lambda c, t=a.text: c.collections.similar(
-                        run.collection, t, k=1, threshold=cfg.similarity_threshold))
+                        run.collection, t, k=1, threshold=cfg.similarity_threshold,
+                        threshold_quantile=cfg.similarity_quantile))
                 accept = not sim.is_similar or retries >= cfg.guidance.max_retries
                 await self._judge(run, a, max_similarity=sim.max_similarity, is_similar=sim.is_similar,
                                   accept=accept)

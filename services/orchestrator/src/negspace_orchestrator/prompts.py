@@ -32,6 +32,18 @@ def positive_prompt(aug_prompt: str, source: str) -> str:
     return f"{aug_prompt}{source}"
 
 
+HISTORY_PROMPT = ("\n\nThese instructions already exist. Write one that is clearly different from all of "
+                  "them (another topic, setting or kind of task), not a variation of any:\n")
+
+
+def history_prompt(positive: str, existing: list[str]) -> str:
+    """The in-prompt history baseline (no CFG): the positive prompt followed by the existing
+    (dense-region) instructions, with a request for something different."""
+    if not existing:
+        return positive
+    return positive + HISTORY_PROMPT + "".join(f"- {' '.join(t.split())}\n" for t in existing)
+
+
 def negative_prompt(config, existing: str) -> str:
     """What a node receives as one negative prompt for an existing (dense-region) instruction.
 
