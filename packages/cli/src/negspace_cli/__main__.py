@@ -5,6 +5,7 @@
     negspace run --base "..." --nodes 4 --rounds 3 [--baseline]
     negspace runs
     negspace experiment --base "Write a math problem." --nodes 4 --rounds 3 [--out runs]
+    negspace study [--spec FILE | --base ... --seeds 1,2,3 --arms a,b,c] [--out runs]
 
 The orchestrator URL comes from --orchestrator-url or $NEGSPACE_ORCHESTRATOR_URL (default
 http://127.0.0.1:8000); the bearer token from $NEGSPACE_API_TOKEN, else $NEGSPACE_HOME/api-token
@@ -38,6 +39,7 @@ from pydantic import ValidationError
 from negspace_cli import launcher
 from negspace_cli.experiment import DEFAULT_EVAL_TASK, ExperimentConfig, ExperimentError, run_experiment
 from negspace_cli.follow import follow_run
+from negspace_cli.study import command as study_command
 
 DEFAULT_ORCHESTRATOR_URL = "http://127.0.0.1:8000"
 DEFAULT_CONTROLLER_URL = "http://127.0.0.1:8002"
@@ -395,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_stack_args(ex)
     ex.set_defaults(func=cmd_experiment)
+
+    st = study_command.add_parser(sub, client_args, _add_stack_args)
+    st.set_defaults(func=lambda a: study_command.cmd_study(a, reachable=_reachable, stack_config=_stack_config,
+                                                           raise_stop=_raise_stop, err=_err))
 
     res = sub.add_parser("results", help="print a README results section from an experiment folder")
     res.add_argument("experiment", type=Path, help="runs/<id>")

@@ -1,0 +1,124 @@
+"""The named arms a study can run: each one is a documented run configuration.
+
+An arm is a partial ``RunConfig`` (everything but the base instruction, the seed and the study's
+common size settings). ``kind`` says how the analysis treats it:
+
+- ``plain``: plain sampling (a ``baseline`` run); the plain arms together draw the temperature curve
+  every other arm is compared against;
+- ``baseline``: a strong non-CFG competitor (in-prompt history, resample-on-similarity);
+- ``reference``: the seed method;
+- ``guided``: a CFG configuration (the method and its variants).
+
+Shared choices, so that arms differ in one thing at a time:
+- every retrying arm (all but the reference and plain ones) judges similarity with the calibrated
+  threshold ``similarity_quantile`` = ``CALIBRATED_QUANTILE`` (retry when the new text is closer to
+  its nearest neighbour than the median instruction of the run is to its own) and at most 3 retries;
+- the guided variants use the ``augment`` form of negatives, dense negatives (k 3, knn 5), scale 2.0
+  from the first attempt + 0.5 per retry, unless the arm says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ArmKind = Literal["plain", "baseline", "reference", "guided"]
+
+#: The calibrated similarity threshold every retrying arm shares (a quantile of the run's own
+#: nearest-neighbour similarities; see RunConfig.similarity_quantile).
+CALIBRATED_QUANTILE = 0.5
+#: The plain arm the quality bar refers to ("no more than 0.05 below plain sampling at T=1.0").
+PLAIN_REFERENCE_ARM = "plain-t1.0"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    kind: ArmKind
+    doc: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return "baseline" if self.kind == "plain" else "guided"
+
+
+def _plain(t: float, top_p: float = 0.9, min_p: float = 0.0) -> dict[str, Any]:
+    return {"temperature": t, "top_p": top_p, "min_p": min_p}
+
+
+_RETRY = {"similarity_quantile": CALIBRATED_QUANTILE, "guidance": {"start": 1.0, "step": 0.5, "max_retries": 3}}
+_GUIDED = {"similarity_quantile": CALIBRATED_QUANTILE, "negative_format": "augment",
+           "negatives": {"k": 3, "knn": 5, "source": "dense", "use": "guidance"},
+           "guidance": {"start": 2.0, "step": 0.5, "max_retries": 3}}
+
+
+def _with(base: dict[str, Any], **over: Any) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+_ARMS = [
+    # ---- the plain-sampling curve --------------------------------------------------------------
+    Arm("plain-t0.7", "plain", "plain sampling, T 0.7, top-p 0.9", _plain(0.7)),
+    Arm("plain-t1.0", "plain", "plain sampling, T 1.0, top-p 0.9 (the seed's sampling settings)", _plain(1.0)),
+    Arm("plain-t1.2", "plain", "plain sampling, T 1.2, top-p 0.9", _plain(1.2)),
+    Arm("plain-t1.4", "plain", "plain sampling, T 1.4, top-p 0.9", _plain(1.4)),
+    Arm("plain-t1.2-p1", "plain", "plain sampling, T 1.2, top-p 1.0", _plain(1.2, 1.0)),
+    Arm("plain-t1.5-minp0.1", "plain", "plain sampling, T 1.5, min-p 0.1, top-p 1.0", _plain(1.5, 1.0, 0.1)),
+    Arm("plain-t2.0-minp0.1", "plain", "plain sampling, T 2.0, min-p 0.1, top-p 1.0", _plain(2.0, 1.0, 0.1)),
+    # ---- baselines a reviewer demands ----------------------------------------------------------
+    Arm("retry-only", "baseline", "resample on similarity with no negatives (k 0): rejection alone",
+        _with(_RETRY, negatives={"k": 0})),
+    Arm("history", "baseline", "in-prompt history: the positive lists the 3 densest instructions and asks "
+        "for something different; no CFG; retries as retry-only",
+        _with(_RETRY, negatives={"k": 3, "knn": 5, "source": "dense", "use": "prompt"})),
+    Arm("reference", "reference", "the seed method exactly (preset reference: scale 1.0 +0.5 per retry, at "
+        "most 5, threshold 0.9, raw negatives, min over raw logits)", {"preset": "reference"}),
+    Arm("reference-calibrated", "reference", "the reference with its threshold calibrated to the embedder "
+        f"(quantile {CALIBRATED_QUANTILE} of the run's nearest-neighbour similarities)",
+        {"preset": "reference", "similarity_quantile": CALIBRATED_QUANTILE}),
+    # ---- the method and its variants -----------------------------------------------------------
+    Arm("guided", "guided", "CFG from the first attempt (scale 2.0, +0.5 per retry, at most 3), 3 dense "
+        "negatives in augment form, min over raw logits", _GUIDED),
+    Arm("random-negatives", "guided", "as guided, but the negatives are 3 random accepted instructions "
+        "(isolates the density selection)", _with(_GUIDED, negatives={"source": "random"})),
+    Arm("guided-raw", "guided", "as guided, with the reference's raw negatives", _with(_GUIDED, negative_format="raw")),
+    Arm("guided-retry-cfg", "guided", "as guided, but CFG only on retries (scale 1.0 first)",
+        _with(_GUIDED, guidance={"start": 1.0})),
+    Arm("guided-mean", "guided", "as guided, negatives combined by mean", _with(_GUIDED, guidance={"combine": "mean"})),
+    Arm("guided-max", "guided", "as guided, negatives combined by max (away from what ANY negative favours)",
+        _with(_GUIDED, guidance={"combine": "max"})),
+    Arm("guided-logprobs", "guided", "as guided, in log-probability space",
+        _with(_GUIDED, guidance={"space": "logprobs"})),
+    Arm("guided-window16", "guided", "as guided, guidance on the first 16 tokens only",
+        _with(_GUIDED, guidance={"max_tokens": 16})),
+    Arm("guided-alpha", "guided", "as guided, plausibility restriction alpha 0.1",
+        _with(_GUIDED, guidance={"alpha": 0.1})),
+    Arm("guided-alpha-t1.3", "guided", "as guided-alpha at T 1.3, top-p 1.0 (the restriction keeps the "
+        "hotter sampling on topic)", _with(_GUIDED, guidance={"alpha": 0.1}, temperature=1.3, top_p=1.0)),
+    Arm("guided-s4", "guided", "as guided with scale 4.0 (+1.0 per retry)", _with(_GUIDED, guidance={"start": 4.0, "step": 1.0})),
+    Arm("guided-t1.2", "guided", "as guided at T 1.2", _with(_GUIDED, temperature=1.2)),
+    Arm("default", "guided", "a bare POST /runs: RunConfig's defaults as they are now", {}),
+]
+ARMS: dict[str, Arm] = {a.name: a for a in _ARMS}
+
+
+def resolve(names: list[str], custom: dict[str, dict[str, Any]] | None = None) -> list[Arm]:
+    """The arms named, from the catalogue or ``custom`` ({name: {"kind", "doc", "config"}})."""
+    custom = custom or {}
+    out = []
+    for name in names:
+        if name in custom:
+            c = custom[name]
+            out.append(Arm(name, c.get("kind", "guided"), c.get("doc", "custom arm"), dict(c.get("config", {}))))
+        elif name in ARMS:
+            out.append(ARMS[name])
+        else:
+            raise ValueError(f"unknown arm {name!r}: use one of {', '.join(ARMS)} or define it in the study file")
+    return out

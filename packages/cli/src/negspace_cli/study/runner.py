@@ -1,0 +1,204 @@
+"""Run a study's grid through the orchestrator, resumably.
+
+Every cell (base x seed x arm) is one run. ``study.json`` in the study folder records each cell's
+run id the moment the run is created, so a rerun (same spec, same folder) follows the runs still
+going, fetches the ones that completed and creates only what is missing: nothing is generated
+twice. A cell's result (its instructions and its cost, from the run's attempt events) is written
+to ``cells/<key>.json`` once its run completed; measuring reads only those files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from negspace_contracts.errors import NegspaceError
+from negspace_contracts.orchestrator import TERMINAL_RUN_STATUSES, OrchestratorClient, Run, RunEvent
+
+from negspace_cli.follow import OutageBudget, make_bar
+from negspace_cli.study.spec import StudySpec, cell_key
+
+OUTAGE_S = 600.0
+POLL_S = 2.0
+
+
+class StudyError(RuntimeError):
+    pass
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically (write, fsync, rename): a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+@dataclass
+class StudyState:
+    """``study.json``'s ``cells``: per cell key, its run id, the ids of failed earlier runs and status."""
+
+    path: Path
+    spec: StudySpec
+    cells: dict[str, dict[str, Any]]
+
+    @classmethod
+    def open(cls, folder: Path, spec: StudySpec) -> StudyState:
+        path = folder / "study.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            stored = StudySpec.model_validate(data["spec"])
+            if stored.model_dump() != spec.model_dump():
+                raise StudyError(f"{path} holds another study (its spec differs); use another --out or --name")
+            return cls(path, spec, data.get("cells", {}))
+        return cls(path, spec, {})
+
+    def save(self, extra: dict[str, Any] | None = None) -> None:
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        data.update({"study_id": self.spec.study_id(), "spec": self.spec.model_dump(mode="json"), "cells": self.cells})
+        if extra:
+            data.update(extra)
+        write_json(self.path, data)
+
+
+def cost_of(events: list[RunEvent], arm_uses_cfg: bool) -> dict[str, float]:
+    """Compute per run from its attempt events: attempts, generated tokens and decode rows (a guided
+    attempt at scale != 1 decodes 1 + negatives rows per token), summed node latency."""
+    attempts = tokens = rows = 0
+    latency = 0.0
+    for ev in events:
+        if ev.type != "attempt":
+            continue
+        d = ev.data
+        attempts += 1
+        n = int(d.get("completion_tokens") or 0)
+        tokens += n
+        scale = d.get("scale")
+        guided = arm_uses_cfg and scale is not None and float(scale) != 1.0
+        rows += n * (1 + int(d.get("negatives") or 0)) if guided else n
+        latency += float(d.get("latency_s") or 0.0)
+    return {"attempts": attempts, "generated_tokens": tokens, "decode_rows": rows, "node_seconds": round(latency, 2)}
+
+
+async def _events(client: OrchestratorClient, run_id: str) -> list[RunEvent]:
+    return [ev async for ev in client.runs.events(run_id, after=0)]
+
+
+async def _wait(client: OrchestratorClient, run_id: str) -> Run:
+    budget = OutageBudget(OUTAGE_S)
+    while True:
+        try:
+            run = await client.runs.get(run_id)
+            budget.ok()
+        except NegspaceError as exc:
+            budget.failed(exc)
+            await asyncio.sleep(POLL_S)
+            continue
+        if run.status in TERMINAL_RUN_STATUSES:
+            return run
+        await asyncio.sleep(POLL_S)
+
+
+async def run_cells(spec: StudySpec, client: OrchestratorClient, folder: Path, *, parallel: int = 3,
+                    quiet: bool = False, max_cells: int | None = None) -> StudyState:
+    """Generate every cell that has no result yet (at most ``parallel`` runs at once)."""
+    state = StudyState.open(folder, spec)
+    state.save()
+    arms = {a.name: a for a in spec.resolved_arms()}
+    todo = [c for c in spec.cells() if not (folder / "cells" / f"{cell_key(*c)}.json").exists()]
+    if max_cells is not None:
+        todo = todo[:max_cells]
+    done_before = len(spec.cells()) - len([c for c in spec.cells()
+                                           if not (folder / "cells" / f"{cell_key(*c)}.json").exists()])
+    bar = make_bar(len(spec.cells()), f"study {spec.study_id()}", "run", disable=quiet)
+    bar.update(done_before)
+    sem = asyncio.Semaphore(max(1, parallel))
+    lock = asyncio.Lock()
+    failures: list[str] = []
+
+    async def one(b: int, seed: int, arm_name: str) -> None:
+        try:
+            await _one(b, seed, arm_name)
+        except (NegspaceError, StudyError) as exc:
+            failures.append(f"{cell_key(b, seed, arm_name)}: {getattr(exc, 'message', None) or exc}")
+
+    async def _one(b: int, seed: int, arm_name: str) -> None:
+        key = cell_key(b, seed, arm_name)
+        arm = arms[arm_name]
+        async with sem:
+            cell = state.cells.setdefault(key, {"base": b, "seed": seed, "arm": arm_name, "failed_runs": []})
+            run_id = cell.get("run_id")
+            run = None
+            if run_id:
+                try:
+                    run = await client.runs.get(run_id)
+                except NegspaceError as exc:
+                    _log(f"negspace study: {key}: run {run_id} is gone ({exc.message}); creating it again")
+                    run_id = None
+            if run is not None and run.status in ("failed", "cancelled"):
+                cell["failed_runs"].append({"run_id": run_id, "error": run.error})
+                run_id = None
+            if run_id is None:
+                cfg = spec.run_config(arm, spec.bases[b].text, seed)
+                t0 = time.time()
+                created = await client.runs.create(cfg)
+                run_id = created.id
+                async with lock:
+                    cell.update(run_id=run_id, created=t0, status="running")
+                    state.save()
+            run = await _wait(client, run_id)
+            if run.status != "completed":
+                async with lock:
+                    cell["status"] = run.status
+                    cell["failed_runs"].append({"run_id": run_id, "error": run.error})
+                    cell.pop("run_id", None)
+                    state.save()
+                failures.append(f"{key}: run {run_id} {run.status}: {run.error}")
+                return
+            instructions = await client.runs.instructions(run_id)
+            if len(instructions) != spec.per_run:
+                failures.append(f"{key}: run {run_id} has {len(instructions)} instructions, expected {spec.per_run}")
+                return
+            events = await _events(client, run_id)
+            wall = ((run.updated_at - run.created_at).total_seconds()
+                    if run.updated_at and run.created_at else None)
+            result = {"key": key, "base": b, "base_text": spec.bases[b].text, "split": spec.bases[b].split,
+                      "seed": seed, "arm": arm_name, "kind": arm.kind, "run_id": run_id,
+                      "config": run.config.model_dump(mode="json"),
+                      "texts": [i.text for i in instructions],
+                      "instructions": [i.model_dump(mode="json") for i in instructions],
+                      "cost": {**cost_of(events, arm.config.get("negatives", {}).get("use", "guidance") == "guidance"
+                                         and arm.kind != "plain"),
+                               "wall_seconds": round(wall, 1) if wall is not None else None}}
+            write_json(folder / "cells" / f"{key}.json", result)
+            async with lock:
+                cell["status"] = "completed"
+                state.save()
+            bar.update(1)
+            bar.set_postfix_str(key, refresh=False)
+
+    try:
+        await asyncio.gather(*(one(*c) for c in todo))
+    finally:
+        bar.close()
+    if failures:
+        raise StudyError("some runs did not complete (rerun the same command to retry them):\n  "
+                         + "\n  ".join(failures))
+    return state
+
+
+def load_results(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((folder / "cells").glob("*.json"))]
