@@ -26,6 +26,20 @@ Choices a reviewer should know about:
   ratio): a one-sided, p-value-like number, not a test statistic. ``p_two_sided`` is
   ``min(1, 2 * min(share_le_null, share_ge_null))``. When several arms are compared, correct for
   it (``holm``);
+* **clusters**: cases of the same base instruction (its seeds) are not independent -- they share
+  the base's difficulty. Resampling cases then treats 5 seeds x 10 bases as 50 independent units
+  and gives too narrow an interval. Pass ``groups`` / ``cluster`` (e.g. the base instruction of
+  each case) to resample whole clusters instead (a cluster bootstrap: draw bases with
+  replacement, keep all their seeds); the estimate is unchanged, only the interval widens. The
+  outputs report ``n_clusters``. With few clusters (< ~10) any bootstrap interval is rough;
+  report that number next to the interval;
+* the curve is the Pareto frontier of *noisy* plain means: taking the best plain arms favours
+  plain sampling slightly (a max of noisy values is biased upwards), which makes the ratio
+  conservative. The bootstrap rebuilds the frontier in each replicate, so that selection is part
+  of the interval;
+* Vendi grows with the number of texts; arms are only comparable at the same n per case.
+  ``ratio_to_curve`` and ``matched_comparison`` check an ``"n"`` measure when the rows carry one
+  and say so in ``note`` when it differs between arms on a case;
 * a case with a NaN (missing / undefined measure) in any arm involved is dropped from that
   comparison, so comparisons stay paired; the dropped case ids are reported;
 * the curve is interpolated linearly between frontier points and **never extrapolated**: an
@@ -37,7 +51,7 @@ Choices a reviewer should know about:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -83,11 +97,36 @@ def _check_ci(ci: float, n_boot: int) -> None:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
 
 
+def _group_index(groups: Sequence[Any] | None, n: int) -> tuple[np.ndarray, int]:
+    """Cluster label (0..G-1) of each of n cases; every case its own cluster when None."""
+    if groups is None:
+        return np.arange(n), n
+    labels = list(groups)
+    if len(labels) != n:
+        raise ValueError(f"groups must label every case: {len(labels)} labels for {n} cases")
+    codes: dict[Any, int] = {}
+    return np.array([codes.setdefault(g, len(codes)) for g in labels], dtype=int), len(codes)
+
+
+def _resampled_means(values: np.ndarray, gidx: np.ndarray, n_groups: int, draws: np.ndarray) -> np.ndarray:
+    """Means over resampled clusters. ``values`` (..., n) over cases, ``gidx`` (n,) cluster of
+    each case, ``draws`` (n_boot, G) drawn cluster indices -> (..., n_boot). With singleton
+    clusters this is the plain case bootstrap."""
+    values = np.asarray(values, dtype=float)
+    if n_groups == values.shape[-1] and np.array_equal(gidx, np.arange(n_groups)):
+        return values[..., draws].mean(axis=-1)
+    flat = values.reshape(-1, values.shape[-1])
+    sums = np.stack([np.bincount(gidx, weights=row, minlength=n_groups) for row in flat])
+    sums = sums.reshape(values.shape[:-1] + (n_groups,))
+    counts = np.bincount(gidx, minlength=n_groups).astype(float)
+    return sums[..., draws].sum(axis=-1) / counts[draws].sum(axis=-1)
+
+
 # --------------------------------------------------------------------------- paired bootstrap
 
 def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
                      stat: str = "diff", n_boot: int = 10000, seed: int = 0, ci: float = 0.95,
-                     paired: bool = True) -> dict[str, Any]:
+                     paired: bool = True, groups: Sequence[Any] | None = None) -> dict[str, Any]:
     """Bootstrap over cases of ``mean(a) - mean(b)`` (``stat="diff"``) or ``mean(a) / mean(b)``
     (``stat="ratio"``); ``a[i]`` and ``b[i]`` are the same case in two arms.
 
@@ -96,9 +135,12 @@ def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
     independently, as if the arms had been run on unrelated cases; it exists to show (and test)
     how much the pairing buys. Pairs with a NaN in either array are dropped.
 
+    ``groups`` (one label per case, e.g. its base instruction) resamples whole clusters of cases
+    instead of single cases (see the module docstring).
+
     Returns ``{"stat", "estimate", "ci_low", "ci_high", "ci", "share_le_null", "share_ge_null",
-    "p_two_sided", "null", "n_cases", "n_dropped", "n_boot", "paired", "note"}``, plain floats and
-    ints. With no complete pair every number is NaN and ``note`` says why.
+    "p_two_sided", "null", "n_cases", "n_clusters", "n_dropped", "n_boot", "paired", "note"}``,
+    plain floats and ints. With no complete pair every number is NaN and ``note`` says why.
     """
     if stat not in ("diff", "ratio"):
         raise ValueError(f"stat must be 'diff' or 'ratio', got {stat!r}")
@@ -108,11 +150,17 @@ def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
     if a_arr.shape != b_arr.shape:
         raise ValueError(f"a and b must cover the same cases: {a_arr.size} vs {b_arr.size} values")
     keep = np.isfinite(a_arr) & np.isfinite(b_arr)
+    if groups is not None:
+        groups = list(groups)
+        if len(groups) != keep.size:
+            raise ValueError(f"groups must label every case: {len(groups)} labels for {keep.size} cases")
+        groups = [g for g, k in zip(groups, keep, strict=True) if k]
     a_arr, b_arr = a_arr[keep], b_arr[keep]
     n = int(a_arr.size)
+    gidx, n_groups = _group_index(groups, n)
     null = 0.0 if stat == "diff" else 1.0
     out: dict[str, Any] = {"stat": stat, "ci": float(ci), "null": null, "n_cases": n,
-                           "n_dropped": int((~keep).sum()), "n_boot": int(n_boot),
+                           "n_clusters": int(n_groups), "n_dropped": int((~keep).sum()), "n_boot": int(n_boot),
                            "paired": bool(paired), "note": ""}
     nan = float("nan")
     if n == 0:
@@ -126,9 +174,10 @@ def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
 
     estimate = float(combine(a_arr.mean(), b_arr.mean()))
     rng = np.random.default_rng(seed)
-    idx_a = rng.integers(0, n, size=(n_boot, n))
-    idx_b = idx_a if paired else rng.integers(0, n, size=(n_boot, n))
-    reps = combine(a_arr[idx_a].mean(axis=1), b_arr[idx_b].mean(axis=1))
+    idx_a = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    idx_b = idx_a if paired else rng.integers(0, n_groups, size=(n_boot, n_groups))
+    reps = combine(_resampled_means(a_arr, gidx, n_groups, idx_a),
+                   _resampled_means(b_arr, gidx, n_groups, idx_b))
     finite = reps[np.isfinite(reps)]
     low, high = _quantiles(reps, ci)
     if finite.size:
@@ -137,8 +186,9 @@ def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
         le = ge = nan
     out.update(estimate=estimate, ci_low=low, ci_high=high, share_le_null=le, share_ge_null=ge,
                p_two_sided=min(1.0, 2.0 * min(le, ge)) if finite.size else nan)
-    if n < 2:
-        out["note"] = "a single case: the interval is degenerate (no between-case variation)"
+    if n_groups < 2:
+        out["note"] = ("a single case: the interval is degenerate (no between-case variation)" if n < 2
+                       else "a single cluster: the interval is degenerate (no between-cluster variation)")
     elif finite.size < reps.size:
         out["note"] = (f"{reps.size - finite.size} of {reps.size} replicates undefined "
                        "(division by a zero mean); interval from the others")
@@ -275,10 +325,37 @@ def paired_arrays(arms: Mapping[str, CaseValues], keys: Sequence[str]
     return cases, values, dropped
 
 
+Cluster = Mapping[Any, Any] | Callable[[Any], Any] | None
+
+
+def _clusters(cluster: Cluster, cases: Sequence[Any]) -> list[Any] | None:
+    if cluster is None:
+        return None
+    if callable(cluster):
+        return [cluster(c) for c in cases]
+    missing = [c for c in cases if c not in cluster]
+    if missing:
+        raise ValueError(f"cluster gives no cluster for cases {missing[:5]}")
+    return [cluster[c] for c in cases]
+
+
+def _n_note(arms: Mapping[str, CaseValues], cases: Sequence[Any]) -> str:
+    """A note when the arms have a different number of texts ("n") on some case."""
+    differ = []
+    for case in cases:
+        ns = {float(per_case[case]["n"]) for per_case in arms.values() if "n" in per_case[case]}
+        if len(ns) > 1:
+            differ.append(case)
+    if not differ:
+        return ""
+    return (f"the number of texts n differs between arms on {len(differ)} case(s) (e.g. {differ[0]}): "
+            "Vendi grows with n, so those comparisons are not like for like")
+
+
 def ratio_to_curve(arm_case_values: CaseValues, plain_case_values_by_arm: Mapping[str, CaseValues],
                    n_boot: int = 10000, seed: int = 0, ci: float = 0.95,
                    x_key: str = _X_KEY, y_key: str = _Y_KEY,
-                   clamp_right: bool = False) -> dict[str, Any]:
+                   clamp_right: bool = False, cluster: Cluster = None) -> dict[str, Any]:
     """The headline: the arm's mean Vendi over the plain-sampling curve's Vendi at the arm's mean
     on-topic rate, with a paired bootstrap over cases.
 
@@ -292,10 +369,14 @@ def ratio_to_curve(arm_case_values: CaseValues, plain_case_values_by_arm: Mappin
     are not used for the interval; their share is reported, and when it is large (say > 5 %) the
     interval describes only the in-range part and should not be reported as is.
 
+    ``cluster`` maps a case id to its cluster (a mapping or a function, e.g. ``lambda case:
+    case[0]`` for ``(base, seed)`` ids): whole clusters are resampled (recommended: the base).
+
     Returns ``{"estimate", "ci_low", "ci_high", "ci", "share_le_null" (share of in-range
     replicates with ratio <= 1), "share_ge_null", "p_two_sided", "share_out_of_range",
     "in_range" (point estimate), "where", "arm_x", "arm_y", "curve_y", "frontier" (list of
-    {"x", "y", "label"} from all cases), "n_cases", "cases_dropped", "n_boot", "note"}``.
+    {"x", "y", "label"} from all cases), "n_cases", "n_clusters", "cases_dropped", "n_boot",
+    "note"}``.
     """
     _check_ci(ci, n_boot)
     if not plain_case_values_by_arm:
@@ -305,7 +386,7 @@ def ratio_to_curve(arm_case_values: CaseValues, plain_case_values_by_arm: Mappin
     cases, values, dropped = paired_arrays(arms, [x_key, y_key])
     plain_names = list(plain_case_values_by_arm)
     nan = float("nan")
-    out: dict[str, Any] = {"ci": float(ci), "null": 1.0, "n_cases": len(cases),
+    out: dict[str, Any] = {"ci": float(ci), "null": 1.0, "n_cases": len(cases), "n_clusters": 0,
                            "cases_dropped": [str(c) for c in dropped], "n_boot": int(n_boot),
                            "clamp_right": bool(clamp_right), "note": ""}
     if not cases:
@@ -315,6 +396,8 @@ def ratio_to_curve(arm_case_values: CaseValues, plain_case_values_by_arm: Mappin
                    note="no case with finite values in the arm and every plain arm")
         return out
     n = len(cases)
+    gidx, n_groups = _group_index(_clusters(cluster, cases), n)
+    out["n_clusters"] = int(n_groups)
     ax, ay = values[arm_name][x_key], values[arm_name][y_key]
     px = np.stack([values[name][x_key] for name in plain_names])   # (k, n)
     py = np.stack([values[name][y_key] for name in plain_names])
@@ -329,9 +412,9 @@ def ratio_to_curve(arm_case_values: CaseValues, plain_case_values_by_arm: Mappin
 
     est, at, front = one(float(ax.mean()), float(ay.mean()), px.mean(axis=1), py.mean(axis=1))
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    rax, ray = ax[idx].mean(axis=1), ay[idx].mean(axis=1)           # (n_boot,)
-    rpx, rpy = px[:, idx].mean(axis=2), py[:, idx].mean(axis=2)     # (k, n_boot)
+    idx = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    rax, ray = (_resampled_means(v, gidx, n_groups, idx) for v in (ax, ay))   # (n_boot,)
+    rpx, rpy = (_resampled_means(v, gidx, n_groups, idx) for v in (px, py))   # (k, n_boot)
     reps = np.empty(n_boot)
     out_of_range = 0
     for r in range(n_boot):
@@ -357,9 +440,10 @@ def ratio_to_curve(arm_case_values: CaseValues, plain_case_values_by_arm: Mappin
     if out["share_out_of_range"] > 0.05:
         notes.append(f"{out['share_out_of_range']:.0%} of replicates out of the curve's range: "
                      "the interval covers only the in-range ones")
-    if n < 2:
-        notes.append("a single case: the interval is degenerate")
-    out["note"] = "; ".join(notes)
+    if n_groups < 2:
+        notes.append("a single case or cluster: the interval is degenerate")
+    notes.append(_n_note(arms, cases))
+    out["note"] = "; ".join(x for x in notes if x)
     return out
 
 
@@ -392,22 +476,26 @@ def per_case_ratio_to_curve(arm_case_values: CaseValues,
 
 def matched_comparison(arm_a: CaseValues, arm_b: CaseValues, n_boot: int = 10000, seed: int = 0,
                        ci: float = 0.95, x_key: str = _X_KEY, y_key: str = _Y_KEY,
-                       extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+                       extra: Mapping[str, str] | None = None, cluster: Cluster = None) -> dict[str, Any]:
     """Arm A against arm B on the same cases (e.g. guided vs in-prompt history).
 
     Returns ``{"vendi_ratio": paired_bootstrap(A vendi, B vendi, "ratio"), "on_topic_diff":
     paired_bootstrap(A on-topic, B on-topic, "diff"), "n_cases", "cases_dropped"}``, plus
-    ``"{measure}_{stat}"`` for each ``extra={measure: "diff"|"ratio"}``. Cases missing a value
+    ``"{measure}_{stat}"`` for each ``extra={measure: "diff"|"ratio"}``, ``"n_clusters"`` and
+    ``"note"``; ``cluster`` as in ``ratio_to_curve``. Cases missing a value
     in either arm for any requested measure are dropped from all comparisons, so every number
     is over the same cases. The same seed is used for every measure, so the replicates draw the
     same cases throughout.
     """
     wanted = {y_key: "ratio", x_key: "diff", **(extra or {})}
     cases, values, dropped = paired_arrays({"a": arm_a, "b": arm_b}, list(wanted))
-    out: dict[str, Any] = {"n_cases": len(cases), "cases_dropped": [str(c) for c in dropped]}
+    groups = _clusters(cluster, cases)
+    out: dict[str, Any] = {"n_cases": len(cases), "n_clusters": _group_index(groups, len(cases))[1],
+                           "cases_dropped": [str(c) for c in dropped],
+                           "note": _n_note({"a": arm_a, "b": arm_b}, cases)}
     for key, stat in wanted.items():
         name = ("vendi_ratio" if key == y_key and stat == "ratio"
                 else "on_topic_diff" if key == x_key and stat == "diff" else f"{key}_{stat}")
         out[name] = paired_bootstrap(values["a"][key], values["b"][key], stat=stat,
-                                     n_boot=n_boot, seed=seed, ci=ci)
+                                     n_boot=n_boot, seed=seed, ci=ci, groups=groups)
     return out
