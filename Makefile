@@ -7,11 +7,12 @@ export TOKENIZERS_PARALLELISM ?= false
 export VLLM_LOGGING_LEVEL ?= WARNING
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench-node bench-controller bench-trainer bench-load lint compose-check clean help
+.PHONY: setup test test-fast demo study bench-node bench-controller bench-trainer bench-load lint compose-check clean help
 
 help:
 	@echo "make demo     set up, then run the guided-vs-baseline experiment on embedded defaults"
 	@echo "make test     set up, then run every test"
+	@echo "make study    set up, then run the documented held-out study (docs/study/held-out.json; resumable)"
 	@echo "make setup    create .venv, install the pinned stack and bundled models (idempotent)"
 	@echo "make bench-node | bench-controller | bench-trainer | bench-load   print + record figures in docs/benchmarks.md"
 
@@ -27,6 +28,12 @@ test-fast: setup
 
 demo: setup
 	$(VENV)/bin/negspace experiment --base "Write a math problem." --nodes 4 --rounds 3
+
+# The documented study: held-out bases x 3 seeds x the arms in the spec file. Resumable: rerun to
+# continue; STUDY=<file> runs another spec (docs/study/tune-*.json are the tuning rounds).
+STUDY ?= docs/study/held-out.json
+study: setup
+	$(VENV)/bin/negspace study --spec $(STUDY) --out runs
 
 bench-node: setup
 	$(PY) -m negspace_node.bench
