@@ -36,7 +36,8 @@ async def test_chat_happy_path_shape_and_what_the_engine_received():
     assert body["object"] == "chat.completion" and body["model"] == FAKE_MODEL_NAME
     assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["message"]["content"]
     assert body["choices"][0]["finish_reason"] in ("stop", "length")
-    assert body["guidance"] == {"scale": 3.0, "num_negatives": 1, "space": "logits"}
+    assert body["guidance"] == {"scale": 3.0, "num_negatives": 1, "space": "logits", "combine": "min",
+                                "alpha": None, "max_tokens": None}
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
     sent = engine.requests[-1]
@@ -70,7 +71,8 @@ async def test_completions_and_plain_n_choices():
     body = r.json()
     assert body["object"] == "text_completion" and [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert len({c["text"] for c in body["choices"]}) == 3
-    assert body["guidance"] == {"scale": 1.0, "num_negatives": 0, "space": "logits"}
+    assert body["guidance"] == {"scale": 1.0, "num_negatives": 0, "space": "logits", "combine": "min",
+                                "alpha": None, "max_tokens": None}
     assert engine.requests[-1].prompt_ids == engine.tokenizer.encode("Once upon a time")
 
 
@@ -122,6 +124,15 @@ LONG = "word " * 400
     ("/v1/completions", {"prompt": LONG}, 400, "prompt", "shorten it"),
     ("/v1/completions", {"prompt": "hi", "negative_prompts": [LONG]}, 400, "negative_prompts[0]", "shorten it"),
     ("/v1/completions", {"prompt": "hi", "model": "nope"}, 404, "model", "does not exist"),
+    ("/v1/chat/completions", {"messages": HI, "guidance_combine": "median"}, 422, "guidance_combine",
+     "'min', 'mean' or 'max'"),
+    ("/v1/chat/completions", {"messages": HI, "guidance_alpha": 1.5}, 422, "guidance_alpha", "less than or equal to 1"),
+    ("/v1/chat/completions", {"messages": HI, "guidance_alpha": -0.1}, 422, "guidance_alpha", "greater than or equal to 0"),
+    ("/v1/chat/completions", {"messages": HI, "guidance_max_tokens": -1}, 422, "guidance_max_tokens",
+     "greater than or equal to 0"),
+    ("/v1/chat/completions", {"messages": HI, "guidance_max_tokens": 2.5}, 422, "guidance_max_tokens", "integer"),
+    ("/v1/completions", {"prompt": "hi", "min_p": 1.01}, 422, "min_p", "less than or equal to 1"),
+    ("/v1/completions", {"prompt": "hi", "min_p": -1}, 422, "min_p", "greater than or equal to 0"),
 ])
 async def test_bad_input_gets_the_exact_4xx_and_says_what_to_fix(path, body, status, param, says):
     app, engine = make()
@@ -134,6 +145,33 @@ async def test_bad_input_gets_the_exact_4xx_and_says_what_to_fix(path, body, sta
     if status == 404:
         assert error["type"] == "model_not_found"
     assert engine.requests == []          # nothing reached the engine
+
+
+@pytest.mark.parametrize("field", ["guidance_alpha", "min_p", "temperature", "top_p"])
+async def test_nan_sampling_options_are_refused(field):
+    app, engine = make()
+    async with asgi_client(app) as client:
+        r = await client.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}],'
+                              b' "%s": NaN}' % field.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == field and engine.requests == []
+
+
+async def test_method_options_reach_the_engine_and_are_echoed():
+    app, engine = make()
+    body = {"messages": HI, "negative_prompts": ["A question about lakes.", "Rain."], "guidance_scale": 2.5,
+            "guidance_combine": "mean", "guidance_alpha": 0.1, "guidance_max_tokens": 3, "min_p": 0.05,
+            "guidance_space": "logprobs"}
+    r = await post(app, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["guidance"] == {"scale": 2.5, "num_negatives": 2, "space": "logprobs", "combine": "mean",
+                                    "alpha": 0.1, "max_tokens": 3}
+    sent = engine.requests[-1]
+    assert (sent.guidance_combine, sent.guidance_alpha, sent.guidance_max_tokens, sent.min_p) == ("mean", 0.1, 3, 0.05)
+    # alpha 0 is "off" (echoed as null); plain requests carry min_p too
+    r = await post(app, "/v1/completions", {"prompt": "hi", "guidance_alpha": 0, "min_p": 0.2})
+    assert r.status_code == 200 and r.json()["guidance"]["alpha"] is None
+    assert engine.requests[-1].guidance_alpha is None and engine.requests[-1].min_p == 0.2
 
 
 async def test_nan_guidance_scale_is_refused():

@@ -76,3 +76,80 @@ def test_sample_greedy_seeded_and_top_p():
     narrow = {sample(scores, 1.0, 0.4, make_generator(s)) for s in range(40)}  # p(best)=0.48
     assert narrow == {1}                                         # top-p 0.4 keeps only the best
     assert not math.isnan(float(torch.softmax(scores, -1).sum()))
+
+
+def test_combine_mean_and_max_over_negatives():
+    lp = torch.tensor([2.0, 0.0, 1.0])
+    ln = torch.tensor([[1.0, 3.0, 0.0],
+                       [4.0, -1.0, 0.5]])
+    # mean of the negatives: [2.5, 1, 0.25]; max: [4, 3, 0.5]; guided = ln + 2 * (lp - ln)
+    assert torch.allclose(combine(lp, ln, 2.0, how="mean"), torch.tensor([1.5, -1.0, 1.75]))
+    assert torch.equal(combine(lp, ln, 2.0, how="max"), torch.tensor([0.0, -3.0, 1.5]))
+    # in logprobs space each branch is normalised before combining
+    lpl, lnl = torch.log_softmax(lp, -1), torch.log_softmax(ln, -1)
+    mean = lnl.mean(0)
+    assert torch.allclose(combine(lp, ln, 3.0, "logprobs", "mean"), mean + 3.0 * (lpl - mean))
+    # one negative: min, mean and max agree
+    for how in ("min", "mean", "max"):
+        assert torch.allclose(combine(lp, ln[:1], 2.5, how=how), combine(lp, ln[:1], 2.5))
+    with pytest.raises(ValueError, match="guidance combine"):
+        combine(lp, ln, 2.0, how="median")
+
+
+def test_plausibility_alpha_cuts_what_the_positive_finds_implausible():
+    # positive probabilities: [0.6, 0.3, 0.08, 0.02] -> alpha 0.1 keeps p >= 0.06: tokens 0, 1, 2
+    lp = torch.log(torch.tensor([0.6, 0.3, 0.08, 0.02]))
+    ln = torch.log(torch.tensor([[0.7, 0.29, 0.009, 0.001]]))
+    free = combine(lp, ln, 4.0)
+    assert int(free.argmax()) == 3                     # guidance alone favours an implausible token
+    cut = combine(lp, ln, 4.0, alpha=0.1)
+    assert torch.isfinite(cut).tolist() == [True, True, True, False]
+    assert torch.equal(cut[:3], free[:3])              # the survivors keep their guided scores
+    assert int(cut.argmax()) == 2
+    assert sample(cut, 0.0, 1.0, make_generator(0)) == 2
+    assert {sample(cut, 1.0, 1.0, make_generator(s)) for s in range(50)} <= {0, 1, 2}
+    # the restriction uses the RAW positive (temperature 1), in either space, and shifts nothing
+    assert torch.equal(torch.isfinite(combine(lp + 5, ln, 4.0, "logprobs", alpha=0.1)), torch.isfinite(cut))
+    # alpha 1 keeps only the positive's top token, even when guidance ranks it last
+    assert torch.isfinite(combine(lp, ln, 50.0, alpha=1.0)).tolist() == [True, False, False, False]
+    # off: None or 0; and no restriction without guidance (s = 1 or no negatives is plain)
+    assert torch.equal(combine(lp, ln, 4.0, alpha=0.0), free)
+    assert torch.equal(combine(lp, ln, 1.0, alpha=0.5), lp)
+    assert torch.equal(combine(lp, None, 4.0, alpha=0.5), lp)
+
+
+def test_min_p_applies_after_temperature_and_before_top_p():
+    from negspace_node.guidance import min_p_filter
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isfinite(min_p_filter(logits, 0.25)).tolist() == [True, True, True, False]  # >= 0.125
+    assert torch.isfinite(min_p_filter(logits, 0.7)).tolist() == [True, False, False, False]
+    assert torch.equal(min_p_filter(logits, 0.0), logits)
+    # after temperature: at T = 3 the distribution flattens and token 3 (0.05) passes min_p 0.25
+    assert torch.isfinite(min_p_filter(logits / 3.0, 0.25)).all()
+    draws_hot = {sample(logits, 3.0, 1.0, make_generator(s), min_p=0.25) for s in range(200)}
+    assert 3 in draws_hot
+    draws = {sample(logits, 1.0, 1.0, make_generator(s), min_p=0.25) for s in range(200)}
+    assert draws == {0, 1, 2}
+    # min_p first, then top-p renormalised over the survivors: min_p 0.25 leaves [0.5, 0.3, 0.15]
+    # (renormalised 0.526, 0.316, 0.158); top-p 0.8 then keeps 0 and 1 only (0.526 < 0.8)
+    assert {sample(logits, 1.0, 0.8, make_generator(s), min_p=0.25) for s in range(200)} == {0, 1}
+    # the same draw as filtering by hand in that order, for the same seed
+    by_hand = top_p_filter(min_p_filter(logits / 0.7, 0.2), 0.9)
+    for seed in range(10):
+        want = int(torch.multinomial(torch.softmax(by_hand, -1), 1, generator=make_generator(seed)))
+        assert sample(logits, 0.7, 0.9, make_generator(seed), min_p=0.2) == want
+    assert sample(logits, 0.0, 1.0, make_generator(0), min_p=0.9) == 0       # greedy ignores it
+
+
+def test_guidance_max_tokens_is_a_guidance_interval():
+    from negspace_node.engines.base import GenerationRequest
+
+    r = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance_scale=3.0, guidance_max_tokens=3)
+    assert r.guided and [r.guides_at(p) for p in range(5)] == [True, True, True, False, False]
+    always = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance_scale=3.0)
+    assert all(always.guides_at(p) for p in range(100))
+    never = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance_scale=3.0, guidance_max_tokens=0)
+    assert not never.guided and not never.guides_at(0)          # N = 0: plain generation throughout
+    plain = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance_scale=1.0, guidance_max_tokens=5)
+    assert not plain.guides_at(0)

@@ -117,6 +117,35 @@ def test_scale_one_is_plain_generation_and_plain_n(engine, ids, smol):
     assert [o.token_ids for o in again] == [o.token_ids for o in many]
 
 
+@pytest.mark.parametrize("options", [
+    {"guidance_combine": "mean"}, {"guidance_combine": "max"}, {"guidance_alpha": 0.1},
+    {"guidance_max_tokens": 3},
+    {"guidance_combine": "max", "guidance_space": "logprobs", "guidance_alpha": 0.1, "guidance_max_tokens": 5},
+], ids=["mean", "max", "alpha", "max-tokens", "all-logprobs"])
+def test_method_options_equal_transformers_token_for_token(engine, ids, smol, options):
+    model, tokenizer = smol
+    positive, negs = ids
+    request = GenerationRequest(prompt_ids=positive, negative_ids=negs, max_tokens=16, temperature=0.0,
+                                guidance_scale=4.0, **options)
+    expected = generate_batched(model, tokenizer, request)[0]
+    got = run(engine.generate(request))[0]
+    assert got.token_ids == expected.token_ids and got.token_ids
+
+
+def test_min_p_one_keeps_only_the_top_token_plain_and_guided(engine, ids, smol):
+    """min_p reaches vLLM's own sampler (plain) and the processor (guided): at min_p = 1 only the
+    most probable token survives, so seeded sampling at temperature 1 must equal greedy."""
+    model, tokenizer = smol
+    positive, negs = ids
+    for negatives in ([], negs[:2]):
+        greedy = GenerationRequest(prompt_ids=positive, negative_ids=negatives, max_tokens=16, temperature=0.0,
+                                   guidance_scale=3.0)
+        hot = GenerationRequest(**{**greedy.__dict__, "temperature": 1.0, "seed": 3, "min_p": 1.0})
+        want = generate_batched(model, tokenizer, greedy)[0].token_ids
+        assert run(engine.generate(hot))[0].token_ids == want
+        assert run(engine.generate(GenerationRequest(**{**hot.__dict__, "min_p": 0.0})))[0].token_ids != want
+
+
 def test_eight_concurrent_guided_requests_equal_their_solo_results(engine, ids):
     positive, negs = ids
     tok = engine.tokenizer

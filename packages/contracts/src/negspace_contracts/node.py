@@ -77,15 +77,18 @@ class _SamplingFields(BaseModel):
                            "min (the reference), mean or max (push away from what ANY negative favours).")
     guidance_alpha: float | None = Field(
         None, ge=0.0, le=1.0,
-        description="Plausibility restriction (as in contrastive decoding): with guidance, only tokens whose "
-                    "probability under the positive alone is >= alpha x the positive's top probability may "
-                    "be drawn. None or 0 = no restriction.")
+        description="Plausibility restriction (as in contrastive decoding, Li et al. 2023): at a guided step, "
+                    "tokens whose probability under the positive alone (softmax of its raw logits, "
+                    "temperature 1) is < alpha x the positive's top probability get -inf; the positive's "
+                    "top token always survives. None or 0 = no restriction.")
     guidance_max_tokens: int | None = Field(
-        None, ge=0, description="Guide only the first N completion tokens, then decode plainly from the "
-                                "positive (a guidance interval). None = guide every token.")
+        None, ge=0, description="Guide only completion positions 0..N-1, then decode plainly from the "
+                                "positive, as if guidance_scale were 1 (a guidance interval). 0 = plain "
+                                "generation; None = guide every token.")
     min_p: float = Field(0.0, ge=0.0, le=1.0,
-                         description="Drop tokens whose probability is < min_p x the top token's (after "
-                                     "temperature); 0 = off. Applies to plain and guided decoding.")
+                         description="Drop tokens whose probability is < min_p x the top token's, after "
+                                     "temperature and before top_p (vLLM's order); 0 = off. Applies to plain "
+                                     "and guided decoding; no effect when temperature is 0.")
 
     @field_validator("guidance_scale")
     @classmethod

@@ -162,6 +162,8 @@ class NodeService:
             max_tokens=self._check_lengths(prompt_ids, negative_ids, max_tokens, prompt_param),
             temperature=body.temperature, top_p=body.top_p, seed=body.seed,
             guidance_scale=body.guidance_scale, guidance_space=body.guidance_space,
+            guidance_combine=body.guidance_combine, guidance_alpha=body.guidance_alpha or None,
+            guidance_max_tokens=body.guidance_max_tokens, min_p=body.min_p,
             stop=tuple(body.stop_list), n=body.n, request_id=f"{endpoint}-{id(body):x}-{time.monotonic_ns()}")
         mode = "guided" if request.guided else "plain"
         self.in_flight += 1
@@ -203,4 +205,5 @@ class NodeService:
     @staticmethod
     def _guidance(request: GenerationRequest) -> GuidanceInfo:
         return GuidanceInfo(scale=request.guidance_scale, num_negatives=len(request.negative_ids),
-                            space=request.guidance_space)
+                            space=request.guidance_space, combine=request.guidance_combine,
+                            alpha=request.guidance_alpha, max_tokens=request.guidance_max_tokens)

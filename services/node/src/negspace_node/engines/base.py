@@ -34,14 +34,24 @@ class GenerationRequest:
     seed: int | None = None
     guidance_scale: float = 1.0        # 1 = no guidance
     guidance_space: Literal["logits", "logprobs"] = "logits"
+    guidance_combine: Literal["min", "mean", "max"] = "min"    # how the negatives are combined
+    guidance_alpha: float | None = None      # plausibility restriction; None or 0 = off
+    guidance_max_tokens: int | None = None   # guide completion positions < N only; None = all
+    min_p: float = 0.0                       # after temperature, before top-p; 0 = off
     stop: tuple[str, ...] = ()         # stop strings (not included in the output)
     n: int = 1                         # choices; 1 whenever there are negatives
     request_id: str = ""
 
     @property
     def guided(self) -> bool:
-        """True when decoding must run the group with CFG (negatives and a scale != 1)."""
-        return bool(self.negative_ids) and self.guidance_scale != 1.0
+        """True when decoding must run the group with CFG (negatives, a scale != 1 and at least
+        one guided position: ``guidance_max_tokens == 0`` is plain generation)."""
+        return bool(self.negative_ids) and self.guidance_scale != 1.0 and self.guidance_max_tokens != 0
+
+    def guides_at(self, position: int) -> bool:
+        """Whether completion position ``position`` (0-based) is decoded with guidance; past
+        ``guidance_max_tokens`` the group decodes plainly from the positive (as if s = 1)."""
+        return self.guided and (self.guidance_max_tokens is None or position < self.guidance_max_tokens)
 
 
 @dataclass

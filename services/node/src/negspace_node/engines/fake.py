@@ -126,6 +126,8 @@ class FakeEngine(Engine):
         key = repr((request.prompt_ids, request.negative_ids if request.guided else [],
                     request.guidance_scale if request.guided else 1.0,
                     request.guidance_space if request.guided else "logits",
+                    (request.guidance_combine, request.guidance_alpha, request.guidance_max_tokens)
+                    if request.guided else None, request.min_p,
                     request.temperature, request.top_p,
                     request.seed if request.temperature > 0 else None, choice))
         digest = hashlib.sha256(key.encode()).digest()

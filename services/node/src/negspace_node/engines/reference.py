@@ -3,7 +3,8 @@
 Nothing clever on purpose: at every step each branch (the positive prompt and each negative,
 each followed by the shared suffix sampled so far) is run through the model FROM SCRATCH,
 alone, without padding and without a KV cache; the last-position logits are combined with
-``negspace_node.guidance.combine`` and one token is drawn with ``guidance.sample`` from a
+``negspace_node.guidance.combine`` (with the request's combine, alpha and guidance interval)
+and one token is drawn with ``guidance.sample`` from a
 generator seeded like the engines seed theirs. Quadratic in the output length: an oracle, not
 an engine.
 
@@ -18,7 +19,7 @@ import torch
 
 from negspace_node.engines.base import GenerationOutput, GenerationRequest
 from negspace_node.engines.stopping import StopChecker, eos_token_ids
-from negspace_node.guidance import combine, make_generator, sample
+from negspace_node.guidance import guided_scores, make_generator, sample
 
 
 @torch.inference_mode()
@@ -43,9 +44,10 @@ def reference_generate(model, tokenizer, request: GenerationRequest, *, choice: 
     suffix: list[int] = []
     while True:
         lp = next_token_logits(model, list(request.prompt_ids) + suffix)
-        ln = torch.stack([next_token_logits(model, n + suffix) for n in negatives]) if negatives else None
-        token = sample(combine(lp, ln, request.guidance_scale, request.guidance_space),
-                       request.temperature, request.top_p, generator)
+        ln = (torch.stack([next_token_logits(model, n + suffix) for n in negatives])
+              if negatives and request.guides_at(len(suffix)) else None)
+        token = sample(guided_scores(request, lp, ln), request.temperature, request.top_p, generator,
+                       request.min_p)
         suffix.append(token)
         if checker.add(token):
             return checker.output()

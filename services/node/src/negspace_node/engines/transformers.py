@@ -23,7 +23,7 @@ import torch
 
 from negspace_node.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest
 from negspace_node.engines.stopping import StopChecker, eos_token_ids
-from negspace_node.guidance import combine, make_generator, sample
+from negspace_node.guidance import guided_scores, make_generator, sample
 from negspace_node.models import resolve_model, served_model_name
 
 log = logging.getLogger("negspace.node")
@@ -102,18 +102,21 @@ def generate_batched(model, tokenizer, request: GenerationRequest, *, eos_ids=No
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     active = list(groups)
+    position = 0                        # completion position being decoded (same for all groups)
     while True:
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled()
         logits = out.logits[:, -1, :]
         step_tokens: list[int] = []
+        guide_now = request.guides_at(position)
         for g in active:
             lp = logits[g.rows[0]]
-            ln = logits[g.rows[1:]] if g.guided else None
-            token = sample(combine(lp, ln, request.guidance_scale, request.guidance_space),
-                           request.temperature, request.top_p, g.generator)
+            ln = logits[g.rows[1:]] if g.guided and guide_now else None
+            token = sample(guided_scores(request, lp, ln), request.temperature, request.top_p, g.generator,
+                           request.min_p)
             g.checker.add(token)
             step_tokens.append(token)
+        position += 1
         still = [i for i, g in enumerate(active) if not g.checker.finished]
         if not still:
             break

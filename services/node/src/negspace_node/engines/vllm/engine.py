@@ -303,7 +303,7 @@ class VLLMEngine(Engine):
                         extra_args={GROUP_KEY: {"id": job.job_id, "role": role, "size": size}}, **common))
                     for role, (rid, ids) in enumerate(zip(job.member_ids, prompts, strict=True))]
         return [(rid, list(r.prompt_ids), SamplingParams(
-                    temperature=r.temperature, top_p=r.top_p,
+                    temperature=r.temperature, top_p=r.top_p, min_p=r.min_p,
                     seed=None if r.seed is None else r.seed + choice, **common))
                 for choice, rid in enumerate(job.member_ids)]
 
@@ -359,7 +359,9 @@ class VLLMEngine(Engine):
         r = job.request
         if job.guided:
             job.state = GroupState(job.job_id, len(job.member_ids), r.guidance_scale, r.guidance_space,
-                                   r.temperature, r.top_p, make_generator(r.seed))
+                                   r.temperature, r.top_p, make_generator(r.seed),
+                                   combine=r.guidance_combine, alpha=r.guidance_alpha,
+                                   max_tokens=r.guidance_max_tokens, min_p=r.min_p)
             REGISTRY.register(job.state)
         self._jobs[job.job_id] = job
         try:

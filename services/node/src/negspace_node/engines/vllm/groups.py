@@ -2,8 +2,8 @@
 
 vLLM's batch updates carry no request id, so every member of a guided group carries its identity
 in ``SamplingParams.extra_args[GROUP_KEY] = {"id": ..., "role": 0..size-1, "size": ...}``
-(role 0 is the positive). Everything else a group needs (scale, space, temperature, top-p and
-its seeded generator) lives in a ``GroupState`` registered here by the engine before the members
+(role 0 is the positive). Everything else a group needs (scale, space, combine, alpha, guidance interval,
+temperature, top-p, min-p and its seeded generator) lives in a ``GroupState`` registered here by the engine before the members
 are added, so the processor (same process: the engine runs in-process) can look it up, and the
 processor and scheduler report problems back through it. Plain requests carry no group key.
 """
@@ -27,6 +27,10 @@ class GroupState:
     temperature: float
     top_p: float
     generator: torch.Generator
+    combine: str = "min"                      # how the negatives are combined
+    alpha: float | None = None                # plausibility restriction (None/0 = off)
+    max_tokens: int | None = None             # guide completion positions < max_tokens only
+    min_p: float = 0.0
     tokens: list[int] = field(default_factory=list)   # the token forced at each step
     error: str | None = None
 
@@ -73,3 +77,8 @@ def group_of(sampling_params) -> tuple[str, int, int] | None:
     if info is None:
         return None
     return str(info["id"]), int(info["role"]), int(info["size"])
+
+
+def guides_at(state: GroupState, position: int) -> bool:
+    """Whether completion position ``position`` of the group is guided (see GenerationRequest)."""
+    return state.max_tokens is None or position < state.max_tokens

@@ -6,7 +6,8 @@ output ids), removed and moved. Rows of a guided group are recognised by
 ``SamplingParams.extra_args`` (see ``groups.py``). At each step, for every group:
 
 - all ``size`` members present, each with the same number of output tokens and the same last
-  token (so they share the suffix): ``guided = guidance.combine(lp, ln, scale, space)``, one token
+  token (so they share the suffix): ``guided = guidance.combine(lp, ln, scale, space, combine, alpha)``
+  (``ln = None``, plain, at completion positions >= the group's ``max_tokens``), one token
   is drawn with ``guidance.sample`` and the group's seeded generator, and that token is FORCED on
   every member row (all other logits -inf; the members use greedy SamplingParams, so vLLM's
   sampler returns it);
@@ -27,7 +28,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from negspace_node.engines.vllm.groups import GROUP_KEY, REGISTRY, GroupRegistry, group_of
+from negspace_node.engines.vllm.groups import GROUP_KEY, REGISTRY, GroupRegistry, group_of, guides_at
 from negspace_node.guidance import combine, sample
 
 log = logging.getLogger("negspace.node.vllm")
@@ -94,9 +95,9 @@ class CFGLogitsProcessor(LogitsProcessor):
                 continue
             indices = [roles[r][0][0] for r in range(state.size)]
             lp = logits[indices[0]]
-            ln = logits[indices[1:]]
-            token = sample(combine(lp, ln, state.scale, state.space), state.temperature, state.top_p,
-                           state.generator)
+            ln = logits[indices[1:]] if guides_at(state, len(state.tokens)) else None
+            token = sample(combine(lp, ln, state.scale, state.space, state.combine, state.alpha),
+                           state.temperature, state.top_p, state.generator, state.min_p)
             state.tokens.append(token)
             forced_rows.extend(indices)
             forced_tokens.extend([token] * len(indices))
