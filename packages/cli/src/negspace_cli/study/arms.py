@@ -67,6 +67,7 @@ _ARMS = [
     # ---- the plain-sampling curve --------------------------------------------------------------
     Arm("plain-t0.7", "plain", "plain sampling, T 0.7, top-p 0.9", _plain(0.7)),
     Arm("plain-t1.0", "plain", "plain sampling, T 1.0, top-p 0.9 (the seed's sampling settings)", _plain(1.0)),
+    Arm("plain-t1.1", "plain", "plain sampling, T 1.1, top-p 0.9", _plain(1.1)),
     Arm("plain-t1.2", "plain", "plain sampling, T 1.2, top-p 0.9", _plain(1.2)),
     Arm("plain-t1.4", "plain", "plain sampling, T 1.4, top-p 0.9", _plain(1.4)),
     Arm("plain-t1.2-p1", "plain", "plain sampling, T 1.2, top-p 1.0", _plain(1.2, 1.0)),
