@@ -267,3 +267,20 @@ def test_on_topic_bar_calibration_reproduces(mpnet):
     for key, recorded in (("bar_accuracy", "accuracy"), ("loo_base_accuracy", "loo_base_accuracy"),
                           ("quality_accuracy", "quality_accuracy"), ("validity_accuracy", "validity_accuracy")):
         assert result[key] == pytest.approx(CALIBRATION_RESULT[recorded], abs=0.011), key
+
+
+def test_self_bleu_equals_the_sacrebleu_sentence_bleu_loop():
+    import sacrebleu
+
+    rng = np.random.default_rng(0)
+    vocab = "write a poem story about the sea night cat dog city rain old new short long".split()
+    for trial in range(6):
+        n = int(rng.integers(2, 12))
+        texts = [" ".join(rng.choice(vocab, size=int(rng.integers(1, 12)))) for _ in range(n)]
+        if trial == 0:
+            texts += texts[:2]                                  # exact duplicates
+        if trial == 1:
+            texts[0] = texts[0].upper() + " , !"               # case and punctuation
+        loop = np.mean([sacrebleu.sentence_bleu(t, [u for j, u in enumerate(texts) if j != i],
+                                                lowercase=True).score / 100 for i, t in enumerate(texts)])
+        assert measures.self_bleu(texts) == pytest.approx(loop, abs=1e-12)

@@ -366,7 +366,8 @@ def ratio_to_curve(arm_case_values: CaseValues, plain_case_values_by_arm: Mappin
     arm's means are taken over that same draw, the frontier is rebuilt from the plain means and
     interpolated at the arm's mean on-topic rate (``curve_at``; no extrapolation unless
     ``clamp_right``). Replicates where the arm's on-topic rate falls outside the curve's range
-    are not used for the interval; their share is reported, and when it is large (say > 5 %) the
+    are not used for the interval (with ``clamp_right`` the right-side ones are, against the
+    clamped point); their share is reported either way, and when it is large (say > 5 %) the
     interval describes only the in-range part and should not be reported as is.
 
     ``cluster`` maps a case id to its cluster (a mapping or a function, e.g. ``lambda case:
@@ -439,7 +440,8 @@ def ratio_to_curve(arm_case_values: CaseValues, plain_case_values_by_arm: Mappin
                         if at.where == "clamped" else "; no ratio"))
     if out["share_out_of_range"] > 0.05:
         notes.append(f"{out['share_out_of_range']:.0%} of replicates out of the curve's range: "
-                     "the interval covers only the in-range ones")
+                     + ("the interval uses the clamped point for those on the right" if clamp_right
+                        else "the interval covers only the in-range ones"))
     if n_groups < 2:
         notes.append("a single case or cluster: the interval is degenerate")
     notes.append(_n_note(arms, cases))
