@@ -3,8 +3,9 @@
 
 Per split (held-out bases, reported; tuning bases, shown apart), over the cases (base x seed) that
 have every arm:
-- each arm's mean measures (diversity, quality, cost), with a bootstrap CI of the mean Vendi and
-  on-topic rate;
+- each arm's mean measures (diversity, quality, cost), with a bootstrap CI of each mean;
+- every bootstrap below resamples whole base instructions (a cluster bootstrap: the seeds of one
+  base are not independent), and pairs arms on the same cases;
 - the headline: each non-plain arm's Vendi over the plain-sampling curve's Vendi at the arm's
   on-topic rate (``stats.ratio_to_curve``; paired bootstrap over cases; right of the curve's range
   the ratio is to the curve's most on-topic point, which understates the arm: flagged);
@@ -67,6 +68,7 @@ def measure_cells(folder: Path, spec: StudySpec, evaluator=None, quiet: bool = F
         if getattr(evaluator, "is_controller_embedder", False):
             _log("negspace study: WARNING: the evaluation embedder is the controller's: the study grades "
                  "itself with the model it steers by")
+        evaluator.embed(sorted({t for r in missing for t in [*r["texts"], r["base_text"]]}))  # one batch
         bar = make_bar(len(missing), "measuring", "set", disable=quiet)
         for r in missing:
             m = measures.measure_set(evaluator, r["texts"], r["base_text"])
@@ -105,6 +107,12 @@ def _mean_ci(values: list[float], n_boot: int, seed: int = 0) -> dict[str, float
             "ci_high": float(np.quantile(reps, 0.975)), "n": int(v.size)}
 
 
+def base_of(case: str) -> str:
+    """A case id ``b<base>-s<seed>`` -> its base: the cluster a bootstrap resamples whole (the seeds of
+    one base are not independent cases)."""
+    return case.split("-s")[0]
+
+
 def analyze_split(cells: dict[str, dict[str, Any]], spec: StudySpec, split: str, n_boot: int) -> dict[str, Any]:
     arms = {a.name: a for a in spec.resolved_arms()}
     by_arm: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
@@ -141,13 +149,15 @@ def analyze_split(cells: dict[str, dict[str, Any]], spec: StudySpec, split: str,
         for a in values:
             if arms[a].kind == "plain":
                 continue
-            comp: dict[str, Any] = {"ratio_to_curve": stats.ratio_to_curve(values[a], plain, n_boot=n_boot,
-                                                                         clamp_right=True)}
+            comp: dict[str, Any] = {"ratio_to_curve": stats.ratio_to_curve(
+                values[a], plain, n_boot=n_boot, clamp_right=True, cluster=base_of)}
             if ref_plain in values:
-                comp["vs_plain_t1.0"] = stats.matched_comparison(values[a], values[ref_plain], n_boot=n_boot)
+                comp["vs_plain_t1.0"] = stats.matched_comparison(values[a], values[ref_plain], n_boot=n_boot,
+                                                                 cluster=base_of)
             for b in MATCH_BASELINES:
                 if b in values and b != a:
-                    comp[f"vs_{b}"] = stats.matched_comparison(values[a], values[b], n_boot=n_boot)
+                    comp[f"vs_{b}"] = stats.matched_comparison(values[a], values[b], n_boot=n_boot,
+                                                               cluster=base_of)
             comp["target"] = _target(a, arms[a].kind, comp)
             comparisons[a] = comp
         out["per_case_ratio"] = {a: {k: v["ratio"] for k, v in stats.per_case_ratio_to_curve(

@@ -66,7 +66,7 @@ def _split(title: str, res: dict[str, Any], figures: dict[str, str], split: str,
               "(base x seed), every arm on every case.", ""]
     lines += _headline(res)
     lines += ["", "Vendi / plain curve: the arm's mean Vendi over the plain-sampling frontier's Vendi at the arm's "
-              "mean on-topic rate (paired bootstrap over cases, 95% CI). `*`: the arm is more on topic than the "
+              "mean on-topic rate (95% CI of a paired bootstrap that resamples whole base instructions). `*`: the arm is more on topic than the "
               "most on-topic plain arm, so the ratio is to that point (an understatement). The other ratios and "
               "differences are paired over the same cases.", ""]
     if f"diversity_vs_quality_{split}" in figures:
