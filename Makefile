@@ -33,7 +33,7 @@ demo: setup
 # continue; STUDY=<file> runs another spec (docs/study/tune-*.json are the tuning rounds).
 STUDY ?= docs/study/held-out.json
 study: setup
-	$(VENV)/bin/negspace study --spec $(STUDY) --out runs
+	$(VENV)/bin/negspace study --spec $(STUDY) --out docs/study/results
 
 bench-node: setup
 	$(PY) -m negspace_node.bench

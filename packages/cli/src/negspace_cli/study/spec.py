@@ -93,8 +93,10 @@ class StudySpec(BaseModel):
         return f"{self.name}-{digest[:10]}"
 
     def cells(self) -> list[tuple[int, int, str]]:
-        """(base index, seed, arm name) for every run, bases first so partial studies cover cases whole."""
-        return [(b, s, a) for b in range(len(self.bases)) for s in self.seeds for a in self.arms]
+        """(base index, seed, arm name) for every run, in the order they run: a case's arms together,
+        and the first seed of every base before the second seed of any, so a study stopped early
+        holds whole cases spread over as many bases (the bootstrap's clusters) as possible."""
+        return [(b, s, a) for s in self.seeds for b in range(len(self.bases)) for a in self.arms]
 
 
 def cell_key(base: int, seed: int, arm: str) -> str:
