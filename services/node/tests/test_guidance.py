@@ -119,7 +119,7 @@ def test_plausibility_alpha_cuts_what_the_positive_finds_implausible():
 
 
 def test_min_p_applies_after_temperature_and_before_top_p():
-    from negspace_node.guidance import min_p_filter
+    from negspace_node.guidance import min_p_filter, scaled
 
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     assert torch.isfinite(min_p_filter(logits, 0.25)).tolist() == [True, True, True, False]  # >= 0.125
@@ -135,7 +135,7 @@ def test_min_p_applies_after_temperature_and_before_top_p():
     # (renormalised 0.526, 0.316, 0.158); top-p 0.8 then keeps 0 and 1 only (0.526 < 0.8)
     assert {sample(logits, 1.0, 0.8, make_generator(s), min_p=0.25) for s in range(200)} == {0, 1}
     # the same draw as filtering by hand in that order, for the same seed
-    by_hand = top_p_filter(min_p_filter(logits / 0.7, 0.2), 0.9)
+    by_hand = top_p_filter(min_p_filter(scaled(logits, 0.7), 0.2), 0.9)
     for seed in range(10):
         want = int(torch.multinomial(torch.softmax(by_hand, -1), 1, generator=make_generator(seed)))
         assert sample(logits, 0.7, 0.9, make_generator(seed), min_p=0.2) == want
@@ -153,3 +153,47 @@ def test_guidance_max_tokens_is_a_guidance_interval():
     assert not never.guided and not never.guides_at(0)          # N = 0: plain generation throughout
     plain = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance_scale=1.0, guidance_max_tokens=5)
     assert not plain.guides_at(0)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e38, 1e300, 1.7976931348623157e308])
+@pytest.mark.parametrize("space", ["logits", "logprobs"])
+@pytest.mark.parametrize("how", ["min", "mean", "max"])
+def test_extreme_scales_give_finite_scores_and_a_draw(scale, space, how):
+    torch.manual_seed(0)
+    lp = torch.randn(500) * 5
+    ln = torch.randn(3, 500) * 5
+    ln[:, 7] = lp[7]                       # lp - ln == 0 somewhere: s * 0 must not become NaN
+    out = combine(lp, ln, scale, space, how)
+    assert not torch.isnan(out).any() and not torch.isinf(out).any()
+    # the ranking is that of lp - ln where it saturates: the top token is one the positive favours
+    neg = {"min": ln.min(0).values, "mean": ln.mean(0), "max": ln.max(0).values}[how]
+    if space == "logits":
+        assert (lp - neg)[int(out.argmax())] > 0
+    for temperature in (0.0, 1e-30, 1e-6, 1e-5, 0.5, 2.0):
+        for top_p, min_p in ((1.0, 0.0), (0.9, 0.1), (1e-9, 1.0)):
+            token = sample(out, temperature, top_p, make_generator(1), min_p)
+            assert 0 <= token < 500
+    # alpha keeps working at saturation
+    assert torch.isfinite(combine(lp, ln, scale, space, how, alpha=0.5)).sum() >= 1
+
+
+def test_tiny_temperatures_are_greedy_and_huge_scores_do_not_overflow():
+    scores = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    for t in (1e-30, 1e-10, 9.9e-6):
+        assert {sample(scores, t, 1.0, make_generator(s)) for s in range(20)} == {1}
+    # at the threshold it samples again (and at t = 1e-5 the best token still dominates)
+    assert sample(scores, 1e-5, 1.0, make_generator(0)) == 1
+    big = torch.tensor([3e38, -3e38, 1e38, float("inf")])
+    assert {sample(big, 2.0, 1.0, make_generator(s)) for s in range(20)} <= {0, 3}
+
+
+def test_a_row_with_nothing_finite_is_refused_not_drawn():
+    from negspace_node.guidance import NoFiniteScoreError
+
+    for row in (torch.full((4,), float("nan")), torch.full((4,), NEG_INF)):
+        for t in (0.0, 1.0):
+            with pytest.raises(NoFiniteScoreError):
+                sample(row, t, 1.0, make_generator(0))
+    # a NaN among finite scores is just a forbidden token
+    assert {sample(torch.tensor([float("nan"), 1.0, 0.5]), 1.0, 1.0, make_generator(s))
+            for s in range(30)} <= {1, 2}

@@ -225,6 +225,62 @@ def test_a_cancelled_request_frees_its_rows(engine, ids):
     assert not engine._llm.has_unfinished_requests()
 
 
+def test_extreme_values_are_decoded_not_fatal(engine, ids, smol):
+    """The known poison (issue 12): temperature 1e-30 and guidance_scale 1e30 with negatives used to
+    raise inside the processor and kill the loop. Now: 1e-30 is greedy, the scale saturates."""
+    model, tokenizer = smol
+    positive, negs = ids
+    poison = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=8, temperature=1e-30,
+                               guidance_scale=1e30, seed=1)
+    greedy = GenerationRequest(**{**poison.__dict__, "temperature": 0.0})
+    want = generate_batched(model, tokenizer, greedy)[0].token_ids
+    assert run(engine.generate(poison))[0].token_ids == want
+    for extra in ({"temperature": 2.0, "guidance_scale": 1.7976931348623157e308, "top_p": 1e-300},
+                  {"temperature": 1e-6, "guidance_scale": 1e38, "guidance_combine": "max", "min_p": 1.0},
+                  {"temperature": 1e-5, "guidance_scale": 1e-300, "guidance_space": "logprobs"}):
+        assert run(engine.generate(GenerationRequest(**{**poison.__dict__, **extra})))[0].token_ids
+    plain = GenerationRequest(prompt_ids=positive, max_tokens=4, temperature=1e-30, seed=1)
+    assert run(engine.generate(plain))[0].token_ids
+    assert engine.state == "ready"
+
+
+def test_a_group_whose_draw_raises_fails_alone(engine, ids, monkeypatch):
+    from negspace_node.engines.vllm.processor import CFGLogitsProcessor
+
+    positive, negs = ids
+    real = CFGLogitsProcessor.draw
+
+    def draw(state, logits, indices):
+        if "poison" in state.group_id and len(state.tokens) == 2:
+            raise RuntimeError("simulated failure in one group's draw")
+        return real(state, logits, indices)
+
+    monkeypatch.setattr(CFGLogitsProcessor, "draw", staticmethod(draw))
+    poison = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=12, temperature=0.0,
+                               guidance_scale=3.0, request_id="poison")
+    fine = GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=12, temperature=0.0,
+                             guidance_scale=3.0)
+    solo = run(engine.generate(fine))[0].token_ids
+    got_poison, got_fine, got_plain = run(gather(engine, [poison, fine, GenerationRequest(
+        prompt_ids=positive, max_tokens=6, temperature=0.0)]))
+    assert isinstance(got_poison, GuidanceGroupError) and "simulated failure" in str(got_poison), got_poison
+    assert got_fine[0].token_ids == solo and got_plain[0].token_ids
+    assert engine.state == "ready" and engine._jobs == {} and not engine._llm.has_unfinished_requests()
+
+
+def test_requests_that_could_never_be_admitted_are_refused_at_once(engine, ids, monkeypatch):
+    from negspace_contracts.errors import BadRequestError
+
+    positive, negs = ids
+    monkeypatch.setattr(engine, "_capacity_blocks", 3)          # a KV cache of 3 blocks (48 tokens)
+    for request in (GenerationRequest(prompt_ids=positive, max_tokens=40),
+                    GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=8,
+                                      guidance_scale=2.0)):
+        with pytest.raises(BadRequestError, match="KV cache holds 3"):
+            run(engine.generate(request))
+    assert engine._jobs == {}
+
+
 def test_a_dead_loop_turns_into_engine_errors(engine, ids, monkeypatch):
     """LAST in this module (it kills the shared engine): if a vLLM step raises, the waiting request
     and every later one get EngineError (503) and the engine reports the reason."""

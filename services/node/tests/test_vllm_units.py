@@ -186,3 +186,28 @@ def test_admission_waits_for_every_member_of_a_group():
     for r in group("a", 3)[:2]:                        # the third member has not arrived
         sched.waiting.add_request(r)
     assert sched._admissible() == 0
+
+
+def test_a_group_whose_draw_fails_fails_alone_and_the_step_goes_on(groups):
+    """One group's rows are all NaN (a broken draw): that group is failed with the reason, its
+    rows are left unforced, and the other group in the same step is guided as usual. A group with
+    extreme but schema-valid values (temperature 1e-30, scale 1e30) is guided, not failed."""
+    bad = groups("bad", 2)
+    extreme = groups("extreme", 2, scale=1e30, temperature=1e-30)
+    good = groups("good2", 2, temperature=1.0, seed=5)
+    proc = CFGLogitsProcessor()
+    proc.update_state(BatchUpdate(batch_size=6, removed=[], moved=[], added=[
+        (0, member("bad", 0, 2), [1], []), (1, member("bad", 1, 2), [2], []),
+        (2, member("extreme", 0, 2), [1], []), (3, member("extreme", 1, 2), [2], []),
+        (4, member("good2", 0, 2), [1], []), (5, member("good2", 1, 2), [2], []),
+    ]))
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(3))
+    logits[0:2] = float("nan")
+    original = logits.clone()
+    out = proc.apply(logits)
+    assert bad.error is not None and "NoFiniteScoreError" in bad.error and bad.tokens == []
+    assert forced_token(out[0]) is None and forced_token(out[1]) is None
+    greedy_extreme = int((original[3] + 1e30 * (original[2] - original[3])).argmax())
+    assert extreme.error is None and forced_token(out[2]) == forced_token(out[3]) == greedy_extreme
+    want = sample(combine(original[4], original[[5]], 3.0), 1.0, 1.0, make_generator(5))
+    assert good.error is None and forced_token(out[4]) == forced_token(out[5]) == want

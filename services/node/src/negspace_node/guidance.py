@@ -29,6 +29,7 @@ NEG_INF = float("-inf")
 
 
 COMBINES = ("min", "mean", "max")
+FMAX = torch.finfo(torch.float32).max
 #: A temperature below this is greedy (vLLM V1's ``_SAMPLING_EPS``): dividing by it would overflow.
 SAMPLING_EPS = 1e-5
 
@@ -61,7 +62,11 @@ def combine(lp: torch.Tensor, ln: torch.Tensor | None, scale: float, space: str 
         neg = ln.max(dim=0).values
     else:
         raise ValueError(f"unknown guidance combine {how!r} (one of {', '.join(COMBINES)})")
-    guided = neg + scale * (lp - neg)
+    # Finite by construction: a scale beyond float32's range would turn s * 0 into NaN, and a huge
+    # s * (lp - ln) overflows to +-inf: the scale is capped at float32's largest value and the mix
+    # saturates at +-FMAX (an extreme scale ranks by the sign of lp - ln; ties draw uniformly).
+    guided = neg + min(scale, FMAX) * (lp - neg)
+    guided = torch.nan_to_num(guided, nan=NEG_INF, posinf=FMAX, neginf=-FMAX)
     # -inf handling (a masked token; raw model logits are always finite):
     # - where a negative forbids a token the positive allows, -inf + s*inf would be NaN (and
     #   argmax picks NaN): the negatives carry no information there, so keep the positive's score;
@@ -117,10 +122,31 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 def sample(guided: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
            min_p: float = 0.0) -> int:
     """Draw one token from guided scores [V]: temperature, then min-p, then top-p, then the draw
-    (vLLM V1's sampler order). ``temperature == 0`` is greedy (argmax)."""
-    guided = guided.detach().float().cpu()
-    if temperature == 0.0:
+    (vLLM V1's sampler order). ``temperature < SAMPLING_EPS`` (1e-5, vLLM's threshold; 0 included)
+    is greedy (argmax): dividing by a smaller one would overflow."""
+    guided = sanitize(guided.detach().float().cpu())
+    if temperature < SAMPLING_EPS:
         return int(torch.argmax(guided))
-    logits = top_p_filter(min_p_filter(guided / temperature, min_p), top_p)
+    logits = top_p_filter(min_p_filter(scaled(guided, temperature), min_p), top_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class NoFiniteScoreError(ValueError):
+    """Every token of a row is forbidden or not a number (a broken model or processor): nothing can
+    be drawn. Raised for that request alone."""
+
+
+def sanitize(scores: torch.Tensor) -> torch.Tensor:
+    """NaN becomes -inf (forbidden), +inf becomes FMAX; refuse a row with nothing finite left."""
+    scores = torch.nan_to_num(scores, nan=NEG_INF, posinf=FMAX, neginf=NEG_INF)
+    ok = (scores > NEG_INF).any(dim=-1)
+    if not bool(ok.all()):
+        raise NoFiniteScoreError("no token has a finite score (NaN or -inf everywhere)")
+    return scores
+
+
+def scaled(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``scores / temperature`` without overflow: the top score is subtracted first (softmax is
+    unchanged), so every finite score maps to a value <= 0 and the top token to exactly 0."""
+    return (scores - scores.max(dim=-1, keepdim=True).values) / temperature

