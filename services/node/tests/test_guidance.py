@@ -136,8 +136,9 @@ def test_min_p_applies_after_temperature_and_before_top_p():
     assert {sample(logits, 1.0, 0.8, make_generator(s), min_p=0.25) for s in range(200)} == {0, 1}
     # the same draw as filtering by hand in that order, for the same seed
     by_hand = top_p_filter(min_p_filter(scaled(logits, 0.7), 0.2), 0.9)
-    for seed in range(10):
-        want = int(torch.multinomial(torch.softmax(by_hand, -1), 1, generator=make_generator(seed)))
+    for seed in range(10):       # the draw is the exponential race argmax(probs / q), q ~ Exp(1)
+        q = torch.empty(4).exponential_(generator=make_generator(seed))
+        want = int((torch.softmax(by_hand, -1) / q).argmax())
         assert sample(logits, 0.7, 0.9, make_generator(seed), min_p=0.2) == want
     assert sample(logits, 0.0, 1.0, make_generator(0), min_p=0.9) == 0       # greedy ignores it
 
@@ -197,3 +198,93 @@ def test_a_row_with_nothing_finite_is_refused_not_drawn():
     # a NaN among finite scores is just a forbidden token
     assert {sample(torch.tensor([float("nan"), 1.0, 0.5]), 1.0, 1.0, make_generator(s))
             for s in range(30)} <= {1, 2}
+
+
+def _mixed_steps(seed_base: int = 0):
+    """12 groups of 1-5 rows with every option mixed, over a [R, V] batch (rows interleaved)."""
+    from negspace_node.guidance import GroupStep
+
+    g = torch.Generator().manual_seed(42)
+    sizes = [1, 2, 3, 4, 5, 2, 3, 1, 4, 2, 5, 3]
+    order = torch.randperm(sum(sizes), generator=g).tolist()      # members anywhere in the batch
+    steps, at = [], 0
+    for i, size in enumerate(sizes):
+        rows = order[at:at + size]
+        at += size
+        steps.append(GroupStep(rows=rows, guide=i % 5 != 4, scale=[3.0, 0.0, 1.0, 7.5, 1e30][i % 5],
+                               space=["logits", "logprobs"][i % 2], how=["min", "mean", "max"][i % 3],
+                               alpha=[None, 0.1, 0.0, 0.5][i % 4],
+                               temperature=[0.0, 1.0, 0.7, 1e-30][i % 4], top_p=[1.0, 0.9, 0.5][i % 3],
+                               min_p=[0.0, 0.05][i % 2], generator=make_generator(seed_base + i)))
+    logits = torch.randn(sum(sizes), 1000, generator=g) * 4
+    logits[3, :10] = NEG_INF
+    return logits, steps
+
+
+def test_batched_pass_equals_each_group_alone_bit_for_bit():
+    """A group's scores and its draw do not depend on the other groups of the step."""
+    from negspace_node.guidance import guided_batch, sample_batch
+
+    logits, steps = _mixed_steps()
+    scores = guided_batch(logits, steps)
+    tokens, ok = sample_batch(scores, steps)
+    assert ok.all()
+    _, fresh = _mixed_steps()                      # the same seeds, untouched generators
+    for i, st in enumerate(fresh):
+        alone = guided_batch(logits, [st])
+        assert torch.equal(alone[0], scores[i]), i
+        t, _ = sample_batch(alone, [st])
+        assert int(t[0]) == int(tokens[i]), i
+
+
+def test_batched_scores_equal_the_former_per_group_path():
+    """Same semantics as the per-group implementation it replaced (legacy_combine), and the same
+    greedy token; sampled draws use the exponential race now, so only their support is compared."""
+    from negspace_node.guidance import guided_batch, legacy_combine, legacy_sample, sample_batch
+
+    logits, steps = _mixed_steps()
+    scores = guided_batch(logits, steps)
+    tokens, _ = sample_batch(scores, steps)
+    for i, st in enumerate(steps):
+        lp, ln = logits[st.rows[0]], logits[list(st.rows[1:])]
+        old = legacy_combine(lp, ln if st.guide else None, st.scale, st.space, st.how, st.alpha)
+        assert torch.equal(torch.isfinite(old), torch.isfinite(scores[i])), i
+        assert torch.allclose(old[torch.isfinite(old)], scores[i][torch.isfinite(old)], rtol=1e-5, atol=1e-4), i
+        if st.temperature < 1e-5:
+            assert int(tokens[i]) == legacy_sample(old, st.temperature, st.top_p, make_generator(0), st.min_p)
+        else:
+            assert torch.isfinite(scores[i][int(tokens[i])])
+
+
+def test_batched_draws_follow_the_distribution():
+    """The exponential race draws from softmax(scores / T) after min-p and top-p."""
+    from negspace_node.guidance import GroupStep, sample_batch
+
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    steps = [GroupStep(rows=(0,), guide=False, temperature=1.0, generator=make_generator(s)) for s in range(4000)]
+    tokens, _ = sample_batch(scores, steps)
+    freq = torch.bincount(tokens, minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    for st in steps:
+        st.top_p = 0.7                   # keeps tokens 0 and 1: renormalised 0.625 / 0.375
+    tokens, _ = sample_batch(scores, steps)
+    freq = torch.bincount(tokens, minlength=4).float() / 4000
+    assert freq[2:].sum() == 0 and abs(float(freq[0]) - 0.625) < 0.03
+
+
+def test_partial_sort_top_p_equals_a_full_sort():
+    """The candidate (top-k) top-p keeps exactly the tokens a full sort keeps, on peaked rows (cut
+    inside the candidates) and flat rows (candidates short of the mass: the full-sort fallback)."""
+    import negspace_node.guidance as guidance
+
+    g = torch.Generator().manual_seed(5)
+    peaked = torch.randn(6, 5000, generator=g) * 6
+    flat = torch.randn(4, 5000, generator=g) * 0.01
+    x = torch.cat([peaked, flat])
+    p = torch.tensor([0.9, 0.5, 0.99, 1.0, 0.1, 0.95, 0.9, 0.5, 1.0, 0.3]).unsqueeze(1)
+    fast = guidance._top_p_rows(x, p)
+    for i in range(x.shape[0]):
+        want = top_p_filter(x[i], float(p[i]))
+        assert torch.equal(torch.isfinite(fast[i]), torch.isfinite(want)), i
+        assert torch.equal(fast[i][torch.isfinite(want)], x[i][torch.isfinite(want)])
+    assert torch.isfinite(fast[6:]).sum(-1).min() > guidance.TOP_P_CANDIDATES   # flat rows: fallback used

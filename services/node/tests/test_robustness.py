@@ -170,18 +170,17 @@ async def test_a_failing_draw_fails_that_request_alone(real_app, monkeypatch):
     import torch
 
     app, engine = real_app
-    real = module.guided_scores
+    real = module.guided_batch
 
-    def poisoned(request, lp, ln):
-        if request.seed == 666:
-            return torch.full_like(lp, float("nan"))
-        return real(request, lp, ln)
+    def poisoned(logits, steps):
+        out = real(logits, steps)
+        return torch.full_like(out, float("nan")) if steps[0].temperature == 1.25 else out
 
-    monkeypatch.setattr(module, "guided_scores", poisoned)
+    monkeypatch.setattr(module, "guided_batch", poisoned)
     async with serving(app), asgi_client(app) as client:
         await engine.start()
         body = {"messages": HI, "negative_prompts": NEGS, "max_tokens": 4, "guidance_scale": 3}
-        bad = await client.post("/v1/chat/completions", json={**body, "seed": 666, "temperature": 1})
+        bad = await client.post("/v1/chat/completions", json={**body, "seed": 666, "temperature": 1.25})
         assert bad.status_code == 500 and bad.json()["error"]["type"] == "generation_error"
         assert "no token has a finite score" in bad.json()["error"]["message"]
         good = await client.post("/v1/chat/completions", json={**body, "seed": 1})
@@ -222,8 +221,8 @@ async def test_an_abandoned_request_stops_consuming_steps(real_app, monkeypatch)
 
     app, engine = real_app
     steps = []
-    real_sample = module.sample
-    monkeypatch.setattr(module, "sample", lambda *a: steps.append(1) or real_sample(*a))
+    real_sample = module.sample_batch
+    monkeypatch.setattr(module, "sample_batch", lambda *a: steps.append(1) or real_sample(*a))
     async with serving(app):
         await engine.start()
         engine._eos = frozenset()                # would decode 400 tokens unless aborted

@@ -121,8 +121,8 @@ async def test_a_cancelled_request_stops_decoding_and_frees_the_worker(smol, pro
     await engine.start()
     engine._eos = frozenset()               # never stops on its own: 300 tokens unless cancelled
     steps = []
-    real_sample = module.sample
-    monkeypatch.setattr(module, "sample", lambda *a: steps.append(1) or real_sample(*a))
+    real_sample = module.sample_batch
+    monkeypatch.setattr(module, "sample_batch", lambda *a: steps.append(1) or real_sample(*a))
     long = asyncio.create_task(engine.generate(GenerationRequest(prompt_ids=pos, max_tokens=300, temperature=0)))
     while len(steps) < 3:
         await asyncio.sleep(0.01)

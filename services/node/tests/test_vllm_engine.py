@@ -249,12 +249,19 @@ def test_a_group_whose_draw_raises_fails_alone(engine, ids, monkeypatch):
 
     positive, negs = ids
     real = CFGLogitsProcessor.draw
+    real_all = CFGLogitsProcessor.draw_all
 
-    def draw(state, logits, indices):
+    def draw_all(logits, members):      # the batched pass fails whenever the poisoned group is in it
+        if any("poison" in state.group_id and len(state.tokens) == 2 for state, _ in members):
+            raise RuntimeError("simulated failure in the batched draw")
+        return real_all(logits, members)
+
+    def draw(state, logits, indices):   # ... and so does that group alone: only it may fail
         if "poison" in state.group_id and len(state.tokens) == 2:
             raise RuntimeError("simulated failure in one group's draw")
         return real(state, logits, indices)
 
+    monkeypatch.setattr(CFGLogitsProcessor, "draw_all", staticmethod(draw_all))
     monkeypatch.setattr(CFGLogitsProcessor, "draw", staticmethod(draw))
     poison = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=12, temperature=0.0,
                                guidance_scale=3.0, request_id="poison")
@@ -272,12 +279,16 @@ def test_requests_that_could_never_be_admitted_are_refused_at_once(engine, ids, 
     from negspace_contracts.errors import BadRequestError
 
     positive, negs = ids
-    monkeypatch.setattr(engine, "_capacity_blocks", 3)          # a KV cache of 3 blocks (48 tokens)
-    for request in (GenerationRequest(prompt_ids=positive, max_tokens=40),
-                    GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=8,
-                                      guidance_scale=2.0)):
-        with pytest.raises(BadRequestError, match="KV cache holds 3"):
+    block = engine._block_size
+    monkeypatch.setattr(engine, "_capacity_blocks", 1)          # a KV cache of ONE block
+    long_plain = max(1, block - len(positive) + 1)              # prompt + max_tokens needs 2 blocks
+    for request in (GenerationRequest(prompt_ids=positive, max_tokens=long_plain),
+                    GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=1,
+                                      guidance_scale=2.0)):       # two members: at least 2 blocks
+        with pytest.raises(BadRequestError, match=f"KV cache holds 1 \\({block} tokens\\)"):
             run(engine.generate(request))
+    monkeypatch.undo()
+    assert run(engine.generate(GenerationRequest(prompt_ids=positive, max_tokens=long_plain)))[0].token_ids
     assert engine._jobs == {}
 
 

@@ -38,6 +38,7 @@ import itertools
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -368,8 +369,9 @@ class VLLMEngine(Engine):
             return
         r = job.request
         if job.guided:
+            seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**63)
             job.state = GroupState(job.job_id, len(job.member_ids), r.guidance_scale, r.guidance_space,
-                                   r.temperature, r.top_p, make_generator(r.seed),
+                                   r.temperature, r.top_p, make_generator(seed), seed=seed,
                                    combine=r.guidance_combine, alpha=r.guidance_alpha,
                                    max_tokens=r.guidance_max_tokens, min_p=r.min_p)
             REGISTRY.register(job.state)
