@@ -292,6 +292,39 @@ def test_requests_that_could_never_be_admitted_are_refused_at_once(engine, ids, 
     assert engine._jobs == {}
 
 
+def test_a_request_past_its_deadline_is_aborted_and_stops_consuming_steps(engine):
+    """Through the API: a guided request that cannot finish in --request-timeout-s answers 503
+    deadline_exceeded, and its group leaves vLLM (no unfinished requests, no more steps)."""
+    import time
+
+    from negspace_node.app import create_app
+    from negspace_node.testing import asgi_client
+
+    app = create_app(NodeSettings(engine="vllm", max_model_len=512, request_timeout_s=1.0), engine=engine)
+    eos, engine._eos = engine._eos, frozenset()        # never stops on its own
+
+    async def go():
+        async with asgi_client(app) as client:
+            r = await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": POSITIVE}], "negative_prompts": NEGATIVES[:2],
+                "guidance_scale": 3.0, "max_tokens": 400, "temperature": 0})
+            await asyncio.sleep(0.5)
+            steps = engine.steps
+            await asyncio.sleep(1.0)
+            return r, steps
+
+    try:
+        started = time.monotonic()
+        r, steps = run(go())
+    finally:
+        engine._eos = eos
+    assert r.status_code == 503 and r.json()["error"]["type"] == "deadline_exceeded", r.text
+    assert time.monotonic() - started < 10
+    assert engine.steps == steps                        # nothing decodes for the abandoned group
+    assert engine._jobs == {} and not engine._llm.has_unfinished_requests()
+    assert engine.state == "ready"
+
+
 def test_a_dead_loop_turns_into_engine_errors(engine, ids, monkeypatch):
     """LAST in this module (it kills the shared engine): if a vLLM step raises, the waiting request
     and every later one get EngineError (503) and the engine reports the reason."""

@@ -20,7 +20,7 @@ sampler order). An engine guides only the first ``guidance_max_tokens`` completi
 
 Batched: ``guided_batch(logits, steps)`` and ``sample_batch(scores, steps)`` do this for ALL the
 groups of a decoding step in one tensor pass on the logits' device (no per-group host copy; one
-[G] host read of the drawn tokens per step). The draw is vLLM's exponential race
+[G] host read of the drawn tokens per step, plus a scalar check or two). The draw is vLLM's exponential race
 (``argmax(probs / q)``, ``q ~ Exp(1)``, i.e. a draw from ``probs``) with ``q`` from each group's
 own seeded generator on the device. ``combine`` and ``sample`` are the same code for one group
 (G = 1), so the transformers engine, the reference loop and the vLLM processor agree exactly.
@@ -88,8 +88,9 @@ def guided_batch(logits: torch.Tensor, steps: Sequence[GroupStep]) -> torch.Tens
             raise ValueError(f"unknown guidance space {st.space!r}")
         if st.how not in _COMBINE_CODE:
             raise ValueError(f"unknown guidance combine {st.how!r} (one of {', '.join(COMBINES)})")
+    every = len(chosen) == len(steps)            # the common case: no copy in, no copy out
     idx = torch.tensor(chosen, dtype=torch.long, device=device)
-    raw = out.index_select(0, idx)
+    raw = out if every else out.index_select(0, idx)
     logprobs = [st.space == "logprobs" for st in sub]
     any_lp = any(logprobs)
     lp_mask = torch.tensor(logprobs, device=device).unsqueeze(1) if any_lp else None
@@ -130,14 +131,15 @@ def guided_batch(logits: torch.Tensor, steps: Sequence[GroupStep]) -> torch.Tens
     # s * (lp - ln) overflows to +-inf: the scale is capped at float32's largest value and the mix
     # saturates at +-FMAX (an extreme scale ranks by the sign of lp - ln; ties draw uniformly).
     scale = torch.tensor([min(st.scale, FMAX) for st in sub], dtype=torch.float32, device=device).unsqueeze(1)
-    guided = neg + scale * (lp - neg)
-    guided = torch.nan_to_num(guided, nan=NEG_INF, posinf=FMAX, neginf=-FMAX)
-    # -inf handling (a masked token; raw model logits are always finite):
+    guided = torch.lerp(neg, lp, scale)             # neg + s * (lp - neg), one fused pass
+    guided = torch.nan_to_num_(guided, nan=NEG_INF, posinf=FMAX, neginf=-FMAX)
+    # -inf handling (a masked token; raw model logits are always finite, so this is rare and only
+    # looked for with one reduction):
     # - where a negative forbids a token the positive allows, -inf + s*inf would be NaN (and
     #   argmax picks NaN): the negatives carry no information there, so keep the positive's score;
     # - where the positive forbids a token, keep it forbidden whatever the negatives say.
-    guided = torch.where(torch.isneginf(neg), lp, guided)
-    guided = torch.where(torch.isneginf(lp), lp, guided)
+    if bool(torch.minimum(lp, neg).amin() == NEG_INF):
+        guided = torch.where(torch.isneginf(neg) | torch.isneginf(lp), lp, guided)
     alphas = [st.alpha or 0.0 for st in sub]
     if any(alphas):
         # plausibility: softmax of the RAW positive (temperature 1); alpha 0 keeps everything
@@ -146,6 +148,8 @@ def guided_batch(logits: torch.Tensor, steps: Sequence[GroupStep]) -> torch.Tens
         keep = probs >= a * probs.max(dim=-1, keepdim=True).values
         keep.scatter_(-1, raw.argmax(dim=-1, keepdim=True), True)
         guided = guided.masked_fill(~keep, NEG_INF)
+    if every:
+        return guided
     out.index_copy_(0, idx, guided)
     return out
 
@@ -157,8 +161,8 @@ def sample_batch(scores: torch.Tensor, steps: Sequence[GroupStep]) -> tuple[torc
     ``temperature < SAMPLING_EPS`` is greedy. ``ok`` is False for a row with no finite score (its
     token is meaningless: fail that group). Nothing is copied to the host here."""
     scores = torch.nan_to_num(scores.float(), nan=NEG_INF, posinf=FMAX, neginf=NEG_INF)
-    ok = (scores > NEG_INF).any(dim=-1)
     tokens = scores.argmax(dim=-1)
+    ok = scores.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) > NEG_INF     # the best is finite
     hot = [i for i, st in enumerate(steps) if st.temperature >= SAMPLING_EPS]
     if not hot:
         return tokens, ok

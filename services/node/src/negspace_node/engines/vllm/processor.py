@@ -19,7 +19,7 @@ output ids), removed and moved. Rows of a guided group are recognised by
 
 All complete groups of a step are guided and drawn together in ONE batched tensor pass on the
 logits' device (``guidance.guided_batch`` / ``sample_batch``, each group's own seeded generator
-on that device, one [G] host read per step); if that pass raises, the groups are drawn one by
+on that device, one [G] host read per step plus scalar checks); if that pass raises, the groups are drawn one by
 one so only the culprit fails. ``batched = False`` selects the former per-group host path
 (``draw_legacy``), kept for ``negspace_node.bench_guidance``.
 
