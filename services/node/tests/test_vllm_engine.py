@@ -325,6 +325,37 @@ def test_a_request_past_its_deadline_is_aborted_and_stops_consuming_steps(engine
     assert engine.state == "ready"
 
 
+def test_any_schema_valid_body_through_the_api_never_breaks_the_vllm_engine(engine):
+    """Hypothesis, against the real vLLM engine through the HTTP API: any schema-valid body
+    (extreme floats, every guidance option) answers 2xx or a 4xx saying what to fix; never a 5xx,
+    and the engine loop never dies."""
+    from hypothesis import HealthCheck, given, settings
+    from negspace_node.app import create_app
+    from negspace_node.testing import asgi_client, request_bodies
+
+    app = create_app(NodeSettings(engine="vllm", max_model_len=512), engine=engine)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(request=request_bodies())
+    def check(request):
+        path, body = request
+
+        async def call():
+            async with asgi_client(app) as client:
+                return await client.post(path, json=body)
+
+        r = run(call())
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code < 400:
+            assert len(r.json()["choices"]) == body.get("n", 1)
+        else:
+            assert r.json()["error"]["message"]
+        assert engine.state == "ready", engine.error
+
+    check()
+    assert engine._jobs == {} and not engine._llm.has_unfinished_requests()
+
+
 def test_a_dead_loop_turns_into_engine_errors(engine, ids, monkeypatch):
     """LAST in this module (it kills the shared engine): if a vLLM step raises, the waiting request
     and every later one get EngineError (503) and the engine reports the reason."""
