@@ -190,3 +190,24 @@ def test_each_method_option_changes_what_is_drawn_as_defined(smol, prompts):
         return out
 
     assert min(ratios(wild)) < 0.1 <= min(ratios(restricted))
+
+
+def test_negatives_leave_the_batch_after_the_guidance_interval(smol, prompts, monkeypatch):
+    model, tok = smol
+    pos, negs = prompts
+    rows = []
+    forward = model.forward
+
+    def counting(*args, **kwargs):
+        rows.append(int(kwargs["input_ids"].shape[0]))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    request = GenerationRequest(prompt_ids=pos, negative_ids=negs, max_tokens=8, temperature=0.0,
+                                guidance_scale=4.0, guidance_max_tokens=3)
+    out = generate_batched(model, tok, request, eos_ids=frozenset())[0]
+    assert len(out.token_ids) == 8
+    # prefill + 2 guided decode steps with all 4 rows, then the positive alone
+    assert rows == [4, 4, 4] + [1] * 5
+    monkeypatch.undo()
+    assert out.token_ids == reference_generate(model, tok, request, eos_ids=frozenset()).token_ids

@@ -125,10 +125,15 @@ def generate_batched(model, tokenizer, request: GenerationRequest, *, eos_ids=No
         for g, token in zip(active, step_tokens, strict=True):
             g.checker.add(token)
         position += 1
+        # Past the guidance interval the negatives carry nothing: their rows leave the batch too.
+        interval_over = guided and position == request.guidance_max_tokens
         still = [i for i, g in enumerate(active) if not g.checker.finished]
         if not still:
             break
-        if len(still) < len(active):        # drop finished groups' rows from the batch and cache
+        if interval_over:
+            for g in active:
+                g.rows, g.guided = g.rows[:1], False
+        if len(still) < len(active) or interval_over:   # drop finished groups' rows from batch and cache
             keep_rows = [r for i in still for r in active[i].rows]
             index = torch.tensor(keep_rows, dtype=torch.long, device=device)
             cache.batch_select_indices(index)
