@@ -7,14 +7,14 @@ export TOKENIZERS_PARALLELISM ?= false
 export VLLM_LOGGING_LEVEL ?= WARNING
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo study bench-node bench-controller bench-trainer bench-load lint compose-check clean help
+.PHONY: setup test test-fast demo study bench-node bench-guidance bench-controller bench-trainer bench-load lint compose-check clean help
 
 help:
 	@echo "make demo     set up, then run the guided-vs-baseline experiment on embedded defaults"
 	@echo "make test     set up, then run every test"
 	@echo "make study    set up, then run the documented held-out study (docs/study/held-out.json; resumable)"
 	@echo "make setup    create .venv, install the pinned stack and bundled models (idempotent)"
-	@echo "make bench-node | bench-controller | bench-trainer | bench-load   print + record figures in docs/benchmarks.md"
+	@echo "make bench-node | bench-guidance | bench-controller | bench-trainer | bench-load   print + record figures in docs/benchmarks.md"
 
 setup:
 	@bash scripts/setup.sh
@@ -37,6 +37,10 @@ study: setup
 
 bench-node: setup
 	$(PY) -m negspace_node.bench
+
+# The guidance logits processor per decode step: per-group host path vs one batched pass.
+bench-guidance: setup
+	$(PY) -m negspace_node.bench_guidance
 
 bench-controller: setup
 	$(PY) -m negspace_controller.bench

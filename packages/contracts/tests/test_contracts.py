@@ -73,6 +73,25 @@ def test_run_config_rules():
     assert RunConfig(base_instruction="x", mode="baseline", size=3).size == 3
 
 
+def test_run_config_sampling_bounds_mirror_the_node():
+    for ok in (0.0, 1e-5, 0.7, 2.0):
+        assert RunConfig(base_instruction="x", temperature=ok).temperature == ok
+    for bad in (1e-30, 9e-6, -0.1, 2.01, float("nan"), float("inf")):
+        with pytest.raises(ValidationError, match="temperature"):
+            RunConfig(base_instruction="x", temperature=bad)
+    with pytest.raises(ValidationError, match="write 0"):
+        RunConfig(base_instruction="x", temperature=1e-30)
+    for bad in (0.0, -1.0, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValidationError, match="top_p"):
+            RunConfig(base_instruction="x", top_p=bad)
+    # the node takes what a run sends: every RunConfig value is a valid node request value
+    from negspace_contracts.node import CompletionRequest
+
+    for t, p in ((0.0, 1e-9), (1e-5, 1.0), (2.0, 0.5)):
+        run = RunConfig(base_instruction="x", temperature=t, top_p=p)
+        CompletionRequest(prompt="x", temperature=run.temperature, top_p=run.top_p)
+
+
 def test_job_dataset_needs_exactly_one_source_and_assistant_turns():
     with pytest.raises(ValidationError, match="exactly one"):
         DatasetSpec()

@@ -291,3 +291,13 @@ async def test_node_client_sees_rate_limit():
             await client.completions.create(CompletionRequest(prompt="b"))
         assert caught.value.retry_after and caught.value.retry_after >= 1
         await first
+
+
+async def test_openapi_documents_the_method_options():
+    app, _ = make()
+    async with asgi_client(app) as client:
+        schema = (await client.get("/openapi.json")).json()
+    fields = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    for name, says in (("guidance_combine", "mean or max"), ("guidance_alpha", "top token always survives"),
+                       ("guidance_max_tokens", "0 = plain"), ("min_p", "before top_p")):
+        assert says in fields[name]["description"], name

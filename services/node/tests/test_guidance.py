@@ -119,7 +119,7 @@ def test_plausibility_alpha_cuts_what_the_positive_finds_implausible():
 
 
 def test_min_p_applies_after_temperature_and_before_top_p():
-    from negspace_node.guidance import min_p_filter
+    from negspace_node.guidance import min_p_filter, scaled
 
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     assert torch.isfinite(min_p_filter(logits, 0.25)).tolist() == [True, True, True, False]  # >= 0.125
@@ -135,9 +135,10 @@ def test_min_p_applies_after_temperature_and_before_top_p():
     # (renormalised 0.526, 0.316, 0.158); top-p 0.8 then keeps 0 and 1 only (0.526 < 0.8)
     assert {sample(logits, 1.0, 0.8, make_generator(s), min_p=0.25) for s in range(200)} == {0, 1}
     # the same draw as filtering by hand in that order, for the same seed
-    by_hand = top_p_filter(min_p_filter(logits / 0.7, 0.2), 0.9)
-    for seed in range(10):
-        want = int(torch.multinomial(torch.softmax(by_hand, -1), 1, generator=make_generator(seed)))
+    by_hand = top_p_filter(min_p_filter(scaled(logits, 0.7), 0.2), 0.9)
+    for seed in range(10):       # the draw is the exponential race argmax(probs / q), q ~ Exp(1)
+        q = torch.empty(4).exponential_(generator=make_generator(seed))
+        want = int((torch.softmax(by_hand, -1) / q).argmax())
         assert sample(logits, 0.7, 0.9, make_generator(seed), min_p=0.2) == want
     assert sample(logits, 0.0, 1.0, make_generator(0), min_p=0.9) == 0       # greedy ignores it
 
@@ -153,3 +154,137 @@ def test_guidance_max_tokens_is_a_guidance_interval():
     assert not never.guided and not never.guides_at(0)          # N = 0: plain generation throughout
     plain = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance_scale=1.0, guidance_max_tokens=5)
     assert not plain.guides_at(0)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e38, 1e300, 1.7976931348623157e308])
+@pytest.mark.parametrize("space", ["logits", "logprobs"])
+@pytest.mark.parametrize("how", ["min", "mean", "max"])
+def test_extreme_scales_give_finite_scores_and_a_draw(scale, space, how):
+    torch.manual_seed(0)
+    lp = torch.randn(500) * 5
+    ln = torch.randn(3, 500) * 5
+    ln[:, 7] = lp[7]                       # lp - ln == 0 somewhere: s * 0 must not become NaN
+    out = combine(lp, ln, scale, space, how)
+    assert not torch.isnan(out).any() and not torch.isinf(out).any()
+    # the ranking is that of lp - ln where it saturates: the top token is one the positive favours
+    neg = {"min": ln.min(0).values, "mean": ln.mean(0), "max": ln.max(0).values}[how]
+    if space == "logits":
+        assert (lp - neg)[int(out.argmax())] > 0
+    for temperature in (0.0, 1e-30, 1e-6, 1e-5, 0.5, 2.0):
+        for top_p, min_p in ((1.0, 0.0), (0.9, 0.1), (1e-9, 1.0)):
+            token = sample(out, temperature, top_p, make_generator(1), min_p)
+            assert 0 <= token < 500
+    # alpha keeps working at saturation
+    assert torch.isfinite(combine(lp, ln, scale, space, how, alpha=0.5)).sum() >= 1
+
+
+def test_tiny_temperatures_are_greedy_and_huge_scores_do_not_overflow():
+    scores = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    for t in (1e-30, 1e-10, 9.9e-6):
+        assert {sample(scores, t, 1.0, make_generator(s)) for s in range(20)} == {1}
+    # at the threshold it samples again (and at t = 1e-5 the best token still dominates)
+    assert sample(scores, 1e-5, 1.0, make_generator(0)) == 1
+    big = torch.tensor([3e38, -3e38, 1e38, float("inf")])
+    assert {sample(big, 2.0, 1.0, make_generator(s)) for s in range(20)} <= {0, 3}
+
+
+def test_a_row_with_nothing_finite_is_refused_not_drawn():
+    from negspace_node.guidance import NoFiniteScoreError
+
+    for row in (torch.full((4,), float("nan")), torch.full((4,), NEG_INF)):
+        for t in (0.0, 1.0):
+            with pytest.raises(NoFiniteScoreError):
+                sample(row, t, 1.0, make_generator(0))
+    # a NaN among finite scores is just a forbidden token
+    assert {sample(torch.tensor([float("nan"), 1.0, 0.5]), 1.0, 1.0, make_generator(s))
+            for s in range(30)} <= {1, 2}
+
+
+def _mixed_steps(seed_base: int = 0):
+    """12 groups of 1-5 rows with every option mixed, over a [R, V] batch (rows interleaved)."""
+    from negspace_node.guidance import GroupStep
+
+    g = torch.Generator().manual_seed(42)
+    sizes = [1, 2, 3, 4, 5, 2, 3, 1, 4, 2, 5, 3]
+    order = torch.randperm(sum(sizes), generator=g).tolist()      # members anywhere in the batch
+    steps, at = [], 0
+    for i, size in enumerate(sizes):
+        rows = order[at:at + size]
+        at += size
+        steps.append(GroupStep(rows=rows, guide=i % 5 != 4, scale=[3.0, 0.0, 1.0, 7.5, 1e30][i % 5],
+                               space=["logits", "logprobs"][i % 2], how=["min", "mean", "max"][i % 3],
+                               alpha=[None, 0.1, 0.0, 0.5][i % 4],
+                               temperature=[0.0, 1.0, 0.7, 1e-30][i % 4], top_p=[1.0, 0.9, 0.5][i % 3],
+                               min_p=[0.0, 0.05][i % 2], generator=make_generator(seed_base + i)))
+    logits = torch.randn(sum(sizes), 1000, generator=g) * 4
+    logits[3, :10] = NEG_INF
+    return logits, steps
+
+
+def test_batched_pass_equals_each_group_alone_bit_for_bit():
+    """A group's scores and its draw do not depend on the other groups of the step."""
+    from negspace_node.guidance import guided_batch, sample_batch
+
+    logits, steps = _mixed_steps()
+    scores = guided_batch(logits, steps)
+    tokens, ok = sample_batch(scores, steps)
+    assert ok.all()
+    _, fresh = _mixed_steps()                      # the same seeds, untouched generators
+    for i, st in enumerate(fresh):
+        alone = guided_batch(logits, [st])
+        assert torch.equal(alone[0], scores[i]), i
+        t, _ = sample_batch(alone, [st])
+        assert int(t[0]) == int(tokens[i]), i
+
+
+def test_batched_scores_equal_the_former_per_group_path():
+    """Same semantics as the per-group implementation it replaced (legacy_combine), and the same
+    greedy token; sampled draws use the exponential race now, so only their support is compared."""
+    from negspace_node.guidance import guided_batch, legacy_combine, legacy_sample, sample_batch
+
+    logits, steps = _mixed_steps()
+    scores = guided_batch(logits, steps)
+    tokens, _ = sample_batch(scores, steps)
+    for i, st in enumerate(steps):
+        lp, ln = logits[st.rows[0]], logits[list(st.rows[1:])]
+        old = legacy_combine(lp, ln if st.guide else None, st.scale, st.space, st.how, st.alpha)
+        assert torch.equal(torch.isfinite(old), torch.isfinite(scores[i])), i
+        assert torch.allclose(old[torch.isfinite(old)], scores[i][torch.isfinite(old)], rtol=1e-5, atol=1e-4), i
+        if st.temperature < 1e-5:
+            assert int(tokens[i]) == legacy_sample(old, st.temperature, st.top_p, make_generator(0), st.min_p)
+        else:
+            assert torch.isfinite(scores[i][int(tokens[i])])
+
+
+def test_batched_draws_follow_the_distribution():
+    """The exponential race draws from softmax(scores / T) after min-p and top-p."""
+    from negspace_node.guidance import GroupStep, sample_batch
+
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    steps = [GroupStep(rows=(0,), guide=False, temperature=1.0, generator=make_generator(s)) for s in range(4000)]
+    tokens, _ = sample_batch(scores, steps)
+    freq = torch.bincount(tokens, minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    for st in steps:
+        st.top_p = 0.7                   # keeps tokens 0 and 1: renormalised 0.625 / 0.375
+    tokens, _ = sample_batch(scores, steps)
+    freq = torch.bincount(tokens, minlength=4).float() / 4000
+    assert freq[2:].sum() == 0 and abs(float(freq[0]) - 0.625) < 0.03
+
+
+def test_partial_sort_top_p_equals_a_full_sort():
+    """The candidate (top-k) top-p keeps exactly the tokens a full sort keeps, on peaked rows (cut
+    inside the candidates) and flat rows (candidates short of the mass: the full-sort fallback)."""
+    import negspace_node.guidance as guidance
+
+    g = torch.Generator().manual_seed(5)
+    peaked = torch.randn(6, 5000, generator=g) * 6
+    flat = torch.randn(4, 5000, generator=g) * 0.01
+    x = torch.cat([peaked, flat])
+    p = torch.tensor([0.9, 0.5, 0.99, 1.0, 0.1, 0.95, 0.9, 0.5, 1.0, 0.3]).unsqueeze(1)
+    fast = guidance._top_p_rows(x, p)
+    for i in range(x.shape[0]):
+        want = top_p_filter(x[i], float(p[i]))
+        assert torch.equal(torch.isfinite(fast[i]), torch.isfinite(want)), i
+        assert torch.equal(fast[i][torch.isfinite(want)], x[i][torch.isfinite(want)])
+    assert torch.isfinite(fast[6:]).sum(-1).min() > guidance.TOP_P_CANDIDATES   # flat rows: fallback used

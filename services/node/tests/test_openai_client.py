@@ -54,7 +54,8 @@ async def _guided_chat_matches_the_reference(client, model, tok):
     assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].finish_reason == expected.finish_reason
     assert reply.usage.completion_tokens == len(expected.token_ids)
-    assert reply.model_extra["guidance"] == {"scale": 3.0, "num_negatives": 2, "space": "logits"}
+    assert reply.model_extra["guidance"] == {"scale": 3.0, "num_negatives": 2, "space": "logits", "combine": "min",
+                                             "alpha": None, "max_tokens": None}
 
     plain = await client.completions.create(model=name, prompt="The capital of France is", max_tokens=4,
                                             temperature=0, n=1)

@@ -121,8 +121,8 @@ async def test_a_cancelled_request_stops_decoding_and_frees_the_worker(smol, pro
     await engine.start()
     engine._eos = frozenset()               # never stops on its own: 300 tokens unless cancelled
     steps = []
-    real_sample = module.sample
-    monkeypatch.setattr(module, "sample", lambda *a: steps.append(1) or real_sample(*a))
+    real_sample = module.sample_batch
+    monkeypatch.setattr(module, "sample_batch", lambda *a: steps.append(1) or real_sample(*a))
     long = asyncio.create_task(engine.generate(GenerationRequest(prompt_ids=pos, max_tokens=300, temperature=0)))
     while len(steps) < 3:
         await asyncio.sleep(0.01)
@@ -190,3 +190,24 @@ def test_each_method_option_changes_what_is_drawn_as_defined(smol, prompts):
         return out
 
     assert min(ratios(wild)) < 0.1 <= min(ratios(restricted))
+
+
+def test_negatives_leave_the_batch_after_the_guidance_interval(smol, prompts, monkeypatch):
+    model, tok = smol
+    pos, negs = prompts
+    rows = []
+    forward = model.forward
+
+    def counting(*args, **kwargs):
+        rows.append(int(kwargs["input_ids"].shape[0]))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    request = GenerationRequest(prompt_ids=pos, negative_ids=negs, max_tokens=8, temperature=0.0,
+                                guidance_scale=4.0, guidance_max_tokens=3)
+    out = generate_batched(model, tok, request, eos_ids=frozenset())[0]
+    assert len(out.token_ids) == 8
+    # prefill + 2 guided decode steps with all 4 rows, then the positive alone
+    assert rows == [4, 4, 4] + [1] * 5
+    monkeypatch.undo()
+    assert out.token_ids == reference_generate(model, tok, request, eos_ids=frozenset()).token_ids

@@ -225,6 +225,137 @@ def test_a_cancelled_request_frees_its_rows(engine, ids):
     assert not engine._llm.has_unfinished_requests()
 
 
+def test_extreme_values_are_decoded_not_fatal(engine, ids, smol):
+    """The known poison (issue 12): temperature 1e-30 and guidance_scale 1e30 with negatives used to
+    raise inside the processor and kill the loop. Now: 1e-30 is greedy, the scale saturates."""
+    model, tokenizer = smol
+    positive, negs = ids
+    poison = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=8, temperature=1e-30,
+                               guidance_scale=1e30, seed=1)
+    greedy = GenerationRequest(**{**poison.__dict__, "temperature": 0.0})
+    want = generate_batched(model, tokenizer, greedy)[0].token_ids
+    assert run(engine.generate(poison))[0].token_ids == want
+    for extra in ({"temperature": 2.0, "guidance_scale": 1.7976931348623157e308, "top_p": 1e-300},
+                  {"temperature": 1e-6, "guidance_scale": 1e38, "guidance_combine": "max", "min_p": 1.0},
+                  {"temperature": 1e-5, "guidance_scale": 1e-300, "guidance_space": "logprobs"}):
+        assert run(engine.generate(GenerationRequest(**{**poison.__dict__, **extra})))[0].token_ids
+    plain = GenerationRequest(prompt_ids=positive, max_tokens=4, temperature=1e-30, seed=1)
+    assert run(engine.generate(plain))[0].token_ids
+    assert engine.state == "ready"
+
+
+def test_a_group_whose_draw_raises_fails_alone(engine, ids, monkeypatch):
+    from negspace_node.engines.vllm.processor import CFGLogitsProcessor
+
+    positive, negs = ids
+    real = CFGLogitsProcessor.draw
+    real_all = CFGLogitsProcessor.draw_all
+
+    def draw_all(logits, members):      # the batched pass fails whenever the poisoned group is in it
+        if any("poison" in state.group_id and len(state.tokens) == 2 for state, _ in members):
+            raise RuntimeError("simulated failure in the batched draw")
+        return real_all(logits, members)
+
+    def draw(state, logits, indices):   # ... and so does that group alone: only it may fail
+        if "poison" in state.group_id and len(state.tokens) == 2:
+            raise RuntimeError("simulated failure in one group's draw")
+        return real(state, logits, indices)
+
+    monkeypatch.setattr(CFGLogitsProcessor, "draw_all", staticmethod(draw_all))
+    monkeypatch.setattr(CFGLogitsProcessor, "draw", staticmethod(draw))
+    poison = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=12, temperature=0.0,
+                               guidance_scale=3.0, request_id="poison")
+    fine = GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=12, temperature=0.0,
+                             guidance_scale=3.0)
+    solo = run(engine.generate(fine))[0].token_ids
+    got_poison, got_fine, got_plain = run(gather(engine, [poison, fine, GenerationRequest(
+        prompt_ids=positive, max_tokens=6, temperature=0.0)]))
+    assert isinstance(got_poison, GuidanceGroupError) and "simulated failure" in str(got_poison), got_poison
+    assert got_fine[0].token_ids == solo and got_plain[0].token_ids
+    assert engine.state == "ready" and engine._jobs == {} and not engine._llm.has_unfinished_requests()
+
+
+def test_requests_that_could_never_be_admitted_are_refused_at_once(engine, ids, monkeypatch):
+    from negspace_contracts.errors import BadRequestError
+
+    positive, negs = ids
+    block = engine._block_size
+    monkeypatch.setattr(engine, "_capacity_blocks", 1)          # a KV cache of ONE block
+    long_plain = max(1, block - len(positive) + 1)              # prompt + max_tokens needs 2 blocks
+    for request in (GenerationRequest(prompt_ids=positive, max_tokens=long_plain),
+                    GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=1,
+                                      guidance_scale=2.0)):       # two members: at least 2 blocks
+        with pytest.raises(BadRequestError, match=f"KV cache holds 1 \\({block} tokens\\)"):
+            run(engine.generate(request))
+    monkeypatch.undo()
+    assert run(engine.generate(GenerationRequest(prompt_ids=positive, max_tokens=long_plain)))[0].token_ids
+    assert engine._jobs == {}
+
+
+def test_a_request_past_its_deadline_is_aborted_and_stops_consuming_steps(engine):
+    """Through the API: a guided request that cannot finish in --request-timeout-s answers 503
+    deadline_exceeded, and its group leaves vLLM (no unfinished requests, no more steps)."""
+    import time
+
+    from negspace_node.app import create_app
+    from negspace_node.testing import asgi_client
+
+    app = create_app(NodeSettings(engine="vllm", max_model_len=512, request_timeout_s=1.0), engine=engine)
+    eos, engine._eos = engine._eos, frozenset()        # never stops on its own
+
+    async def go():
+        async with asgi_client(app) as client:
+            r = await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": POSITIVE}], "negative_prompts": NEGATIVES[:2],
+                "guidance_scale": 3.0, "max_tokens": 400, "temperature": 0})
+            await asyncio.sleep(0.5)
+            steps = engine.steps
+            await asyncio.sleep(1.0)
+            return r, steps
+
+    try:
+        started = time.monotonic()
+        r, steps = run(go())
+    finally:
+        engine._eos = eos
+    assert r.status_code == 503 and r.json()["error"]["type"] == "deadline_exceeded", r.text
+    assert time.monotonic() - started < 10
+    assert engine.steps == steps                        # nothing decodes for the abandoned group
+    assert engine._jobs == {} and not engine._llm.has_unfinished_requests()
+    assert engine.state == "ready"
+
+
+def test_any_schema_valid_body_through_the_api_never_breaks_the_vllm_engine(engine):
+    """Hypothesis, against the real vLLM engine through the HTTP API: any schema-valid body
+    (extreme floats, every guidance option) answers 2xx or a 4xx saying what to fix; never a 5xx,
+    and the engine loop never dies."""
+    from hypothesis import HealthCheck, given, settings
+    from negspace_node.app import create_app
+    from negspace_node.testing import asgi_client, request_bodies
+
+    app = create_app(NodeSettings(engine="vllm", max_model_len=512), engine=engine)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(request=request_bodies())
+    def check(request):
+        path, body = request
+
+        async def call():
+            async with asgi_client(app) as client:
+                return await client.post(path, json=body)
+
+        r = run(call())
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code < 400:
+            assert len(r.json()["choices"]) == body.get("n", 1)
+        else:
+            assert r.json()["error"]["message"]
+        assert engine.state == "ready", engine.error
+
+    check()
+    assert engine._jobs == {} and not engine._llm.has_unfinished_requests()
+
+
 def test_a_dead_loop_turns_into_engine_errors(engine, ids, monkeypatch):
     """LAST in this module (it kills the shared engine): if a vLLM step raises, the waiting request
     and every later one get EngineError (503) and the engine reports the reason."""

@@ -186,3 +186,84 @@ def test_admission_waits_for_every_member_of_a_group():
     for r in group("a", 3)[:2]:                        # the third member has not arrived
         sched.waiting.add_request(r)
     assert sched._admissible() == 0
+
+
+def test_a_group_whose_draw_fails_fails_alone_and_the_step_goes_on(groups):
+    """One group's rows are all NaN (a broken draw): that group is failed with the reason, its
+    rows are left unforced, and the other group in the same step is guided as usual. A group with
+    extreme but schema-valid values (temperature 1e-30, scale 1e30) is guided, not failed."""
+    bad = groups("bad", 2)
+    extreme = groups("extreme", 2, scale=1e30, temperature=1e-30)
+    good = groups("good2", 2, temperature=1.0, seed=5)
+    proc = CFGLogitsProcessor()
+    proc.update_state(BatchUpdate(batch_size=6, removed=[], moved=[], added=[
+        (0, member("bad", 0, 2), [1], []), (1, member("bad", 1, 2), [2], []),
+        (2, member("extreme", 0, 2), [1], []), (3, member("extreme", 1, 2), [2], []),
+        (4, member("good2", 0, 2), [1], []), (5, member("good2", 1, 2), [2], []),
+    ]))
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(3))
+    logits[0:2] = float("nan")
+    original = logits.clone()
+    out = proc.apply(logits)
+    assert bad.error is not None and "NoFiniteScoreError" in bad.error and bad.tokens == []
+    assert forced_token(out[0]) is None and forced_token(out[1]) is None
+    greedy_extreme = int((original[3] + 1e30 * (original[2] - original[3])).argmax())
+    assert extreme.error is None and forced_token(out[2]) == forced_token(out[3]) == greedy_extreme
+    want = sample(combine(original[4], original[[5]], 3.0), 1.0, 1.0, make_generator(5))
+    assert good.error is None and forced_token(out[4]) == forced_token(out[5]) == want
+
+
+def _three_groups(groups, temperature=0.0):
+    states = [groups("b0", 3, temperature=temperature, seed=1), groups("b1", 2, space="logprobs",
+                                                                        temperature=temperature, seed=2),
+              groups("b2", 4, scale=7.0, temperature=temperature, seed=3)]
+    states[2].combine, states[2].alpha = "mean", 0.1
+    states[1].combine = "max"
+    proc = CFGLogitsProcessor()
+    order = [("b2", 0, 4), ("b0", 1, 3), ("b1", 0, 2), ("b0", 0, 3), ("b2", 3, 4), ("b2", 1, 4),
+             ("b1", 1, 2), ("b0", 2, 3), ("b2", 2, 4)]
+    proc.update_state(BatchUpdate(batch_size=len(order), removed=[], moved=[], added=[
+        (i, member(g, role, size), [1], []) for i, (g, role, size) in enumerate(order)]))
+    return proc, states, order
+
+
+def test_the_batched_pass_equals_the_former_per_group_path_greedy(groups):
+    proc, states, order = _three_groups(groups)
+    logits = torch.randn(len(order), V, generator=torch.Generator().manual_seed(9)) * 3
+    batched = proc.apply(logits.clone())
+    tokens = [s.tokens[-1] for s in states]
+    for s in states:
+        s.tokens.clear()
+    proc.batched = False
+    legacy = proc.apply(logits.clone())
+    assert [s.tokens[-1] for s in states] == tokens
+    assert torch.equal(batched, legacy)
+    rows_of = {g: [i for i, (gg, _, _) in enumerate(order) if gg == g] for g in ("b0", "b1", "b2")}
+    for s, g in zip(states, ("b0", "b1", "b2"), strict=True):
+        assert {forced_token(batched[i]) for i in rows_of[g]} == {s.tokens[-1]}
+
+
+def test_a_raising_batched_pass_falls_back_group_by_group(groups, monkeypatch):
+    proc, states, order = _three_groups(groups, temperature=1.0)
+    logits = torch.randn(len(order), V, generator=torch.Generator().manual_seed(9))
+    expected = CFGLogitsProcessor.draw_all(logits.clone(), [
+        (s, [i for i, (g, r, _) in sorted(enumerate(order), key=lambda x: x[1][1]) if g == s.group_id])
+        for s in states])
+    for s in states:                    # fresh generators: the same draws again
+        s.generator = make_generator({"b0": 1, "b1": 2, "b2": 3}[s.group_id])
+    real = CFGLogitsProcessor.draw
+
+    def broken_all(logits, members):
+        raise RuntimeError("batched pass bug")
+
+    def draw(state, logits, indices):
+        if state.group_id == "b1":
+            raise RuntimeError("b1 is broken")
+        return real(state, logits, indices)
+
+    monkeypatch.setattr(CFGLogitsProcessor, "draw_all", staticmethod(broken_all))
+    monkeypatch.setattr(CFGLogitsProcessor, "draw", staticmethod(draw))
+    proc.apply(logits.clone())
+    assert states[1].error is not None and "b1 is broken" in states[1].error and states[1].tokens == []
+    assert states[0].error is None and states[2].error is None
+    assert [states[0].tokens[-1], states[2].tokens[-1]] == [expected[0], expected[2]]

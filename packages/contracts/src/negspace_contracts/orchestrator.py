@@ -94,10 +94,13 @@ class RunConfig(StrictModel):
     nodes: int = Field(4, ge=1, le=MAX_NODES)
     rounds: int = Field(3, ge=0, le=MAX_ROUNDS)
     max_tokens: int = Field(150, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top token's "
-                                                          "probability (after temperature); 0 = off.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False,
+                               description="0 = greedy; otherwise 1e-5 to 2 (the node's bounds: below "
+                                           "1e-5 vLLM and the node decode greedily anyway).")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False)
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                         description="Drop tokens below min_p x the top token's probability (after "
+                                     "temperature); 0 = off.")
     guidance: GuidanceSchedule = Field(default_factory=GuidanceSchedule)
     similarity_threshold: float = Field(0.9, gt=0.0, le=1.0,
                                         description="Too similar: max cosine to the run's instructions >= this.")
@@ -127,6 +130,14 @@ class RunConfig(StrictModel):
         if isinstance(data, dict) and data.get("preset") in PRESETS:
             return _merge_preset(PRESETS[data["preset"]], data)
         return data
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if 0.0 < v < 1e-5:
+            raise ValueError("temperature must be 0 (greedy) or at least 1e-5; a smaller one is greedy "
+                             "decoding anyway, so write 0")
+        return v
 
     @field_validator("base_instruction")
     @classmethod

@@ -3,7 +3,10 @@
 Without ``engine`` the factory builds the one ``settings.engine`` names (default: vllm when
 importable, else transformers) but does not load it: the lifespan starts loading in the
 background, so ``/health`` answers 503 "loading" (with what it is doing) until the model is
-ready, and 503 "error" with the reason if loading fails. An injected engine (tests,
+ready, and 503 "error" with the reason if loading fails or the engine dies. With an
+``on_engine_dead`` callback (what ``python -m negspace_node`` passes) a dead engine does not
+linger: the callback runs a short grace period after the failure and the process exits with
+code 3, for its supervisor to restart it. An injected engine (tests,
 ``FakeEngine``) is started by the lifespan only if it is still loading, and is not stopped on
 shutdown: its owner stops it.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from negspace_servekit import create_app as create_service_app
@@ -35,7 +38,22 @@ async def _start(engine: Engine) -> None:
         engine.fail(f"start failed: {type(exc).__name__}: {exc}")
 
 
-def create_app(settings: NodeSettings | None = None, engine: Engine | None = None) -> FastAPI:
+async def _watch(engine: Engine, on_engine_dead: Callable[[str], None], grace_s: float) -> None:
+    """Wait for the engine to fail (at start or later), give /health and the waiting requests
+    ``grace_s`` to report it, then call ``on_engine_dead(reason)`` (the process exits)."""
+    while engine.state != "error":
+        await asyncio.sleep(0.2)
+    reason = engine.error or "unknown"
+    log.critical("engine %s is dead (%s): the node exits in %.1f s so that its supervisor restarts it",
+                 engine.name, reason, grace_s)
+    await asyncio.sleep(grace_s)
+    on_engine_dead(reason)
+
+
+def create_app(settings: NodeSettings | None = None, engine: Engine | None = None,
+               on_engine_dead: Callable[[str], None] | None = None) -> FastAPI:
+    """``on_engine_dead(reason)``: called once, ``settings.engine_error_grace_s`` after the engine
+    failed (``python -m negspace_node`` passes one that exits the process with code 3)."""
     settings = settings or NodeSettings()
     owned = engine is None
     if engine is None:
@@ -45,9 +63,13 @@ def create_app(settings: NodeSettings | None = None, engine: Engine | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(_start(engine)) if engine.state == "loading" else None
         app.state.engine_task = task
+        watchdog = (asyncio.create_task(_watch(engine, on_engine_dead, settings.engine_error_grace_s))
+                    if on_engine_dead is not None else None)
         try:
             yield
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

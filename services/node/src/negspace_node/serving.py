@@ -11,7 +11,13 @@ import asyncio
 import logging
 import time
 
-from negspace_contracts.errors import BadRequestError, NegspaceError, NotFoundError, RateLimitError
+from negspace_contracts.errors import (
+    BadRequestError,
+    NegspaceError,
+    NotFoundError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
 from negspace_contracts.node import (
     ChatChoice,
     ChatCompletionMessage,
@@ -36,6 +42,17 @@ class ModelNotFoundError(NotFoundError):
     """Like OpenAI's ``model_not_found``: the request names a model this node does not serve."""
 
     error_type = "model_not_found"
+
+
+class DeadlineExceededError(ServiceUnavailableError):
+    """The request ran past ``--request-timeout-s``: aborted (its rows freed), 503 with Retry-After."""
+
+    error_type = "deadline_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers.setdefault("Retry-After", str(max(1, round(retry_after))))
 
 
 class NodeMetrics:
@@ -168,11 +185,18 @@ class NodeService:
         mode = "guided" if request.guided else "plain"
         self.in_flight += 1
         started = time.perf_counter()
+        timeout = self.settings.request_timeout_s or None
         try:
-            outputs = await self.engine.generate(request)
+            outputs = await asyncio.wait_for(self.engine.generate(request), timeout)
         except asyncio.CancelledError:
             self.metrics.requests.labels(endpoint, mode, "cancelled").inc()
             raise
+        except TimeoutError as exc:     # wait_for cancelled the engine call: its rows are freed
+            self.metrics.requests.labels(endpoint, mode, "timeout").inc()
+            raise DeadlineExceededError(
+                f"the request did not finish within the node's deadline of {timeout:g} s "
+                f"(--request-timeout-s); it was aborted. Retry with a smaller max_tokens or on a less "
+                f"busy node", retry_after=max(1.0, self._mean_latency)) from exc
         except NegspaceError as exc:
             self.metrics.requests.labels(endpoint, mode, "engine_error" if exc.status_code >= 500 else
                                          "bad_request").inc()

@@ -29,3 +29,12 @@ class NodeSettings(ServiceSettings):
     kv_cache_gib: float = Field(2.0, gt=0, description="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1.0, description="vLLM on GPU.")
     seed: int = Field(0, ge=0, description="Engine seed (requests carry their own seed).")
+    request_timeout_s: float = Field(
+        600.0, ge=0, description="Per-request deadline (waiting + decoding); past it the request is "
+                                 "aborted, its rows freed, and it answers 503. 0 = no deadline.")
+    exit_on_engine_error: bool = Field(
+        True, description="Exit the process (code 3) when the engine fails to start or dies, so a "
+                          "supervisor (compose restart:, the launcher) brings the node back.")
+    engine_error_grace_s: float = Field(
+        2.0, ge=0, description="Seconds between the engine's death and the exit, so /health and the "
+                               "waiting requests can report it.")

@@ -33,3 +33,44 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)
     return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def request_bodies():
+    """A hypothesis strategy of (path, body): schema-valid chat/completion bodies with every
+    sampling and guidance option, extreme floats included (for the property tests)."""
+    from hypothesis import strategies as st
+
+    extreme = st.sampled_from([0.0, 5e-324, 1e-300, 1e-30, 1e-6, 9.99e-6, 1e-5, 0.5, 1.0])
+    unit = st.one_of(extreme, st.floats(0.0, 1.0, allow_nan=False))
+    open_unit = st.one_of(st.sampled_from([5e-324, 1e-300, 1e-9, 0.5, 1.0]), st.floats(1e-12, 1.0))
+    scale = st.one_of(st.sampled_from([0.0, 5e-324, 1.0, 1e30, 1e38, 3.5e38, 1e300, 1.7976931348623157e308]),
+                      st.floats(0.0, 1e6, allow_nan=False))
+    text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=30)
+
+    @st.composite
+    def bodies(draw):
+        negatives = draw(st.lists(text.filter(lambda t: t.strip()), max_size=3))
+        body = {
+            "max_tokens": draw(st.integers(1, 4)),
+            "temperature": draw(st.one_of(extreme, st.floats(0.0, 2.0, allow_nan=False), st.just(2.0))),
+            "top_p": draw(open_unit),
+            "min_p": draw(unit),
+            "seed": draw(st.one_of(st.none(), st.integers(0, 2**63 - 1))),
+            "negative_prompts": negatives,
+            "guidance_scale": draw(scale),
+            "guidance_space": draw(st.sampled_from(["logits", "logprobs"])),
+            "guidance_combine": draw(st.sampled_from(["min", "mean", "max"])),
+            "guidance_alpha": draw(st.one_of(st.none(), unit)),
+            "guidance_max_tokens": draw(st.one_of(st.none(), st.integers(0, 5))),
+        }
+        if not negatives:
+            body["n"] = draw(st.integers(1, 3))
+        if draw(st.booleans()):
+            body["stop"] = draw(st.lists(text, min_size=1, max_size=2))
+        if draw(st.booleans()):
+            body["messages"] = [{"role": "user", "content": draw(text)}]
+            return "/v1/chat/completions", body
+        body["prompt"] = draw(text)
+        return "/v1/completions", body
+
+    return bodies()

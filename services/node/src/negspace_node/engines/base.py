@@ -66,6 +66,14 @@ class EngineError(ServiceUnavailableError):
     """The engine failed or is not ready: the API answers 503 and /health says why."""
 
 
+class RequestFailedError(NegspaceError):
+    """Decoding THIS request failed (e.g. its scores had no finite token): it answers 500 with the
+    reason; the engine and every other request go on."""
+
+    status_code = 500
+    error_type = "generation_error"
+
+
 class GuidanceGroupError(NegspaceError):
     """A guided group could not be decoded together (an incomplete group, or members whose
     tokens diverged). The request fails loudly instead of returning unguided text."""

@@ -38,7 +38,7 @@ def reference_generate(model, tokenizer, request: GenerationRequest, *, choice: 
     if eos_ids is None:
         eos_ids = eos_token_ids(tokenizer, model.config, model.generation_config)
     seed = None if request.seed is None else request.seed + choice
-    generator = make_generator(seed)
+    generator = make_generator(seed, model.device)
     checker = StopChecker(tokenizer, eos_ids, request.stop, request.max_tokens, len(request.prompt_ids))
     negatives = [list(n) for n in request.negative_ids] if request.guided else []
     suffix: list[int] = []

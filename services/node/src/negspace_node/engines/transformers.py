@@ -21,9 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from negspace_node.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest
+from negspace_node.engines.base import (
+    Engine,
+    EngineError,
+    GenerationOutput,
+    GenerationRequest,
+    RequestFailedError,
+)
 from negspace_node.engines.stopping import StopChecker, eos_token_ids
-from negspace_node.guidance import guided_scores, make_generator, sample
+from negspace_node.guidance import guided_batch, make_generator, request_step, sample_batch
 from negspace_node.models import resolve_model, served_model_name
 
 log = logging.getLogger("negspace.node")
@@ -86,7 +92,7 @@ def generate_batched(model, tokenizer, request: GenerationRequest, *, eos_ids=No
         prompts.extend(list(m) for m in members)
         seed = None if request.seed is None else request.seed + choice
         checker = StopChecker(tokenizer, eos_ids, request.stop, request.max_tokens, len(request.prompt_ids))
-        groups.append(_Group(rows, checker, make_generator(seed), guided))
+        groups.append(_Group(rows, checker, make_generator(seed, device), guided))
 
     width = max(len(p) for p in prompts)
     pad = _pad_id(tokenizer, model)
@@ -107,20 +113,27 @@ def generate_batched(model, tokenizer, request: GenerationRequest, *, eos_ids=No
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled()
         logits = out.logits[:, -1, :]
-        step_tokens: list[int] = []
         guide_now = request.guides_at(position)
-        for g in active:
-            lp = logits[g.rows[0]]
-            ln = logits[g.rows[1:]] if g.guided and guide_now else None
-            token = sample(guided_scores(request, lp, ln), request.temperature, request.top_p, g.generator,
-                           request.min_p)
+        steps = [request_step(request, g.rows, g.guided and guide_now, g.generator) for g in active]
+        try:          # every group of the step in one batched pass on the device, one host read
+            tokens, ok = sample_batch(guided_batch(logits, steps), steps)
+            step_tokens, ok = tokens.tolist(), ok.tolist()
+        except Exception as exc:  # noqa: BLE001 - this request's draw, not the engine, failed
+            raise RequestFailedError(f"drawing token {position} failed: {type(exc).__name__}: {exc}") from exc
+        if not all(ok):
+            raise RequestFailedError(f"drawing token {position} failed: no token has a finite score")
+        for g, token in zip(active, step_tokens, strict=True):
             g.checker.add(token)
-            step_tokens.append(token)
         position += 1
+        # Past the guidance interval the negatives carry nothing: their rows leave the batch too.
+        interval_over = guided and position == request.guidance_max_tokens
         still = [i for i, g in enumerate(active) if not g.checker.finished]
         if not still:
             break
-        if len(still) < len(active):        # drop finished groups' rows from the batch and cache
+        if interval_over:
+            for g in active:
+                g.rows, g.guided = g.rows[:1], False
+        if len(still) < len(active) or interval_over:   # drop finished groups' rows from batch and cache
             keep_rows = [r for i in still for r in active[i].rows]
             index = torch.tensor(keep_rows, dtype=torch.long, device=device)
             cache.batch_select_indices(index)

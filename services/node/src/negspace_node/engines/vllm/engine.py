@@ -38,6 +38,7 @@ import itertools
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from negspace_node.engines.base import (
     GenerationOutput,
     GenerationRequest,
     GuidanceGroupError,
+    RequestFailedError,
 )
 from negspace_node.engines.stopping import StopChecker, eos_token_ids
 from negspace_node.engines.vllm.groups import GROUP_KEY, REGISTRY, GroupState
@@ -251,10 +253,19 @@ class VLLMEngine(Engine):
         if request.guided and total > self._budget:
             raise BadRequestError(f"the positive and negative prompts total {total} tokens; a guided "
                                   f"group must be prefilled in one step of at most {self._budget} tokens")
+        # The gang scheduler admits a unit (a whole group, or one plain choice) only when its
+        # lifetime KV blocks fit: a unit bigger than the whole cache would wait forever. Say so now.
         blocks = sum(-(-(len(m) + request.max_tokens) // self._block_size) for m in members)
-        if request.guided and self._capacity_blocks and blocks > self._capacity_blocks:
-            raise BadRequestError("the group does not fit in the KV cache; use fewer or shorter "
-                                  "negatives or a smaller max_tokens")
+        if self._capacity_blocks and blocks > self._capacity_blocks:
+            tokens = self._capacity_blocks * self._block_size
+            if request.guided:
+                raise BadRequestError(f"the group (positive + {len(members) - 1} negatives, each with "
+                                      f"max_tokens={request.max_tokens}) needs {blocks} KV blocks but the "
+                                      f"node's KV cache holds {self._capacity_blocks} ({tokens} tokens); use "
+                                      f"fewer or shorter negatives or a smaller max_tokens", param="max_tokens")
+            raise BadRequestError(f"prompt + max_tokens needs {blocks} KV blocks but the node's KV cache "
+                                  f"holds {self._capacity_blocks} ({tokens} tokens); use a smaller max_tokens",
+                                  param="max_tokens")
 
     async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:
         self.ensure_ready()
@@ -358,8 +369,9 @@ class VLLMEngine(Engine):
             return
         r = job.request
         if job.guided:
+            seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**63)
             job.state = GroupState(job.job_id, len(job.member_ids), r.guidance_scale, r.guidance_space,
-                                   r.temperature, r.top_p, make_generator(r.seed),
+                                   r.temperature, r.top_p, make_generator(seed), seed=seed,
                                    combine=r.guidance_combine, alpha=r.guidance_alpha,
                                    max_tokens=r.guidance_max_tokens, min_p=r.min_p)
             REGISTRY.register(job.state)
@@ -372,6 +384,10 @@ class VLLMEngine(Engine):
                 self._by_member[rid] = job
         except (ValueError, TypeError) as exc:       # vLLM's input validation
             self._finish(job, error=BadRequestError(f"vLLM refused the request: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - this request alone
+            log.exception("adding request %s failed", job.job_id)
+            self._finish(job, error=RequestFailedError(f"vLLM could not add the request: "
+                                                       f"{type(exc).__name__}: {exc}"))
 
     def _process(self, outputs) -> None:
         touched: dict[str, dict[str, list[int]]] = {}
@@ -388,10 +404,15 @@ class VLLMEngine(Engine):
             job = self._jobs.get(job_id)
             if job is None:
                 continue
-            if job.guided:
-                self._advance_group(job, news)
-            else:
-                self._advance_plain(job, news)
+            try:
+                if job.guided:
+                    self._advance_group(job, news)
+                else:
+                    self._advance_plain(job, news)
+            except Exception as exc:  # noqa: BLE001 - one request's bookkeeping must not stop the loop
+                log.exception("request %s failed while processing its tokens", job.job_id)
+                self._finish(job, error=RequestFailedError(
+                    f"request {job.job_id} failed: {type(exc).__name__}: {exc}"))
         # A group the scheduler or processor failed in a step where it produced nothing.
         for job in [j for j in self._jobs.values() if j.state is not None and j.state.error is not None]:
             self._finish(job, error=GuidanceGroupError(job.state.error))

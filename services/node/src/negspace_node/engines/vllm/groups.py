@@ -27,12 +27,27 @@ class GroupState:
     temperature: float
     top_p: float
     generator: torch.Generator
+    seed: int | None = None                   # seeds the device generator (``generator_on``)
     combine: str = "min"                      # how the negatives are combined
     alpha: float | None = None                # plausibility restriction (None/0 = off)
     max_tokens: int | None = None             # guide completion positions < max_tokens only
     min_p: float = 0.0
     tokens: list[int] = field(default_factory=list)   # the token forced at each step
     error: str | None = None
+
+    _device_generators: dict = field(default_factory=dict, repr=False)
+
+    def generator_on(self, device) -> torch.Generator:
+        """The group's seeded generator on ``device`` (the logits' device): ``generator`` itself
+        when it lives there, else one made once from ``seed``."""
+        device = torch.device(device)
+        if self.generator is not None and self.generator.device.type == device.type:
+            return self.generator
+        if device not in self._device_generators:
+            from negspace_node.guidance import make_generator
+
+            self._device_generators[device] = make_generator(self.seed, device)
+        return self._device_generators[device]
 
     def fail(self, reason: str) -> None:
         if self.error is None:                # keep the first reason

@@ -1,0 +1,133 @@
+"""Guidance-processor benchmark: time per decode step, per-group host path vs one batched pass.
+
+    python -m negspace_node.bench_guidance            (make bench-guidance)
+
+Runs the real vLLM V1 logits processor (``CFGLogitsProcessor.apply``, as vLLM calls it once per
+step) on synthetic float32 logits: every row belongs to a guided group of 4 (a positive and 3
+negatives, min combine, scale 3), at 32 / 128 / 256 rows and vocabularies of 49,152 (SmolLM2)
+and 151,936 (Qwen2.5), greedy (temperature 0) and top-p (temperature 1, top_p 0.9, seeded).
+
+- before: ``batched = False``, the former path: per group, the rows copied to the host, combined
+  and sampled on the CPU (``legacy_combine`` / ``legacy_sample``, a CPU generator);
+- after: ``batched = True`` (the default): combine, temperature / min-p / top-p and the draw for
+  all groups of the step in one tensor pass on the logits' device (``guided_batch`` /
+  ``sample_batch``, per-group seeded generators on the device), one [G] host read.
+
+On a CPU "host copy" is nearly free, so the figures measure the per-group overhead vs the
+batched pass; on a GPU the "before" path also pays a device->host copy of every row per step.
+Prints a table and records it as the "guidance" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+ROWS = (32, 128, 256)
+VOCABS = (49_152, 151_936)
+GROUP = 4
+
+
+def _setup(rows: int, vocab: int, temperature: float, top_p: float, tag: str):
+    import torch
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from negspace_node.engines.vllm.groups import GROUP_KEY, REGISTRY, GroupState
+    from negspace_node.engines.vllm.processor import CFGLogitsProcessor
+    from negspace_node.guidance import make_generator
+
+    class _Params:            # what the processor reads from SamplingParams: extra_args only
+        def __init__(self, extra):
+            self.extra_args = extra
+
+    groups = rows // GROUP
+    ids = [f"bench-{tag}-{g}" for g in range(groups)]
+    for g, gid in enumerate(ids):
+        REGISTRY.register(GroupState(gid, GROUP, 3.0, "logits", temperature, top_p, make_generator(g), seed=g))
+    added = []
+    for g, gid in enumerate(ids):
+        outputs: list[int] = []
+        for role in range(GROUP):
+            added.append((g * GROUP + role, _Params({GROUP_KEY: {"id": gid, "role": role, "size": GROUP}}),
+                          [1], outputs))
+    proc = CFGLogitsProcessor()
+    proc.update_state(BatchUpdate(batch_size=rows, removed=[], moved=[], added=added))
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    return proc, logits, ids
+
+
+def _time_apply(proc, logits, batched: bool, min_s: float, max_reps: int) -> float:
+    proc.batched = batched
+    proc.apply(logits.clone())                         # warm-up
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_s):
+        work = logits.clone()
+        t0 = time.perf_counter()
+        proc.apply(work)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(min_s: float, max_reps: int) -> list[dict]:
+    from negspace_node.engines.vllm.groups import REGISTRY
+
+    results = []
+    for vocab in VOCABS:
+        for rows in ROWS:
+            for mode, temperature, top_p in (("greedy", 0.0, 1.0), ("top-p 0.9", 1.0, 0.9)):
+                proc, logits, ids = _setup(rows, vocab, temperature, top_p, f"{vocab}-{rows}-{mode}")
+                try:
+                    before = _time_apply(proc, logits, False, min_s, max_reps)
+                    after = _time_apply(proc, logits, True, min_s, max_reps)
+                finally:
+                    for gid in ids:
+                        REGISTRY.discard(gid)
+                row = {"vocab": vocab, "rows": rows, "mode": mode, "before_ms": before * 1e3,
+                       "after_ms": after * 1e3, "speedup": before / after}
+                results.append(row)
+                print(f"[bench] vocab {vocab:>7,} rows {rows:>3} {mode:<9}: before {row['before_ms']:8.1f} ms  "
+                      f"after {row['after_ms']:8.1f} ms  x{row['speedup']:.2f}", flush=True)
+    return results
+
+
+def render(results: list[dict]) -> str:
+    import torch
+    from negspace_servekit.benchdoc import machine_line
+
+    lines = ["## Node: guidance processor, time per decode step (`make bench-guidance`)", "",
+             f"{machine_line()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32 "
+             f"logits on CPU; groups of {GROUP} rows (1 positive + 3 negatives, min, scale 3). Median of "
+             "repeated `CFGLogitsProcessor.apply` calls. before = per-group host path (legacy), after = "
+             "one batched pass on the logits' device.", "",
+             "| vocab | rows | groups | mode | before (ms/step) | after (ms/step) | speed-up |",
+             "|---:|---:|---:|---|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['vocab']:,} | {r['rows']} | {r['rows'] // GROUP} | {r['mode']} | "
+                     f"{r['before_ms']:.1f} | {r['after_ms']:.1f} | x{r['speedup']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m negspace_node.bench_guidance",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="time at least this long per cell")
+    parser.add_argument("--max-reps", type=int, default=20)
+    parser.add_argument("--no-record", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")        # a shared machine: see bench.py
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    results = run(args.min_seconds, args.max_reps)
+    markdown = render(results)
+    print(markdown)
+    if not args.no_record:
+        from negspace_servekit.benchdoc import record_section
+
+        print(f"[bench] recorded in {record_section('guidance', markdown)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
