@@ -135,7 +135,8 @@ class RunEvent(BaseModel):
       "negatives", "max_similarity", "similar", "accepted", "empty", "text", "prompt_tokens",
       "completion_tokens", "latency_s", "node_url"}``
     - ``round``: ``{"round", "rounds", "accepted", "attempts"}`` when every node finished a round
-    - ``qa``: ``{"instruction_id", "status", "done", "total", "converted", "rejected"}``
+    - ``qa``: ``{"instruction_id", "status", "reason", "done", "total", "converted", "rejected"}``
+      (``reason``: why it was rejected, None when converted)
     - ``train``: ``{"job_id", "status", "step"?, "total_steps"?, "error"?}`` (``status`` is the job's,
       or ``"lost"`` once the trainer answers 404 for the job)
     The stream ends when the run is completed, failed or cancelled.
@@ -163,6 +164,11 @@ class QAResult(StrictModel):
     total: int
     converted: int
     rejected: int
+    rejections: dict[str, int] = Field(
+        default_factory=dict,
+        description="Rejected records per reason: unparseable, empty, echo (the answer restates the question), "
+                    "truncated (cut at max_tokens), language (another script than the base instruction), "
+                    "bare_number (a bare number where the question asks to explain).")
     jsonl_path: str | None = None
     dataset_path: str | None = None
 

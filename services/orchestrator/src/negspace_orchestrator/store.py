@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS qa (
     raw TEXT,
     tries INTEGER NOT NULL,
     created_at REAL NOT NULL,
+    reason TEXT,
     PRIMARY KEY (run_id, instruction_id)
 );
 CREATE INDEX IF NOT EXISTS runs_by_creation ON runs (created_at, id);
@@ -155,6 +156,9 @@ class Store:
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(runs)")}
         if "train_key" not in columns:  # a database from before training jobs had idempotency keys
             self.db.execute("ALTER TABLE runs ADD COLUMN train_key TEXT")
+        qa_columns = {r["name"] for r in self.db.execute("PRAGMA table_info(qa)")}
+        if "reason" not in qa_columns:  # a database from before rejections had reasons
+            self.db.execute("ALTER TABLE qa ADD COLUMN reason TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -378,10 +382,18 @@ class Store:
         return {r["instruction_id"] for r in rows}
 
     def add_qa(self, run_id: str, instruction_id: str, status: str, question: str | None,
-               answer: str | None, raw: str, tries: int) -> None:
+               answer: str | None, raw: str, tries: int, reason: str | None = None) -> None:
         self.db.execute("INSERT OR IGNORE INTO qa (run_id, instruction_id, status, question, answer, raw,"
-                        " tries, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (run_id, instruction_id, status, question, answer, raw, tries, time.time()))
+                        " tries, created_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (run_id, instruction_id, status, question, answer, raw, tries, time.time(), reason))
+
+    def qa_rejections(self, run_id: str) -> dict[str, int]:
+        """Rejected records per reason; rows stored before reasons were recorded count as
+        ``unparseable`` (the only reason there was)."""
+        rows = self.db.execute("SELECT COALESCE(reason, 'unparseable') AS reason, COUNT(*) AS n FROM qa"
+                               " WHERE run_id = ? AND status = 'rejected' GROUP BY 1 ORDER BY 1",
+                               (run_id,)).fetchall()
+        return {r["reason"]: int(r["n"]) for r in rows}
 
     def qa_records(self, run_id: str) -> list[tuple[str, str]]:
         """Converted pairs in instruction order (round, node)."""
