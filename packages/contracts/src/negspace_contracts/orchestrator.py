@@ -173,6 +173,30 @@ class QAResult(StrictModel):
     dataset_path: str | None = None
 
 
+EXPORT_FORMATS = ("hf", "parquet", "jsonl")
+ExportFormat = Literal["hf", "parquet", "jsonl"]
+
+
+class ExportRequest(StrictModel):
+    format: ExportFormat = Field("hf", description="hf: a datasets.load_from_disk folder (splits instructions "
+                                                   "and qa); parquet or jsonl: one file per config. Each "
+                                                   "comes with a README.md dataset card.")
+    export_dir: str | None = Field(
+        None, max_length=4096,
+        description="A folder inside the orchestrator's --data-dir (relative to it, or absolute inside it). "
+                    "Default: <data-dir>/<run id>/export-<format>.")
+    license: str = Field("other", max_length=100, description="The card's license (a Hub license id).")
+
+
+class ExportResult(StrictModel):
+    run_id: str
+    format: ExportFormat
+    path: str
+    files: list[str]
+    instructions: int
+    qa: int
+
+
 class TrainRequest(StrictModel):
     base_model: str | None = None
     method: Literal["lora", "full"] = "lora"
@@ -239,6 +263,17 @@ class _Runs(Resource):
     async def qa_records(self, run_id: str) -> list[ChatRecord]:
         response = await self._client.send("GET", f"/runs/{run_id}/qa")
         return [ChatRecord.model_validate_json(line) for line in response.text.splitlines() if line.strip()]
+
+    async def export(self, run_id: str, request: ExportRequest | None = None) -> ExportResult:
+        """Write the run's datasets and card inside the orchestrator's --data-dir."""
+        return await self._client.call("POST", f"/runs/{run_id}/export", ExportResult,
+                                       json_body=request or ExportRequest(), timeout=QA_TIMEOUT_S)
+
+    async def export_archive(self, run_id: str, format: ExportFormat = "hf", *, license: str = "other") -> bytes:
+        """The same export as a tar archive (``GET /runs/{id}/export``), to unpack where the caller is."""
+        response = await self._client.send("GET", f"/runs/{run_id}/export",
+                                           params={"format": format, "license": license}, timeout=QA_TIMEOUT_S)
+        return response.content
 
     async def train(self, run_id: str, request: TrainRequest | None = None) -> Job:
         return await self._client.call("POST", f"/runs/{run_id}/train", Job,

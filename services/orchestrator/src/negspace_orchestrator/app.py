@@ -23,6 +23,9 @@ from negspace_contracts.orchestrator import (
     MAX_RUNS_PAGE_SIZE,
     RUNS_PAGE_SIZE,
     TERMINAL_RUN_STATUSES,
+    ExportFormat,
+    ExportRequest,
+    ExportResult,
     QARequest,
     QAResult,
     Run,
@@ -36,6 +39,7 @@ from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, DatasetSpec, Job, 
 from negspace_servekit import create_app as servekit_app
 from negspace_servekit import health_response
 
+from negspace_orchestrator import export as export_mod
 from negspace_orchestrator import qa as qa_mod
 from negspace_orchestrator.driver import Orchestrator, run_target
 from negspace_orchestrator.services import Dependencies, DependencyDown
@@ -240,6 +244,93 @@ async def qa_records(run_id: str, orch: Orch) -> Response:
             await asyncio.sleep(0)
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def _export_info(orch: Orchestrator, run: RunRow, license: str) -> export_mod.ExportInfo:
+    """Everything the dataset card says about the run; the model, embedder and metrics are asked
+    of the node and controller, and the card says so when they cannot tell."""
+    converted, rejected = orch.store.qa_counts(run.id)
+    info = export_mod.ExportInfo(run_id=run.id, mode=run.mode, status=run.status, config=run.config,
+                                 attempts=orch.store.counts(run.id)[1], qa_total=converted + rejected,
+                                 qa_converted=converted, qa_rejections=orch.store.qa_rejections(run.id),
+                                 license=license)
+    for node in orch.deps.nodes[:1]:
+        try:
+            models = await asyncio.wait_for(node.models.list(), timeout=10.0)
+            info.model = ", ".join(m.id for m in models.data) or None
+        except (NegspaceError, TimeoutError):
+            pass
+    if orch.deps.controller is not None:
+        try:
+            health = await asyncio.wait_for(orch.deps.controller.health(), timeout=10.0)
+            info.embedder = str(health.info.get("embedder")) if health.info.get("embedder") else None
+        except (NegspaceError, TimeoutError):
+            pass
+    if orch.store.counts(run.id)[0]:
+        try:
+            info.metrics = (await _metrics(orch, run.id, MetricsRequest())).model_dump(mode="json")
+        except (NegspaceError, TimeoutError) as exc:
+            info.metrics_note = f"the controller did not answer ({getattr(exc, 'message', exc)})"
+    else:
+        info.metrics_note = "the run has no instructions"
+    return info
+
+
+def _export_ready(orch: Orchestrator, run_id: str) -> RunRow:
+    run = _run_or_404(orch, run_id)
+    if run.status in ("queued", "running"):
+        raise ConflictError(f"run {run_id} is {run.status}; export it once it has finished")
+    return run
+
+
+async def _write_export(orch: Orchestrator, run: RunRow, fmt: str, out_dir, license: str) -> list:
+    info = await _export_info(orch, run, license)
+    instructions = export_mod.instruction_rows(orch.store.instructions(run.id))
+    pairs = export_mod.qa_rows(orch.store.qa_records(run.id))
+    return await asyncio.to_thread(export_mod.write, out_dir, fmt, info, instructions, pairs)
+
+
+@runs.post("/{run_id}/export", response_model=ExportResult)
+async def export(run_id: str, orch: Orch, request: ExportRequest | None = None) -> ExportResult:
+    """Write the run's instructions and Q/A pairs with a dataset card (README.md) inside --data-dir."""
+    req = request or ExportRequest()
+    run = _export_ready(orch, run_id)
+    data_dir = orch.settings.exports_dir
+    default = f"{run_id}/export-{req.format}"
+    try:
+        out_dir = await asyncio.to_thread(qa_mod.make_export_dir, data_dir, req.export_dir or default)
+        files = await _write_export(orch, run, req.format, out_dir, req.license)
+    except OSError as exc:
+        raise BadRequestError(f"cannot write the export to {req.export_dir or default!r} under "
+                              f"{str(data_dir)!r}: {exc.strerror or exc}", param="export_dir") from exc
+    return ExportResult(run_id=run_id, format=req.format, path=str(out_dir), files=[str(f) for f in files],
+                        instructions=orch.store.counts(run_id)[0], qa=orch.store.qa_counts(run_id)[0])
+
+
+@runs.get("/{run_id}/export", response_class=Response, responses={200: {"content": {"application/x-tar": {}}}})
+async def export_archive(run_id: str, orch: Orch, format: ExportFormat = "hf",
+                         license: Annotated[str, Query(max_length=100)] = "other") -> Response:
+    """The same export as a tar archive (the folder's files at its root), for a client elsewhere."""
+    import io
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    run = _export_ready(orch, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        await _write_export(orch, run, format, Path(tmp), license)
+
+        def pack() -> bytes:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                for f in sorted(Path(tmp).rglob("*")):
+                    if f.is_file():
+                        tar.add(f, arcname=str(f.relative_to(tmp)))
+            return buf.getvalue()
+
+        body = await asyncio.to_thread(pack)
+    return Response(body, media_type="application/x-tar",
+                    headers={"Content-Disposition": f'attachment; filename="{run_id}-{format}.tar"'})
 
 
 def _trainer(orch: Orchestrator):

@@ -53,6 +53,11 @@ def resolve_export_dir(data_dir: Path, export_dir: str) -> Path:
     return target
 
 
+def make_export_dir(data_dir: Path, export_dir: str) -> Path:
+    """``export_dir`` confined to ``data_dir`` (see resolve_export_dir), made if missing."""
+    return _make_export_dir(data_dir, export_dir, "")
+
+
 def _make_export_dir(data_dir: Path, export_dir: str | None, run_id: str) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     out_dir = resolve_export_dir(data_dir, export_dir) if export_dir else data_dir.resolve() / run_id / "qa"
