@@ -83,6 +83,8 @@ class FakeState:
     points: dict[str, list[dict]] = field(default_factory=dict)  # collection -> [{text, round}]
     fail_run: bool = False
     fail_train: bool = False
+    qa_rejections: dict[str, int] = field(default_factory=dict)  # reported by every POST /qa
+    exports: list[tuple[str, str]] = field(default_factory=list)  # (run id, format) per GET /export
 
 
 def fake_orchestrator(state: FakeState) -> FastAPI:
@@ -190,7 +192,37 @@ def fake_orchestrator(state: FakeState) -> FastAPI:
             add_event(rid, "qa", {"instruction_id": ins.id, "status": "converted", "done": k + 1,
                                   "total": len(instrs), "converted": k + 1, "rejected": 0})
         state.qa[rid] = recs
-        return QAResult(run_id=rid, total=len(instrs), converted=len(recs), rejected=0).model_dump()
+        rejected = sum(state.qa_rejections.values())
+        return QAResult(run_id=rid, total=len(instrs) + rejected, converted=len(recs), rejected=rejected,
+                        rejections=dict(state.qa_rejections)).model_dump()
+
+    @app.get("/runs/{rid}/export")
+    async def export(rid: str, format: str = "hf", license: str = "other"):
+        # the orchestrator's own writer (real files, real card) over the fake's rows
+        import io
+        import tarfile
+        import tempfile
+        from pathlib import Path
+
+        from negspace_orchestrator import export as ex
+
+        if rid not in state.runs:
+            return err(404, f"no run {rid}")
+        run = state.runs[rid]
+        state.exports.append((rid, format))
+        info = ex.ExportInfo(run_id=rid, mode=run.mode, status=run.status, config=run.config,
+                             attempts=run.progress.attempts, qa_total=len(state.instructions[rid]),
+                             qa_converted=len(state.qa.get(rid, [])), qa_rejections=dict(state.qa_rejections),
+                             model="fake-model", embedder="fake-embedder", license=license)
+        qa_rows = [r.model_dump(mode="json") for r in state.qa.get(rid, [])]
+        with tempfile.TemporaryDirectory() as tmp:
+            ex.write(Path(tmp), format, info, ex.instruction_rows(state.instructions[rid]), qa_rows)
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                for f in sorted(Path(tmp).rglob("*")):
+                    if f.is_file():
+                        tar.add(f, arcname=str(f.relative_to(tmp)))
+        return Response(buf.getvalue(), media_type="application/x-tar")
 
     @app.get("/runs/{rid}/qa")
     async def qa_records(rid: str):

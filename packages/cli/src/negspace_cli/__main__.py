@@ -5,6 +5,7 @@
     negspace run --base "..." --nodes 4 --rounds 3 [--baseline]
     negspace runs
     negspace experiment --base "Write a math problem." --nodes 4 --rounds 3 [--out runs]
+    negspace export RUN_ID --format hf|parquet|jsonl --out DIR [--push-to-hub REPO]
 
 The orchestrator URL comes from --orchestrator-url or $NEGSPACE_ORCHESTRATOR_URL (default
 http://127.0.0.1:8000); the bearer token from $NEGSPACE_API_TOKEN, else $NEGSPACE_HOME/api-token
@@ -327,6 +328,22 @@ def cmd_results(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export --------------------------------------------------------------------------------
+async def _export(a: argparse.Namespace) -> int:
+    from negspace_cli import export as export_mod
+
+    try:
+        async with _orch(a) as client:
+            await export_mod.export_run(client, a.run_id, a.format, a.out, license=a.license)
+        if a.push_to_hub:
+            url = export_mod.push_to_hub(a.out, a.push_to_hub, private=a.private)
+            print(f"negspace: pushed {a.out} to {url}", file=sys.stderr)
+    except export_mod.ExportError as exc:
+        _err(str(exc))
+        return 1
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="negspace", description=__doc__,
@@ -395,6 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_stack_args(ex)
     ex.set_defaults(func=cmd_experiment)
+
+    exp = sub.add_parser("export", help="a run's instructions and Q/A pairs as a dataset with its card")
+    client_args(exp)
+    exp.add_argument("run_id")
+    exp.add_argument("--format", choices=["hf", "parquet", "jsonl"], default="hf",
+                     help="hf: a datasets.load_from_disk folder; parquet/jsonl: one file per config")
+    exp.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+    exp.add_argument("--license", default="other", help="the dataset card's license (a Hub license id)")
+    exp.add_argument("--push-to-hub", metavar="REPO", default=None,
+                     help="also upload the folder to this Hub dataset repo (needs $HF_TOKEN or a login)")
+    exp.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    exp.set_defaults(func=lambda a: asyncio.run(_export(a)))
 
     res = sub.add_parser("results", help="print a README results section from an experiment folder")
     res.add_argument("experiment", type=Path, help="runs/<id>")

@@ -280,6 +280,8 @@ def _export_ready(orch: Orchestrator, run_id: str) -> RunRow:
     run = _run_or_404(orch, run_id)
     if run.status in ("queued", "running"):
         raise ConflictError(f"run {run_id} is {run.status}; export it once it has finished")
+    if orch.store.counts(run_id)[0] == 0:
+        raise ConflictError(f"run {run_id} has no accepted instructions to export")
     return run
 
 

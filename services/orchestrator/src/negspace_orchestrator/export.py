@@ -81,6 +81,7 @@ def data_files(fmt: str) -> dict[str, str]:
 
 def card(info: ExportInfo, fmt: str, n_instructions: int, n_qa: int) -> str:
     files = data_files(fmt)
+    present = [c for c, n in (("instructions", n_instructions), ("qa", n_qa)) if n]
     header = {
         "pretty_name": f"negspace {info.mode} run {info.run_id}",
         "license": info.license,
@@ -88,7 +89,7 @@ def card(info: ExportInfo, fmt: str, n_instructions: int, n_qa: int) -> str:
         "tags": ["synthetic", "negspace", f"negspace-{info.mode}"],
         "size_categories": [_size_category(max(n_instructions, n_qa))],
         "configs": [{"config_name": c, "data_files": [{"split": "train", "path": files[c]}],
-                     **({"default": True} if c == "qa" else {})} for c in CONFIGS],
+                     **({"default": True} if c == present[-1] else {})} for c in present],
     }
     cfg = info.config
     method = (f"guided generation with negative prompts: each node rewrites the base instruction; when the "
@@ -106,7 +107,8 @@ def card(info: ExportInfo, fmt: str, n_instructions: int, n_qa: int) -> str:
              "## Configs", "",
              f"- `instructions` ({n_instructions} rows): text, node, round, attempt, scale (guidance scale; "
              "null for the baseline and round 0), similarity (max cosine similarity to the earlier ones).",
-             f"- `qa` ({n_qa} rows): `messages`, one user question and one assistant answer.", "",
+             f"- `qa` ({n_qa} rows): `messages`, one user question and one assistant answer."
+             + ("" if n_qa else " Not included: the run has no Q/A pairs yet (POST /runs/{id}/qa)."), "",
              "## How it was made", "", f"- Method: {method}.",
              f"- Generation model: {info.model or 'unknown (the node did not say)'}",
              f"- Embedder: {info.embedder or 'unknown (the controller did not say)'}",
@@ -139,19 +141,24 @@ def write(out_dir: Path, fmt: str, info: ExportInfo, instructions: list[dict[str
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = {"instructions": instructions, "qa": qa}
+    # a config without rows is left out (datasets cannot load an empty saved split back)
+    rows = {c: r for c, r in (("instructions", instructions), ("qa", qa)) if r}
+    if not rows:
+        raise ValueError("nothing to export: the run has no instructions")
     if fmt == "jsonl":
-        for c in CONFIGS:
+        for c in rows:
             (out_dir / f"{c}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[c]))
     else:
         import datasets
 
         feats = _features()
-        sets = {c: datasets.Dataset.from_list(rows[c], features=feats[c]) for c in CONFIGS}
+        # from_dict, not from_list: an empty config (no Q/A yet) keeps its columns
+        sets = {c: datasets.Dataset.from_dict({k: [r[k] for r in rows[c]] for k in feats[c]}, features=feats[c])
+                for c in rows}
         if fmt == "hf":
             datasets.DatasetDict(sets).save_to_disk(str(out_dir))
         else:
-            for c in CONFIGS:
+            for c in rows:
                 sets[c].to_parquet(str(out_dir / f"{c}.parquet"))
     (out_dir / "README.md").write_text(card(info, fmt, len(instructions), len(qa)))
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
