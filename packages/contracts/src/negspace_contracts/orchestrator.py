@@ -275,13 +275,17 @@ class _Runs(Resource):
                                            params={"format": format, "license": license}, timeout=QA_TIMEOUT_S)
         return response.content
 
-    async def train(self, run_id: str, request: TrainRequest | None = None) -> Job:
+    async def train(self, run_id: str, request: TrainRequest | None = None, *, seed: int | None = None) -> Job:
+        """The run's training job (one per run); with ``seed``, the run's job for that seed (one
+        per (run, seed), its ``training.seed`` set to it): repeating the call returns that job."""
         return await self._client.call("POST", f"/runs/{run_id}/train", Job,
-                                       json_body=request or TrainRequest())
+                                       json_body=request or TrainRequest(),
+                                       params={"seed": seed} if seed is not None else None)
 
-    async def train_job(self, run_id: str) -> Job:
-        """The run's training job as the trainer reports it now (``GET /runs/{id}/train``)."""
-        return await self._client.call("GET", f"/runs/{run_id}/train", Job)
+    async def train_job(self, run_id: str, *, seed: int | None = None) -> Job:
+        """The run's training job (or its job for ``seed``) as the trainer reports it now."""
+        return await self._client.call("GET", f"/runs/{run_id}/train", Job,
+                                       params={"seed": seed} if seed is not None else None)
 
     async def events(self, run_id: str, *, after: int = 0) -> AsyncIterator[RunEvent]:
         """Follow ``GET /runs/{id}/events`` (server-sent events) until the stream ends."""

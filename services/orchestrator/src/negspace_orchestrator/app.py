@@ -341,13 +341,20 @@ def _trainer(orch: Orchestrator):
     return orch.deps.trainer
 
 
+SeedParam = Annotated[int | None, Query(ge=0, description="A training seed: one job per (run, seed), "
+                                                          "beside the run's own job; the request's "
+                                                          "training.seed is set to it.")]
+
+
 @runs.post("/{run_id}/train", status_code=201, response_model=Job)
-async def train(run_id: str, orch: Orch, request: TrainRequest | None = None) -> Job:
+async def train(run_id: str, orch: Orch, request: TrainRequest | None = None, seed: SeedParam = None) -> Job:
     run = _run_or_404(orch, run_id)
     trainer = _trainer(orch)
     pairs = orch.store.qa_records(run_id)
     if not pairs:
         raise ConflictError(f"run {run_id} has no Q/A records: POST /runs/{run_id}/qa first")
+    if seed is not None:
+        return await _train_seed(orch, trainer, run_id, pairs, request or TrainRequest(), seed)
     if run.train_job_id:
         try:
             async with _trainer_errors():
@@ -369,6 +376,24 @@ async def train(run_id: str, orch: Orch, request: TrainRequest | None = None) ->
         job = Job(id=created.id, status=created.status, name=job_request.name, request=job_request)
     _record_train_job(orch, run_id, job.id, job.status)
     return job
+
+
+async def _train_seed(orch: Orchestrator, trainer, run_id: str, pairs, req: TrainRequest, seed: int) -> Job:
+    """The run's job for ``seed``: created once (a stored idempotency key, sent with every try),
+    then answered as the trainer reports it, however often the request is repeated."""
+    key, job_id = orch.store.seed_train_key(run_id, seed)
+    if job_id is None:
+        job_request = JobRequest(dataset=DatasetSpec(records=[qa_mod.chat_record(q, a) for q, a in pairs]),
+                                 base_model=req.base_model, method=req.method, lora=req.lora,
+                                 training=req.training.model_copy(update={"seed": seed}), eval=req.eval,
+                                 compare_base=req.compare_base, name=f"negspace-run-{run_id}-seed-{seed}")
+        async with _trainer_errors():
+            created = await trainer.jobs.create(job_request, idempotency_key=key)
+        job_id = created.id
+        orch.store.set_seed_train_job(run_id, seed, job_id)
+        orch.event(run_id, "train", {"job_id": job_id, "status": created.status, "seed": seed})
+    async with _trainer_errors():
+        return await trainer.jobs.get(job_id)
 
 
 # Tries of one job creation when the trainer's answer is lost (timeout, dropped connection) or
@@ -438,8 +463,15 @@ def _record_train_job(orch: Orchestrator, run_id: str, job_id: str, status: str)
 
 
 @runs.get("/{run_id}/train", response_model=Job)
-async def train_status(run_id: str, orch: Orch) -> Job:
+async def train_status(run_id: str, orch: Orch, seed: SeedParam = None) -> Job:
     run = _run_or_404(orch, run_id)
+    if seed is not None:
+        job_id = orch.store.seed_train_jobs(run_id).get(seed)
+        if job_id is None:
+            raise NotFoundError(f"run {run_id} has no training job for seed {seed}: "
+                                f"POST /runs/{run_id}/train?seed={seed} first")
+        async with _trainer_errors():
+            return await _trainer(orch).jobs.get(job_id)
     if not run.train_job_id:
         raise NotFoundError(f"run {run_id} has no training job: POST /runs/{run_id}/train first")
     async with _trainer_errors():
