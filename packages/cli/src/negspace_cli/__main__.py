@@ -260,7 +260,7 @@ def cmd_experiment(a: argparse.Namespace) -> int:
                            similarity_threshold=a.similarity_threshold, negatives_k=a.negatives, negative_format=a.negative_format,
                            train_max_steps=a.train_steps,
                            eval_tasks=[t for t in a.eval_tasks.split(",") if t], eval_limit=a.eval_limit or None,
-                           skip_training=a.skip_training)
+                           skip_training=a.skip_training, train_seeds=a.train_seeds, export=not a.no_export)
     stack = None
     orchestrator_url, controller_url = a.orchestrator_url, a.controller_url
     if not asyncio.run(_reachable(orchestrator_url)):
@@ -405,7 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--qa-max-tokens", type=int, default=160)
     ex.add_argument("--train-steps", type=int, default=10, help="LoRA max_steps per adapter")
     ex.add_argument("--eval-tasks", default=DEFAULT_EVAL_TASK, help="comma-separated lm-eval tasks")
-    ex.add_argument("--eval-limit", type=int, default=10, help="items per task (0 = all)")
+    ex.add_argument("--eval-limit", type=int, default=ExperimentConfig.eval_limit, help="items per task (0 = all)")
+    ex.add_argument("--train-seeds", type=_positive_int, default=ExperimentConfig.train_seeds,
+                    help="adapters per dataset, one per training seed; the report gives the mean and a 95%% "
+                         "interval of tuned - base and guided - baseline")
+    ex.add_argument("--no-export", action="store_true", help="skip the hf export (export/guided, export/baseline)")
     ex.add_argument("--skip-training", action="store_true")
     ex.add_argument("--out", type=Path, default=Path("runs"), help="experiments folder (default ./runs)")
     ex.add_argument("--no-start", action="store_true", help="fail instead of starting a local stack")
