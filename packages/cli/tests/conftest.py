@@ -262,7 +262,7 @@ def fake_orchestrator(state: FakeState) -> FastAPI:
             job = job.model_copy(update={"status": "failed", "error": "worker died: out of memory"})
         elif polls >= 3:
             req = state.seed_requests[key]
-            score = (0.2 if rid == "run-1" else 0.1) + state.seed_jitter.get((rid, seed), 0.0)
+            score = (0.2 if rid == "run-1" else 0.1) + state.seed_jitter.get((rid, req.training.seed), 0.0)
             job = job.model_copy(update={
                 "status": "succeeded", "progress": JobProgress(step=total, total_steps=total, stage="done"),
                 "losses": [LossPoint(step=s, loss=2.0 - 0.1 * s) for s in range(1, total + 1)],

@@ -197,8 +197,9 @@ async def test_seeds_intervals_rejections_and_exports(clients, fake_state, tmp_p
     out = await run_experiment(cfg, orch, ctl, tmp_path, quiet=True)
     m = json.loads((out / "metrics.json").read_text())
     # one job per (run, seed), each with its seed; the base evaluated once
-    assert sorted(fake_state.seed_requests) == ["run-1@7", "run-1@8", "run-1@9", "run-2@7", "run-2@8", "run-2@9"]
-    assert [fake_state.seed_requests[f"run-1@{s}"].training.seed for s in (7, 8, 9)] == [7, 8, 9]
+    # the first seed is the run's own job, the others (run, seed) jobs
+    assert sorted(fake_state.seed_requests) == ["run-1", "run-1@8", "run-1@9", "run-2", "run-2@8", "run-2@9"]
+    assert [fake_state.seed_requests[k].training.seed for k in ("run-1", "run-1@8", "run-1@9")] == [7, 8, 9]
     assert [r.compare_base for r in fake_state.seed_requests.values()].count(True) == 1
     key = "negspace_arith/exact_match,first-number"
     es = m["eval_seeds"]

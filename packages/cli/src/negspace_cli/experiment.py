@@ -319,20 +319,26 @@ async def retry_while_down(call, what: str, outage_s: float = OUTAGE_S, pause_s:
 async def _train_and_eval(cfg: ExperimentConfig, orchestrator: OrchestratorClient, gid: str, bid: str,
                           quiet: bool, training: dict[str, Any], evals: dict[str, dict[str, float]],
                           seed_stats: dict[str, Any]) -> None:
-    """One adapter per dataset and training seed (``POST /runs/{id}/train?seed=``), the base model
+    """One adapter per dataset and training seed (the run's job, then ``POST /runs/{id}/train?seed=``), the base model
     evaluated once (on the guided run's first seed). Fills ``training`` (even when a job fails, so
     the report shows it), ``evals`` (each model's scores, the mean over seeds) and ``seed_stats``
     (per-seed scores and stderrs, and the differences with their 95% intervals)."""
     seeds = cfg.seeds()
     runs_by_label = {"guided": gid, "baseline": bid}
     keys: list[tuple[str, int]] = [(label, s) for s in seeds for label in ("guided", "baseline")]
+    # the first seed is the run's own job (POST /runs/{id}/train: followed by the orchestrator's
+    # train events, one per run as before); each further seed its (run, seed) job
+    def extra(s: int) -> int | None:
+        return None if s == seeds[0] else s
+
     for label, s in keys:
         rid = runs_by_label[label]
         cb = label == "guided" and s == seeds[0]
-        await retry_while_down(lambda rid=rid, cb=cb, s=s: orchestrator.runs.train(rid, cfg.train_request(cb, s), seed=s),
-                               f"training request for run {rid} (seed {s})")
+        await retry_while_down(
+            lambda rid=rid, cb=cb, s=s: orchestrator.runs.train(rid, cfg.train_request(cb, s), seed=extra(s)),
+            f"training request for run {rid} (seed {s})")
     names = {f"{label}/{s}": (label, s) for label, s in keys}
-    jobs = await follow_jobs(lambda k: orchestrator.runs.train_job(runs_by_label[names[k][0]], seed=names[k][1]),
+    jobs = await follow_jobs(lambda k: orchestrator.runs.train_job(runs_by_label[names[k][0]], seed=extra(names[k][1])),
                              list(names), desc={k: f"4/5 train+eval {lbl} seed {s}" for k, (lbl, s) in names.items()},
                              quiet=quiet, timeout_s=cfg.train_timeout_s)
     for label in ("guided", "baseline"):  # training[label]: the first seed's job, as before; all seeds apart
