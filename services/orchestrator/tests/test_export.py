@@ -43,6 +43,9 @@ def check_card(folder, fmt: str, rid: str) -> dict:
     assert f"run `{rid}`" in text and '"base_instruction": "Write a riddle."' in text
     assert "Seeds: run seed 3" in text and "negspace 0.1.0" in text and "4 instructions accepted" in text
     assert "Q/A: 4 of 4 instructions converted" in text
+    # the controller's diversity metrics of the run; the mock node names no model, and the card says so
+    assert "| semantic_diversity | 0.5 |" in text and "| vendi_score | 4.0 |" in text
+    assert "Generation model: unknown (the node did not say)" in text
     return header
 
 

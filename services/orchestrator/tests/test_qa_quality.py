@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from negspace_contracts.node import ChatCompletionRequest
-from negspace_contracts.orchestrator import QARequest, RunConfig
+from negspace_contracts.orchestrator import ExportRequest, QARequest, RunConfig
 from negspace_orchestrator import prompts
 
 from .conftest import seeded_text  # noqa: TID252
@@ -104,6 +104,13 @@ async def test_qa_counts_each_rejection_reason(make_harness):
         # the counts are stored: a second call reports the same without generating
         again = await h.client.runs.qa(rid)
         assert again.rejections == result.rejections
+        # the dataset card carries them
+        from pathlib import Path
+
+        exported = await h.client.runs.export(rid, ExportRequest(format="jsonl"))
+        card = (Path(exported.path) / "README.md").read_text()
+        assert ("Q/A: 1 of 6 instructions converted, rejected: bare_number 1, echo 1, language 1, "
+                "truncated 1, unparseable 1.") in card
 
 
 def test_rejections_of_a_db_from_before_reasons(tmp_path):

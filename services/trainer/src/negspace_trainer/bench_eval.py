@@ -80,7 +80,7 @@ def run_one(label: str, rows: list[dict], args) -> dict:
         assert proc.stdout is not None
         for line in proc.stdout:  # the worker's progress (steps, losses, lm-eval) as it goes
             tail = (tail + [line])[-60:]
-            if line.startswith("step ") or "tuned:" in line or "base:" in line:
+            if "] step " in line or "] tuned:" in line or "] base:" in line or "] failed" in line:
                 print(f"  {label}: {line.strip()[:160]}", flush=True)
         if proc.wait() != 0:
             raise SystemExit(f"{label} run failed:\n{''.join(tail)}")
