@@ -105,11 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--eval-limit", type=int, default=80, help=f"{TASK} items (0 = all 160)")
     p.add_argument("--with-base", action="store_true", help="also score the base model")
+    p.add_argument("--parallel", action="store_true", help="train and evaluate both adapters at once")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
     load_before = os.getloadavg()[0]
-    results = {label: run_one(label, records(args.records, label == "corrupted"), args)
-               for label in ("correct", "corrupted")}
+    labels = ("correct", "corrupted")
+    if args.parallel:  # two worker processes at once: faster where cores are spare (or shared)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            futures = {label: pool.submit(run_one, label, records(args.records, label == "corrupted"), args)
+                       for label in labels}
+            results = {label: f.result() for label, f in futures.items()}
+    else:
+        results = {label: run_one(label, records(args.records, label == "corrupted"), args) for label in labels}
     (acc_c, se_c), (acc_x, se_x) = _score(results["correct"], "tuned"), _score(results["corrupted"], "tuned")
     diff, se = acc_c - acc_x, math.hypot(se_c, se_x)
     verdict = (f"the evaluation discriminates at this budget: {diff:+.3f} is {diff / se:.1f} stderrs"
