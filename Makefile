@@ -7,14 +7,14 @@ export TOKENIZERS_PARALLELISM ?= false
 export VLLM_LOGGING_LEVEL ?= WARNING
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo study bench-node bench-guidance bench-controller bench-trainer bench-load lint compose-check clean help
+.PHONY: setup test test-fast demo study bench-node bench-guidance bench-controller bench-trainer bench-eval bench-load lint compose-check clean help
 
 help:
 	@echo "make demo     set up, then run the guided-vs-baseline experiment on embedded defaults"
 	@echo "make test     set up, then run every test"
 	@echo "make study    set up, then run the documented held-out study (docs/study/held-out.json; resumable)"
 	@echo "make setup    create .venv, install the pinned stack and bundled models (idempotent)"
-	@echo "make bench-node | bench-guidance | bench-controller | bench-trainer | bench-load   print + record figures in docs/benchmarks.md"
+	@echo "make bench-node | bench-guidance | bench-controller | bench-trainer | bench-eval | bench-load   print + record figures in docs/benchmarks.md"
 
 setup:
 	@bash scripts/setup.sh
@@ -47,6 +47,10 @@ bench-controller: setup
 
 bench-trainer: setup
 	$(PY) -m negspace_trainer.bench
+
+# Does the eval task see what the data teaches? Correct vs corrupted answers, same budget.
+bench-eval: setup
+	$(PY) -m negspace_trainer.bench_eval
 
 # The whole stack as local processes under concurrent runs: throughput and p50/p99 latencies.
 bench-load: setup

@@ -83,6 +83,10 @@ class FakeState:
     points: dict[str, list[dict]] = field(default_factory=dict)  # collection -> [{text, round}]
     fail_run: bool = False
     fail_train: bool = False
+    qa_rejections: dict[str, int] = field(default_factory=dict)  # reported by every POST /qa
+    seed_requests: dict[str, TrainRequest] = field(default_factory=dict)  # "run" or "run@seed" -> request
+    seed_jitter: dict[tuple[str, int | None], float] = field(default_factory=dict)  # added to a job's score
+    exports: list[tuple[str, str]] = field(default_factory=list)  # (run id, format) per GET /export
 
 
 def fake_orchestrator(state: FakeState) -> FastAPI:
@@ -190,7 +194,37 @@ def fake_orchestrator(state: FakeState) -> FastAPI:
             add_event(rid, "qa", {"instruction_id": ins.id, "status": "converted", "done": k + 1,
                                   "total": len(instrs), "converted": k + 1, "rejected": 0})
         state.qa[rid] = recs
-        return QAResult(run_id=rid, total=len(instrs), converted=len(recs), rejected=0).model_dump()
+        rejected = sum(state.qa_rejections.values())
+        return QAResult(run_id=rid, total=len(instrs) + rejected, converted=len(recs), rejected=rejected,
+                        rejections=dict(state.qa_rejections)).model_dump()
+
+    @app.get("/runs/{rid}/export")
+    async def export(rid: str, format: str = "hf", license: str = "other"):
+        # the orchestrator's own writer (real files, real card) over the fake's rows
+        import io
+        import tarfile
+        import tempfile
+        from pathlib import Path
+
+        from negspace_orchestrator import export as ex
+
+        if rid not in state.runs:
+            return err(404, f"no run {rid}")
+        run = state.runs[rid]
+        state.exports.append((rid, format))
+        info = ex.ExportInfo(run_id=rid, mode=run.mode, status=run.status, config=run.config,
+                             attempts=run.progress.attempts, qa_total=len(state.instructions[rid]),
+                             qa_converted=len(state.qa.get(rid, [])), qa_rejections=dict(state.qa_rejections),
+                             model="fake-model", embedder="fake-embedder", license=license)
+        qa_rows = [r.model_dump(mode="json") for r in state.qa.get(rid, [])]
+        with tempfile.TemporaryDirectory() as tmp:
+            ex.write(Path(tmp), format, info, ex.instruction_rows(state.instructions[rid]), qa_rows)
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                for f in sorted(Path(tmp).rglob("*")):
+                    if f.is_file():
+                        tar.add(f, arcname=str(f.relative_to(tmp)))
+        return Response(buf.getvalue(), media_type="application/x-tar")
 
     @app.get("/runs/{rid}/qa")
     async def qa_records(rid: str):
@@ -200,39 +234,49 @@ def fake_orchestrator(state: FakeState) -> FastAPI:
                         media_type="application/x-ndjson")
 
     @app.post("/runs/{rid}/train", status_code=201)
-    async def train(rid: str, body: TrainRequest):
+    async def train(rid: str, body: TrainRequest, seed: int | None = None):
         if rid not in state.qa:
             return err(409, "run /qa first")
-        state.train_requests[rid] = body
-        job = Job(id=f"job-{rid}", status="queued", progress=JobProgress(step=0, total_steps=body.training.max_steps))
-        state.jobs[rid] = job
-        state.job_polls[rid] = 0
+        key = rid if seed is None else f"{rid}@{seed}"
+        if key in state.jobs:  # one job per (run, seed), like the orchestrator
+            return state.jobs[key].model_dump(mode="json")
+        state.train_requests.setdefault(rid, body)  # the run's first request
+        state.seed_requests[key] = body
+        first = not any(k == rid or k.startswith(f"{rid}@") for k in state.jobs)
+        job = Job(id=f"job-{rid}" if first else f"job-{rid}-s{seed}", status="queued",
+                  progress=JobProgress(step=0, total_steps=body.training.max_steps))
+        state.jobs[key] = job
+        state.job_polls[key] = 0
         return job.model_dump(mode="json")
 
     @app.get("/runs/{rid}/train")
-    async def train_job(rid: str):
-        job = state.jobs[rid]
-        state.job_polls[rid] += 1
-        polls = state.job_polls[rid]
+    async def train_job(rid: str, seed: int | None = None):
+        key = rid if seed is None else f"{rid}@{seed}"
+        if key not in state.jobs:
+            return err(404, f"no job for {key}")
+        job = state.jobs[key]
+        state.job_polls[key] += 1
+        polls = state.job_polls[key]
         total = job.progress.total_steps or 1
         if polls >= 2 and state.fail_train:
             job = job.model_copy(update={"status": "failed", "error": "worker died: out of memory"})
         elif polls >= 3:
-            req = state.train_requests[rid]
-            score = 0.2 if rid == "run-1" else 0.1
+            req = state.seed_requests[key]
+            score = (0.2 if rid == "run-1" else 0.1) + state.seed_jitter.get((rid, req.training.seed), 0.0)
             job = job.model_copy(update={
                 "status": "succeeded", "progress": JobProgress(step=total, total_steps=total, stage="done"),
                 "losses": [LossPoint(step=s, loss=2.0 - 0.1 * s) for s in range(1, total + 1)],
                 "eval": JobEval(tuned={"results": {"negspace_arith": {"alias": "negspace_arith",
                                                                       "exact_match,first-number": score,
                                                                       "exact_match_stderr,first-number": 0.05}}},
-                                base={"results": {"negspace_arith": {"exact_match,first-number": 0.05}}}
+                                base={"results": {"negspace_arith": {"exact_match,first-number": 0.05,
+                                                                     "exact_match_stderr,first-number": 0.02}}}
                                 if req.compare_base else None)})
         else:
             job = job.model_copy(update={"status": "running",
                                          "progress": JobProgress(step=min(total, polls * 3), total_steps=total,
                                                                  stage="train")})
-        state.jobs[rid] = job
+        state.jobs[key] = job
         return job.model_dump(mode="json")
 
     return app

@@ -98,3 +98,49 @@ def test_unreachable_orchestrator_is_one_clear_line(capsys, monkeypatch):
 def test_experiment_without_a_stack_and_no_start_fails_clearly(capsys):
     assert cli.main(["experiment", "--base", "b", "--orchestrator-url", "http://127.0.0.1:9", "--no-start"]) == 1
     assert "no orchestrator answers at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_export_writes_a_loadable_dataset_with_its_card(patched, fake_state, capsys, tmp_path):
+    import datasets
+    from negspace_orchestrator import export as ex
+
+    assert cli.main(["run", "--base", "Write a poem.", "--nodes", "2", "--rounds", "1"]) == 0
+    out = tmp_path / "hf"
+    assert cli.main(["export", "run-1", "--format", "hf", "--out", str(out)]) == 0
+    dd = datasets.load_from_disk(str(out))
+    assert dd["instructions"].to_list() == ex.instruction_rows(fake_state.instructions["run-1"])
+    assert list(dd) == ["instructions"]  # no Q/A yet: the card says so
+    card = (out / "README.md").read_text()
+    assert [c["config_name"] for c in ex.parse_card(card)["configs"]] == ["instructions"]
+    assert "the run has no Q/A pairs yet" in card
+    # a folder that already holds files is refused, with the reason
+    assert cli.main(["export", "run-1", "--out", str(out)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert cli.main(["export", "run-9", "--out", str(tmp_path / "x")]) == 1
+    assert "no run run-9" in capsys.readouterr().err
+
+
+def test_export_parquet_and_push_to_hub_up_to_the_upload(patched, fake_state, capsys, tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    assert cli.main(["run", "--base", "Write a poem.", "--nodes", "2", "--rounds", "0"]) == 0
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo, **kw: calls.append(("create", repo, kw, self.token)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("upload", kw["repo_id"], kw, self.token)))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    out = tmp_path / "pq"
+    assert cli.main(["export", "run-1", "--format", "parquet", "--out", str(out), "--push-to-hub", "me/x"]) == 1
+    assert "needs a Hugging Face token" in capsys.readouterr().err and calls == []
+    ds = datasets.load_dataset("parquet", data_files=str(out / "instructions.parquet"), split="train")
+    assert ds.num_rows == 2 and ds[0]["text"] == fake_state.instructions["run-1"][0].text
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret")
+    out2 = tmp_path / "pq2"
+    assert cli.main(["export", "run-1", "--format", "parquet", "--out", str(out2), "--push-to-hub", "me/x",
+                     "--private"]) == 0
+    assert [(c[0], c[1], c[3]) for c in calls] == [("create", "me/x", "hf_secret"), ("upload", "me/x", "hf_secret")]
+    assert calls[0][2]["repo_type"] == "dataset" and calls[0][2]["private"] is True
+    assert calls[1][2]["folder_path"] == str(out2) and (out2 / "README.md").is_file()

@@ -181,3 +181,53 @@ async def test_requests_are_repeated_while_the_orchestrator_is_away_and_errors_t
 
     with pytest.raises(ConnectionFailedError):
         await retry_while_down(away, "Q/A", outage_s=0.05, pause_s=0.01)
+
+
+async def test_seeds_intervals_rejections_and_exports(clients, fake_state, tmp_path):
+    import datasets
+    from negspace_cli.experiment import seed_interval, t95
+
+    orch, ctl = clients
+    fake_state.qa_rejections = {"echo": 2, "truncated": 1}
+    # per-seed scores: guided 0.2 + (-0.02, 0, +0.04), baseline 0.1 + (0, 0.01, 0.02)
+    for s, (g, b) in zip((7, 8, 9), ((-0.02, 0.0), (0.0, 0.01), (0.04, 0.02)), strict=True):
+        fake_state.seed_jitter[("run-1", s)] = g
+        fake_state.seed_jitter[("run-2", s)] = b
+    cfg = ExperimentConfig(base="Write a math problem.", nodes=2, rounds=1, seed=7, train_seeds=3, train_max_steps=2)
+    out = await run_experiment(cfg, orch, ctl, tmp_path, quiet=True)
+    m = json.loads((out / "metrics.json").read_text())
+    # one job per (run, seed), each with its seed; the base evaluated once
+    # the first seed is the run's own job, the others (run, seed) jobs
+    assert sorted(fake_state.seed_requests) == ["run-1", "run-1@8", "run-1@9", "run-2", "run-2@8", "run-2@9"]
+    assert [fake_state.seed_requests[k].training.seed for k in ("run-1", "run-1@8", "run-1@9")] == [7, 8, 9]
+    assert [r.compare_base for r in fake_state.seed_requests.values()].count(True) == 1
+    key = "negspace_arith/exact_match,first-number"
+    es = m["eval_seeds"]
+    assert es["seeds"] == [7, 8, 9]
+    assert es["scores"]["guided-tuned"]["9"][key] == pytest.approx(0.24)
+    assert es["stderr"]["guided-tuned"]["7"][key] == 0.05 and es["base_stderr"][key] == 0.02
+    gb = es["differences"]["guided - baseline"][key]
+    diffs = [0.1 - 0.02, 0.1 - 0.01, 0.1 + 0.02]
+    sd = float(__import__("numpy").std(diffs, ddof=1))
+    half = t95(2) * math.sqrt(sd ** 2 / 3 + math.hypot(0.05, 0.05) ** 2)
+    assert gb["mean"] == pytest.approx(sum(diffs) / 3) and gb["n"] == 3
+    assert (gb["lo"], gb["hi"]) == (pytest.approx(gb["mean"] - half), pytest.approx(gb["mean"] + half))
+    tb = es["differences"]["guided-tuned - base"][key]
+    assert tb["mean"] == pytest.approx(0.2 + 0.02 / 3 - 0.05) and tb["lo"] < tb["mean"] < tb["hi"]
+    assert m["eval"]["guided-tuned"][key] == pytest.approx(0.2 + 0.02 / 3)
+    # one seed: a normal interval from lm-eval's stderr
+    one = seed_interval([0.1], [0.05])
+    assert (one["lo"], one["hi"]) == (pytest.approx(0.1 - 1.96 * 0.05), pytest.approx(0.1 + 1.96 * 0.05))
+    report = (out / "report.md").read_text()
+    assert "| task/metric | guided-tuned - base | baseline-tuned - base | guided - baseline |" in report
+    assert f"| {key} | " in report and f"{gb['mean']:+.4f} [{gb['lo']:+.4f}, {gb['hi']:+.4f}]" in report
+    assert "sample_len" not in report and "training seeds 7, 8, 9" in report
+    # rejection reasons per dataset
+    assert m["qa"]["guided"]["rejections"] == {"echo": 2, "truncated": 1}
+    assert "| guided | 7 | 4 | 3 | echo 2, truncated 1 |" in report
+    # the hf export of both datasets, loadable, with its card
+    assert m["exports"] == {"guided": "export/guided", "baseline": "export/baseline"}
+    for label, rid in (("guided", "run-1"), ("baseline", "run-2")):
+        dd = datasets.load_from_disk(str(out / "export" / label))
+        assert dd["instructions"]["text"] == [i.text for i in fake_state.instructions[rid]]
+        assert dd["qa"].num_rows == 4 and (out / "export" / label / "README.md").is_file()

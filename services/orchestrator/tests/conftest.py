@@ -118,9 +118,11 @@ class MockNode:
             self.log.calls.append(("generate", {"node": self.name, "negatives": list(req.negative_prompts),
                                                 "scale": req.guidance_scale, "seed": req.seed, "text": text}))
             ntok = len(text.split())
+            # a word is a token here: as long as max_tokens means the generation was cut there
+            cut = req.max_tokens is not None and ntok >= req.max_tokens
             return ChatCompletionResponse(
                 model="mock", choices=[ChatChoice(index=0, message=ChatCompletionMessage(content=text),
-                                                  finish_reason="stop")],
+                                                  finish_reason="length" if cut else "stop")],
                 usage=Usage(prompt_tokens=10, completion_tokens=ntok, total_tokens=10 + ntok),
                 guidance=GuidanceInfo(scale=req.guidance_scale, num_negatives=len(req.negative_prompts)))
 

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from negspace_contracts.errors import BadRequestError, ConflictError, ServiceUnavailableError
+from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 from negspace_contracts.node import ChatCompletionRequest
 from negspace_contracts.orchestrator import QARequest, RunConfig, TrainRequest
 from negspace_orchestrator import app as app_mod
@@ -318,3 +318,23 @@ def test_an_orchestrator_db_from_before_train_keys_gets_the_column(tmp_path):
         assert store.train_key("r1") != key
     finally:
         store.close()
+
+
+async def test_one_job_per_run_and_seed(make_harness):
+    trainer = MockTrainer()
+    async with make_harness(script=script, trainer=trainer) as h:
+        rid = await trained_run(h)
+        jobs = {s: await h.client.runs.train(rid, TrainRequest(method="lora"), seed=s) for s in (1, 2, 3)}
+        assert len({j.id for j in jobs.values()}) == 3 and len(trainer.jobs) == 3
+        assert [trainer.jobs[jobs[s].id][0].training.seed for s in (1, 2, 3)] == [1, 2, 3]
+        # repeated: the same job, none created; GET ?seed= reports it; the run's own job is apart
+        again = await h.client.runs.train(rid, TrainRequest(method="lora"), seed=2)
+        assert again.id == jobs[2].id and len(trainer.jobs) == 3
+        assert (await h.client.runs.train_job(rid, seed=3)).id == jobs[3].id
+        with pytest.raises(NotFoundError):
+            await h.client.runs.train_job(rid, seed=4)
+        with pytest.raises(NotFoundError):
+            await h.client.runs.train_job(rid)  # no unseeded job yet
+        own = await h.client.runs.train(rid)
+        assert own.id not in {j.id for j in jobs.values()} and len(trainer.jobs) == 4
+        assert [e["seed"] for e in train_events(h, rid) if "seed" in e] == [1, 2, 3]

@@ -6,6 +6,7 @@
     negspace runs
     negspace experiment --base "Write a math problem." --nodes 4 --rounds 3 [--out runs]
     negspace study [--spec FILE | --base ... --seeds 1,2,3 --arms a,b,c] [--out runs]
+    negspace export RUN_ID --format hf|parquet|jsonl --out DIR [--push-to-hub REPO]
 
 The orchestrator URL comes from --orchestrator-url or $NEGSPACE_ORCHESTRATOR_URL (default
 http://127.0.0.1:8000); the bearer token from $NEGSPACE_API_TOKEN, else $NEGSPACE_HOME/api-token
@@ -261,7 +262,7 @@ def cmd_experiment(a: argparse.Namespace) -> int:
                            similarity_threshold=a.similarity_threshold, negatives_k=a.negatives, negative_format=a.negative_format,
                            train_max_steps=a.train_steps,
                            eval_tasks=[t for t in a.eval_tasks.split(",") if t], eval_limit=a.eval_limit or None,
-                           skip_training=a.skip_training)
+                           skip_training=a.skip_training, train_seeds=a.train_seeds, export=not a.no_export)
     stack = None
     orchestrator_url, controller_url = a.orchestrator_url, a.controller_url
     if not asyncio.run(_reachable(orchestrator_url)):
@@ -329,6 +330,22 @@ def cmd_results(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export --------------------------------------------------------------------------------
+async def _export(a: argparse.Namespace) -> int:
+    from negspace_cli import export as export_mod
+
+    try:
+        async with _orch(a) as client:
+            await export_mod.export_run(client, a.run_id, a.format, a.out, license=a.license)
+        if a.push_to_hub:
+            url = export_mod.push_to_hub(a.out, a.push_to_hub, private=a.private)
+            print(f"negspace: pushed {a.out} to {url}", file=sys.stderr)
+    except export_mod.ExportError as exc:
+        _err(str(exc))
+        return 1
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="negspace", description=__doc__,
@@ -390,7 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--qa-max-tokens", type=int, default=160)
     ex.add_argument("--train-steps", type=int, default=10, help="LoRA max_steps per adapter")
     ex.add_argument("--eval-tasks", default=DEFAULT_EVAL_TASK, help="comma-separated lm-eval tasks")
-    ex.add_argument("--eval-limit", type=int, default=10, help="items per task (0 = all)")
+    ex.add_argument("--eval-limit", type=int, default=ExperimentConfig.eval_limit, help="items per task (0 = all)")
+    ex.add_argument("--train-seeds", type=_positive_int, default=ExperimentConfig.train_seeds,
+                    help="adapters per dataset, one per training seed; the report gives the mean and a 95%% "
+                         "interval of tuned - base and guided - baseline")
+    ex.add_argument("--no-export", action="store_true", help="skip the hf export (export/guided, export/baseline)")
     ex.add_argument("--skip-training", action="store_true")
     ex.add_argument("--out", type=Path, default=Path("runs"), help="experiments folder (default ./runs)")
     ex.add_argument("--no-start", action="store_true", help="fail instead of starting a local stack")
@@ -401,6 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     st = study_command.add_parser(sub, client_args, _add_stack_args)
     st.set_defaults(func=lambda a: study_command.cmd_study(a, reachable=_reachable, stack_config=_stack_config,
                                                            raise_stop=_raise_stop, err=_err))
+    exp = sub.add_parser("export", help="a run's instructions and Q/A pairs as a dataset with its card")
+    client_args(exp)
+    exp.add_argument("run_id")
+    exp.add_argument("--format", choices=["hf", "parquet", "jsonl"], default="hf",
+                     help="hf: a datasets.load_from_disk folder; parquet/jsonl: one file per config")
+    exp.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+    exp.add_argument("--license", default="other", help="the dataset card's license (a Hub license id)")
+    exp.add_argument("--push-to-hub", metavar="REPO", default=None,
+                     help="also upload the folder to this Hub dataset repo (needs $HF_TOKEN or a login)")
+    exp.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    exp.set_defaults(func=lambda a: asyncio.run(_export(a)))
 
     res = sub.add_parser("results", help="print a README results section from an experiment folder")
     res.add_argument("experiment", type=Path, help="runs/<id>")

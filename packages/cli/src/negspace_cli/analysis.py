@@ -76,3 +76,22 @@ def eval_scores(result: Mapping[str, Any] | None) -> dict[str, float]:
 
 def is_finite_metric(v: Any) -> bool:
     return v is None or (isinstance(v, (int, float)) and math.isfinite(float(v)))
+
+
+def eval_stderrs(result: Mapping[str, Any] | None) -> dict[str, float]:
+    """lm-eval's stderrs keyed like ``eval_scores`` (``acc_stderr,none`` -> ``task/acc,none``)."""
+    if not result:
+        return {}
+    res = result.get("results", result)
+    out: dict[str, float] = {}
+    if not isinstance(res, Mapping):
+        return out
+    for task, metrics in res.items():
+        if not isinstance(metrics, Mapping):
+            continue
+        for name, value in metrics.items():
+            v = _numeric(value)
+            if v is None or "_stderr" not in name:
+                continue
+            out[f"{task}/{name.replace('_stderr', '', 1)}"] = v
+    return out

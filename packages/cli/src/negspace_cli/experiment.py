@@ -40,7 +40,13 @@ from negspace_cli import analysis, plots
 from negspace_cli.follow import OutageBudget, follow_jobs, follow_run, with_qa_progress
 
 METRIC_NAMES = ("semantic_diversity", "mst_diversity", "hull_volume", "vendi_score", "distinct_1", "distinct_2")
-DEFAULT_EVAL_TASK = "negspace_arith"
+# log-likelihood multiple choice, so the 135M model scores above zero and above chance (0.25);
+# exact match on generated arithmetic answers (negspace_arith) gave 0 for every model
+DEFAULT_EVAL_TASK = "negspace_mathmc"
+DEFAULT_TRAIN_SEEDS = 3
+# two-sided 95% t quantiles by degrees of freedom (scipy is not a dependency)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 OUTAGE_S = 600.0  # how long a Q/A or training request waits, in a row, for an orchestrator that went away
 
 
@@ -71,7 +77,9 @@ class ExperimentConfig:
     train_batch_size: int = 4
     lora_r: int = 16
     eval_tasks: list[str] = field(default_factory=lambda: [DEFAULT_EVAL_TASK])
-    eval_limit: int | None = 10
+    eval_limit: int | None = 40
+    train_seeds: int = DEFAULT_TRAIN_SEEDS
+    export: bool = True
     skip_training: bool = False
     train_timeout_s: float = 3600.0
     per_round_metric: str = "semantic_diversity"
@@ -91,11 +99,16 @@ class ExperimentConfig:
                          max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                          seed=self.seed, match_run=guided_id)
 
-    def train_request(self, compare_base: bool) -> TrainRequest:
+    def seeds(self) -> list[int]:
+        """The training seeds: ``train_seeds`` consecutive ones from the run seed (42 for seed 0)."""
+        first = self.seed or 42
+        return [first + i for i in range(max(1, self.train_seeds))]
+
+    def train_request(self, compare_base: bool, seed: int | None = None) -> TrainRequest:
         return TrainRequest(
             method="lora", lora=LoraSpec(r=self.lora_r, alpha=2 * self.lora_r),
             training=TrainingSpec(max_steps=self.train_max_steps, batch_size=self.train_batch_size,
-                                  seed=self.seed or 42),
+                                  seed=seed if seed is not None else self.seeds()[0]),
             eval=EvalSpec(tasks=list(self.eval_tasks), limit=self.eval_limit) if self.eval_tasks else None,
             compare_base=compare_base)
 
@@ -174,18 +187,33 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
         _write_jsonl(out / "qa" / f"{label}.jsonl", [r.model_dump(mode="json") for r in records])
         if not records:
             raise ExperimentError(f"Q/A of the {label} run {rid} produced no pairs "
-                                  f"({res.rejected} of {res.total} rejected)")
+                                  f"({res.rejected} of {res.total} rejected: {res.rejections})")
     t = stage_done("qa", t)
+
+    # the hf export (datasets.load_from_disk folder + dataset card) of both datasets
+    exports: dict[str, str] = {}
+    if cfg.export:
+        from negspace_cli.export import unpack
+
+        for label, rid in (("guided", gid), ("baseline", bid)):
+            try:
+                archive = await orchestrator.runs.export_archive(rid, "hf")
+                await asyncio.to_thread(unpack, archive, out / "export" / label)
+                exports[label] = f"export/{label}"
+            except NegspaceError as exc:
+                notes.append(f"no hf export of the {label} run: {exc.message}")
+        t = stage_done("export", t)
 
     # 4. one adapter per dataset, evaluated (and the base model once)
     training: dict[str, Any] = {}
     evals: dict[str, dict[str, float]] = {}
+    seed_stats: dict[str, Any] = {}
     train_error: str | None = None
     if cfg.skip_training:
         notes.append("training and evaluation skipped (--skip-training)")
     else:
         try:
-            await _train_and_eval(cfg, orchestrator, gid, bid, quiet, training, evals)
+            await _train_and_eval(cfg, orchestrator, gid, bid, quiet, training, evals, seed_stats)
         except (NegspaceError, ExperimentError, TimeoutError) as exc:
             # keep going: the data and its metrics are worth a report; the exit code says it failed
             train_error = getattr(exc, "message", None) or str(exc)
@@ -259,6 +287,8 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
         "qa": qa_results,
         "training": training,
         "eval": evals,
+        "eval_seeds": seed_stats,
+        "exports": exports,
         "figures": figs,
         "timings_s": timings,
         "notes": notes,
@@ -287,24 +317,108 @@ async def retry_while_down(call, what: str, outage_s: float = OUTAGE_S, pause_s:
 
 
 async def _train_and_eval(cfg: ExperimentConfig, orchestrator: OrchestratorClient, gid: str, bid: str,
-                          quiet: bool, training: dict[str, Any], evals: dict[str, dict[str, float]]) -> None:
-    """Fills ``training`` (even when a job fails, so the report shows it) and ``evals``."""
-    for rid, compare_base in ((gid, True), (bid, False)):
-        await retry_while_down(lambda rid=rid, cb=compare_base: orchestrator.runs.train(rid, cfg.train_request(cb)),
-                               f"training request for run {rid}")
+                          quiet: bool, training: dict[str, Any], evals: dict[str, dict[str, float]],
+                          seed_stats: dict[str, Any]) -> None:
+    """One adapter per dataset and training seed (the run's job, then ``POST /runs/{id}/train?seed=``), the base model
+    evaluated once (on the guided run's first seed). Fills ``training`` (even when a job fails, so
+    the report shows it), ``evals`` (each model's scores, the mean over seeds) and ``seed_stats``
+    (per-seed scores and stderrs, and the differences with their 95% intervals)."""
+    seeds = cfg.seeds()
     runs_by_label = {"guided": gid, "baseline": bid}
-    jobs = await follow_jobs(lambda k: orchestrator.runs.train_job(runs_by_label[k]), ["guided", "baseline"],
-                             desc={"guided": "4/5 train+eval guided", "baseline": "4/5 train+eval baseline"},
+    keys: list[tuple[str, int]] = [(label, s) for s in seeds for label in ("guided", "baseline")]
+    # the first seed is the run's own job (POST /runs/{id}/train: followed by the orchestrator's
+    # train events, one per run as before); each further seed its (run, seed) job
+    def extra(s: int) -> int | None:
+        return None if s == seeds[0] else s
+
+    for label, s in keys:
+        rid = runs_by_label[label]
+        cb = label == "guided" and s == seeds[0]
+        await retry_while_down(
+            lambda rid=rid, cb=cb, s=s: orchestrator.runs.train(rid, cfg.train_request(cb, s), seed=extra(s)),
+            f"training request for run {rid} (seed {s})")
+    names = {f"{label}/{s}": (label, s) for label, s in keys}
+    jobs = await follow_jobs(lambda k: orchestrator.runs.train_job(runs_by_label[names[k][0]], seed=extra(names[k][1])),
+                             list(names), desc={k: f"4/5 train+eval {lbl} seed {s}" for k, (lbl, s) in names.items()},
                              quiet=quiet, timeout_s=cfg.train_timeout_s)
-    for label, job in jobs.items():
+    for label in ("guided", "baseline"):  # training[label]: the first seed's job, as before; all seeds apart
+        job = jobs[f"{label}/{seeds[0]}"]
         training[label] = {"job_id": job.id, "status": job.status, "error": job.error,
-                           "losses": [lp.model_dump() for lp in job.losses], "steps": job.progress.step}
-    for label, job in jobs.items():
+                           "losses": [lp.model_dump() for lp in job.losses], "steps": job.progress.step,
+                           "seeds": {str(s): {"job_id": jobs[f"{label}/{s}"].id, "status": jobs[f"{label}/{s}"].status,
+                                              "last_loss": jobs[f"{label}/{s}"].losses[-1].loss
+                                              if jobs[f"{label}/{s}"].losses else None} for s in seeds}}
+    for key in names:
+        job = jobs[key]
         if job.status != "succeeded":
-            raise ExperimentError(f"training job {job.id} ({label}) ended {job.status}: {job.error}")
-        evals[f"{label}-tuned"] = analysis.eval_scores(job.eval.tuned)
+            raise ExperimentError(f"training job {job.id} ({names[key][0]}) ended {job.status}: {job.error} "
+                                  f"[training seed {names[key][1]}]")
+    per_seed: dict[str, dict[int, dict[str, float]]] = {"guided-tuned": {}, "baseline-tuned": {}}
+    per_seed_se: dict[str, dict[int, dict[str, float]]] = {"guided-tuned": {}, "baseline-tuned": {}}
+    base: dict[str, float] = {}
+    base_se: dict[str, float] = {}
+    for (label, s), key in zip(keys, names, strict=True):
+        job = jobs[key]
+        per_seed[f"{label}-tuned"][s] = analysis.eval_scores(job.eval.tuned)
+        per_seed_se[f"{label}-tuned"][s] = analysis.eval_stderrs(job.eval.tuned)
         if job.eval.base is not None:
-            evals["base"] = analysis.eval_scores(job.eval.base)
+            base, base_se = analysis.eval_scores(job.eval.base), analysis.eval_stderrs(job.eval.base)
+    for col, by_seed in per_seed.items():
+        metrics = sorted({k for v in by_seed.values() for k in v})
+        evals[col] = {k: _mean([by_seed[s][k] for s in seeds if k in by_seed[s]]) for k in metrics}
+    if base:
+        evals["base"] = base
+    diffs: dict[str, dict[str, Any]] = {}
+    for col in ("guided-tuned", "baseline-tuned"):
+        if base:
+            diffs[f"{col} - base"] = {
+                k: seed_interval([per_seed[col][s][k] - base[k] for s in seeds if k in per_seed[col][s]],
+                                 [math.hypot(per_seed_se[col][s].get(k, 0.0), base_se.get(k, 0.0)) for s in seeds])
+                for k in base}
+    metrics = sorted(set(evals.get("guided-tuned", {})) & set(evals.get("baseline-tuned", {})))
+    diffs["guided - baseline"] = {
+        k: seed_interval([per_seed["guided-tuned"][s][k] - per_seed["baseline-tuned"][s][k] for s in seeds],
+                         [math.hypot(per_seed_se["guided-tuned"][s].get(k, 0.0),
+                                     per_seed_se["baseline-tuned"][s].get(k, 0.0)) for s in seeds])
+        for k in metrics}
+    seed_stats.update({"seeds": seeds, "scores": {c: {str(s): v for s, v in d.items()} for c, d in per_seed.items()},
+                       "stderr": {c: {str(s): v for s, v in d.items()} for c, d in per_seed_se.items()},
+                       "base_stderr": base_se, "differences": diffs, "interval": INTERVAL_METHOD})
+
+
+INTERVAL_METHOD = ("95% interval of the mean difference over training seeds: mean +- t(n-1) * sqrt(s^2/n + SE^2), "
+                   "s = the differences' standard deviation across seeds, SE = lm-eval's stderr of one run's "
+                   "difference (sqrt(se_a^2 + se_b^2), mean over seeds; the items are the same for every model, "
+                   "so seeds alone would not show the item sampling). One seed: +- 1.96 * SE.")
+
+
+def _mean(values: list[float]) -> float:
+    """The mean; the value itself when all are equal (no 0.20000000000000004 in the report)."""
+    return values[0] if all(v == values[0] for v in values) else float(np.mean(values))
+
+
+def t95(df: int) -> float:
+    if df <= 0:
+        return 1.96
+    for k in sorted(_T95):
+        if df <= k:
+            return _T95[k]
+    return 1.96
+
+
+def seed_interval(diffs: list[float], stderrs: list[float]) -> dict[str, Any]:
+    """Mean of per-seed differences with its 95% interval (see INTERVAL_METHOD)."""
+    n = len(diffs)
+    if n == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    mean = float(np.mean(diffs))
+    se_item = float(np.mean(stderrs)) if stderrs else 0.0
+    if n == 1:
+        half = 1.96 * se_item
+    else:
+        s = float(np.std(diffs, ddof=1))
+        half = t95(n - 1) * math.sqrt(s * s / n + se_item * se_item)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
 
 
 def _fmt(v: Any) -> str:
@@ -339,6 +453,25 @@ def eval_table(m: dict) -> list[str]:
     return lines
 
 
+def _interval(d: dict | None) -> str:
+    if not d or d.get("mean") is None:
+        return "n/a"
+    return f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+
+
+def difference_table(m: dict) -> list[str]:
+    """Tuned minus base and guided minus baseline, mean over seeds with the 95% interval."""
+    diffs = (m.get("eval_seeds") or {}).get("differences") or {}
+    if not diffs:
+        return []
+    cols = [c for c in ("guided-tuned - base", "baseline-tuned - base", "guided - baseline") if c in diffs]
+    keys = sorted({k for c in cols for k in diffs[c]})
+    lines = ["| task/metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(_interval(diffs[c].get(k)) for c in cols) + " |")
+    return lines
+
+
 def readme_snippet(m: dict, plot_path: str) -> str:
     """The README's results section from one experiment's metrics.json."""
     cfg = m["config"]
@@ -349,7 +482,10 @@ def readme_snippet(m: dict, plot_path: str) -> str:
              f"(CPU), {m['timings_s'].get('total')} s in all.", "", *diversity_table(m), ""]
     if m.get("eval"):
         lines += [f"Evaluation on the local task ({cfg['eval_limit']} items, {cfg['train_max_steps']} LoRA steps "
-                  "per adapter: a pipeline check, not a significant difference):", "", *eval_table(m), ""]
+                  f"per adapter, {len((m.get('eval_seeds') or {}).get('seeds') or [1])} training seeds; means "
+                  "over seeds):", "", *eval_table(m), ""]
+        if difference_table(m):
+            lines += ["Differences, mean over seeds [95% interval]:", "", *difference_table(m), ""]
     lines += [f"![guided (blue) vs baseline (orange) instructions, 2-D PCA]({plot_path})", ""]
     return "\n".join(lines)
 
@@ -380,17 +516,25 @@ def render_report(m: dict) -> str:
         tr = m.get("training") or {}
         steps = ", ".join(f"{lbl}: {v.get('steps')} steps, last loss "
                           f"{_fmt(v['losses'][-1]['loss']) if v.get('losses') else 'n/a'}" for lbl, v in tr.items())
+        seeds = (m.get("eval_seeds") or {}).get("seeds") or []
         lines += ["", f"LoRA adapters (r={cfg['lora_r']}) on each Q/A set ({steps}); eval limit "
-                  f"{cfg['eval_limit']} items per task. Tiny budgets: the demo shows the pipeline, not a "
-                  "significant difference.", ""]
+                  f"{cfg['eval_limit']} items per task; training seeds {', '.join(map(str, seeds)) or 'n/a'} "
+                  "(the tuned columns are means over them).", ""]
+        if difference_table(m):
+            lines += ["Differences, mean over seeds [95% interval]:", "", *difference_table(m), "",
+                      f"Interval: {m['eval_seeds'].get('interval', INTERVAL_METHOD)}", ""]
     else:
         lines += ["Not run.", ""]
     qa = m.get("qa") or {}
     if qa:
-        lines += ["## Q/A conversion", "", "| dataset | instructions | converted | rejected |", "|---|---:|---:|---:|"]
+        lines += ["## Q/A conversion", "", "| dataset | instructions | converted | rejected | rejection reasons |",
+                  "|---|---:|---:|---:|---|"]
         for lbl, q in qa.items():
-            lines.append(f"| {lbl} | {q['total']} | {q['converted']} | {q['rejected']} |")
-        lines.append("")
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted((q.get("rejections") or {}).items())) or "-"
+            lines.append(f"| {lbl} | {q['total']} | {q['converted']} | {q['rejected']} | {reasons} |")
+        lines += ["", "Reasons: unparseable (no Question/Answer pair), empty, echo (the answer restates the "
+                  "question), truncated (cut at max_tokens), language (another script than the base "
+                  "instruction), bare_number (a bare number where an explanation is asked).", ""]
     figs = m.get("figures") or {}
     lines += ["## Plots", ""]
     if "map" in figs:
@@ -402,7 +546,10 @@ def render_report(m: dict) -> str:
     if "scales" in figs:
         lines += ["Guidance scales used by the guided run:", "", f"![guidance scales]({figs['scales']})", ""]
     lines += ["## Files", "", "`guided.jsonl`, `baseline.jsonl` (instructions), `qa/guided.jsonl`, "
-              "`qa/baseline.jsonl` (chat records), `metrics.json` (every number here and more).", ""]
+              "`qa/baseline.jsonl` (chat records), `metrics.json` (every number here and more)"
+              + (", " + ", ".join(f"`{p}/` (the {lbl} datasets: `datasets.load_from_disk`, card in README.md)"
+                                  for lbl, p in (m.get("exports") or {}).items()) if m.get("exports") else "")
+              + ".", ""]
     tm = m.get("timings_s") or {}
     if tm:
         lines += ["Stage timings (s): " + ", ".join(f"{k} {v}" for k, v in tm.items()), ""]

@@ -211,7 +211,8 @@ class RunEvent(BaseModel):
       "negatives", "max_similarity", "similar", "accepted", "empty", "text", "prompt_tokens",
       "completion_tokens", "latency_s", "node_url"}``
     - ``round``: ``{"round", "rounds", "accepted", "attempts"}`` when every node finished a round
-    - ``qa``: ``{"instruction_id", "status", "done", "total", "converted", "rejected"}``
+    - ``qa``: ``{"instruction_id", "status", "reason", "done", "total", "converted", "rejected"}``
+      (``reason``: why it was rejected, None when converted)
     - ``train``: ``{"job_id", "status", "step"?, "total_steps"?, "error"?}`` (``status`` is the job's,
       or ``"lost"`` once the trainer answers 404 for the job)
     The stream ends when the run is completed, failed or cancelled.
@@ -239,8 +240,37 @@ class QAResult(StrictModel):
     total: int
     converted: int
     rejected: int
+    rejections: dict[str, int] = Field(
+        default_factory=dict,
+        description="Rejected records per reason: unparseable, empty, echo (the answer restates the question), "
+                    "truncated (cut at max_tokens), language (another script than the base instruction), "
+                    "bare_number (a bare number where the question asks to explain).")
     jsonl_path: str | None = None
     dataset_path: str | None = None
+
+
+EXPORT_FORMATS = ("hf", "parquet", "jsonl")
+ExportFormat = Literal["hf", "parquet", "jsonl"]
+
+
+class ExportRequest(StrictModel):
+    format: ExportFormat = Field("hf", description="hf: a datasets.load_from_disk folder (splits instructions "
+                                                   "and qa); parquet or jsonl: one file per config. Each "
+                                                   "comes with a README.md dataset card.")
+    export_dir: str | None = Field(
+        None, max_length=4096,
+        description="A folder inside the orchestrator's --data-dir (relative to it, or absolute inside it). "
+                    "Default: <data-dir>/<run id>/export-<format>.")
+    license: str = Field("other", max_length=100, description="The card's license (a Hub license id).")
+
+
+class ExportResult(StrictModel):
+    run_id: str
+    format: ExportFormat
+    path: str
+    files: list[str]
+    instructions: int
+    qa: int
 
 
 class TrainRequest(StrictModel):
@@ -310,13 +340,28 @@ class _Runs(Resource):
         response = await self._client.send("GET", f"/runs/{run_id}/qa")
         return [ChatRecord.model_validate_json(line) for line in response.text.splitlines() if line.strip()]
 
-    async def train(self, run_id: str, request: TrainRequest | None = None) -> Job:
-        return await self._client.call("POST", f"/runs/{run_id}/train", Job,
-                                       json_body=request or TrainRequest())
+    async def export(self, run_id: str, request: ExportRequest | None = None) -> ExportResult:
+        """Write the run's datasets and card inside the orchestrator's --data-dir."""
+        return await self._client.call("POST", f"/runs/{run_id}/export", ExportResult,
+                                       json_body=request or ExportRequest(), timeout=QA_TIMEOUT_S)
 
-    async def train_job(self, run_id: str) -> Job:
-        """The run's training job as the trainer reports it now (``GET /runs/{id}/train``)."""
-        return await self._client.call("GET", f"/runs/{run_id}/train", Job)
+    async def export_archive(self, run_id: str, format: ExportFormat = "hf", *, license: str = "other") -> bytes:
+        """The same export as a tar archive (``GET /runs/{id}/export``), to unpack where the caller is."""
+        response = await self._client.send("GET", f"/runs/{run_id}/export",
+                                           params={"format": format, "license": license}, timeout=QA_TIMEOUT_S)
+        return response.content
+
+    async def train(self, run_id: str, request: TrainRequest | None = None, *, seed: int | None = None) -> Job:
+        """The run's training job (one per run); with ``seed``, the run's job for that seed (one
+        per (run, seed), its ``training.seed`` set to it): repeating the call returns that job."""
+        return await self._client.call("POST", f"/runs/{run_id}/train", Job,
+                                       json_body=request or TrainRequest(),
+                                       params={"seed": seed} if seed is not None else None)
+
+    async def train_job(self, run_id: str, *, seed: int | None = None) -> Job:
+        """The run's training job (or its job for ``seed``) as the trainer reports it now."""
+        return await self._client.call("GET", f"/runs/{run_id}/train", Job,
+                                       params={"seed": seed} if seed is not None else None)
 
     async def events(self, run_id: str, *, after: int = 0) -> AsyncIterator[RunEvent]:
         """Follow ``GET /runs/{id}/events`` (server-sent events) until the stream ends."""

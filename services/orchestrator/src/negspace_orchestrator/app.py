@@ -23,6 +23,9 @@ from negspace_contracts.orchestrator import (
     MAX_RUNS_PAGE_SIZE,
     RUNS_PAGE_SIZE,
     TERMINAL_RUN_STATUSES,
+    ExportFormat,
+    ExportRequest,
+    ExportResult,
     QARequest,
     QAResult,
     Run,
@@ -36,6 +39,7 @@ from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, DatasetSpec, Job, 
 from negspace_servekit import create_app as servekit_app
 from negspace_servekit import health_response
 
+from negspace_orchestrator import export as export_mod
 from negspace_orchestrator import qa as qa_mod
 from negspace_orchestrator.driver import Orchestrator, run_target
 from negspace_orchestrator.services import Dependencies, DependencyDown
@@ -242,19 +246,115 @@ async def qa_records(run_id: str, orch: Orch) -> Response:
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
+async def _export_info(orch: Orchestrator, run: RunRow, license: str) -> export_mod.ExportInfo:
+    """Everything the dataset card says about the run; the model, embedder and metrics are asked
+    of the node and controller, and the card says so when they cannot tell."""
+    converted, rejected = orch.store.qa_counts(run.id)
+    info = export_mod.ExportInfo(run_id=run.id, mode=run.mode, status=run.status, config=run.config,
+                                 attempts=orch.store.counts(run.id)[1], qa_total=converted + rejected,
+                                 qa_converted=converted, qa_rejections=orch.store.qa_rejections(run.id),
+                                 license=license)
+    for node in orch.deps.nodes[:1]:
+        try:
+            models = await asyncio.wait_for(node.models.list(), timeout=10.0)
+            info.model = ", ".join(m.id for m in models.data) or None
+        except (NegspaceError, TimeoutError):
+            pass
+    if orch.deps.controller is not None:
+        try:
+            health = await asyncio.wait_for(orch.deps.controller.health(), timeout=10.0)
+            info.embedder = str(health.info.get("embedder")) if health.info.get("embedder") else None
+        except (NegspaceError, TimeoutError):
+            pass
+    if orch.store.counts(run.id)[0]:
+        try:
+            info.metrics = (await _metrics(orch, run.id, MetricsRequest())).model_dump(mode="json")
+        except (NegspaceError, TimeoutError) as exc:
+            info.metrics_note = f"the controller did not answer ({getattr(exc, 'message', exc)})"
+    else:
+        info.metrics_note = "the run has no instructions"
+    return info
+
+
+def _export_ready(orch: Orchestrator, run_id: str) -> RunRow:
+    run = _run_or_404(orch, run_id)
+    if run.status in ("queued", "running"):
+        raise ConflictError(f"run {run_id} is {run.status}; export it once it has finished")
+    if orch.store.counts(run_id)[0] == 0:
+        raise ConflictError(f"run {run_id} has no accepted instructions to export")
+    return run
+
+
+async def _write_export(orch: Orchestrator, run: RunRow, fmt: str, out_dir, license: str) -> list:
+    info = await _export_info(orch, run, license)
+    instructions = export_mod.instruction_rows(orch.store.instructions(run.id))
+    pairs = export_mod.qa_rows(orch.store.qa_records(run.id))
+    return await asyncio.to_thread(export_mod.write, out_dir, fmt, info, instructions, pairs)
+
+
+@runs.post("/{run_id}/export", response_model=ExportResult)
+async def export(run_id: str, orch: Orch, request: ExportRequest | None = None) -> ExportResult:
+    """Write the run's instructions and Q/A pairs with a dataset card (README.md) inside --data-dir."""
+    req = request or ExportRequest()
+    run = _export_ready(orch, run_id)
+    data_dir = orch.settings.exports_dir
+    default = f"{run_id}/export-{req.format}"
+    try:
+        out_dir = await asyncio.to_thread(qa_mod.make_export_dir, data_dir, req.export_dir or default)
+        files = await _write_export(orch, run, req.format, out_dir, req.license)
+    except OSError as exc:
+        raise BadRequestError(f"cannot write the export to {req.export_dir or default!r} under "
+                              f"{str(data_dir)!r}: {exc.strerror or exc}", param="export_dir") from exc
+    return ExportResult(run_id=run_id, format=req.format, path=str(out_dir), files=[str(f) for f in files],
+                        instructions=orch.store.counts(run_id)[0], qa=orch.store.qa_counts(run_id)[0])
+
+
+@runs.get("/{run_id}/export", response_class=Response, responses={200: {"content": {"application/x-tar": {}}}})
+async def export_archive(run_id: str, orch: Orch, format: ExportFormat = "hf",
+                         license: Annotated[str, Query(max_length=100)] = "other") -> Response:
+    """The same export as a tar archive (the folder's files at its root), for a client elsewhere."""
+    import io
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    run = _export_ready(orch, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        await _write_export(orch, run, format, Path(tmp), license)
+
+        def pack() -> bytes:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                for f in sorted(Path(tmp).rglob("*")):
+                    if f.is_file():
+                        tar.add(f, arcname=str(f.relative_to(tmp)))
+            return buf.getvalue()
+
+        body = await asyncio.to_thread(pack)
+    return Response(body, media_type="application/x-tar",
+                    headers={"Content-Disposition": f'attachment; filename="{run_id}-{format}.tar"'})
+
+
 def _trainer(orch: Orchestrator):
     if orch.deps.trainer is None:
         raise ServiceUnavailableError("the orchestrator was started without --trainer-url")
     return orch.deps.trainer
 
 
+SeedParam = Annotated[int | None, Query(ge=0, description="A training seed: one job per (run, seed), "
+                                                          "beside the run's own job; the request's "
+                                                          "training.seed is set to it.")]
+
+
 @runs.post("/{run_id}/train", status_code=201, response_model=Job)
-async def train(run_id: str, orch: Orch, request: TrainRequest | None = None) -> Job:
+async def train(run_id: str, orch: Orch, request: TrainRequest | None = None, seed: SeedParam = None) -> Job:
     run = _run_or_404(orch, run_id)
     trainer = _trainer(orch)
     pairs = orch.store.qa_records(run_id)
     if not pairs:
         raise ConflictError(f"run {run_id} has no Q/A records: POST /runs/{run_id}/qa first")
+    if seed is not None:
+        return await _train_seed(orch, trainer, run_id, pairs, request or TrainRequest(), seed)
     if run.train_job_id:
         try:
             async with _trainer_errors():
@@ -276,6 +376,24 @@ async def train(run_id: str, orch: Orch, request: TrainRequest | None = None) ->
         job = Job(id=created.id, status=created.status, name=job_request.name, request=job_request)
     _record_train_job(orch, run_id, job.id, job.status)
     return job
+
+
+async def _train_seed(orch: Orchestrator, trainer, run_id: str, pairs, req: TrainRequest, seed: int) -> Job:
+    """The run's job for ``seed``: created once (a stored idempotency key, sent with every try),
+    then answered as the trainer reports it, however often the request is repeated."""
+    key, job_id = orch.store.seed_train_key(run_id, seed)
+    if job_id is None:
+        job_request = JobRequest(dataset=DatasetSpec(records=[qa_mod.chat_record(q, a) for q, a in pairs]),
+                                 base_model=req.base_model, method=req.method, lora=req.lora,
+                                 training=req.training.model_copy(update={"seed": seed}), eval=req.eval,
+                                 compare_base=req.compare_base, name=f"negspace-run-{run_id}-seed-{seed}")
+        async with _trainer_errors():
+            created = await trainer.jobs.create(job_request, idempotency_key=key)
+        job_id = created.id
+        orch.store.set_seed_train_job(run_id, seed, job_id)
+        orch.event(run_id, "train", {"job_id": job_id, "status": created.status, "seed": seed})
+    async with _trainer_errors():
+        return await trainer.jobs.get(job_id)
 
 
 # Tries of one job creation when the trainer's answer is lost (timeout, dropped connection) or
@@ -345,8 +463,15 @@ def _record_train_job(orch: Orchestrator, run_id: str, job_id: str, status: str)
 
 
 @runs.get("/{run_id}/train", response_model=Job)
-async def train_status(run_id: str, orch: Orch) -> Job:
+async def train_status(run_id: str, orch: Orch, seed: SeedParam = None) -> Job:
     run = _run_or_404(orch, run_id)
+    if seed is not None:
+        job_id = orch.store.seed_train_jobs(run_id).get(seed)
+        if job_id is None:
+            raise NotFoundError(f"run {run_id} has no training job for seed {seed}: "
+                                f"POST /runs/{run_id}/train?seed={seed} first")
+        async with _trainer_errors():
+            return await _trainer(orch).jobs.get(job_id)
     if not run.train_job_id:
         raise NotFoundError(f"run {run_id} has no training job: POST /runs/{run_id}/train first")
     async with _trainer_errors():

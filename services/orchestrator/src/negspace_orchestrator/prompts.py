@@ -104,3 +104,105 @@ def parse_qa(text: str) -> tuple[str, str] | None:
     if not question or not answer or _Q_LABEL.match(answer) or _PLACEHOLDER.match(answer):
         return None
     return question, answer
+
+
+# ---- Q/A quality --------------------------------------------------------------------------------
+# Why a Q/A pair is rejected (QAResult.rejections counts them; the store keeps one per record).
+REJECT_UNPARSEABLE = "unparseable"   # no "Question: ... Answer: ..." pair in the output
+REJECT_EMPTY = "empty"               # the instruction, question or answer is empty after cleaning
+REJECT_ECHO = "echo"                 # the answer equals or restates the question
+REJECT_TRUNCATED = "truncated"       # generation stopped at max_tokens (finish_reason "length")
+REJECT_LANGUAGE = "language"         # written in another script than the base instruction
+REJECT_BARE_NUMBER = "bare_number"   # a bare number for a question that asks to explain/describe
+REJECT_REASONS = (REJECT_UNPARSEABLE, REJECT_EMPTY, REJECT_ECHO, REJECT_TRUNCATED, REJECT_LANGUAGE,
+                  REJECT_BARE_NUMBER)
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+_MARKUP = re.compile(r"[*_`#>]+")
+_EXPLAIN = re.compile(r"\b(?:explain|describe|why|discuss|justify|compare|elaborate|illustrate|"
+                      r"how (?:does|do|did|can|would|is|are))\b", re.IGNORECASE)
+_BARE_NUMBER = re.compile(r"^[\s$€£¥~≈=-]*[-+]?\d[\d,]*(?:\.\d+)?\s*%?\s*[.!]?$")
+ECHO_OVERLAP = 0.8      # share of the answer's words found in the question ...
+ECHO_COVERAGE = 0.6     # ... and of the question's words found in the answer
+ECHO_MIN_WORDS = 4      # shorter answers ("5", "Paris") may legitimately reuse the question's words
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def is_echo(question: str, answer: str) -> bool:
+    """The answer equals the question once normalized (case, punctuation, markup), or restates it:
+    it has ECHO_MIN_WORDS or more words, at least ECHO_OVERLAP of them are the question's, and it
+    covers at least ECHO_COVERAGE of the question's words. "3 cats have 12 legs" for "How many legs
+    do 3 cats have?" reuses the question's words but covers too little of it to be a restatement."""
+    q, a = _words(question), _words(answer)
+    if not a:
+        return False
+    if a == q:
+        return True
+    if len(a) < ECHO_MIN_WORDS:
+        return False
+    qs, as_ = set(q), set(a)
+    overlap = sum(w in qs for w in a) / len(a)
+    coverage = len(qs & as_) / len(qs) if qs else 0.0
+    return overlap >= ECHO_OVERLAP and coverage >= ECHO_COVERAGE
+
+
+def script_of(text: str) -> str | None:
+    """The dominant writing system of ``text``'s letters ("LATIN", "CYRILLIC", "CJK", "ARABIC", ...,
+    the first word of each letter's Unicode name), or None without letters. A cheap stand-in for
+    language identification: it tells English from Russian or Chinese, not English from French."""
+    import unicodedata
+
+    counts: dict[str, int] = {}
+    for ch in text:
+        if not ch.isalpha():
+            continue
+        name = unicodedata.name(ch, "")
+        script = name.split(" ")[0] if name else "OTHER"
+        if script in ("HIRAGANA", "KATAKANA", "HANGUL"):
+            script = "CJK"
+        counts[script] = counts.get(script, 0) + 1
+    if not counts:
+        return None
+    return max(counts, key=lambda k: counts[k])
+
+
+def same_language(reference: str, text: str, min_share: float = 0.5) -> bool:
+    """At least ``min_share`` of ``text``'s letters are in ``reference``'s dominant script."""
+    ref = script_of(reference)
+    if ref is None:
+        return True
+    letters = [ch for ch in text if ch.isalpha()]
+    if not letters:
+        return True
+    return sum(script_of(ch) == ref for ch in letters) / len(letters) >= min_share
+
+
+def is_bare_number(question: str, answer: str) -> bool:
+    """A bare number (with at most a currency sign, %, a final period) answering a question
+    that asks to explain, describe, compare or say why/how."""
+    return bool(_EXPLAIN.search(question)) and bool(_BARE_NUMBER.match(_MARKUP.sub("", answer)))
+
+
+def judge_qa(text: str, *, base_instruction: str, finish_reason: str | None) -> tuple[tuple[str, str] | None, str | None]:
+    """Parse one formatter output and check the pair: ``((question, answer), None)`` when it is
+    kept, ``(None, reason)`` with one of REJECT_REASONS otherwise (the first that applies)."""
+    if finish_reason == "length":
+        return None, REJECT_TRUNCATED
+    if not _Q.search(text):
+        return None, REJECT_UNPARSEABLE
+    pair = parse_qa(text)
+    if pair is None:
+        return None, REJECT_EMPTY
+    question, answer = pair
+    if not _words(question) or not _MARKUP.sub("", answer).strip():
+        return None, REJECT_EMPTY
+    if is_echo(question, answer):
+        return None, REJECT_ECHO
+    if not same_language(base_instruction, question + " " + answer):
+        return None, REJECT_LANGUAGE
+    if is_bare_number(question, answer):
+        return None, REJECT_BARE_NUMBER
+    return pair, None

@@ -1,9 +1,11 @@
 """Q/A conversion (the reference's inst2gen step) and the dataset exports.
 
 Each accepted instruction is cleaned of echoed labels, sent to a node with a formatter that asks
-for exactly one ``Question: ... Answer: ...`` pair, and parsed. An unparseable output is retried
-once (with a stricter reminder); if it still does not parse it is stored as ``rejected`` with the
-raw text, so every instruction is accounted for. Work already stored is skipped, so a second call
+for exactly one ``Question: ... Answer: ...`` pair, parsed and checked (``prompts.judge_qa``: not
+cut at max_tokens, not empty, the answer not a restatement of the question, in the base
+instruction's script, not a bare number where an explanation is asked). A rejected output is
+retried once (with a stricter reminder); if it is still rejected it is stored as ``rejected``
+with the raw text and the reason, so every instruction is accounted for. Work already stored is skipped, so a second call
 after an interruption continues where the first stopped.
 """
 
@@ -51,6 +53,11 @@ def resolve_export_dir(data_dir: Path, export_dir: str) -> Path:
     return target
 
 
+def make_export_dir(data_dir: Path, export_dir: str) -> Path:
+    """``export_dir`` confined to ``data_dir`` (see resolve_export_dir), made if missing."""
+    return _make_export_dir(data_dir, export_dir, "")
+
+
 def _make_export_dir(data_dir: Path, export_dir: str | None, run_id: str) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     out_dir = resolve_export_dir(data_dir, export_dir) if export_dir else data_dir.resolve() / run_id / "qa"
@@ -77,9 +84,9 @@ async def convert(orch: Orchestrator, run: RunRow, request: QARequest) -> QAResu
     async def one(a) -> None:
         async with sem:
             instruction = prompts.clean_instruction(a.text)
-            raw, tries, parsed = "", 0, None
+            raw, tries, parsed, reason = "", 0, None, prompts.REJECT_EMPTY
             if instruction:
-                for tries in (1, 2):
+                for tries in (1, 2):  # a rejected output gets one more try, with a stricter reminder
                     content = prompts.QA_PROMPT + instruction + (prompts.QA_RETRY_SUFFIX if tries == 2 else "")
                     req = ChatCompletionRequest(
                         messages=[ChatMessage(role="user", content=content)], max_tokens=request.max_tokens,
@@ -87,15 +94,17 @@ async def convert(orch: Orchestrator, run: RunRow, request: QARequest) -> QAResu
                         seed=derive_seed(run.config.seed, "qa", a.point_id, tries))
                     gen = await orch.deps.generate(a.node, req)
                     raw = gen.text
-                    parsed = prompts.parse_qa(raw)
+                    parsed, reason = prompts.judge_qa(raw, base_instruction=run.config.base_instruction,
+                                                      finish_reason=gen.finish_reason)
                     if parsed:
                         break
             if parsed:
                 store.add_qa(run.id, a.point_id, "converted", parsed[0], parsed[1], raw, tries)
             else:
-                store.add_qa(run.id, a.point_id, "rejected", None, None, raw, tries)
+                store.add_qa(run.id, a.point_id, "rejected", None, None, raw, tries, reason=reason)
             converted, rejected = store.qa_counts(run.id)
             orch.event(run.id, "qa", {"instruction_id": a.point_id, "status": "converted" if parsed else "rejected",
+                                      "reason": None if parsed else reason,
                                       "done": converted + rejected, "total": total,
                                       "converted": converted, "rejected": rejected})
 
@@ -108,7 +117,7 @@ async def convert(orch: Orchestrator, run: RunRow, request: QARequest) -> QAResu
         raise BadRequestError(f"cannot write the Q/A export to {str(out_dir)!r}: {exc.strerror or exc}; the "
                               "conversion is stored: POST again with a writable export_dir", param="export_dir") from exc
     return QAResult(run_id=run.id, total=total, converted=converted, rejected=rejected,
-                    jsonl_path=str(jsonl_path), dataset_path=str(dataset_path) if dataset_path else None)
+                    rejections=store.qa_rejections(run.id), jsonl_path=str(jsonl_path), dataset_path=str(dataset_path) if dataset_path else None)
 
 
 def export(records: list[ChatRecord], out_dir: Path) -> tuple[Path, Path | None]:

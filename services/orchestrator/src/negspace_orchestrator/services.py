@@ -48,6 +48,7 @@ class Generation:
     completion_tokens: int | None
     latency_s: float
     url: str
+    finish_reason: str | None = None  # "stop", or "length" when cut at max_tokens
 
 
 class Dependencies:
@@ -107,7 +108,8 @@ class Dependencies:
             latency = time.perf_counter() - start
             return Generation(text=resp.text, prompt_tokens=resp.usage.prompt_tokens,
                               completion_tokens=resp.usage.completion_tokens, latency_s=latency,
-                              url=self.node_urls[i])
+                              url=self.node_urls[i],
+                              finish_reason=resp.choices[0].finish_reason if resp.choices else None)
 
         return await self._retrying("node", once)
 

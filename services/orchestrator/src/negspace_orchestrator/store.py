@@ -77,7 +77,16 @@ CREATE TABLE IF NOT EXISTS qa (
     raw TEXT,
     tries INTEGER NOT NULL,
     created_at REAL NOT NULL,
+    reason TEXT,
     PRIMARY KEY (run_id, instruction_id)
+);
+CREATE TABLE IF NOT EXISTS seed_train_jobs (
+    run_id TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    train_key TEXT NOT NULL,
+    job_id TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, seed)
 );
 CREATE INDEX IF NOT EXISTS runs_by_creation ON runs (created_at, id);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at, id);
@@ -155,6 +164,9 @@ class Store:
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(runs)")}
         if "train_key" not in columns:  # a database from before training jobs had idempotency keys
             self.db.execute("ALTER TABLE runs ADD COLUMN train_key TEXT")
+        qa_columns = {r["name"] for r in self.db.execute("PRAGMA table_info(qa)")}
+        if "reason" not in qa_columns:  # a database from before rejections had reasons
+            self.db.execute("ALTER TABLE qa ADD COLUMN reason TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -254,6 +266,28 @@ class Store:
             key = f"negspace-run-{run_id}-train-{uuid.uuid4().hex}"
             self.db.execute("UPDATE runs SET train_key = ? WHERE id = ?", (key, run_id))
             return key
+
+    def seed_train_key(self, run_id: str, seed: int) -> tuple[str, str | None]:
+        """(idempotency key, job id or None) of the run's training job for ``seed``: the key is
+        made and stored before the trainer is asked, so a retry creates no second job."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            row = self.db.execute("SELECT train_key, job_id FROM seed_train_jobs WHERE run_id = ? AND seed = ?",
+                                  (run_id, seed)).fetchone()
+            if row is not None:
+                return row["train_key"], row["job_id"]
+            key = f"negspace-run-{run_id}-seed-{seed}-{uuid.uuid4().hex}"
+            self.db.execute("INSERT INTO seed_train_jobs (run_id, seed, train_key, created_at) VALUES (?, ?, ?, ?)",
+                            (run_id, seed, key, time.time()))
+            return key, None
+
+    def set_seed_train_job(self, run_id: str, seed: int, job_id: str) -> None:
+        self.db.execute("UPDATE seed_train_jobs SET job_id = ? WHERE run_id = ? AND seed = ?", (job_id, run_id, seed))
+
+    def seed_train_jobs(self, run_id: str) -> dict[int, str]:
+        rows = self.db.execute("SELECT seed, job_id FROM seed_train_jobs WHERE run_id = ? AND job_id IS NOT NULL"
+                               " ORDER BY seed", (run_id,)).fetchall()
+        return {int(r["seed"]): r["job_id"] for r in rows}
 
     def set_train_job(self, run_id: str, job_id: str) -> None:
         """Record the run's training job; its idempotency key is spent."""
@@ -378,10 +412,18 @@ class Store:
         return {r["instruction_id"] for r in rows}
 
     def add_qa(self, run_id: str, instruction_id: str, status: str, question: str | None,
-               answer: str | None, raw: str, tries: int) -> None:
+               answer: str | None, raw: str, tries: int, reason: str | None = None) -> None:
         self.db.execute("INSERT OR IGNORE INTO qa (run_id, instruction_id, status, question, answer, raw,"
-                        " tries, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (run_id, instruction_id, status, question, answer, raw, tries, time.time()))
+                        " tries, created_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (run_id, instruction_id, status, question, answer, raw, tries, time.time(), reason))
+
+    def qa_rejections(self, run_id: str) -> dict[str, int]:
+        """Rejected records per reason; rows stored before reasons were recorded count as
+        ``unparseable`` (the only reason there was)."""
+        rows = self.db.execute("SELECT COALESCE(reason, 'unparseable') AS reason, COUNT(*) AS n FROM qa"
+                               " WHERE run_id = ? AND status = 'rejected' GROUP BY 1 ORDER BY 1",
+                               (run_id,)).fetchall()
+        return {r["reason"]: int(r["n"]) for r in rows}
 
     def qa_records(self, run_id: str) -> list[tuple[str, str]]:
         """Converted pairs in instruction order (round, node)."""

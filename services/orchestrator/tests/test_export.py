@@ -1,0 +1,104 @@
+"""Exports: hf / parquet / jsonl round trips, the dataset card, the confinement, the tar archive."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import datasets
+import pytest
+from negspace_contracts.errors import BadRequestError, NegspaceError, NotFoundError
+from negspace_contracts.orchestrator import ExportRequest, QARequest, RunConfig
+from negspace_orchestrator import export as export_mod
+
+from .test_qa_train import HOPELESS, script  # noqa: TID252
+
+
+async def converted_run(h) -> str:
+    rid = (await h.client.runs.create(RunConfig(base_instruction="Write a riddle.", nodes=2, rounds=1, seed=3))).id
+    await h.wait(rid)
+    HOPELESS.clear()
+    await h.client.runs.qa(rid, QARequest())
+    return rid
+
+
+def stored(h, rid):
+    instr = export_mod.instruction_rows(h.orch.store.instructions(rid))
+    qa = export_mod.qa_rows(h.orch.store.qa_records(rid))
+    assert instr and qa
+    return instr, qa
+
+
+def check_card(folder, fmt: str, rid: str) -> dict:
+    text = (folder / "README.md").read_text()
+    header = export_mod.parse_card(text)
+    assert [c["config_name"] for c in header["configs"]] == ["instructions", "qa"]
+    paths = [c["data_files"][0]["path"] for c in header["configs"]]
+    assert paths == [export_mod.data_files(fmt)[c] for c in ("instructions", "qa")]
+    for p in paths:  # every file the card names exists
+        assert list(folder.glob(p)), p
+    assert header["license"] == "other" and "text-generation" in header["task_categories"]
+    # the body: the method, the full run config, the seeds, the counts, the version
+    assert f"run `{rid}`" in text and '"base_instruction": "Write a riddle."' in text
+    assert "Seeds: run seed 3" in text and "negspace 0.1.0" in text and "4 instructions accepted" in text
+    assert "Q/A: 4 of 4 instructions converted" in text
+    # the controller's diversity metrics of the run; the mock node names no model, and the card says so
+    assert "| semantic_diversity | 0.5 |" in text and "| vendi_score | 4.0 |" in text
+    assert "Generation model: unknown (the node did not say)" in text
+    return header
+
+
+async def test_hf_export_round_trips_and_carries_a_card(make_harness, tmp_path):
+    async with make_harness(script=script) as h:
+        rid = await converted_run(h)
+        res = await h.client.runs.export(rid, ExportRequest(format="hf"))
+        folder = tmp_path / "exports" / rid / "export-hf"
+        assert res.path == str(folder.resolve()) and (res.instructions, res.qa) == (4, 4)
+        dd = datasets.load_from_disk(str(folder))
+        instr, qa = stored(h, rid)
+        assert dd["instructions"].to_list() == instr and dd["qa"].to_list() == qa
+        assert set(dd["instructions"].column_names) >= {"text", "node", "round", "attempt", "scale", "similarity"}
+        check_card(folder, "hf", rid)
+
+
+async def test_parquet_and_jsonl_exports_round_trip(make_harness, tmp_path):
+    async with make_harness(script=script) as h:
+        rid = await converted_run(h)
+        instr, qa = stored(h, rid)
+        await h.client.runs.export(rid, ExportRequest(format="parquet", export_dir="pq"))
+        folder = tmp_path / "exports" / "pq"
+        for name, rows in (("instructions", instr), ("qa", qa)):
+            ds = datasets.load_dataset("parquet", data_files=str(folder / f"{name}.parquet"), split="train")
+            assert ds.to_list() == rows
+        check_card(folder, "parquet", rid)
+        await h.client.runs.export(rid, ExportRequest(format="jsonl", export_dir="js"))
+        lines = (tmp_path / "exports" / "js" / "qa.jsonl").read_text().splitlines()
+        assert [json.loads(x) for x in lines] == qa
+        check_card(tmp_path / "exports" / "js", "jsonl", rid)
+
+
+async def test_the_archive_unpacks_to_the_same_export(make_harness, tmp_path):
+    async with make_harness(script=script) as h:
+        rid = await converted_run(h)
+        body = await h.client.runs.export_archive(rid, "hf")
+        out = tmp_path / "unpacked"
+        with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+            tar.extractall(out, filter="data")
+        dd = datasets.load_from_disk(str(out))
+        instr, qa = stored(h, rid)
+        assert dd["instructions"].to_list() == instr and dd["qa"].to_list() == qa
+        check_card(out, "hf", rid)
+
+
+async def test_export_refuses_folders_outside_the_data_dir_and_unknown_runs(make_harness):
+    async with make_harness(script=script) as h:
+        rid = await converted_run(h)
+        with pytest.raises(BadRequestError) as e:
+            await h.client.runs.export(rid, ExportRequest(export_dir="../outside"))
+        assert e.value.param == "export_dir"
+        with pytest.raises(NotFoundError):
+            await h.client.runs.export("no-such-run")
+        with pytest.raises(NegspaceError) as e:  # an unknown format is a 4xx naming it
+            await h.client.send("POST", f"/runs/{rid}/export", json_body={"format": "csv"})
+        assert 400 <= e.value.status_code < 500 and "format" in str(e.value.message)
