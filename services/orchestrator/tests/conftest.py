@@ -229,7 +229,8 @@ class MockTrainer:
     connection, exactly as if the answer was lost on the wire); ``answer_delay`` does the same over
     real sockets (the job is made, then the answer comes too late)."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, running_polls: int = 1) -> None:
+        self.running_polls = running_polls  # polls a job answers "running" before "succeeded"
         self.jobs: dict[str, tuple[JobRequest, int]] = {}
         self.keys: dict[str, str] = {}
         self.creates = 0  # POST /jobs calls, replays included
@@ -296,7 +297,8 @@ class MockTrainer:
     def _job(self, jid: str, polls: int | None = None) -> Job:
         req, seen = self.jobs[jid]
         polls = seen if polls is None else polls
-        return Job(id=jid, status="succeeded" if polls >= 1 else "running", request=req, name=req.name)
+        return Job(id=jid, status="succeeded" if polls >= self.running_polls else "running", request=req,
+                   name=req.name)
 
 
 NODE_URLS = ["http://node-a", "http://node-b"]

@@ -287,7 +287,8 @@ async def test_a_retry_with_other_settings_after_the_lost_job_finished_creates_o
 
 
 async def test_concurrent_train_requests_make_one_job(make_harness):
-    trainer = MockTrainer()
+    # the job runs through all three requests (a job that finished in between may be trained again)
+    trainer = MockTrainer(running_polls=10)
     async with make_harness(script=script, trainer=trainer) as h:
         rid = await trained_run(h)
         results = await asyncio.gather(*(h.client.runs.train(rid) for _ in range(3)), return_exceptions=True)

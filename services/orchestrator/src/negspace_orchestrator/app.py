@@ -348,7 +348,20 @@ SeedParam = Annotated[int | None, Query(ge=0, description="A training seed: one 
 
 @runs.post("/{run_id}/train", status_code=201, response_model=Job)
 async def train(run_id: str, orch: Orch, request: TrainRequest | None = None, seed: SeedParam = None) -> Job:
+    # One request per run at a time: the check (does the run have an active job?) and the create
+    # must not interleave, or two concurrent requests could each find no job and create one. A
+    # request that waited while another one created the run's job gets a 409 naming that job.
+    seen = _run_or_404(orch, run_id).train_job_id
+    async with orch.train_lock(run_id):
+        return await _train(run_id, orch, request, seed, seen)
+
+
+async def _train(run_id: str, orch: Orchestrator, request: TrainRequest | None, seed: int | None,
+                 seen_job: str | None) -> Job:
     run = _run_or_404(orch, run_id)
+    if seed is None and run.train_job_id and run.train_job_id != seen_job:
+        raise ConflictError(f"run {run_id} got training job {run.train_job_id} from a concurrent POST "
+                            f"/runs/{run_id}/train; follow it with GET /runs/{run_id}/train")
     trainer = _trainer(orch)
     pairs = orch.store.qa_records(run_id)
     if not pairs:

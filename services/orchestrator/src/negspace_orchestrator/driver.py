@@ -87,6 +87,7 @@ class Orchestrator:
         self.tasks: dict[str, asyncio.Task] = {}
         self._trackers: dict[str, asyncio.Task] = {}
         self._accept_locks: dict[str, asyncio.Lock] = {}
+        self._train_locks: dict[str, asyncio.Lock] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._health_task: asyncio.Task | None = None
         self.qa_running: set[str] = set()
@@ -324,6 +325,10 @@ class Orchestrator:
     # ---- one (node, round) slot --------------------------------------------------------------
     def _lock(self, run_id: str) -> asyncio.Lock:
         return self._accept_locks.setdefault(run_id, asyncio.Lock())
+
+    def train_lock(self, run_id: str) -> asyncio.Lock:
+        """Serializes a run's training requests (check for an active job, then create one)."""
+        return self._train_locks.setdefault(run_id, asyncio.Lock())
 
     async def _insert(self, run: RunRow, a: AttemptRow, pid: str) -> None:
         point = PointIn(id=uuid.UUID(pid), text=a.text,
