@@ -47,7 +47,7 @@ def test_tiny_experiment_through_every_stage(tmp_path, monkeypatch, capsys):
     ports = dict(zip(("orchestrator", "node", "controller", "trainer"), free_ports(4), strict=True))
     out_root = tmp_path / "runs"
     args = ["experiment", "--base", "Write a math problem.", "--nodes", "2", "--rounds", "1",
-            "--max-tokens", "32", "--qa-max-tokens", "96", "--train-steps", "2", "--eval-limit", "2",
+            "--max-tokens", "32", "--guidance-start", "2.0", "--qa-max-tokens", "96", "--train-steps", "2", "--eval-limit", "2",
             "--engine", "vllm", "--kv-cache-gib", "1", "--quiet", "--out", str(out_root),
             "--data-dir", str(tmp_path / "data"), "--logs", str(tmp_path / "logs"),
             "--orchestrator-url", f"http://127.0.0.1:{ports['orchestrator']}",
