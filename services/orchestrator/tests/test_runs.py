@@ -409,3 +409,6 @@ def test_reference_preset_is_the_seed_method_and_explicit_fields_win():
     assert mine.similarity_quantile == 0.5 and mine.guidance.start == 2.0 and mine.guidance.step == 0.5
     # a stored config read back is the same config (the preset does not re-apply over stored fields)
     assert RunConfig.model_validate(mine.model_dump()) == mine
+    for bad in ({}, ["reference"], "nope"):  # a clear validation error, never a crash
+        with pytest.raises(ValueError, match="preset"):
+            RunConfig(base_instruction="x", preset=bad)

@@ -127,8 +127,9 @@ class RunConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") in PRESETS:
-            return _merge_preset(PRESETS[data["preset"]], data)
+        preset = data.get("preset") if isinstance(data, dict) else None
+        if isinstance(preset, str) and preset in PRESETS:  # anything else: the field's own 422
+            return _merge_preset(PRESETS[preset], data)
         return data
 
     @field_validator("temperature")
