@@ -30,7 +30,9 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     rc = cli.main(args)
     logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                      for p in sorted((tmp_path / "logs").glob("*.log")))
-    assert rc == 0, f"{capsys.readouterr().err[-4000:]}\n{logs}"
+    first = capsys.readouterr().err
+    assert rc == 0, f"{first[-4000:]}\n{logs}"
+    assert "starting the local stack" in first
 
     (folder,) = list(out_root.iterdir())
     data = json.loads((folder / "study.json").read_text())
