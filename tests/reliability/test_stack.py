@@ -101,7 +101,7 @@ def clients(stack):
 def experiment_config(base: str, *, seed: int, rounds: int, train_steps: int, eval_limit: int | None):
     from negspace_cli.experiment import ExperimentConfig
 
-    return ExperimentConfig(base=base, nodes=2, rounds=rounds, max_tokens=24, seed=seed, qa_max_tokens=48,
+    return ExperimentConfig(base=base, nodes=2, rounds=rounds, max_tokens=24, seed=seed, qa_max_tokens=160,
                             train_max_steps=train_steps, train_batch_size=2, lora_r=4, train_seeds=1,
                             eval_tasks=["negspace_arith"] if eval_limit else [], eval_limit=eval_limit,
                             train_timeout_s=900)
