@@ -35,7 +35,7 @@ from negspace_node.app import create_app as node_app
 from negspace_node.engines.fake import FakeEngine
 from negspace_node.settings import NodeSettings
 from negspace_orchestrator.app import create_app
-from negspace_orchestrator.services import Dependencies
+from negspace_orchestrator.dependencies import Dependencies
 from negspace_orchestrator.settings import OrchestratorSettings
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi

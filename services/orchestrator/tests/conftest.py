@@ -50,7 +50,7 @@ from negspace_contracts.node import (
 from negspace_contracts.orchestrator import OrchestratorClient
 from negspace_contracts.trainer import Job, JobCreated, JobList, JobRequest
 from negspace_orchestrator.app import create_app
-from negspace_orchestrator.services import Dependencies
+from negspace_orchestrator.dependencies import Dependencies
 from negspace_orchestrator.settings import OrchestratorSettings
 from negspace_servekit.testing import free_port
 

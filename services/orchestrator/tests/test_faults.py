@@ -94,7 +94,7 @@ async def test_controller_down_pauses_with_the_reason_and_resumes_when_back(make
 async def test_a_slot_accepted_but_not_inserted_is_reinserted_with_the_same_id(make_harness):
     async with make_harness() as h:
         orch = h.orch
-        real_insert = orch._insert
+        real_insert = orch.rounds._insert
         calls = {"n": 0}
 
         async def flaky_insert(run, a, pid):
@@ -103,12 +103,12 @@ async def test_a_slot_accepted_but_not_inserted_is_reinserted_with_the_same_id(m
                 await asyncio.Event().wait()
             await real_insert(run, a, pid)
 
-        orch._insert = flaky_insert
+        orch.rounds._insert = flaky_insert
         rid = (await h.client.runs.create(cfg(nodes=1, rounds=3))).id
         while calls["n"] < 3:
             await asyncio.sleep(0.01)
         await orch.stop()  # what a kill does to the driver task; the status stays "running"
-        orch._insert = real_insert
+        orch.rounds._insert = real_insert
         assert (await h.client.runs.get(rid)).status == "running"
         insts = await h.client.runs.instructions(rid)
         assert len(insts) == 3 and len(h.controller.collections[f"negspace-{rid}"]) == 2

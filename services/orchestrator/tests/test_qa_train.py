@@ -11,8 +11,8 @@ import pytest
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 from negspace_contracts.node import ChatCompletionRequest
 from negspace_contracts.orchestrator import QARequest, RunConfig, TrainRequest
-from negspace_orchestrator import app as app_mod
 from negspace_orchestrator import prompts
+from negspace_orchestrator.api import deps as app_mod
 
 from .conftest import MockTrainer, ThreadServer, harness, seeded_text  # noqa: TID252
 
@@ -177,9 +177,9 @@ async def test_a_restarted_orchestrator_follows_unfinished_training_jobs_again(m
         assert train_events(h, rid)[-1]["job_id"] == job.id
         await wait_for(lambda: train_events(h, lost_rid)[-1]["status"] == "lost")
         assert lost_job.id in train_events(h, lost_rid)[-1]["error"]
-        await wait_for(lambda: not h.orch._trackers)  # both followers ended
+        await wait_for(lambda: not h.orch.training.followers)  # both followers ended
     async with make_harness(script=script, trainer=trainer, train_poll_s=0.02) as h:
-        assert not h.orch._trackers  # nothing left to follow: both jobs' last events were final
+        assert not h.orch.training.followers  # nothing left to follow: both jobs' last events were final
 
 
 async def test_trainer_timeout_is_a_503_naming_the_trainer(tmp_path):

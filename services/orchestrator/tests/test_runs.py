@@ -101,7 +101,7 @@ async def test_scale_stops_rising_once_the_text_is_new(make_harness):
 
 
 async def test_sequential_mode_reproduces_the_reference_call_order(make_harness):
-    from negspace_orchestrator.driver import derive_seed
+    from negspace_orchestrator.rounds import derive_seed
 
     boot0 = derive_seed(7, "guided", 0, 0, 0)      # (mode, node, round, attempt)
     node1_r1_a0 = derive_seed(7, "guided", 1, 1, 0)
@@ -333,7 +333,7 @@ async def test_list_pages_in_creation_order_with_a_stable_cursor(make_harness):
 
 
 async def test_instructions_stream_in_batches_in_round_node_order(make_harness, monkeypatch):
-    from negspace_orchestrator import app as app_mod
+    from negspace_orchestrator.api import deps as app_mod
 
     monkeypatch.setattr(app_mod, "NDJSON_BATCH", 4)  # 9 instructions: batches of 4, 4, 1
     async with make_harness() as h:

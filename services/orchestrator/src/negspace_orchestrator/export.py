@@ -1,4 +1,4 @@
-"""A run's datasets as files others can load: ``hf`` (a ``datasets.load_from_disk`` folder),
+"""Exports: a run's datasets as files others can load, in a folder confined to the data folder: ``hf`` (a ``datasets.load_from_disk`` folder),
 ``parquet`` or ``jsonl``, each with a ``README.md`` dataset card whose YAML header the Hugging
 Face Hub understands (configs and their data files, license, task categories) and whose body
 says how the data was made: the method, the full run config, the model and embedder, the seeds,
@@ -10,15 +10,30 @@ attempt, scale, similarity) and ``qa`` (chat ``messages``).
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+import tarfile
+import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from negspace_contracts.orchestrator import EXPORT_FORMATS, Instruction, RunConfig
+from negspace_contracts.controller import MetricsResponse
+from negspace_contracts.errors import BadRequestError, ConflictError, NegspaceError
+from negspace_contracts.orchestrator import (
+    EXPORT_FORMATS,
+    ExportRequest,
+    ExportResult,
+    Instruction,
+    RunConfig,
+)
 
 from negspace_orchestrator import __version__
+from negspace_orchestrator.dependencies import Dependencies
+from negspace_orchestrator.store import RunRow, Store
 
 CONFIGS = ("instructions", "qa")
 
@@ -162,3 +177,124 @@ def write(out_dir: Path, fmt: str, info: ExportInfo, instructions: list[dict[str
                 sets[c].to_parquet(str(out_dir / f"{c}.parquet"))
     (out_dir / "README.md").write_text(card(info, fmt, len(instructions), len(qa)))
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
+
+
+# ---- the export folder ------------------------------------------------------------------------
+def _outside(data_dir: Path, given: str) -> BadRequestError:
+    return BadRequestError(
+        f"export_dir {given!r} is outside the orchestrator's data folder {str(data_dir)!r}: give a folder "
+        "inside it, relative to it (e.g. 'my-export') or as an absolute path under it; no '..' "
+        "and no symbolic link that leads out of it", param="export_dir")
+
+
+def resolve_export_dir(data_dir: Path, export_dir: str) -> Path:
+    """``export_dir`` confined to ``data_dir``: relative paths are taken under it, absolute ones must
+    lie in it; a ``..`` part or a symbolic link that leads out of it is refused (BadRequestError)."""
+    base = data_dir.resolve()
+    try:
+        given = Path(export_dir)
+        if ".." in given.parts:
+            raise _outside(base, export_dir)
+        target = (given if given.is_absolute() else base / given).resolve()  # follows symlinks
+    except (ValueError, OSError) as exc:  # a NUL byte, a symlink loop
+        raise BadRequestError(f"export_dir {export_dir!r} is not a usable path: {exc}", param="export_dir") from exc
+    if target != base and base not in target.parents:
+        raise _outside(base, export_dir)
+    return target
+
+
+def make_export_dir(data_dir: Path, export_dir: str) -> Path:
+    """``export_dir`` confined to ``data_dir`` (see resolve_export_dir), made if missing."""
+    return qa_export_dir(data_dir, export_dir, "")
+
+
+def qa_export_dir(data_dir: Path, export_dir: str | None, run_id: str) -> Path:
+    """``export_dir`` (confined, made if missing), or ``<data_dir>/<run_id>/qa`` when it is not given."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = resolve_export_dir(data_dir, export_dir) if export_dir else data_dir.resolve() / run_id / "qa"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if export_dir:  # a link swapped in while the folders were made must not lead out either
+        resolve_export_dir(data_dir, str(out_dir))
+    return out_dir
+
+
+# ---- an export of one run ---------------------------------------------------------------------
+class Exports:
+    """Writes a run's export: the rows from the store, the card's model and embedder asked of the
+    node and controller (the card says so when they cannot tell), its metrics through ``metrics``."""
+
+    def __init__(self, store: Store, deps: Dependencies, metrics: Callable[[str], Awaitable[MetricsResponse]],
+                 *, exports_dir: Path) -> None:
+        self.store = store
+        self.deps = deps
+        self.metrics = metrics
+        self.exports_dir = exports_dir
+
+    async def info(self, run: RunRow, license: str) -> ExportInfo:
+        """Everything the dataset card says about the run."""
+        store = self.store
+        converted, rejected = store.qa_counts(run.id)
+        info = ExportInfo(run_id=run.id, mode=run.mode, status=run.status, config=run.config,
+                          attempts=store.counts(run.id)[1], qa_total=converted + rejected,
+                          qa_converted=converted, qa_rejections=store.qa_rejections(run.id), license=license)
+        for node in self.deps.nodes[:1]:
+            try:
+                models = await asyncio.wait_for(node.models.list(), timeout=10.0)
+                info.model = ", ".join(m.id for m in models.data) or None
+            except (NegspaceError, TimeoutError):
+                pass
+        if self.deps.controller is not None:
+            try:
+                health = await asyncio.wait_for(self.deps.controller.health(), timeout=10.0)
+                info.embedder = str(health.info.get("embedder")) if health.info.get("embedder") else None
+            except (NegspaceError, TimeoutError):
+                pass
+        if store.counts(run.id)[0]:
+            try:
+                info.metrics = (await self.metrics(run.id)).model_dump(mode="json")
+            except (NegspaceError, TimeoutError) as exc:
+                info.metrics_note = f"the controller did not answer ({getattr(exc, 'message', exc)})"
+        else:
+            info.metrics_note = "the run has no instructions"
+        return info
+
+    def _ready(self, run: RunRow) -> None:
+        if run.status in ("queued", "running"):
+            raise ConflictError(f"run {run.id} is {run.status}; export it once it has finished")
+        if self.store.counts(run.id)[0] == 0:
+            raise ConflictError(f"run {run.id} has no accepted instructions to export")
+
+    async def _write(self, run: RunRow, fmt: str, out_dir: Path, license: str) -> list[Path]:
+        info = await self.info(run, license)
+        instructions = instruction_rows(self.store.instructions(run.id))
+        pairs = qa_rows(self.store.qa_records(run.id))
+        return await asyncio.to_thread(write, out_dir, fmt, info, instructions, pairs)
+
+    async def to_folder(self, run: RunRow, req: ExportRequest) -> ExportResult:
+        """The export written inside the data folder."""
+        self._ready(run)
+        default = f"{run.id}/export-{req.format}"
+        try:
+            out_dir = await asyncio.to_thread(make_export_dir, self.exports_dir, req.export_dir or default)
+            files = await self._write(run, req.format, out_dir, req.license)
+        except OSError as exc:
+            raise BadRequestError(f"cannot write the export to {req.export_dir or default!r} under "
+                                  f"{str(self.exports_dir)!r}: {exc.strerror or exc}", param="export_dir") from exc
+        return ExportResult(run_id=run.id, format=req.format, path=str(out_dir), files=[str(f) for f in files],
+                            instructions=self.store.counts(run.id)[0], qa=self.store.qa_counts(run.id)[0])
+
+    async def to_archive(self, run: RunRow, fmt: str, license: str) -> bytes:
+        """The same export as a tar archive (the folder's files at its root)."""
+        self._ready(run)
+        with tempfile.TemporaryDirectory() as tmp:
+            await self._write(run, fmt, Path(tmp), license)
+
+            def pack() -> bytes:
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as tar:
+                    for f in sorted(Path(tmp).rglob("*")):
+                        if f.is_file():
+                            tar.add(f, arcname=str(f.relative_to(tmp)))
+                return buf.getvalue()
+
+            return await asyncio.to_thread(pack)

@@ -1,4 +1,4 @@
-"""Q/A conversion (the reference's inst2gen step) and the dataset exports.
+"""Q/A conversion (the reference's inst2gen step): a run's instructions become chat records.
 
 Each accepted instruction is cleaned of echoed labels, sent to a node with a formatter that asks
 for exactly one ``Question: ... Answer: ...`` pair, parsed and checked (``prompts.judge_qa``: not
@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from negspace_contracts.errors import BadRequestError
+from negspace_contracts.errors import BadRequestError, ConflictError, ServiceUnavailableError
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage
 from negspace_contracts.orchestrator import QARequest, QAResult
 from negspace_contracts.trainer import ChatRecord, ChatTurn
 
 from negspace_orchestrator import prompts
-from negspace_orchestrator.driver import Orchestrator, derive_seed
-from negspace_orchestrator.store import RunRow
+from negspace_orchestrator.dependencies import DependencyDown, Generation
+from negspace_orchestrator.events import EventLog
+from negspace_orchestrator.export import qa_export_dir
+from negspace_orchestrator.rounds import derive_seed, gather
+from negspace_orchestrator.store import RunRow, Store
+
+Generate = Callable[[int, ChatCompletionRequest], Awaitable[Generation]]  # (logical node, request)
 
 
 def chat_record(question: str, answer: str) -> ChatRecord:
@@ -30,94 +36,89 @@ def chat_record(question: str, answer: str) -> ChatRecord:
                                 ChatTurn(role="assistant", content=answer)])
 
 
-def _outside(data_dir: Path, given: str) -> BadRequestError:
-    return BadRequestError(
-        f"export_dir {given!r} is outside the orchestrator's data folder {str(data_dir)!r}: give a folder "
-        "inside it, relative to it (e.g. 'my-export') or as an absolute path under it; no '..' "
-        "and no symbolic link that leads out of it", param="export_dir")
+class QAConverter:
+    """Converts a run's accepted instructions to Q/A pairs (one conversion per run at a time)."""
 
+    def __init__(self, store: Store, events: EventLog, generate: Generate, *, exports_dir: Path,
+                 concurrency: int) -> None:
+        self.store = store
+        self.events = events
+        self.generate = generate
+        self.exports_dir = exports_dir
+        self.concurrency = concurrency
+        self.running: set[str] = set()
 
-def resolve_export_dir(data_dir: Path, export_dir: str) -> Path:
-    """``export_dir`` confined to ``data_dir``: relative paths are taken under it, absolute ones must
-    lie in it; a ``..`` part or a symbolic link that leads out of it is refused (BadRequestError)."""
-    base = data_dir.resolve()
-    try:
-        given = Path(export_dir)
-        if ".." in given.parts:
-            raise _outside(base, export_dir)
-        target = (given if given.is_absolute() else base / given).resolve()  # follows symlinks
-    except (ValueError, OSError) as exc:  # a NUL byte, a symlink loop
-        raise BadRequestError(f"export_dir {export_dir!r} is not a usable path: {exc}", param="export_dir") from exc
-    if target != base and base not in target.parents:
-        raise _outside(base, export_dir)
-    return target
+    async def convert(self, run: RunRow, request: QARequest) -> QAResult:
+        """409 while the run is generating, has no instructions or is being converted already."""
+        if run.status in ("queued", "running"):
+            raise ConflictError(f"run {run.id} is {run.status}; convert it to Q/A once it has finished")
+        if self.store.counts(run.id)[0] == 0:
+            raise ConflictError(f"run {run.id} has no accepted instructions to convert")
+        if run.id in self.running:
+            raise ConflictError(f"a Q/A conversion of run {run.id} is already in progress")
+        self.running.add(run.id)
+        try:
+            return await self._convert(run, request)
+        except DependencyDown as exc:
+            raise ServiceUnavailableError(f"{exc}; converted pairs so far are kept: POST /qa again to "
+                                          "continue") from exc
+        finally:
+            self.running.discard(run.id)
 
+    async def _convert(self, run: RunRow, request: QARequest) -> QAResult:
+        store = self.store
+        data_dir = self.exports_dir
+        try:  # refuse an unusable folder before spending generation on the conversion
+            out_dir = await asyncio.to_thread(qa_export_dir, data_dir, request.export_dir, run.id)
+        except OSError as exc:
+            raise BadRequestError(f"cannot create the Q/A export folder {request.export_dir or run.id + '/qa'!r} "
+                                  f"under {str(data_dir)!r}: {exc.strerror or exc}", param="export_dir") from exc
+        accepted = store.accepted(run.id)
+        done = store.qa_done(run.id)
+        todo = [a for a in accepted if a.point_id not in done]
+        sem = asyncio.Semaphore(self.concurrency)
+        total = len(accepted)
 
-def make_export_dir(data_dir: Path, export_dir: str) -> Path:
-    """``export_dir`` confined to ``data_dir`` (see resolve_export_dir), made if missing."""
-    return _make_export_dir(data_dir, export_dir, "")
+        async def one(a) -> None:
+            async with sem:
+                instruction = prompts.clean_instruction(a.text)
+                raw, tries, parsed, reason = "", 0, None, prompts.REJECT_EMPTY
+                if instruction:
+                    for tries in (1, 2):  # a rejected output gets one more try, with a stricter reminder
+                        content = prompts.QA_PROMPT + instruction + (prompts.QA_RETRY_SUFFIX if tries == 2 else "")
+                        req = ChatCompletionRequest(
+                            messages=[ChatMessage(role="user", content=content)], max_tokens=request.max_tokens,
+                            temperature=request.temperature, top_p=request.top_p,
+                            seed=derive_seed(run.config.seed, "qa", a.point_id, tries))
+                        gen = await self.generate(a.node, req)
+                        raw = gen.text
+                        parsed, reason = prompts.judge_qa(raw, base_instruction=run.config.base_instruction,
+                                                          finish_reason=gen.finish_reason)
+                        if parsed:
+                            break
+                if parsed:
+                    store.add_qa(run.id, a.point_id, "converted", parsed[0], parsed[1], raw, tries)
+                else:
+                    store.add_qa(run.id, a.point_id, "rejected", None, None, raw, tries, reason=reason)
+                converted, rejected = store.qa_counts(run.id)
+                self.events.emit(run.id, "qa", {"instruction_id": a.point_id,
+                                                "status": "converted" if parsed else "rejected",
+                                                "reason": None if parsed else reason,
+                                                "done": converted + rejected, "total": total,
+                                                "converted": converted, "rejected": rejected})
 
-
-def _make_export_dir(data_dir: Path, export_dir: str | None, run_id: str) -> Path:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    out_dir = resolve_export_dir(data_dir, export_dir) if export_dir else data_dir.resolve() / run_id / "qa"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if export_dir:  # a link swapped in while the folders were made must not lead out either
-        resolve_export_dir(data_dir, str(out_dir))
-    return out_dir
-
-
-async def convert(orch: Orchestrator, run: RunRow, request: QARequest) -> QAResult:
-    store = orch.store
-    data_dir = orch.settings.exports_dir
-    try:  # refuse an unusable folder before spending generation on the conversion
-        out_dir = await asyncio.to_thread(_make_export_dir, data_dir, request.export_dir, run.id)
-    except OSError as exc:
-        raise BadRequestError(f"cannot create the Q/A export folder {request.export_dir or run.id + '/qa'!r} "
-                              f"under {str(data_dir)!r}: {exc.strerror or exc}", param="export_dir") from exc
-    accepted = store.accepted(run.id)
-    done = store.qa_done(run.id)
-    todo = [a for a in accepted if a.point_id not in done]
-    sem = asyncio.Semaphore(orch.settings.qa_concurrency)
-    total = len(accepted)
-
-    async def one(a) -> None:
-        async with sem:
-            instruction = prompts.clean_instruction(a.text)
-            raw, tries, parsed, reason = "", 0, None, prompts.REJECT_EMPTY
-            if instruction:
-                for tries in (1, 2):  # a rejected output gets one more try, with a stricter reminder
-                    content = prompts.QA_PROMPT + instruction + (prompts.QA_RETRY_SUFFIX if tries == 2 else "")
-                    req = ChatCompletionRequest(
-                        messages=[ChatMessage(role="user", content=content)], max_tokens=request.max_tokens,
-                        temperature=request.temperature, top_p=request.top_p,
-                        seed=derive_seed(run.config.seed, "qa", a.point_id, tries))
-                    gen = await orch.deps.generate(a.node, req)
-                    raw = gen.text
-                    parsed, reason = prompts.judge_qa(raw, base_instruction=run.config.base_instruction,
-                                                      finish_reason=gen.finish_reason)
-                    if parsed:
-                        break
-            if parsed:
-                store.add_qa(run.id, a.point_id, "converted", parsed[0], parsed[1], raw, tries)
-            else:
-                store.add_qa(run.id, a.point_id, "rejected", None, None, raw, tries, reason=reason)
-            converted, rejected = store.qa_counts(run.id)
-            orch.event(run.id, "qa", {"instruction_id": a.point_id, "status": "converted" if parsed else "rejected",
-                                      "reason": None if parsed else reason,
-                                      "done": converted + rejected, "total": total,
-                                      "converted": converted, "rejected": rejected})
-
-    await orch._gather([one(a) for a in todo])
-    converted, rejected = store.qa_counts(run.id)
-    records = [chat_record(q, a) for q, a in store.qa_records(run.id)]
-    try:
-        jsonl_path, dataset_path = await asyncio.to_thread(export, records, out_dir)
-    except OSError as exc:
-        raise BadRequestError(f"cannot write the Q/A export to {str(out_dir)!r}: {exc.strerror or exc}; the "
-                              "conversion is stored: POST again with a writable export_dir", param="export_dir") from exc
-    return QAResult(run_id=run.id, total=total, converted=converted, rejected=rejected,
-                    rejections=store.qa_rejections(run.id), jsonl_path=str(jsonl_path), dataset_path=str(dataset_path) if dataset_path else None)
+        await gather([one(a) for a in todo])
+        converted, rejected = store.qa_counts(run.id)
+        records = [chat_record(q, a) for q, a in store.qa_records(run.id)]
+        try:
+            jsonl_path, dataset_path = await asyncio.to_thread(export, records, out_dir)
+        except OSError as exc:
+            raise BadRequestError(f"cannot write the Q/A export to {str(out_dir)!r}: {exc.strerror or exc}; the "
+                                  "conversion is stored: POST again with a writable export_dir",
+                                  param="export_dir") from exc
+        return QAResult(run_id=run.id, total=total, converted=converted, rejected=rejected,
+                        rejections=store.qa_rejections(run.id), jsonl_path=str(jsonl_path),
+                        dataset_path=str(dataset_path) if dataset_path else None)
 
 
 def export(records: list[ChatRecord], out_dir: Path) -> tuple[Path, Path | None]:

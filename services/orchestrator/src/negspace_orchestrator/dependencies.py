@@ -1,4 +1,4 @@
-"""The orchestrator's view of its dependencies: node replicas with fail-over, the controller and
+"""The dependency clients: node replicas with fail-over, the controller and
 the trainer, each reached only through the typed clients of ``negspace_contracts``.
 
 A retryable failure (connection refused, timeout, 429, 502/503/504, or a 500 from a replica) is
