@@ -8,7 +8,7 @@ import json
 import pytest
 from negspace_cli.study.runner import StudyError, StudyState, cost_of, load_results, run_cells
 from negspace_cli.study.spec import StudySpec, cell_key, default_spec
-from negspace_contracts.orchestrator import RunEvent
+from negspace_contracts.orchestrator import AttemptData, AttemptEvent, RoundData, RoundEvent
 
 
 def small_spec(**kw) -> StudySpec:
@@ -85,9 +85,10 @@ def test_spec_validation_and_the_default_study():
 
 def test_cost_counts_decode_rows_of_guided_attempts_only():
     def ev(scale, neg, tok):
-        return RunEvent(type="attempt", run_id="r", data={"scale": scale, "negatives": neg,
-                                                          "completion_tokens": tok, "latency_s": 0.5})
-    events = [ev(None, 0, 10), ev(1.0, 3, 10), ev(2.0, 3, 10), RunEvent(type="round", run_id="r")]
+        return AttemptEvent(run_id="r", data=AttemptData(node=0, round=1, attempt=0, scale=scale, negatives=neg,
+                                                         completion_tokens=tok, latency_s=0.5))
+    events = [ev(None, 0, 10), ev(1.0, 3, 10), ev(2.0, 3, 10),
+              RoundEvent(run_id="r", data=RoundData(round=1, rounds=1, accepted=1, attempts=3))]
     assert cost_of(events, True) == {"attempts": 3, "generated_tokens": 30, "decode_rows": 10 + 10 + 40,
                                      "node_seconds": 1.5}
     assert cost_of(events, False)["decode_rows"] == 30

@@ -35,6 +35,7 @@ from negspace_contracts.controller import ControllerClient
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage, NodeClient
 from negspace_contracts.orchestrator import (
     TERMINAL_RUN_STATUSES,
+    AttemptEvent,
     GuidanceSchedule,
     OrchestratorClient,
     QARequest,
@@ -98,10 +99,10 @@ async def generation_phase(orch: OrchestratorClient, configs: list[RunConfig]) -
     lat, tokens, attempts = [], 0, 0
     for r in runs:
         async for ev in orch.runs.events(r.id):
-            if ev.type == "attempt":
+            if isinstance(ev, AttemptEvent):
                 attempts += 1
-                lat.append(float(ev.data.get("latency_s") or 0.0))
-                tokens += int(ev.data.get("completion_tokens") or 0)
+                lat.append(ev.data.latency_s)
+                tokens += ev.data.completion_tokens or 0
     accepted = sum(r.progress.accepted for r in runs)
     return {"runs": len(runs), "ids": ids, "accepted": accepted, "attempts": attempts, "tokens": tokens,
             "wall_s": wall, "instr_per_s": accepted / wall, "tokens_per_s": tokens / wall,

@@ -26,6 +26,7 @@ import numpy as np
 from negspace_contracts.controller import MAX_TEXTS_PER_EMBED, ControllerClient, MetricsRequest
 from negspace_contracts.errors import NegspaceError
 from negspace_contracts.orchestrator import (
+    AttemptEvent,
     GuidanceSchedule,
     NegativesSpec,
     OrchestratorClient,
@@ -265,8 +266,8 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
         figs["per_round"] = "diversity_per_round.png"
     accepted_scales = [(int(r["round"]), float(r["guidance_scale"])) for r in g_instr
                        if r.get("guidance_scale") is not None]
-    attempt_scales = [(int(e.data["round"]), float(e.data["scale"])) for e in guided_events
-                      if e.type == "attempt" and e.data.get("scale") is not None and int(e.data.get("round", 0)) > 0]
+    attempt_scales = [(e.data.round, e.data.scale) for e in guided_events
+                      if isinstance(e, AttemptEvent) and e.data.scale is not None and e.data.round > 0]
     plots.guidance_scales(out / "guidance_scales.png", accepted_scales, attempt_scales or accepted_scales)
     figs["scales"] = "guidance_scales.png"
     stage_done("metrics_plots", t)

@@ -13,9 +13,13 @@ from typing import Any, TypeVar
 from negspace_contracts.errors import NegspaceError, is_retryable
 from negspace_contracts.orchestrator import (
     TERMINAL_RUN_STATUSES,
+    AttemptEvent,
     OrchestratorClient,
+    QAEvent,
+    RoundEvent,
     Run,
     RunEvent,
+    StatusEvent,
 )
 from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, Job
 from tqdm.auto import tqdm
@@ -72,23 +76,21 @@ async def follow_run(client: OrchestratorClient, run_id: str, *, desc: str | Non
                     last_seq = max(last_seq, ev.seq)
                     if events is not None:
                         events.append(ev)
-                    d = ev.data
-                    if ev.type == "attempt" and d.get("accepted"):
-                        key = (int(d.get("node", -1)), int(d.get("round", -1)))
+                    if isinstance(ev, AttemptEvent) and ev.data.accepted:
+                        key = (ev.data.node, ev.data.round)
                         if key not in accepted:
                             accepted.add(key)
                             if bar.n < len(accepted):
                                 bar.update(len(accepted) - bar.n)
-                        bar.set_postfix(round=d.get("round"), scale=d.get("scale"), refresh=False)
-                    elif ev.type == "round":
-                        bar.set_postfix(round=f"{d.get('round')}/{d.get('rounds')}", refresh=False)
-                        if d.get("accepted") is not None and int(d["accepted"]) > bar.n:
-                            bar.update(int(d["accepted"]) - bar.n)
-                    elif ev.type == "status":
-                        status = d.get("status")
-                        bar.set_postfix(status=status, refresh=True)
-                        if status == "paused":
-                            bar.write(f"{run_id}: paused: {d.get('error') or d.get('reason') or ''}")
+                        bar.set_postfix(round=ev.data.round, scale=ev.data.scale, refresh=False)
+                    elif isinstance(ev, RoundEvent):
+                        bar.set_postfix(round=f"{ev.data.round}/{ev.data.rounds}", refresh=False)
+                        if ev.data.accepted > bar.n:
+                            bar.update(ev.data.accepted - bar.n)
+                    elif isinstance(ev, StatusEvent):
+                        bar.set_postfix(status=ev.data.status, refresh=True)
+                        if ev.data.status == "paused":
+                            bar.write(f"{run_id}: paused: {ev.data.error or ev.data.reason or ''}")
                 break
             except NegspaceError as exc:
                 tries += 1
@@ -126,14 +128,12 @@ async def with_qa_progress(client: OrchestratorClient, run_id: str, work: Awaita
             with contextlib.suppress(NegspaceError):
                 async for ev in client.runs.events(run_id, after=last_seq):
                     last_seq = max(last_seq, ev.seq)
-                    if ev.type == "qa" and ev.data.get("done") is not None:
-                        n = int(ev.data["done"])
-                        if ev.data.get("total"):
-                            bar.total = int(ev.data["total"])
-                        if n > bar.n:
-                            bar.update(n - bar.n)
-                        bar.set_postfix(converted=ev.data.get("converted"), rejected=ev.data.get("rejected"),
-                                        refresh=False)
+                    if isinstance(ev, QAEvent):
+                        if ev.data.total:
+                            bar.total = ev.data.total
+                        if ev.data.done > bar.n:
+                            bar.update(ev.data.done - bar.n)
+                        bar.set_postfix(converted=ev.data.converted, rejected=ev.data.rejected, refresh=False)
             if done:
                 result = task.result()
                 if bar.total and bar.n < bar.total:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from negspace_contracts._http import Resource, ServiceClient
 from negspace_contracts.common import StrictModel
 from negspace_contracts.controller import MetricsRequest, MetricsResponse
 from negspace_contracts.node import GuidanceCombine, GuidanceSpace
-from negspace_contracts.trainer import ChatRecord, EvalSpec, Job, LoraSpec, TrainingSpec
+from negspace_contracts.trainer import ChatRecord, EvalSpec, Job, JobStatus, LoraSpec, TrainingSpec
 
 MAX_NODES = 64
 MAX_ROUNDS = 1000
@@ -203,26 +202,159 @@ class Instruction(StrictModel):
     max_similarity: float | None
 
 
-class RunEvent(BaseModel):
-    """One server-sent event of ``GET /runs/{id}/events`` (``seq`` increases; resume with ``after``).
+def _is_none(value: object) -> bool:
+    return value is None
 
-    ``type`` and its ``data``:
-    - ``status``: ``{"status", "error"?, "reason"?}`` (``completed`` adds ``accepted``, ``attempts``)
-    - ``attempt``: one per generation once judged: ``{"node", "round", "attempt", "scale",
-      "negatives", "max_similarity", "similar", "accepted", "empty", "text", "prompt_tokens",
-      "completion_tokens", "latency_s", "node_url"}``
-    - ``round``: ``{"round", "rounds", "accepted", "attempts"}`` when every node finished a round
-    - ``qa``: ``{"instruction_id", "status", "reason", "done", "total", "converted", "rejected"}``
-      (``reason``: why it was rejected, None when converted)
-    - ``train``: ``{"job_id", "status", "step"?, "total_steps"?, "error"?}`` (``status`` is the job's,
-      or ``"lost"`` once the trainer answers 404 for the job)
-    The stream ends when the run is completed, failed or cancelled.
-    """
 
-    type: str
+#: An event key that is left out of the JSON while it has no value (``"seed" in data`` says whether it is given).
+OptionalKey = Field(None, exclude_if=_is_none)
+
+
+class EventData(BaseModel):
+    """A typed event payload. Read its fields as attributes; it also reads like the JSON object it
+    is on the wire (``data["round"]``, ``data.get("error")``, ``"seed" in data``, ``set(data)``: its
+    keys), so a reader written against the JSON keeps working. Unknown keys (a newer server's) are
+    ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    event_type: ClassVar[str]
+
+    def _wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def __getitem__(self, key: str) -> Any:
+        wire = self._wire()
+        if key not in wire:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self._wire() else default
+
+    def keys(self) -> list[str]:
+        return list(self._wire())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._wire()
+
+    def __iter__(self):  # type: ignore[override]  # the keys, as a dict's
+        return iter(self._wire())
+
+    def __len__(self) -> int:
+        return len(self._wire())
+
+
+class StatusData(EventData):
+    """The run's status changed (``completed`` adds the counts; ``queued`` after a resume, a reason)."""
+
+    event_type: ClassVar[str] = "status"
+    status: RunStatus
+    error: str | None = OptionalKey
+    reason: str | None = OptionalKey
+    accepted: int | None = OptionalKey
+    attempts: int | None = OptionalKey
+
+
+class AttemptData(EventData):
+    """One generation, once judged (accepted or not; ``empty`` when the node returned no text)."""
+
+    event_type: ClassVar[str] = "attempt"
+    node: int
+    round: int
+    attempt: int
+    scale: float | None = None
+    negatives: int = 0
+    max_similarity: float | None = None
+    similar: bool | None = None
+    accepted: bool = False
+    empty: bool = False
+    text: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_s: float = 0.0
+    node_url: str | None = None
+
+
+class RoundData(EventData):
+    """Every node finished a round (written once per round, also across restarts)."""
+
+    event_type: ClassVar[str] = "round"
+    round: int
+    rounds: int
+    accepted: int
+    attempts: int
+
+
+class QAData(EventData):
+    """One instruction converted to a Q/A pair or rejected (``reason``: why; None when converted)."""
+
+    event_type: ClassVar[str] = "qa"
+    instruction_id: str
+    status: Literal["converted", "rejected"]
+    reason: str | None = None
+    done: int
+    total: int
+    converted: int
+    rejected: int
+
+
+#: The ``train`` event status of a job the trainer answers 404 for (it lost it).
+LOST_JOB = "lost"
+
+
+class TrainData(EventData):
+    """The run's training job (or its job for ``seed``) was created or changed status or step."""
+
+    event_type: ClassVar[str] = "train"
+    job_id: str
+    status: JobStatus | Literal["lost"]
+    seed: int | None = OptionalKey
+    step: int | None = OptionalKey
+    total_steps: int | None = OptionalKey
+    error: str | None = OptionalKey
+
+
+class _Event(BaseModel):
     run_id: str
     seq: int = 0
-    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class StatusEvent(_Event):
+    type: Literal["status"] = "status"
+    data: StatusData
+
+
+class AttemptEvent(_Event):
+    type: Literal["attempt"] = "attempt"
+    data: AttemptData
+
+
+class RoundEvent(_Event):
+    type: Literal["round"] = "round"
+    data: RoundData
+
+
+class QAEvent(_Event):
+    type: Literal["qa"] = "qa"
+    data: QAData
+
+
+class TrainEvent(_Event):
+    type: Literal["train"] = "train"
+    data: TrainData
+
+
+#: One server-sent event of ``GET /runs/{id}/events`` (``seq`` increases; resume with ``after``):
+#: ``{"type", "run_id", "seq", "data"}``, ``type`` choosing the payload. The stream ends when the
+#: run is completed, failed or cancelled.
+RunEvent = Annotated[StatusEvent | AttemptEvent | RoundEvent | QAEvent | TrainEvent, Field(discriminator="type")]
+RunEventData = StatusData | AttemptData | RoundData | QAData | TrainData
+RUN_EVENT: TypeAdapter[RunEvent] = TypeAdapter(RunEvent)
+
+
+def run_event(run_id: str, seq: int, data: RunEventData) -> RunEvent:
+    """The event that carries ``data``."""
+    return RUN_EVENT.validate_python({"type": data.event_type, "run_id": run_id, "seq": seq, "data": data})
 
 
 class QARequest(StrictModel):
@@ -372,7 +504,7 @@ class _Runs(Resource):
             if line.startswith("data:"):
                 data.append(line[5:].strip())
             elif not line.strip() and data:
-                yield RunEvent.model_validate(json.loads("\n".join(data)))
+                yield RUN_EVENT.validate_json("\n".join(data))
                 data = []
 
 

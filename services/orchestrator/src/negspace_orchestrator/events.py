@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from negspace_contracts.orchestrator import RunEventData
+
 from negspace_orchestrator.store import Store
 
 
@@ -15,8 +17,8 @@ class EventLog:
         self.store = store
         self._changed: dict[str, asyncio.Event] = {}
 
-    def emit(self, run_id: str, type_: str, data: dict[str, Any]) -> None:
-        self.store.add_event(run_id, type_, data)
+    def emit(self, run_id: str, data: RunEventData) -> None:
+        self.store.add_event(run_id, data)
         self.notify(run_id)
 
     def notify(self, run_id: str) -> None:

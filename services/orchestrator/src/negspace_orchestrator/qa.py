@@ -18,7 +18,7 @@ from pathlib import Path
 
 from negspace_contracts.errors import BadRequestError, ConflictError, ServiceUnavailableError
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage
-from negspace_contracts.orchestrator import QARequest, QAResult
+from negspace_contracts.orchestrator import QAData, QARequest, QAResult
 from negspace_contracts.trainer import ChatRecord, ChatTurn
 
 from negspace_orchestrator import prompts
@@ -101,11 +101,10 @@ class QAConverter:
                 else:
                     store.add_qa(run.id, a.point_id, "rejected", None, None, raw, tries, reason=reason)
                 converted, rejected = store.qa_counts(run.id)
-                self.events.emit(run.id, "qa", {"instruction_id": a.point_id,
-                                                "status": "converted" if parsed else "rejected",
-                                                "reason": None if parsed else reason,
-                                                "done": converted + rejected, "total": total,
-                                                "converted": converted, "rejected": rejected})
+                self.events.emit(run.id, QAData(instruction_id=a.point_id,
+                                                status="converted" if parsed else "rejected",
+                                                reason=None if parsed else reason, done=converted + rejected,
+                                                total=total, converted=converted, rejected=rejected))
 
         await gather([one(a) for a in todo])
         converted, rejected = store.qa_counts(run.id)

@@ -24,7 +24,7 @@ from collections.abc import Awaitable
 from negspace_contracts.controller import PointIn
 from negspace_contracts.errors import BadRequestError, ConflictError, NegspaceError
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage
-from negspace_contracts.orchestrator import TERMINAL_RUN_STATUSES, RunConfig
+from negspace_contracts.orchestrator import TERMINAL_RUN_STATUSES, AttemptData, RoundData, RunConfig
 
 from negspace_orchestrator import prompts
 from negspace_orchestrator.dependencies import Dependencies, DependencyDown
@@ -121,8 +121,8 @@ class Rounds:
             self._check_round(run, r)
             if not self.store.has_round_event(run.id, r):  # once per round, also across restarts
                 accepted, attempts, _, _ = self.store.counts(run.id)
-                self.events.emit(run.id, "round", {"round": r, "rounds": cfg.rounds, "accepted": accepted,
-                                                   "attempts": attempts})
+                self.events.emit(run.id, RoundData(round=r, rounds=cfg.rounds, accepted=accepted,
+                                                   attempts=attempts))
 
     def _check_round(self, run: RunRow, round_: int) -> None:
         missing = [n for n in range(run.config.nodes)
@@ -175,12 +175,11 @@ class Rounds:
             if accept:
                 self.store.mark_accepted(run.id, a.node, a.round, a.attempt, pid)
                 a.accepted, a.point_id = True, pid
-            self.store.add_event(run.id, "attempt", {
-                "node": a.node, "round": a.round, "attempt": a.attempt, "scale": a.scale,
-                "negatives": len(a.negatives), "max_similarity": max_similarity, "similar": is_similar,
-                "accepted": accept, "empty": empty, "text": a.text, "prompt_tokens": a.prompt_tokens,
-                "completion_tokens": a.completion_tokens, "latency_s": round(a.latency_s, 4),
-                "node_url": a.node_url})
+            self.store.add_event(run.id, AttemptData(
+                node=a.node, round=a.round, attempt=a.attempt, scale=a.scale, negatives=len(a.negatives),
+                max_similarity=max_similarity, similar=is_similar, accepted=accept, empty=empty, text=a.text,
+                prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens,
+                latency_s=round(a.latency_s, 4), node_url=a.node_url))
         self.events.notify(run.id)
         if accept:
             await self._insert(run, a, pid)

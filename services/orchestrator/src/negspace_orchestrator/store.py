@@ -18,7 +18,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from negspace_contracts.orchestrator import Instruction, RunConfig, RunEvent
+from negspace_contracts.orchestrator import (
+    RUN_EVENT,
+    Instruction,
+    RunConfig,
+    RunEvent,
+    RunEventData,
+    StatusData,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -191,7 +198,7 @@ class Store:
                 "INSERT INTO runs (id, mode, status, config, target, collection, created_at, updated_at)"
                 " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
                 (run_id, config.mode, config.model_dump_json(), target, collection, now, now))
-            self._event(run_id, "status", {"status": "queued"})
+            self._event(run_id, StatusData(status="queued"))
         return self.get_run(run_id)  # type: ignore[return-value]
 
     def _row_to_run(self, r: sqlite3.Row) -> RunRow:
@@ -237,10 +244,7 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("UPDATE runs SET status = ?, error = ?, paused_reason = ?, updated_at = ?"
                             " WHERE id = ?", (status, error, paused_reason, time.time(), run_id))
-            payload = {"status": status, **data}
-            if error:
-                payload["error"] = error
-            self._event(run_id, "status", payload)
+            self._event(run_id, StatusData(status=status, error=error or None, **data))  # type: ignore[arg-type]
 
     def set_round(self, run_id: str, round_: int) -> None:
         self.db.execute("UPDATE runs SET round = ?, updated_at = ? WHERE id = ?", (round_, time.time(), run_id))
@@ -383,18 +387,23 @@ class Store:
         return int(r["acc"]), int(r["att"]), float(r["lat"]), int(r["acc"])
 
     # ---- events -----------------------------------------------------------------------------
-    def _event(self, run_id: str, type_: str, data: dict[str, Any]) -> int:
+    def _event(self, run_id: str, data: RunEventData) -> int:
         cur = self.db.execute("INSERT INTO events (run_id, type, data, created_at) VALUES (?, ?, ?, ?)",
-                              (run_id, type_, json.dumps(data), time.time()))
+                              (run_id, data.event_type, data.model_dump_json(), time.time()))
         return int(cur.lastrowid or 0)
 
-    def add_event(self, run_id: str, type_: str, data: dict[str, Any]) -> int:
-        return self._event(run_id, type_, data)
+    def add_event(self, run_id: str, data: RunEventData) -> int:
+        return self._event(run_id, data)
+
+    @staticmethod
+    def _row_to_event(r: sqlite3.Row) -> RunEvent:
+        return RUN_EVENT.validate_python({"type": r["type"], "run_id": r["run_id"], "seq": r["seq"],
+                                          "data": json.loads(r["data"])})
 
     def last_event(self, run_id: str, type_: str) -> RunEvent | None:
         r = self.db.execute("SELECT * FROM events WHERE run_id = ? AND type = ? ORDER BY seq DESC LIMIT 1",
                             (run_id, type_)).fetchone()
-        return RunEvent(type=r["type"], run_id=r["run_id"], seq=r["seq"], data=json.loads(r["data"])) if r else None
+        return self._row_to_event(r) if r else None
 
     def has_round_event(self, run_id: str, round_: int) -> bool:
         return self.db.execute("SELECT 1 FROM events WHERE run_id = ? AND type = 'round'"
@@ -403,8 +412,7 @@ class Store:
     def events_after(self, run_id: str, after: int, limit: int = 500) -> list[RunEvent]:
         rows = self.db.execute("SELECT * FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                                (run_id, after, limit)).fetchall()
-        return [RunEvent(type=r["type"], run_id=r["run_id"], seq=r["seq"], data=json.loads(r["data"]))
-                for r in rows]
+        return [self._row_to_event(r) for r in rows]
 
     # ---- Q/A ----------------------------------------------------------------------------------
     def qa_done(self, run_id: str) -> set[str]:

@@ -14,7 +14,7 @@ from negspace_contracts.errors import (
     ServiceUnavailableError,
     is_retryable,
 )
-from negspace_contracts.orchestrator import TrainRequest
+from negspace_contracts.orchestrator import LOST_JOB, TrainData, TrainEvent, TrainRequest
 from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, DatasetSpec, Job, JobRequest, TrainerClient
 
 from negspace_orchestrator.dependencies import Dependencies
@@ -25,7 +25,6 @@ from negspace_orchestrator.store import Store
 
 log = logging.getLogger("negspace.orchestrator")
 
-LOST_JOB = "lost"  # the train event status of a job the trainer no longer knows
 # Tries of one job creation when the trainer's answer is lost (timeout, dropped connection) or
 # it is briefly unavailable: safe because every try sends the run's same idempotency key.
 TRAIN_CREATE_TRIES = 3
@@ -70,8 +69,8 @@ class Training:
             return
         for run_id, job_id in self.store.train_jobs():
             last = self.store.last_event(run_id, "train")
-            if last is not None and last.data.get("job_id") == job_id and (
-                    last.data.get("status") in TERMINAL_JOB_STATUSES or last.data.get("status") == LOST_JOB):
+            if isinstance(last, TrainEvent) and last.data.job_id == job_id and (
+                    last.data.status in TERMINAL_JOB_STATUSES or last.data.status == LOST_JOB):
                 continue
             log.info("following training job %s of run %s again", job_id, run_id)
             self.track(run_id, job_id)
@@ -148,7 +147,7 @@ class Training:
                 created = await trainer.jobs.create(job_request, idempotency_key=key)
             job_id = created.id
             self.store.set_seed_train_job(run_id, seed, job_id)
-            self.events.emit(run_id, "train", {"job_id": job_id, "status": created.status, "seed": seed})
+            self.events.emit(run_id, TrainData(job_id=job_id, status=created.status, seed=seed))
         async with trainer_errors():
             return await trainer.jobs.get(job_id)
 
@@ -207,7 +206,7 @@ class Training:
         if run is not None and run.train_job_id == job_id:
             return
         self.store.set_train_job(run_id, job_id)
-        self.events.emit(run_id, "train", {"job_id": job_id, "status": status})
+        self.events.emit(run_id, TrainData(job_id=job_id, status=status))  # type: ignore[arg-type]
         self.track(run_id, job_id)
 
     async def status(self, run_id: str, seed: int | None) -> Job:
@@ -247,8 +246,8 @@ class Training:
             try:
                 job = await self.deps.trainer.jobs.get(job_id)  # type: ignore[union-attr]
             except NotFoundError as exc:  # the trainer lost it (e.g. a wiped database): stop following
-                self.events.emit(run_id, "train", {"job_id": job_id, "status": LOST_JOB,
-                                                   "error": f"the trainer does not know job {job_id}: {exc.message}"})
+                self.events.emit(run_id, TrainData(
+                    job_id=job_id, status=LOST_JOB, error=f"the trainer does not know job {job_id}: {exc.message}"))
                 return
             except Exception as exc:  # the trainer may be restarting or slow: keep following
                 log.info("train job %s: %r", job_id, exc)
@@ -256,8 +255,7 @@ class Training:
             state = (job.status, job.progress.step)
             if state != last:
                 last = state
-                self.events.emit(run_id, "train", {"job_id": job_id, "status": job.status,
-                                                   "step": job.progress.step,
-                                                   "total_steps": job.progress.total_steps, "error": job.error})
+                self.events.emit(run_id, TrainData(job_id=job_id, status=job.status, step=job.progress.step,
+                                                   total_steps=job.progress.total_steps, error=job.error))
             if job.status in TERMINAL_JOB_STATUSES:
                 return

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from negspace_contracts.errors import NegspaceError
-from negspace_contracts.orchestrator import TERMINAL_RUN_STATUSES, OrchestratorClient, Run, RunEvent
+from negspace_contracts.orchestrator import (
+    TERMINAL_RUN_STATUSES,
+    AttemptEvent,
+    OrchestratorClient,
+    Run,
+    RunEvent,
+)
 
 from negspace_cli.follow import OutageBudget, make_bar
 from negspace_cli.study.spec import StudySpec, cell_key
@@ -80,16 +86,15 @@ def cost_of(events: list[RunEvent], arm_uses_cfg: bool) -> dict[str, float]:
     attempts = tokens = rows = 0
     latency = 0.0
     for ev in events:
-        if ev.type != "attempt":
+        if not isinstance(ev, AttemptEvent):
             continue
         d = ev.data
         attempts += 1
-        n = int(d.get("completion_tokens") or 0)
+        n = d.completion_tokens or 0
         tokens += n
-        scale = d.get("scale")
-        guided = arm_uses_cfg and scale is not None and float(scale) != 1.0
-        rows += n * (1 + int(d.get("negatives") or 0)) if guided else n
-        latency += float(d.get("latency_s") or 0.0)
+        guided = arm_uses_cfg and d.scale is not None and d.scale != 1.0
+        rows += n * (1 + d.negatives) if guided else n
+        latency += d.latency_s
     return {"attempts": attempts, "generated_tokens": tokens, "decode_rows": rows, "node_seconds": round(latency, 2)}
 
 
