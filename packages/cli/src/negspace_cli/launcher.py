@@ -33,20 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from negspace_contracts.common import TOKEN_ENV, negspace_home
 
 SERVICES = ("node", "controller", "trainer", "orchestrator")
 DEFAULT_PORTS = {"orchestrator": 8000, "node": 8001, "controller": 8002, "trainer": 8003}
 PID_FILE_NAME = "negspace-up.json"
-TOKEN_ENV = "NEGSPACE_API_TOKEN"
 TOKEN_FILE_NAME = "api-token"
 
 
 class LaunchError(RuntimeError):
     """A service did not start: the message names it and carries the tail of its log."""
-
-
-def negspace_home() -> Path:
-    return Path(os.environ.get("NEGSPACE_HOME") or Path.home() / ".cache" / "negspace").expanduser()
 
 
 def token_file(home: Path | None = None) -> Path:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
+from negspace_contracts.common import TOKEN_ENV
 from negspace_contracts.errors import (
     ConnectionFailedError,
     NegspaceError,
@@ -25,7 +26,6 @@ from negspace_contracts.errors import (
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
-TOKEN_ENV = "NEGSPACE_API_TOKEN"
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 # Streams (server-sent events, JSONL) may last hours but never go quiet for long: the orchestrator
 # sends a keep-alive every 15 s, so a 60 s silence means a dead connection, not a slow run.

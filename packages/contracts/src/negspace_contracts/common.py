@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+
+#: The environment variable every service and client reads the shared API token from.
+TOKEN_ENV = "NEGSPACE_API_TOKEN"
+
+
+def negspace_home() -> Path:
+    """``$NEGSPACE_HOME`` (default ``~/.cache/negspace``): models, Qdrant data, databases."""
+    return Path(os.environ.get("NEGSPACE_HOME") or Path.home() / ".cache" / "negspace").expanduser()
 
 
 class StrictModel(BaseModel):

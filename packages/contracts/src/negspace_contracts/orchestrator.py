@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model, field_validator, model_validator
 
 from negspace_contracts._http import Resource, ServiceClient
 from negspace_contracts.common import StrictModel
 from negspace_contracts.controller import MetricsRequest, MetricsResponse
 from negspace_contracts.node import GuidanceCombine, GuidanceSpace
-from negspace_contracts.trainer import ChatRecord, EvalSpec, Job, JobStatus, LoraSpec, TrainingSpec
+from negspace_contracts.trainer import ChatRecord, Job, JobRequest, JobStatus
 
 MAX_NODES = 64
 MAX_ROUNDS = 1000
@@ -406,13 +406,13 @@ class ExportResult(StrictModel):
     qa: int
 
 
-class TrainRequest(StrictModel):
-    base_model: str | None = None
-    method: Literal["lora", "full"] = "lora"
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    eval: EvalSpec | None = None
-    compare_base: bool = False
+#: The fields of a trainer ``JobRequest`` that ``POST /runs/{id}/train`` takes (the orchestrator
+#: adds the dataset, the name and the idempotency key).
+TRAIN_FIELDS = ("base_model", "method", "lora", "training", "eval", "compare_base")
+#: ``POST /runs/{id}/train``'s body: ``JobRequest``'s training fields, defined once there.
+TrainRequest = create_model("TrainRequest", __base__=StrictModel, __module__=__name__,
+                            **{k: (JobRequest.model_fields[k].annotation, JobRequest.model_fields[k])
+                               for k in TRAIN_FIELDS})
 
 
 class _Runs(Resource):

@@ -1,9 +1,5 @@
-from __future__ import annotations
+"""``negspace_home``: the one rule, defined with the other shared conventions in ``negspace_contracts.common``."""
 
-import os
-from pathlib import Path
+from negspace_contracts.common import negspace_home
 
-
-def negspace_home() -> Path:
-    """``$NEGSPACE_HOME`` (default ``~/.cache/negspace``): models, Qdrant data, databases."""
-    return Path(os.environ.get("NEGSPACE_HOME") or Path.home() / ".cache" / "negspace").expanduser()
+__all__ = ["negspace_home"]

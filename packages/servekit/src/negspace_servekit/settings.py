@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 S = TypeVar("S", bound="ServiceSettings")
 
-TOKEN_ENV = "NEGSPACE_API_TOKEN"
+from negspace_contracts.common import TOKEN_ENV  # noqa: E402  (the one definition)
 
 
 def split_commas(v: object) -> object:

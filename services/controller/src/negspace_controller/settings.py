@@ -11,8 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 
 class ControllerSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="CONTROLLER_", extra="ignore", cli_kebab_case=True,
-                                      cli_implicit_flags=True, cli_avoid_json=True)
+    model_config = SettingsConfigDict(env_prefix="CONTROLLER_")  # the rest is ServiceSettings' (merged)
 
     port: int = Field(8002, ge=0, le=65535)
     embedder: str = Field("", description="sentence-transformers hub id or folder; empty = bundled "

@@ -10,8 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 
 class NodeSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="NODE_", extra="ignore", cli_kebab_case=True,
-                                      cli_implicit_flags=True, cli_avoid_json=True)
+    model_config = SettingsConfigDict(env_prefix="NODE_")  # the rest is ServiceSettings' (merged)
 
     port: int = Field(8001, ge=0, le=65535)
     engine: Literal["vllm", "transformers", "fake"] | None = Field(

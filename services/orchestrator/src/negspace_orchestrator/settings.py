@@ -13,8 +13,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 
 class OrchestratorSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", extra="ignore", cli_kebab_case=True,
-                                      cli_implicit_flags=True, cli_avoid_json=True)
+    model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_")  # the rest is ServiceSettings' (merged)
 
     port: int = Field(8000, ge=0, le=65535)
     node_url: Annotated[list[str], NoDecode] = Field(

@@ -14,7 +14,7 @@ from negspace_contracts.errors import (
     ServiceUnavailableError,
     is_retryable,
 )
-from negspace_contracts.orchestrator import LOST_JOB, TrainData, TrainEvent, TrainRequest
+from negspace_contracts.orchestrator import LOST_JOB, TRAIN_FIELDS, TrainData, TrainEvent, TrainRequest
 from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, DatasetSpec, Job, JobRequest, TrainerClient
 
 from negspace_orchestrator.dependencies import Dependencies
@@ -132,9 +132,8 @@ class Training:
 
     @staticmethod
     def _job_request(req: TrainRequest, pairs: list[tuple[str, str]], *, name: str) -> JobRequest:
-        return JobRequest(dataset=DatasetSpec(records=[chat_record(q, a) for q, a in pairs]),
-                          base_model=req.base_model, method=req.method, lora=req.lora,
-                          training=req.training, eval=req.eval, compare_base=req.compare_base, name=name)
+        return JobRequest(dataset=DatasetSpec(records=[chat_record(q, a) for q, a in pairs]), name=name,
+                          **{k: getattr(req, k) for k in TRAIN_FIELDS})
 
     async def _train_seed(self, trainer: TrainerClient, run_id: str, pairs, req: TrainRequest, seed: int) -> Job:
         """The run's job for ``seed``: created once (a stored idempotency key, sent with every try),

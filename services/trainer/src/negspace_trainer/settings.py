@@ -18,8 +18,7 @@ _URL_PREFIX = re.compile(r"^https?://[^/?#@\\\s]+/")
 
 
 class TrainerSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="TRAINER_", extra="ignore", cli_kebab_case=True,
-                                      cli_implicit_flags=True, cli_avoid_json=True)
+    model_config = SettingsConfigDict(env_prefix="TRAINER_")  # the rest is ServiceSettings' (merged)
 
     port: int = Field(8003, ge=0, le=65535)
     workdir: Path | None = Field(None, description="Jobs, artifacts and the job database; "

@@ -39,6 +39,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from negspace_contracts.common import negspace_home
+
 EVAL_MODEL_NAME = "all-mpnet-base-v2"
 EVAL_ALIASES = frozenset({"", "default", "eval", "mpnet", EVAL_MODEL_NAME,
                           f"sentence-transformers/{EVAL_MODEL_NAME}"})
@@ -65,11 +67,6 @@ class ResolvedEvalModel:
     path: str          # a local folder or a hub id, as SentenceTransformer takes it
     name: str          # a short name for reports
     is_controller_embedder: bool
-
-
-def negspace_home() -> Path:
-    # Same rule as negspace_servekit.home (the CLI does not depend on servekit).
-    return Path(os.environ.get("NEGSPACE_HOME") or Path.home() / ".cache" / "negspace").expanduser()
 
 
 def eval_model_dir() -> Path:
