@@ -12,8 +12,9 @@ import asyncio
 import os
 
 import pytest
+from negspace_node.testing import require_vllm  # noqa: E402
 
-pytest.importorskip("vllm")
+require_vllm()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from negspace_node.engines.base import GenerationRequest, GuidanceGroupError  # noqa: E402

@@ -8,8 +8,9 @@ queues and limits are set by hand. No engine starts here (fast), but vLLM must b
 from __future__ import annotations
 
 import pytest
+from negspace_node.testing import require_vllm  # noqa: E402
 
-pytest.importorskip("vllm")
+require_vllm()
 
 import torch  # noqa: E402
 from negspace_node.engines.vllm.groups import GROUP_KEY, REGISTRY, GroupState  # noqa: E402

