@@ -439,7 +439,30 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--plot-dir", type=Path, default=Path("docs/images"), help="where the map plot is copied")
     res.add_argument("--relative-to", type=Path, default=Path("."), help="links relative to this folder")
     res.set_defaults(func=cmd_results)
+    show_defaults(p)
     return p
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every option's default after its help (unless the help
+    already says what the default is: "default 4", "default $NEGSPACE_...")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` and its subcommands ``HelpFormatter``: each option's ``--help`` line ends with
+    its default (an option without help text gets one, so its default shows too)."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in dict.fromkeys(action.choices.values()):
+                show_defaults(sp)
+        elif action.option_strings and action.default is not argparse.SUPPRESS and not action.help:
+            action.help = " "
 
 
 def main(argv: list[str] | None = None) -> int:
