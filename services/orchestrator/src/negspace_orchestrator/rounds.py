@@ -28,7 +28,7 @@ from negspace_contracts.orchestrator import TERMINAL_RUN_STATUSES, AttemptData, 
 
 from negspace_orchestrator import prompts
 from negspace_orchestrator.dependencies import Dependencies, DependencyDown
-from negspace_orchestrator.events import EventLog
+from negspace_orchestrator.events import EventLog, Room
 from negspace_orchestrator.settings import OrchestratorSettings
 from negspace_orchestrator.store import AttemptRow, RunRow, Store, point_id
 
@@ -83,15 +83,12 @@ async def gather(coros: list[Awaitable[None]]) -> None:
         raise eg.exceptions[0] from None
 
 
-class Rounds:
+class Rounds(Room):
     """Runs one run's rounds to the end (``run``); the scheduler decides when and what a failure means."""
 
     def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies,
                  events: EventLog) -> None:
-        self.settings = settings
-        self.store = store
-        self.deps = deps
-        self.events = events
+        super().__init__(settings, store, deps, events)
         self._accept_locks: dict[str, asyncio.Lock] = {}
 
     async def run(self, run: RunRow) -> None:

@@ -10,7 +10,7 @@ from negspace_contracts.errors import NegspaceError, RateLimitError
 from negspace_contracts.orchestrator import Run, RunConfig, RunProgress
 
 from negspace_orchestrator.dependencies import Dependencies, DependencyDown
-from negspace_orchestrator.events import EventLog
+from negspace_orchestrator.events import EventLog, Room
 from negspace_orchestrator.rounds import Rounds, RunFailed
 from negspace_orchestrator.settings import OrchestratorSettings
 from negspace_orchestrator.store import RunRow, Store
@@ -28,7 +28,7 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-class Scheduler:
+class Scheduler(Room):
     """Owns the driver tasks and the queue.
 
     At most ``--max-active-runs`` drivers are live. A run is ``running`` from the moment its driver
@@ -43,10 +43,7 @@ class Scheduler:
 
     def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies, events: EventLog,
                  rounds: Rounds) -> None:
-        self.settings = settings
-        self.store = store
-        self.deps = deps
-        self.events = events
+        super().__init__(settings, store, deps, events)
         self.rounds = rounds
         self.tasks: dict[str, asyncio.Task] = {}
         self._health_task: asyncio.Task | None = None

@@ -18,7 +18,7 @@ from negspace_contracts.orchestrator import LOST_JOB, TRAIN_FIELDS, TrainData, T
 from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, DatasetSpec, Job, JobRequest, TrainerClient
 
 from negspace_orchestrator.dependencies import Dependencies
-from negspace_orchestrator.events import EventLog
+from negspace_orchestrator.events import EventLog, Room
 from negspace_orchestrator.qa import chat_record
 from negspace_orchestrator.settings import OrchestratorSettings
 from negspace_orchestrator.store import Store
@@ -48,15 +48,12 @@ def _as_ours(exc: NegspaceError) -> NegspaceError:
     return exc
 
 
-class Training:
+class Training(Room):
     """``train``/``status`` for the routes; ``start``/``stop`` follow the jobs across restarts."""
 
     def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies,
                  events: EventLog) -> None:
-        self.settings = settings
-        self.store = store
-        self.deps = deps
-        self.events = events
+        super().__init__(settings, store, deps, events)
         self._locks: dict[str, asyncio.Lock] = {}
         self.followers: dict[str, asyncio.Task] = {}  # run id -> the task following its job
         self._stopping = False
