@@ -34,6 +34,7 @@ before vLLM is imported because the V2 model runner has a different logits-proce
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -52,6 +53,7 @@ from negspace_node.engines.base import (
     GenerationRequest,
     GuidanceGroupError,
     RequestFailedError,
+    TextSink,
 )
 from negspace_node.engines.stopping import StopChecker, eos_token_ids
 from negspace_node.engines.vllm.groups import GROUP_KEY, REGISTRY, GroupState
@@ -267,12 +269,12 @@ class VLLMEngine(Engine):
                                   f"holds {self._capacity_blocks} ({tokens} tokens); use a smaller max_tokens",
                                   param="max_tokens")
 
-    async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:
+    async def generate(self, request: GenerationRequest, *, on_text: TextSink | None = None) -> list[GenerationOutput]:
         self.ensure_ready()
         self.validate(request)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        job = self._make_job(request, loop, future)
+        job = self._make_job(request, loop, future, on_text)
         self._in_flight += 1
         try:
             self._inbox.put(("add", job))
@@ -286,16 +288,16 @@ class VLLMEngine(Engine):
         finally:
             self._in_flight -= 1
 
-    def _make_job(self, request: GenerationRequest, loop, future) -> _Job:
+    def _make_job(self, request: GenerationRequest, loop, future, on_text: TextSink | None = None) -> _Job:
         job_id = f"ns{next(self._ids)}" + (f"-{request.request_id}" if request.request_id else "")
-        prompt_len = len(request.prompt_ids)
         if request.guided:
             members = [f"{job_id}-m{i}" for i in range(1 + len(request.negative_ids))]
-            checkers = [StopChecker(self._tokenizer, self._eos, request.stop, request.max_tokens, prompt_len)]
         else:
             members = [f"{job_id}-c{i}" for i in range(request.n)]
-            checkers = [StopChecker(self._tokenizer, self._eos, request.stop, request.max_tokens, prompt_len)
-                        for _ in range(request.n)]
+        checkers = [StopChecker(self._tokenizer, self._eos, request.stop, request.max_tokens,
+                                len(request.prompt_ids),
+                                on_text=None if on_text is None else functools.partial(on_text, choice))
+                    for choice in range(1 if request.guided else request.n)]
         return _Job(request, loop, future, job_id, request.guided, members, checkers)
 
     def _member_params(self, job: _Job) -> list[tuple[str, list[int], object]]:
