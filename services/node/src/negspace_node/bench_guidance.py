@@ -34,28 +34,26 @@ def _setup(rows: int, vocab: int, temperature: float, top_p: float, tag: str):
     import torch
     from vllm.v1.sample.logits_processor import BatchUpdate
 
-    from negspace_node.engines.vllm.groups import GROUP_KEY, REGISTRY, GroupState
+    from negspace_node.engines.base import GenerationRequest
+    from negspace_node.engines.vllm.groups import group_args
     from negspace_node.engines.vllm.processor import CFGLogitsProcessor
-    from negspace_node.guidance import make_generator
 
     class _Params:            # what the processor reads from SamplingParams: extra_args only
         def __init__(self, extra):
             self.extra_args = extra
 
-    groups = rows // GROUP
-    ids = [f"bench-{tag}-{g}" for g in range(groups)]
-    for g, gid in enumerate(ids):
-        REGISTRY.register(GroupState(gid, GROUP, 3.0, "logits", temperature, top_p, make_generator(g), seed=g))
+    request = GenerationRequest(prompt_ids=[1], negative_ids=[[1]] * (GROUP - 1), temperature=temperature,
+                                top_p=top_p, guidance_scale=3.0)
     added = []
-    for g, gid in enumerate(ids):
+    for g in range(rows // GROUP):
         outputs: list[int] = []
         for role in range(GROUP):
-            added.append((g * GROUP + role, _Params({GROUP_KEY: {"id": gid, "role": role, "size": GROUP}}),
+            added.append((g * GROUP + role, _Params(group_args(request, f"bench-{tag}-{g}", role, GROUP, g)),
                           [1], outputs))
-    proc = CFGLogitsProcessor()
+    proc = CFGLogitsProcessor()          # builds every group's state from the params, as in vLLM
     proc.update_state(BatchUpdate(batch_size=rows, removed=[], moved=[], added=added))
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3
-    return proc, logits, ids
+    return proc, logits
 
 
 def _time_apply(proc, logits, batched: bool, min_s: float, max_reps: int) -> float:
@@ -72,19 +70,13 @@ def _time_apply(proc, logits, batched: bool, min_s: float, max_reps: int) -> flo
 
 
 def run(min_s: float, max_reps: int) -> list[dict]:
-    from negspace_node.engines.vllm.groups import REGISTRY
-
     results = []
     for vocab in VOCABS:
         for rows in ROWS:
             for mode, temperature, top_p in (("greedy", 0.0, 1.0), ("top-p 0.9", 1.0, 0.9)):
-                proc, logits, ids = _setup(rows, vocab, temperature, top_p, f"{vocab}-{rows}-{mode}")
-                try:
-                    before = _time_apply(proc, logits, False, min_s, max_reps)
-                    after = _time_apply(proc, logits, True, min_s, max_reps)
-                finally:
-                    for gid in ids:
-                        REGISTRY.discard(gid)
+                proc, logits = _setup(rows, vocab, temperature, top_p, f"{vocab}-{rows}-{mode}")
+                before = _time_apply(proc, logits, False, min_s, max_reps)
+                after = _time_apply(proc, logits, True, min_s, max_reps)
                 row = {"vocab": vocab, "rows": rows, "mode": mode, "before_ms": before * 1e3,
                        "after_ms": after * 1e3, "speedup": before / after}
                 results.append(row)
