@@ -53,10 +53,12 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | JSONRe
             task.cancel()
 
 
-#: OpenAPI: with ``stream: true`` the 200 is an event stream of chunks, not the JSON response.
+#: OpenAPI: with ``stream: true`` the 200 is an event stream; each event (schema below) carries
+#: one ``data`` line: a chunk (ChatCompletionChunk / CompletionChunk in negspace_contracts.node) as
+#: JSON, an error envelope, or ``[DONE]``.
 _STREAM = {200: {"content": {"text/event-stream": {"schema": {
-    "type": "string", "description": "data: {chunk}\\n\\n per chunk (ChatCompletionChunk / CompletionChunk "
-                                     "in negspace_contracts.node), then data: [DONE]"}}}}}
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a chunk as JSON, {\"error\": {...}}, or [DONE]"}}}}}}}
 
 
 def event_stream(events) -> StreamingResponse:
