@@ -40,8 +40,9 @@ def test_node_requests_reject_empty_input_and_unknown_fields():
         CompletionRequest(prompt="")
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "a"}], "bogus": 1})
-    with pytest.raises(ValidationError, match="stream"):
-        chat(stream=True)
+    assert chat(stream=True, stream_options={"include_usage": True}).stream_options.include_usage
+    with pytest.raises(ValidationError, match="stream_options is only allowed with stream=true"):
+        chat(stream_options={"include_usage": True})
 
 
 def test_controller_requests_validate_ids_texts_and_sizes():

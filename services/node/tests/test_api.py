@@ -118,7 +118,10 @@ LONG = "word " * 400
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages", "shorten it"),
     ("/v1/chat/completions", {"messages": HI, "negative_prompts": ["ok", LONG]}, 400, "negative_prompts[1]",
      "shorten it"),
-    ("/v1/chat/completions", {"messages": HI, "stream": True}, 422, None, "stream=true is not supported"),
+    ("/v1/chat/completions", {"messages": HI, "stream_options": {"include_usage": True}}, 422, None,
+     "only allowed with stream=true"),
+    ("/v1/chat/completions", {"messages": HI, "stream": True, "stream_options": {"bogus": 1}}, 422,
+     "stream_options.bogus", "not permitted"),
     ("/v1/chat/completions", {"messages": HI, "frequency_penalty": 0.5}, 422, "frequency_penalty", "not permitted"),
     ("/v1/completions", {"prompt": ""}, 422, "prompt", "at least 1"),
     ("/v1/completions", {"prompt": LONG}, 400, "prompt", "shorten it"),
@@ -217,7 +220,7 @@ async def test_engine_failure_gives_503_and_health_says_why():
 
 
 class _Broken(FakeEngine):
-    async def generate(self, request):
+    async def generate(self, request, **_):
         raise RuntimeError("segfault-ish surprise")
 
 

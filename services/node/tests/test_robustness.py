@@ -13,7 +13,6 @@ the bundled 135M model (float32) where it matters, FakeEngine for the HTTP mecha
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from negspace_node.app import create_app
 from negspace_node.engines.fake import FakeEngine
 from negspace_node.engines.transformers import TransformersEngine
 from negspace_node.settings import NodeSettings
-from negspace_node.testing import asgi_client, serving
+from negspace_node.testing import asgi_client, raw_post, serving
 
 HI = [{"role": "user", "content": "Write a question about rivers."}]
 NEGS = ["Write a question about lakes.", "Write a question about the sea."]
@@ -33,36 +32,6 @@ NEGS = ["Write a question about lakes.", "Write a question about the sea."]
 def fake_app(engine=None, on_engine_dead=None, **settings):
     engine = engine or FakeEngine(max_model_len=256)
     return create_app(NodeSettings(engine="fake", **settings), engine=engine, on_engine_dead=on_engine_dead), engine
-
-
-async def raw_post(app, path: str, body: dict, *, disconnect_when) -> tuple[int | None, float]:
-    """POST through the ASGI interface whose client disconnects once ``disconnect_when()`` is true.
-    Returns the status the app sent (None if it sent nothing) and when the app returned."""
-    payload = json.dumps(body).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(payload)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("node", 80)}
-    sent_body = False
-    status = None
-
-    async def receive():
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
-            return {"type": "http.request", "body": payload, "more_body": False}
-        while not disconnect_when():
-            await asyncio.sleep(0.01)
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-
-    await app(scope, receive, send)
-    return status, time.monotonic()
 
 
 # -- HTTP mechanics (FakeEngine, fast) ----------------------------------------------------------

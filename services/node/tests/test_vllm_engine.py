@@ -253,14 +253,14 @@ def test_a_group_whose_draw_raises_fails_alone(engine, ids, monkeypatch):
     real_all = CFGLogitsProcessor.draw_all
 
     def draw_all(logits, members):      # the batched pass fails whenever the poisoned group is in it
-        if any("poison" in state.group_id and len(state.tokens) == 2 for state, _ in members):
+        if any("poison" in state.group_id and position == 2 for state, _, position in members):
             raise RuntimeError("simulated failure in the batched draw")
         return real_all(logits, members)
 
-    def draw(state, logits, indices):   # ... and so does that group alone: only it may fail
-        if "poison" in state.group_id and len(state.tokens) == 2:
+    def draw(state, logits, indices, position):   # ... and so does that group alone: only it may fail
+        if "poison" in state.group_id and position == 2:
             raise RuntimeError("simulated failure in one group's draw")
-        return real(state, logits, indices)
+        return real(state, logits, indices, position)
 
     monkeypatch.setattr(CFGLogitsProcessor, "draw_all", staticmethod(draw_all))
     monkeypatch.setattr(CFGLogitsProcessor, "draw", staticmethod(draw))
@@ -355,6 +355,106 @@ def test_any_schema_valid_body_through_the_api_never_breaks_the_vllm_engine(engi
 
     check()
     assert engine._jobs == {} and not engine._llm.has_unfinished_requests()
+
+
+def test_negatives_stop_decoding_when_the_guidance_interval_ends(engine, ids, smol, monkeypatch):
+    """Past ``guidance_max_tokens`` the negatives are aborted (rows and KV blocks freed): each
+    decoded exactly ``guidance_max_tokens`` tokens, one per step it was in the batch, while the
+    positive went on alone; the text still equals the transformers engine's."""
+    model, tokenizer = smol
+    positive, negs = ids
+    request = GenerationRequest(prompt_ids=positive, negative_ids=negs[:3], max_tokens=16, temperature=0.0,
+                                guidance_scale=3.0, guidance_max_tokens=3)
+    finished = []
+    real_finish = engine._finish
+    monkeypatch.setattr(engine, "_finish", lambda job, **kw: finished.append(
+        {rid: len(job.tokens[rid]) for rid in job.member_ids}) or real_finish(job, **kw))
+    eos, engine._eos = engine._eos, frozenset()        # decode all 16 tokens
+    try:
+        got = run(engine.generate(request))[0]
+    finally:
+        engine._eos = eos
+    lengths = list(finished[-1].values())
+    assert lengths == [16, 3, 3, 3], lengths
+    reference = generate_batched(model, tokenizer, request, eos_ids=frozenset())[0]
+    assert got.token_ids == reference.token_ids
+    assert engine._jobs == {} and not engine._llm.has_unfinished_requests()
+
+
+def test_streaming_through_the_openai_client_equals_the_plain_reply(engine):
+    """``stream: true`` against the vLLM engine with the official openai client: the streamed text
+    equals the non-streamed one (guided greedy, guided seeded with stop strings, plain n=2), the
+    usage chunk comes, and ``[DONE]`` ends the raw stream."""
+    import httpx
+    import openai
+    from negspace_node.app import create_app
+    from negspace_node.testing import asgi_client
+
+    app = create_app(NodeSettings(engine="vllm", max_model_len=512), engine=engine)
+    messages = [{"role": "user", "content": POSITIVE}]
+    cases = [dict(temperature=0, extra_body={"negative_prompts": NEGATIVES[:2], "guidance_scale": 3.0}),
+             dict(temperature=0.9, seed=4, stop=["?"], extra_body={"negative_prompts": NEGATIVES[:1],
+                                                                    "guidance_scale": 2.0}),
+             dict(temperature=0.8, seed=2, n=2)]
+
+    async def go():
+        client = openai.AsyncOpenAI(base_url="http://node/v1", api_key="x", max_retries=0,
+                                    http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=app)))
+        async with client:
+            for kw in cases:
+                whole = await client.chat.completions.create(model=engine.model_name, messages=messages,
+                                                             max_tokens=16, **kw)
+                texts, reasons, usage = {}, {}, None
+                async for chunk in await client.chat.completions.create(
+                        model=engine.model_name, messages=messages, max_tokens=16, stream=True,
+                        stream_options={"include_usage": True}, **kw):
+                    usage = chunk.usage or usage
+                    for c in chunk.choices:
+                        texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+                        reasons[c.index] = c.finish_reason or reasons.get(c.index)
+                assert [texts[i] for i in sorted(texts)] == [c.message.content for c in whole.choices], kw
+                assert [reasons[i] for i in sorted(reasons)] == [c.finish_reason for c in whole.choices]
+                assert usage.completion_tokens == whole.usage.completion_tokens
+        async with asgi_client(app) as http:
+            raw = await http.post("/v1/completions", json={"prompt": POSITIVE, "max_tokens": 4, "stream": True,
+                                                           "negative_prompts": NEGATIVES[:1], "guidance_scale": 2})
+        assert raw.text.endswith("data: [DONE]\n\n") and '"object":"text_completion"' in raw.text
+
+    run(go())
+    assert engine._jobs == {} and not engine._llm.has_unfinished_requests()
+
+
+def test_leaving_mid_stream_aborts_the_whole_group(engine):
+    """A client that disconnects in the middle of a guided stream: the group's members leave
+    vLLM (no unfinished requests, no more steps), the engine serves on."""
+    import time
+
+    from negspace_node.app import create_app
+    from negspace_node.testing import raw_post
+
+    app = create_app(NodeSettings(engine="vllm", max_model_len=512), engine=engine)
+    eos, engine._eos = engine._eos, frozenset()        # never stops on its own
+    start = engine.steps
+
+    async def go():
+        status, _ = await raw_post(app, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": POSITIVE}], "negative_prompts": NEGATIVES[:3],
+            "guidance_scale": 3.0, "max_tokens": 400, "temperature": 0, "stream": True},
+            disconnect_when=lambda: engine.steps - start >= 5)
+        await asyncio.sleep(0.5)
+        steps = engine.steps
+        await asyncio.sleep(1.0)
+        return status, steps
+
+    try:
+        started = time.monotonic()
+        status, steps = run(go())
+    finally:
+        engine._eos = eos
+    assert status == 200 and time.monotonic() - started < 30
+    assert engine.steps == steps                        # nothing decodes for the abandoned group
+    assert engine._jobs == {} and not engine._llm.has_unfinished_requests()
+    assert run(engine.generate(GenerationRequest(prompt_ids=[1, 2, 3], max_tokens=2)))[0].token_ids
 
 
 def test_a_dead_loop_turns_into_engine_errors(engine, ids, monkeypatch):

@@ -8,6 +8,9 @@ the body (``extra_body`` in the official OpenAI client):
 - ``guidance_scale``: ``s`` in ``guided = ln + s * (lp - ln)``; 1.0 means no guidance.
 - ``guidance_space``: ``logits`` (raw logits, the reference) or ``logprobs`` (log-softmax,
   as in the CFG paper).
+
+``stream: true`` answers server-sent events in OpenAI's chunk format (``ChatCompletionChunk`` /
+``CompletionChunk``, then ``data: [DONE]``), guided or plain.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from negspace_contracts._http import CLIENT_DEFAULT, Resource, ServiceClient
 
@@ -55,6 +58,15 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="Send one more chunk before [DONE] with the usage "
+                                                   "and no choices (every other chunk has usage null).")
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by chat and raw completions."""
 
@@ -67,7 +79,10 @@ class _SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16, description="Number of choices; must be 1 with negatives.")
-    stream: bool = Field(False, description="Streaming is not supported; must be false.")
+    stream: bool = Field(False, description="Server-sent events in OpenAI's chunk format, ending with "
+                                            "'data: [DONE]' (guided or plain). An error after the stream "
+                                            "started arrives as one event {\"error\": {...}} before [DONE].")
+    stream_options: StreamOptions | None = Field(None, description="Only with stream=true.")
     user: str | None = None
     negative_prompts: list[str] = Field(default_factory=list, max_length=MAX_NEGATIVES)
     guidance_scale: float = Field(1.0, description="1.0 = no guidance; must be finite and >= 0.")
@@ -119,8 +134,8 @@ class _SamplingFields(BaseModel):
         if self.n > 1 and self.negative_prompts:
             raise ValueError("n must be 1 when negative_prompts are given (guided decoding "
                              "produces one sequence per request)")
-        if self.stream:
-            raise ValueError("stream=true is not supported by the negspace node; send stream=false")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
         return self
 
     @property
@@ -173,12 +188,12 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-def _completion_id(prefix: str) -> str:
+def completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class ChatCompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: _completion_id("chatcmpl"))
+    id: str = Field(default_factory=lambda: completion_id("chatcmpl"))
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
@@ -192,7 +207,7 @@ class ChatCompletionResponse(BaseModel):
 
 
 class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: _completion_id("cmpl"))
+    id: str = Field(default_factory=lambda: completion_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
@@ -203,6 +218,57 @@ class CompletionResponse(BaseModel):
     @property
     def text(self) -> str:
         return self.choices[0].text
+
+
+class ChatDelta(BaseModel):
+    """What a chat chunk adds: the role in a choice's first chunk, then content; ``{}`` in the last."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion (``object: chat.completion.chunk``). Every
+    chunk of a stream shares ``id`` and ``created``; ``guidance`` is set on the first chunk only;
+    ``usage`` only on the extra last chunk (no choices) asked for by ``stream_options.include_usage``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    guidance: GuidanceInfo | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (``object: text_completion``, as OpenAI's)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+    guidance: GuidanceInfo | None = None
 
 
 class ModelCard(BaseModel):

@@ -30,61 +30,58 @@ VOCABS = (49_152, 151_936)
 GROUP = 4
 
 
-def _setup(rows: int, vocab: int, temperature: float, top_p: float, tag: str):
+def _setup(rows: int, vocab: int, temperature: float, top_p: float, tag: str, device: str = "cpu"):
     import torch
     from vllm.v1.sample.logits_processor import BatchUpdate
 
-    from negspace_node.engines.vllm.groups import GROUP_KEY, REGISTRY, GroupState
+    from negspace_node.engines.base import GenerationRequest
+    from negspace_node.engines.vllm.groups import group_args
     from negspace_node.engines.vllm.processor import CFGLogitsProcessor
-    from negspace_node.guidance import make_generator
 
     class _Params:            # what the processor reads from SamplingParams: extra_args only
         def __init__(self, extra):
             self.extra_args = extra
 
-    groups = rows // GROUP
-    ids = [f"bench-{tag}-{g}" for g in range(groups)]
-    for g, gid in enumerate(ids):
-        REGISTRY.register(GroupState(gid, GROUP, 3.0, "logits", temperature, top_p, make_generator(g), seed=g))
+    request = GenerationRequest(prompt_ids=[1], negative_ids=[[1]] * (GROUP - 1), temperature=temperature,
+                                top_p=top_p, guidance_scale=3.0)
     added = []
-    for g, gid in enumerate(ids):
+    for g in range(rows // GROUP):
         outputs: list[int] = []
         for role in range(GROUP):
-            added.append((g * GROUP + role, _Params({GROUP_KEY: {"id": gid, "role": role, "size": GROUP}}),
+            added.append((g * GROUP + role, _Params(group_args(request, f"bench-{tag}-{g}", role, GROUP, g)),
                           [1], outputs))
-    proc = CFGLogitsProcessor()
+    proc = CFGLogitsProcessor()          # builds every group's state from the params, as in vLLM
     proc.update_state(BatchUpdate(batch_size=rows, removed=[], moved=[], added=added))
-    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3
-    return proc, logits, ids
+    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(device)
+    return proc, logits
 
 
 def _time_apply(proc, logits, batched: bool, min_s: float, max_reps: int) -> float:
     proc.batched = batched
+    import torch
+
+    sync = torch.cuda.synchronize if logits.device.type == "cuda" else (lambda: None)
     proc.apply(logits.clone())                         # warm-up
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_s):
         work = logits.clone()
+        sync()
         t0 = time.perf_counter()
         proc.apply(work)
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def run(min_s: float, max_reps: int) -> list[dict]:
-    from negspace_node.engines.vllm.groups import REGISTRY
-
+def run(min_s: float, max_reps: int, device: str = "cpu") -> list[dict]:
     results = []
     for vocab in VOCABS:
         for rows in ROWS:
             for mode, temperature, top_p in (("greedy", 0.0, 1.0), ("top-p 0.9", 1.0, 0.9)):
-                proc, logits, ids = _setup(rows, vocab, temperature, top_p, f"{vocab}-{rows}-{mode}")
-                try:
-                    before = _time_apply(proc, logits, False, min_s, max_reps)
-                    after = _time_apply(proc, logits, True, min_s, max_reps)
-                finally:
-                    for gid in ids:
-                        REGISTRY.discard(gid)
+                proc, logits = _setup(rows, vocab, temperature, top_p, f"{vocab}-{rows}-{mode}", device)
+                before = _time_apply(proc, logits, False, min_s, max_reps)
+                after = _time_apply(proc, logits, True, min_s, max_reps)
                 row = {"vocab": vocab, "rows": rows, "mode": mode, "before_ms": before * 1e3,
                        "after_ms": after * 1e3, "speedup": before / after}
                 results.append(row)
@@ -93,15 +90,20 @@ def run(min_s: float, max_reps: int) -> list[dict]:
     return results
 
 
-def render(results: list[dict]) -> str:
+def render(results: list[dict], device: str = "cpu") -> str:
     import torch
     from negspace_servekit.benchdoc import machine_line
 
     lines = ["## Node: guidance processor, time per decode step (`make bench-guidance`)", "",
              f"{machine_line()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32 "
-             f"logits on CPU; groups of {GROUP} rows (1 positive + 3 negatives, min, scale 3). Median of "
+             f"logits on {device.upper() if device == 'cpu' else torch.cuda.get_device_name(device)}; groups of {GROUP} rows (1 positive + 3 negatives, min, scale 3). Median of "
              "repeated `CFGLogitsProcessor.apply` calls. before = per-group host path (legacy), after = "
              "one batched pass on the logits' device.", "",
+             "GPU target (256 rows x 152k vocabulary under 2 ms/step): " + (
+                 "measured above." if device != "cpu" else
+                 "NOT measured (no GPU in the session that recorded this). Run `make bench-guidance` on a GPU "
+                 "machine (`--device cuda` is the default there; the processor module imports vllm, so vllm "
+                 "must be importable)."), "",
              "| vocab | rows | groups | mode | before (ms/step) | after (ms/step) | speed-up |",
              "|---:|---:|---:|---|---:|---:|---:|"]
     for r in results:
@@ -115,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time at least this long per cell")
     parser.add_argument("--max-reps", type=int, default=20)
+    parser.add_argument("--device", default=None, help="where the logits live (default: cuda when available)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")        # a shared machine: see bench.py
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    results = run(args.min_seconds, args.max_reps)
-    markdown = render(results)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = run(args.min_seconds, args.max_reps, device)
+    markdown = render(results, device)
     print(markdown)
     if not args.no_record:
         from negspace_servekit.benchdoc import record_section

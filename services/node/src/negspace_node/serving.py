@@ -2,7 +2,8 @@
 
 Renders prompts (chat template for the positive AND each negative), tokenizes, validates
 against the engine's context, applies back-pressure, calls the engine, builds the OpenAI-style
-response and keeps the Prometheus figures. Engines only see token ids.
+response (or, for ``stream: true``, the server-sent events of ``streaming``) and keeps the
+Prometheus figures. Engines only see token ids.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from negspace_contracts.errors import (
     BadRequestError,
@@ -29,11 +31,11 @@ from negspace_contracts.node import (
     GuidanceInfo,
     ModelCard,
     ModelList,
-    Usage,
 )
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from negspace_node.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest
+from negspace_node import streaming
+from negspace_node.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest, TextSink
 
 log = logging.getLogger("negspace.node")
 
@@ -103,6 +105,42 @@ class NodeService:
 
     # -- generation ---------------------------------------------------------------------------
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
+        request = self._chat_request(body)
+        outputs = await self._run("chat", request)
+        return ChatCompletionResponse(
+            model=self.engine.model_name,
+            choices=[ChatChoice(index=i, message=ChatCompletionMessage(content=o.text),
+                                finish_reason=o.finish_reason) for i, o in enumerate(outputs)],
+            usage=streaming.usage(outputs), guidance=self.guidance(request))
+
+    async def complete(self, body: CompletionRequest) -> CompletionResponse:
+        request = self._completion_request(body)
+        outputs = await self._run("completions", request)
+        return CompletionResponse(
+            model=self.engine.model_name,
+            choices=[CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason)
+                     for i, o in enumerate(outputs)],
+            usage=streaming.usage(outputs), guidance=self.guidance(request))
+
+    def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
+        """``stream: true``: everything that can be refused is refused HERE, before the stream
+        starts (a 4xx like any request); what fails later is an error event in the stream."""
+        request = self._chat_request(body)
+        self.engine.validate(request)
+        return streaming.chat_events(self._streamed("chat", request), request, self.engine.model_name,
+                                     self.guidance(request), include_usage=_include_usage(body))
+
+    def complete_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
+        request = self._completion_request(body)
+        self.engine.validate(request)
+        return streaming.completion_events(self._streamed("completions", request), request,
+                                           self.engine.model_name, self.guidance(request),
+                                           include_usage=_include_usage(body))
+
+    def _streamed(self, endpoint: str, request: GenerationRequest) -> streaming.Generation:
+        return lambda on_text: self._run(endpoint, request, on_text=on_text)
+
+    def _chat_request(self, body: ChatCompletionRequest) -> GenerationRequest:
         self._preflight(body.model)
         tok = self.engine.tokenizer
         prompt = self._render([m.template_dict() for m in body.messages], "messages")
@@ -111,25 +149,14 @@ class NodeService:
         prompt_ids = tok.encode(prompt, add_special_tokens=False)
         negative_ids = [tok.encode(n, add_special_tokens=False) for n in negatives]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        outputs, request = await self._generate("chat", body, prompt_ids, negative_ids, max_tokens, "messages")
-        return ChatCompletionResponse(
-            model=self.engine.model_name,
-            choices=[ChatChoice(index=i, message=ChatCompletionMessage(content=o.text),
-                                finish_reason=o.finish_reason) for i, o in enumerate(outputs)],
-            usage=self._usage(outputs), guidance=self._guidance(request))
+        return self._request("chat", body, prompt_ids, negative_ids, max_tokens, "messages")
 
-    async def complete(self, body: CompletionRequest) -> CompletionResponse:
+    def _completion_request(self, body: CompletionRequest) -> GenerationRequest:
         self._preflight(body.model)
         tok = self.engine.tokenizer
         prompt_ids = tok.encode(body.prompt, add_special_tokens=True)
         negative_ids = [tok.encode(n, add_special_tokens=True) for n in body.negative_prompts]
-        outputs, request = await self._generate("completions", body, prompt_ids, negative_ids,
-                                                body.max_tokens, "prompt")
-        return CompletionResponse(
-            model=self.engine.model_name,
-            choices=[CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason)
-                     for i, o in enumerate(outputs)],
-            usage=self._usage(outputs), guidance=self._guidance(request))
+        return self._request("completions", body, prompt_ids, negative_ids, body.max_tokens, "prompt")
 
     # -- the steps ----------------------------------------------------------------------------
     def _preflight(self, model: str | None) -> None:
@@ -172,9 +199,9 @@ class NodeService:
                                   param="max_tokens")
         return max_tokens
 
-    async def _generate(self, endpoint: str, body, prompt_ids: list[int], negative_ids: list[list[int]],
-                        max_tokens: int | None, prompt_param: str) -> tuple[list[GenerationOutput], GenerationRequest]:
-        request = GenerationRequest(
+    def _request(self, endpoint: str, body, prompt_ids: list[int], negative_ids: list[list[int]],
+                 max_tokens: int | None, prompt_param: str) -> GenerationRequest:
+        return GenerationRequest(
             prompt_ids=prompt_ids, negative_ids=negative_ids,
             max_tokens=self._check_lengths(prompt_ids, negative_ids, max_tokens, prompt_param),
             temperature=body.temperature, top_p=body.top_p, seed=body.seed,
@@ -182,12 +209,17 @@ class NodeService:
             guidance_combine=body.guidance_combine, guidance_alpha=body.guidance_alpha or None,
             guidance_max_tokens=body.guidance_max_tokens, min_p=body.min_p,
             stop=tuple(body.stop_list), n=body.n, request_id=f"{endpoint}-{id(body):x}-{time.monotonic_ns()}")
+
+    async def _run(self, endpoint: str, request: GenerationRequest,
+                   on_text: TextSink | None = None) -> list[GenerationOutput]:
+        """Run ``request`` on the engine under the deadline, with the metrics; map its failures."""
         mode = "guided" if request.guided else "plain"
         self.in_flight += 1
         started = time.perf_counter()
         timeout = self.settings.request_timeout_s or None
         try:
-            outputs = await asyncio.wait_for(self.engine.generate(request), timeout)
+            work = self.engine.generate(request) if on_text is None else self.engine.generate(request, on_text=on_text)
+            outputs = await asyncio.wait_for(work, timeout)
         except asyncio.CancelledError:
             self.metrics.requests.labels(endpoint, mode, "cancelled").inc()
             raise
@@ -214,20 +246,18 @@ class NodeService:
         m = self.metrics
         m.requests.labels(endpoint, mode, "ok").inc()
         m.latency.labels(endpoint, mode).observe(elapsed)
-        m.prompt_tokens.inc(len(prompt_ids))
+        m.prompt_tokens.inc(len(request.prompt_ids))
         if request.guided:
-            m.negative_prompt_tokens.inc(sum(len(n) for n in negative_ids))
+            m.negative_prompt_tokens.inc(sum(len(n) for n in request.negative_ids))
         m.completion_tokens.inc(sum(len(o.token_ids) for o in outputs))
-        return outputs, request
+        return outputs
 
     @staticmethod
-    def _usage(outputs: list[GenerationOutput]) -> Usage:
-        prompt = outputs[0].prompt_tokens if outputs else 0
-        completion = sum(len(o.token_ids) for o in outputs)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-    @staticmethod
-    def _guidance(request: GenerationRequest) -> GuidanceInfo:
+    def guidance(request: GenerationRequest) -> GuidanceInfo:
         return GuidanceInfo(scale=request.guidance_scale, num_negatives=len(request.negative_ids),
                             space=request.guidance_space, combine=request.guidance_combine,
                             alpha=request.guidance_alpha, max_tokens=request.guidance_max_tokens)
+
+
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)

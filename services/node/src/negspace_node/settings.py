@@ -23,6 +23,9 @@ class NodeSettings(ServiceSettings):
     max_num_batched_tokens: int | None = Field(
         None, ge=1, description="vLLM: tokens per step (default max(max_model_len, 4096)); a guided "
                                 "group's summed prompts must fit in one step.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM on GPU: GPUs one model is split over (the guidance state travels with "
+                             "each request, so the processor works in vLLM's worker processes).")
     max_queue: int = Field(256, ge=1, description="Requests waiting or running before 429.")
     default_max_tokens: int = Field(256, ge=1)
     kv_cache_gib: float = Field(2.0, gt=0, description="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE).")

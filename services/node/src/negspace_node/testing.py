@@ -10,7 +10,10 @@ engine finished starting; a FakeEngine is ready without it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import time
 
 import httpx
 
@@ -26,6 +29,36 @@ async def serving(app):
 
 def asgi_client(app, base_url: str = "http://node") -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url, timeout=120)
+
+
+async def raw_post(app, path: str, body: dict, *, disconnect_when) -> tuple[int | None, float]:
+    """POST through the ASGI interface whose client disconnects once ``disconnect_when()`` is true.
+    Returns the status the app sent (None if it sent nothing) and when the app returned."""
+    payload = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                          (b"content-length", str(len(payload)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("node", 80)}
+    sent_body = False
+    status = None
+
+    async def receive():
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        while not disconnect_when():
+            await asyncio.sleep(0.01)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    return status, time.monotonic()
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:

@@ -2,7 +2,8 @@
 
 A client that disconnects while its request waits or decodes aborts it: the generation is
 cancelled (the engine frees the group's rows and KV blocks before its next step) instead of
-decoding for nobody.
+decoding for nobody. ``stream: true`` answers server-sent events (``negspace_node.streaming``);
+a client that leaves mid-stream aborts the generation the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from negspace_contracts.node import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -52,13 +53,30 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | JSONRe
             task.cancel()
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
+#: OpenAPI: with ``stream: true`` the 200 is an event stream; each event (schema below) carries
+#: one ``data`` line: a chunk (ChatCompletionChunk / CompletionChunk in negspace_contracts.node) as
+#: JSON, an error envelope, or ``[DONE]``.
+_STREAM = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a chunk as JSON, {\"error\": {...}}, or [DONE]"}}}}}}}
+
+
+def event_stream(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=_STREAM)
 async def chat_completions(body: ChatCompletionRequest, service: Service, request: Request) -> ChatCompletionResponse:
+    if body.stream:
+        return event_stream(service.chat_stream(body))
     return await until_disconnected(request, service.chat(body))
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, responses=_STREAM)
 async def completions(body: CompletionRequest, service: Service, request: Request) -> CompletionResponse:
+    if body.stream:
+        return event_stream(service.complete_stream(body))
     return await until_disconnected(request, service.complete(body))
 
 

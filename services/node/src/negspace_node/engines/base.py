@@ -15,6 +15,7 @@ Engines:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,6 +23,9 @@ from negspace_contracts.errors import NegspaceError, ServiceUnavailableError
 
 EngineState = Literal["loading", "ready", "error", "stopped"]
 FinishReason = Literal["stop", "length"]
+#: ``on_text(choice, text)``: choice ``choice``'s text so far that can no longer change (see
+#: ``StopChecker.stable_text``), each time it grows. Engines call it from their own thread.
+TextSink = Callable[[int, str], None]
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,16 @@ class Engine(abc.ABC):
         """Requests accepted but not finished (for /metrics and back-pressure)."""
         return self._in_flight
 
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise a 4xx ``NegspaceError`` for what this engine could never run (called by
+        ``generate``, and by the API before a stream starts so such a request gets a 4xx).
+        The default accepts everything (the API's own checks suffice for the engine)."""
+        return None
+
     @abc.abstractmethod
-    async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:
-        """Return ``request.n`` outputs. Raise EngineError when the engine cannot serve."""
+    async def generate(self, request: GenerationRequest, *, on_text: TextSink | None = None) -> list[GenerationOutput]:
+        """Return ``request.n`` outputs. Raise EngineError when the engine cannot serve.
+        ``on_text`` (streaming) hears each choice's stable text as it grows."""
 
     def fail(self, reason: str) -> None:
         """Mark the engine dead: /health answers 503 with ``reason``; requests get 503."""

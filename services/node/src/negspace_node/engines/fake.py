@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from negspace_node.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest
+from negspace_node.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest, TextSink
 from negspace_node.engines.stopping import StopChecker
 
 FAKE_MODEL_NAME = "fake-model"
@@ -108,7 +108,7 @@ class FakeEngine(Engine):
         self.state, self.status_detail = "ready", None
 
 
-    async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:
+    async def generate(self, request: GenerationRequest, *, on_text: TextSink | None = None) -> list[GenerationOutput]:
         self.ensure_ready()
         self.requests.append(request)
         self._in_flight += 1
@@ -118,11 +118,11 @@ class FakeEngine(Engine):
             if self.fail_with:
                 self.fail(self.fail_with)
                 raise EngineError(f"engine {self.name} failed: {self.fail_with}")
-            return [self._one(request, i) for i in range(request.n)]
+            return [self._one(request, i, on_text) for i in range(request.n)]
         finally:
             self._in_flight -= 1
 
-    def _one(self, request: GenerationRequest, choice: int) -> GenerationOutput:
+    def _one(self, request: GenerationRequest, choice: int, on_text: TextSink | None = None) -> GenerationOutput:
         key = repr((request.prompt_ids, request.negative_ids if request.guided else [],
                     request.guidance_scale if request.guided else 1.0,
                     request.guidance_space if request.guided else "logits",
@@ -135,7 +135,8 @@ class FakeEngine(Engine):
         words = [_WORDS[b % len(_WORDS)] for b in digest[1:1 + count]]
         text = " ".join(words).capitalize() + "?"
         checker = StopChecker(self._tokenizer, {FakeTokenizer.eos_token_id}, request.stop,
-                              request.max_tokens, len(request.prompt_ids))
+                              request.max_tokens, len(request.prompt_ids),
+                              on_text=None if on_text is None else (lambda text: on_text(choice, text)))
         for token in self._tokenizer.encode(text, add_special_tokens=False) + [FakeTokenizer.eos_token_id]:
             if checker.add(token):
                 break

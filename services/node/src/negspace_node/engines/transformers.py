@@ -14,6 +14,7 @@ Requests run one at a time in a single worker thread, so the event loop stays fr
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from negspace_node.engines.base import (
     GenerationOutput,
     GenerationRequest,
     RequestFailedError,
+    TextSink,
 )
 from negspace_node.engines.stopping import StopChecker, eos_token_ids
 from negspace_node.guidance import guided_batch, make_generator, request_step, sample_batch
@@ -76,8 +78,9 @@ def _pad_id(tokenizer, model) -> int:
 
 @torch.inference_mode()
 def generate_batched(model, tokenizer, request: GenerationRequest, *, eos_ids=None,
-                     cancel: threading.Event | None = None) -> list[GenerationOutput]:
-    """Decode ``request`` as one padded, KV-cached batch; return ``request.n`` outputs."""
+                     cancel: threading.Event | None = None, on_text: TextSink | None = None) -> list[GenerationOutput]:
+    """Decode ``request`` as one padded, KV-cached batch; return ``request.n`` outputs
+    (``on_text``: see ``TextSink``, called from this thread)."""
     from transformers import DynamicCache
 
     device = model.device
@@ -91,7 +94,8 @@ def generate_batched(model, tokenizer, request: GenerationRequest, *, eos_ids=No
         rows = list(range(len(prompts), len(prompts) + len(members)))
         prompts.extend(list(m) for m in members)
         seed = None if request.seed is None else request.seed + choice
-        checker = StopChecker(tokenizer, eos_ids, request.stop, request.max_tokens, len(request.prompt_ids))
+        checker = StopChecker(tokenizer, eos_ids, request.stop, request.max_tokens, len(request.prompt_ids),
+                              on_text=None if on_text is None else functools.partial(on_text, choice))
         groups.append(_Group(rows, checker, make_generator(seed, device), guided))
 
     width = max(len(p) for p in prompts)
@@ -200,13 +204,13 @@ class TransformersEngine(Engine):
         await super().stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:
+    async def generate(self, request: GenerationRequest, *, on_text: TextSink | None = None) -> list[GenerationOutput]:
         self.ensure_ready()
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
         self._in_flight += 1
         try:
-            future = loop.run_in_executor(self._executor, self._run, request, cancel)
+            future = loop.run_in_executor(self._executor, self._run, request, cancel, on_text)
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
             try:
                 return await asyncio.shield(future)
@@ -216,9 +220,11 @@ class TransformersEngine(Engine):
         finally:
             self._in_flight -= 1
 
-    def _run(self, request: GenerationRequest, cancel: threading.Event) -> list[GenerationOutput]:
+    def _run(self, request: GenerationRequest, cancel: threading.Event,
+             on_text: TextSink | None = None) -> list[GenerationOutput]:
         if cancel.is_set():
             raise GenerationCancelled()
         if self.state != "ready":
             raise EngineError(f"engine {self.name} is {self.state}: {self.error or ''}")
-        return generate_batched(self._model, self._tokenizer, request, eos_ids=self._eos, cancel=cancel)
+        return generate_batched(self._model, self._tokenizer, request, eos_ids=self._eos, cancel=cancel,
+                                on_text=on_text)

@@ -13,27 +13,36 @@ Concurrent requests share every step (continuous batching); nothing is serialize
 - Plain requests (no negatives, or ``guidance_scale == 1``) use vLLM's own sampler, seeded via
   ``SamplingParams.seed`` (choice ``i`` of ``n`` uses ``seed + i``, one vLLM request each).
 - A guided request is a group of 1 + N vLLM requests (positive, then negatives) whose
-  ``SamplingParams.extra_args`` name the group; they are greedy, ignore EOS and skip
-  detokenization: the logits processor (``processor.py``) draws the guided token for the group
-  and forces it on every member. ``GangScheduler`` (``scheduler.py``) admits a group only whole
-  and reserves KV blocks so that no member can be preempted.
+  ``SamplingParams.extra_args`` carry the group: its identity AND its whole guidance state
+  (``groups.group_args``), so the logits processor (``processor.py``) needs nothing else, in
+  whichever process vLLM runs it. They are greedy, ignore EOS and skip detokenization: the
+  processor draws the guided token for the group and forces it on every member.
+  ``GangScheduler`` (``scheduler.py``) admits a group only whole and reserves KV blocks so that
+  no member can be preempted.
+- Past the guidance interval (``guidance_max_tokens``) the negatives carry nothing: they are
+  aborted (their rows and KV blocks freed) and the positive decodes on alone.
 - Stopping is ``negspace_node.engines.stopping.StopChecker`` on the positive's tokens (EOS, stop
   strings, max_tokens), exactly as in the transformers engine; when it says stop, every member
   still running is aborted before the next step.
-- Checks: the processor refuses an incomplete or out-of-step group; after each step every member
-  must have received the token the processor drew for the group; at the end all members' token
-  ids must be equal. Any violation fails THAT request with ``GuidanceGroupError`` (its members are
-  aborted); other requests are unaffected.
+- Checks: the processor refuses an incomplete or out-of-step group (and forces its members to
+  disagree); after each step every member still decoding must have received the same token as
+  the positive; at the end every negative's tokens must be a prefix of the positive's. Any
+  violation, or a failure the scheduler or processor reported (``groups.REPORTS``), fails THAT
+  request with ``GuidanceGroupError`` (its members are aborted); other requests are unaffected.
 - If the loop thread dies the engine goes to state "error" with the reason (``/health``), every
   waiting request gets ``EngineError`` (503) and so does every later one.
 
 GPU: the same code runs with the CUDA ``vllm`` package; ``VLLM_USE_V2_MODEL_RUNNER=0`` is set
 before vLLM is imported because the V2 model runner has a different logits-processor interface.
+With ``tensor_parallel_size > 1`` the model runners (and the processor) live in vLLM's worker
+processes; the engine core (scheduler) stays in this process. ``check_supported`` refuses at
+start-up what guidance cannot run on (see the README's GPU section).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -52,10 +61,10 @@ from negspace_node.engines.base import (
     GenerationRequest,
     GuidanceGroupError,
     RequestFailedError,
+    TextSink,
 )
 from negspace_node.engines.stopping import StopChecker, eos_token_ids
-from negspace_node.engines.vllm.groups import GROUP_KEY, REGISTRY, GroupState
-from negspace_node.guidance import make_generator
+from negspace_node.engines.vllm.groups import REPORTS, group_args
 from negspace_node.models import resolve_model, served_model_name
 
 log = logging.getLogger("negspace.node.vllm")
@@ -65,16 +74,49 @@ SCHEDULER = "negspace_node.engines.vllm.scheduler.GangScheduler"
 GiB = 1 << 30
 
 
-def configure_environment() -> None:
-    """Environment vLLM must see before it is imported (documented in the README).
+class UnsupportedConfigError(RuntimeError):
+    """vLLM was configured in a way guidance cannot run on: the engine refuses to start."""
 
-    - ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine core runs in this process, so the logits
-      processor shares the group registry with the engine thread, and requests added by the
-      engine thread reach the scheduler immediately (no arrival race).
-    - ``VLLM_USE_V2_MODEL_RUNNER=0``: one V1 processor implementation for CPU and GPU.
-    """
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+#: Environment vLLM must see before it is imported, and why (``configure_environment``).
+REQUIRED_ENV = {
+    # The engine core (scheduler) runs in this process: requests added by the engine thread reach
+    # the scheduler between two steps (no arrival race), and aborts land before the next step.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # One V1 logits-processor implementation for CPU and GPU (V2 has another interface).
+    "VLLM_USE_V2_MODEL_RUNNER": "0",
+}
+
+
+def configure_environment() -> None:
+    """Set ``REQUIRED_ENV``; refuse (``UnsupportedConfigError``) if the operator asked otherwise."""
+    for name, value in REQUIRED_ENV.items():
+        given = os.environ.get(name)
+        if given is not None and given.strip().lower() not in (value, "false" if value == "0" else value):
+            raise UnsupportedConfigError(
+                f"{name}={given} is not supported by the negspace node (guidance needs {name}={value}: see "
+                f"the node README, 'vLLM on GPU'); unset it")
+        os.environ[name] = value
+
+
+def check_supported(vllm_config) -> None:
+    """Refuse, before any model is loaded, a vLLM configuration guidance cannot run on."""
+    parallel = vllm_config.parallel_config
+    problems = []
+    if vllm_config.use_v2_model_runner:
+        problems.append("vLLM would run its V2 model runner (HiSparse attention or watermarking force it), "
+                        "whose logits-processor interface the guidance processor does not implement")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding is on (vLLM runs no custom logits processor with it)")
+    if parallel.pipeline_parallel_size > 1 or parallel.data_parallel_size > 1:
+        problems.append(f"pipeline ({parallel.pipeline_parallel_size}) or data ({parallel.data_parallel_size}) "
+                        "parallelism is not supported (tensor parallelism is)")
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        problems.append("chunked prefill is on (a partly prefilled member would get a logits row)")
+    if vllm_config.scheduler_config.async_scheduling:
+        problems.append("async scheduling is on (a finished group's aborts must land before the next step)")
+    if problems:
+        raise UnsupportedConfigError("guidance cannot run on this vLLM configuration: " + "; ".join(problems))
 
 
 def _on_cpu() -> bool:
@@ -102,6 +144,7 @@ def engine_args(settings, model_path: str, *, max_num_batched_tokens: int | None
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=budget,
+        tensor_parallel_size=settings.tensor_parallel_size,
         enable_chunked_prefill=False,        # guidance: a partly prefilled row would get logits
         async_scheduling=False,              # guidance: aborts must land before the next step
         scheduler_cls=SCHEDULER,             # guidance: whole groups, no preemption
@@ -129,7 +172,7 @@ class _Job:
     checkers: list[StopChecker]                 # guided: one (the positive); plain: one per choice
     tokens: dict[str, list[int]] = field(default_factory=dict)
     running: set[str] = field(default_factory=set)     # member ids vLLM still holds
-    state: GroupState | None = None
+    active: list[str] = field(default_factory=list)    # guided: members still decoding (positive first)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -199,8 +242,9 @@ class VLLMEngine(Engine):
 
         args = engine_args(self.settings, path, max_num_batched_tokens=self._budget_override,
                            enable_prefix_caching=self._prefix_caching)
-        self._llm = LLMEngine.from_engine_args(args)
-        vllm_config = self._llm.vllm_config
+        vllm_config = args.create_engine_config()
+        check_supported(vllm_config)
+        self._llm = LLMEngine.from_vllm_config(vllm_config, disable_log_stats=True)
         self._max_len = vllm_config.model_config.max_model_len
         self._budget = vllm_config.scheduler_config.max_num_batched_tokens
         self._tokenizer = AutoTokenizer.from_pretrained(path)
@@ -267,12 +311,12 @@ class VLLMEngine(Engine):
                                   f"holds {self._capacity_blocks} ({tokens} tokens); use a smaller max_tokens",
                                   param="max_tokens")
 
-    async def generate(self, request: GenerationRequest) -> list[GenerationOutput]:
+    async def generate(self, request: GenerationRequest, *, on_text: TextSink | None = None) -> list[GenerationOutput]:
         self.ensure_ready()
         self.validate(request)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        job = self._make_job(request, loop, future)
+        job = self._make_job(request, loop, future, on_text)
         self._in_flight += 1
         try:
             self._inbox.put(("add", job))
@@ -286,16 +330,16 @@ class VLLMEngine(Engine):
         finally:
             self._in_flight -= 1
 
-    def _make_job(self, request: GenerationRequest, loop, future) -> _Job:
+    def _make_job(self, request: GenerationRequest, loop, future, on_text: TextSink | None = None) -> _Job:
         job_id = f"ns{next(self._ids)}" + (f"-{request.request_id}" if request.request_id else "")
-        prompt_len = len(request.prompt_ids)
         if request.guided:
             members = [f"{job_id}-m{i}" for i in range(1 + len(request.negative_ids))]
-            checkers = [StopChecker(self._tokenizer, self._eos, request.stop, request.max_tokens, prompt_len)]
         else:
             members = [f"{job_id}-c{i}" for i in range(request.n)]
-            checkers = [StopChecker(self._tokenizer, self._eos, request.stop, request.max_tokens, prompt_len)
-                        for _ in range(request.n)]
+        checkers = [StopChecker(self._tokenizer, self._eos, request.stop, request.max_tokens,
+                                len(request.prompt_ids),
+                                on_text=None if on_text is None else functools.partial(on_text, choice))
+                    for choice in range(1 if request.guided else request.n)]
         return _Job(request, loop, future, job_id, request.guided, members, checkers)
 
     def _member_params(self, job: _Job) -> list[tuple[str, list[int], object]]:
@@ -309,9 +353,9 @@ class VLLMEngine(Engine):
         if job.guided:
             prompts = [r.prompt_ids, *r.negative_ids]
             size = len(prompts)
+            seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**63)
             return [(rid, list(ids), SamplingParams(
-                        temperature=0.0,
-                        extra_args={GROUP_KEY: {"id": job.job_id, "role": role, "size": size}}, **common))
+                        temperature=0.0, extra_args=group_args(r, job.job_id, role, size, seed), **common))
                     for role, (rid, ids) in enumerate(zip(job.member_ids, prompts, strict=True))]
         return [(rid, list(r.prompt_ids), SamplingParams(
                     temperature=r.temperature, top_p=r.top_p, min_p=r.min_p,
@@ -367,14 +411,8 @@ class VLLMEngine(Engine):
         """Add every member of ``job`` now, between two steps: the group enters the queue whole."""
         if job.future.done():           # cancelled before it got here
             return
-        r = job.request
         if job.guided:
-            seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**63)
-            job.state = GroupState(job.job_id, len(job.member_ids), r.guidance_scale, r.guidance_space,
-                                   r.temperature, r.top_p, make_generator(seed), seed=seed,
-                                   combine=r.guidance_combine, alpha=r.guidance_alpha,
-                                   max_tokens=r.guidance_max_tokens, min_p=r.min_p)
-            REGISTRY.register(job.state)
+            job.active = list(job.member_ids)
         self._jobs[job.job_id] = job
         try:
             for rid, ids, params in self._member_params(job):
@@ -414,8 +452,9 @@ class VLLMEngine(Engine):
                 self._finish(job, error=RequestFailedError(
                     f"request {job.job_id} failed: {type(exc).__name__}: {exc}"))
         # A group the scheduler or processor failed in a step where it produced nothing.
-        for job in [j for j in self._jobs.values() if j.state is not None and j.state.error is not None]:
-            self._finish(job, error=GuidanceGroupError(job.state.error))
+        if REPORTS:
+            for job in [j for j in self._jobs.values() if j.guided and REPORTS.get(j.job_id)]:
+                self._finish(job, error=GuidanceGroupError(REPORTS.get(job.job_id)))
 
     def _advance_plain(self, job: _Job, news: dict[str, list[int]]) -> None:
         for checker, rid in zip(job.checkers, job.member_ids, strict=True):
@@ -430,29 +469,34 @@ class VLLMEngine(Engine):
             self._finish(job)
 
     def _advance_group(self, job: _Job, news: dict[str, list[int]]) -> None:
-        state = job.state
-        assert state is not None
-        if state.error is not None:
-            return self._finish(job, error=GuidanceGroupError(state.error))
+        reason = REPORTS.get(job.job_id)
+        if reason is not None:
+            return self._finish(job, error=GuidanceGroupError(reason))
         positive = job.member_ids[0]
         drawn = news.get(positive, [])
-        step_end = len(job.tokens[positive])
-        expected = state.tokens[step_end - len(drawn):step_end]
-        for rid in job.member_ids:
-            if news.get(rid, []) != drawn or drawn != expected:
+        for rid in job.active:
+            if news.get(rid, []) != drawn:
                 return self._finish(job, error=GuidanceGroupError(
-                    f"guidance group {job.job_id}: member {rid} got {news.get(rid, [])} in a step where "
-                    f"the group drew {expected}"))
+                    f"guidance group {job.job_id}: member {rid} got {news.get(rid, [])} in a step where the "
+                    f"positive got {drawn} (the logits processor refused the group; the node's log says why)"))
         checker = job.checkers[0]
         for token in drawn:
             if checker.add(token):
                 break
         if checker.finished:
             return self._finish(job)
-        if job.running != set(job.member_ids):
+        if not set(job.active) <= job.running:
             return self._finish(job, error=GuidanceGroupError(
-                f"guidance group {job.job_id}: vLLM finished members {sorted(set(job.member_ids) - job.running)} "
+                f"guidance group {job.job_id}: vLLM finished members {sorted(set(job.active) - job.running)} "
                 f"before the positive stopped"))
+        interval = job.request.guidance_max_tokens
+        if interval is not None and len(job.active) > 1 and len(job.tokens[positive]) >= interval:
+            # The guidance interval is over: the negatives carry nothing from here on. Abort them
+            # (before the next step) so their rows and KV blocks are free; the positive goes on.
+            negatives = job.active[1:]
+            self._llm.abort_request(negatives)
+            job.running.difference_update(negatives)
+            job.active = job.active[:1]
 
     def _finish(self, job: _Job, error: Exception | None = None, cancelled: bool = False) -> None:
         """Abort what vLLM still runs for ``job`` (before the next step) and answer it."""
@@ -462,13 +506,13 @@ class VLLMEngine(Engine):
         for rid in job.member_ids:
             self._by_member.pop(rid, None)
         self._jobs.pop(job.job_id, None)
-        if job.state is not None:
-            REGISTRY.discard(job.job_id)
+        if job.guided:
+            REPORTS.discard(job.job_id)
         if cancelled:
             return
         if error is None and job.guided:
             lists = [job.tokens[rid] for rid in job.member_ids]
-            if any(t != lists[0] for t in lists[1:]):
+            if any(t != lists[0][:len(t)] for t in lists[1:]):
                 error = GuidanceGroupError(f"guidance group {job.job_id}: members' token ids differ at the end")
         if error is not None:
             if isinstance(error, GuidanceGroupError):

@@ -17,8 +17,8 @@ which could be one member of a group. ``GangScheduler`` prevents both:
   group, ignoring prefix-cache sharing, so an upper bound) fit in the cache. Actual usage can
   then never exceed the cache, so vLLM never needs to preempt.
 - Checks: after ``schedule()`` every group with a member scheduled must have all its members
-  scheduled, and a preempted group member fails its group; violations are reported to the
-  registry (the engine fails that request with ``GuidanceGroupError``) and logged. The logits
+  scheduled, and a preempted group member fails its group; violations are reported to
+  ``groups.REPORTS`` (the engine fails that request with ``GuidanceGroupError``) and logged. The logits
   processor checks the same thing again from the batch it is given.
 
 Needs ``enable_chunked_prefill=False``, ``async_scheduling=False`` and the FCFS policy.
@@ -30,7 +30,7 @@ import logging
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from negspace_node.engines.vllm.groups import REGISTRY, group_of
+from negspace_node.engines.vllm.groups import REPORTS, group_info, group_of
 
 log = logging.getLogger("negspace.node.vllm")
 
@@ -40,7 +40,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class GangScheduler(Scheduler):
-    registry = REGISTRY
+    reports = REPORTS      # the scheduler runs in the engine's process (in-process engine core)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -114,26 +114,33 @@ class GangScheduler(Scheduler):
         return output
 
     def _check_gangs(self, output) -> None:
+        """Every group with a member scheduled has all its members scheduled: all ``size`` of them
+        inside its guidance interval, the running ones past it (the engine aborted the negatives)."""
         scheduled = set(output.num_scheduled_tokens)
         if not scheduled:
             return
-        seen: dict[str, tuple[int, int]] = {}
+        seen: dict[str, list] = {}          # group id -> [scheduled, running, size, past the interval]
         for request in self.running:
-            member = group_of(request.sampling_params)
-            if member is None:
+            info = group_info(request.sampling_params)
+            if info is None:
                 continue
-            count, _ = seen.get(member[0], (0, member[2]))
-            seen[member[0]] = (count + (request.request_id in scheduled), member[2])
-        for group_id, (count, size) in seen.items():
-            if 0 < count < size:
-                reason = f"scheduler split guidance group {group_id}: {count} of {size} members in a step"
+            entry = seen.setdefault(str(info["id"]), [0, 0, int(info["size"]), False])
+            entry[0] += request.request_id in scheduled
+            entry[1] += 1
+            if int(info["role"]) == 0 and info.get("max_tokens") is not None:
+                entry[3] = request.num_output_tokens >= int(info["max_tokens"])
+        for group_id, (count, running, size, past) in seen.items():
+            expected = running if past else size
+            if 0 < count < expected or (count and running < expected):
+                reason = (f"scheduler split guidance group {group_id}: {count} of {expected} members in a step"
+                          + ("" if running == expected else f" ({running} running)"))
                 log.error("%s", reason)
-                self.registry.fail(group_id, reason)
+                self.reports.report(group_id, reason)
 
     def _preempt_request(self, request, *args, **kwargs):
         member = group_of(request.sampling_params)
         if member is not None:
             reason = f"vLLM preempted a member of guidance group {member[0]} (KV cache exhausted)"
             log.error("%s", reason)
-            self.registry.fail(member[0], reason)
+            self.reports.report(member[0], reason)
         return super()._preempt_request(request, *args, **kwargs)
