@@ -117,7 +117,8 @@ def test_services_are_configured_by_environment_with_one_token(resolved):
     assert s["controller"]["environment"]["CONTROLLER_QDRANT_URL"] == "http://qdrant:6333"
     assert s["orchestrator"]["environment"]["ORCHESTRATOR_CONTROLLER_URL"] == "http://controller:8002"
     assert s["orchestrator"]["environment"]["ORCHESTRATOR_TRAINER_URL"] == "http://trainer:8003"
-    assert s["trainer"]["environment"]["TRAINER_ORCHESTRATOR_URL"] == "http://orchestrator:8000"
+    # calls point one way: the orchestrator pushes datasets, the trainer knows no other service
+    assert not any(k.endswith("_URL") for k in s["trainer"]["environment"]), s["trainer"]["environment"]
 
 
 def test_every_build_names_an_existing_dockerfile(resolved):

@@ -50,8 +50,7 @@ def test_tiny_experiment_through_every_stage(tmp_path, monkeypatch, capsys):
             "--max-tokens", "32", "--guidance-start", "2.0", "--qa-max-tokens", "96", "--train-steps", "2", "--eval-limit", "2",
             "--engine", "vllm", "--kv-cache-gib", "1", "--quiet", "--out", str(out_root),
             "--data-dir", str(tmp_path / "data"), "--logs", str(tmp_path / "logs"),
-            "--orchestrator-url", f"http://127.0.0.1:{ports['orchestrator']}",
-            "--controller-url", f"http://127.0.0.1:{ports['controller']}"]
+            "--orchestrator-url", f"http://127.0.0.1:{ports['orchestrator']}"]
     for svc, port in ports.items():
         args += [f"--{svc}-port", str(port)]
     rc = cli.main(args)
@@ -82,6 +81,7 @@ def test_tiny_experiment_through_every_stage(tmp_path, monkeypatch, capsys):
         assert 1.0 <= mm["vendi_score"] <= len(stored) + 1e-6
         per_round = m["per_round"][label]
         assert sum(v["n"] for v in per_round.values()) == len(stored)
+    assert m["pca_basis"].startswith("fitted on guided + baseline")  # the controller's, via the orchestrator
     # guided instructions of round 1 carry the scale they were generated at; attempts are logged
     assert all(r["guidance_scale"] >= 2.0 for r in guided if r["round"] == 1)
     assert m["counts"]["guided_attempts"] >= len(guided)

@@ -41,7 +41,7 @@ def _trainer(tmp_path, **kw):
     from negspace_trainer.settings import TrainerSettings
 
     # no job is ever created here (POST /jobs is refused or empty), so the worker stays idle
-    return create_app(TrainerSettings(workdir=tmp_path / "trainer", orchestrator_url="http://127.0.0.1:9", **kw))
+    return create_app(TrainerSettings(workdir=tmp_path / "trainer", **kw))
 
 
 # (factory, a real GET route, a real POST route with a valid body)

@@ -1,9 +1,9 @@
-"""Fake orchestrator and controller apps built from the contract models, for the CLI's unit tests.
+"""A fake orchestrator app built from the contract models, for the CLI's unit tests.
 
 FakeOrchestrator completes a run the moment it is created (instructions are seeded word lists),
-keeps an event log served as server-sent events, converts Q/A, and trains with jobs that finish
-after a few polls. FakeController embeds texts as bag-of-words vectors and computes real (numpy)
-metrics of the points it was given, recording every MetricsRequest.
+keeps an event log served as server-sent events, converts Q/A, trains with jobs that finish after
+a few polls, and compares two runs (``GET /runs/{id}/compare``) with real (numpy) semantic diversity
+of bag-of-words vectors, recording every comparison and MetricsRequest.
 """
 
 from __future__ import annotations
@@ -17,23 +17,20 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from negspace_contracts.controller import (
-    ControllerClient,
-    EmbedRequest,
-    EmbedResponse,
-    MetricsRequest,
-    MetricsResponse,
-)
+from negspace_contracts.controller import MetricsRequest, MetricsResponse
 from negspace_contracts.orchestrator import (
     Instruction,
     OrchestratorClient,
     QARequest,
     QAResult,
+    RoundPoint,
     Run,
+    RunComparison,
     RunConfig,
     RunCreated,
+    RunDiversity,
     RunList,
     RunProgress,
     TrainRequest,
@@ -80,7 +77,8 @@ class FakeState:
     train_requests: dict[str, TrainRequest] = field(default_factory=dict)
     list_calls: list[str] = field(default_factory=list)
     metrics_requests: list[tuple[str, MetricsRequest | None]] = field(default_factory=list)
-    points: dict[str, list[dict]] = field(default_factory=dict)  # collection -> [{text, round}]
+    compare_requests: list[tuple[str, str]] = field(default_factory=list)  # (run, with) per GET /compare
+    compare_down: bool = False  # GET /runs/{id}/compare answers 503 (the controller is away)
     fail_run: bool = False
     fail_train: bool = False
     qa_rejections: dict[str, int] = field(default_factory=dict)  # reported by every POST /qa
@@ -128,7 +126,6 @@ def fake_orchestrator(state: FakeState) -> FastAPI:
             t = text_for(seed)
             instrs.append(Instruction(id=f"{rid}-{i}", node=node, round=rnd, text=t, guidance_scale=scale,
                                       attempt=tries - 1, max_similarity=None if rnd == 0 else 0.5))
-            state.points.setdefault(f"c-{rid}", []).append({"text": t, "round": rnd})
             if node == cfg.nodes - 1 or i == n - 1:
                 add_event(rid, "round", {"round": rnd, "rounds": cfg.rounds, "accepted": i + 1, "attempts": attempts})
         status = "failed" if state.fail_run else "completed"
@@ -169,12 +166,32 @@ def fake_orchestrator(state: FakeState) -> FastAPI:
         body = "".join(i.model_dump_json() + "\n" for i in state.instructions[rid])
         return Response(body, media_type="application/x-ndjson")
 
+    def measure(instrs: list[Instruction], shared_basis: bool) -> MetricsResponse:
+        vecs = [embed(i.text) for i in instrs]
+        return MetricsResponse(n=len(vecs), semantic_diversity=semantic_diversity(vecs), mst_diversity=1.5,
+                               hull_volume=0.01 if shared_basis else 0.02, vendi_score=3.0,
+                               distinct_1=0.5, distinct_2=0.9)
+
     async def metrics_for(rid: str, request: MetricsRequest | None):
         state.metrics_requests.append((rid, request))
-        vecs = [embed(i.text) for i in state.instructions[rid]]
-        return MetricsResponse(n=len(vecs), semantic_diversity=semantic_diversity(vecs), mst_diversity=1.5,
-                               hull_volume=0.01 if request and request.pca_basis else 0.02, vendi_score=3.0,
-                               distinct_1=0.5, distinct_2=0.9).model_dump()
+        return measure(state.instructions[rid], bool(request and request.pca_basis)).model_dump()
+
+    @app.get("/runs/{rid}/compare")
+    async def compare(rid: str, other: str = Query(alias="with")):
+        """Real semantic diversity of the bag-of-words vectors; two vector coordinates as the map."""
+        state.compare_requests.append((rid, other))
+        if state.compare_down:
+            return err(503, "controller (compare): down")
+
+        def side(r: str) -> RunDiversity:
+            instrs = state.instructions[r]
+            rounds = sorted({i.round for i in instrs})
+            return RunDiversity(run_id=r, metrics=measure(instrs, True),
+                                per_round={k: measure([i for i in instrs if i.round == k], True) for k in rounds},
+                                points=[RoundPoint(x=embed(i.text)[0], y=embed(i.text)[1], round=i.round)
+                                        for i in instrs])
+
+        return RunComparison(run=side(rid), other=side(other), pca_basis="shared").model_dump(mode="json")
 
     @app.get("/runs/{rid}/metrics")
     async def metrics_get(rid: str):
@@ -282,39 +299,14 @@ def fake_orchestrator(state: FakeState) -> FastAPI:
     return app
 
 
-def fake_controller(state: FakeState) -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "service": "controller"}
-
-    @app.post("/embed")
-    async def do_embed(body: EmbedRequest):
-        return EmbedResponse(embeddings=[embed(t) for t in body.texts], truncated=[False] * len(body.texts)).model_dump()
-
-    @app.post("/collections/{name}/metrics")
-    async def metrics(name: str, body: MetricsRequest):
-        pts = [p for p in state.points.get(name, [])
-               if all(p.get(k) == v for k, v in (body.filter or {}).items())]
-        vecs = [embed(p["text"]) for p in pts]
-        return MetricsResponse(n=len(vecs), semantic_diversity=semantic_diversity(vecs), mst_diversity=None,
-                               hull_volume=None, vendi_score=None, distinct_1=None, distinct_2=None,
-                               notes={"mst_diversity": "fake"}).model_dump()
-
-    return app
-
-
 @pytest.fixture
 def fake_state() -> FakeState:
     return FakeState()
 
 
 @pytest.fixture
-def clients(fake_state):
-    orch = OrchestratorClient("http://orchestrator", transport=httpx.ASGITransport(fake_orchestrator(fake_state)))
-    ctl = ControllerClient("http://controller", transport=httpx.ASGITransport(fake_controller(fake_state)))
-    return orch, ctl
+def orch(fake_state):
+    return OrchestratorClient("http://orchestrator", transport=httpx.ASGITransport(fake_orchestrator(fake_state)))
 
 
 def any_value(d: dict[str, Any], key: str):

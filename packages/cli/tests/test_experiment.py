@@ -1,4 +1,4 @@
-"""The experiment's stages against fake orchestrator/controller apps: artifacts, numbers, report."""
+"""The experiment's stages against a fake orchestrator app: artifacts, numbers, report."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ def lines(path):
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-async def test_experiment_writes_every_artifact_with_consistent_numbers(clients, fake_state, tmp_path, capsys):
-    orch, ctl = clients
+async def test_experiment_writes_every_artifact_with_consistent_numbers(orch, fake_state, tmp_path, capsys):
     cfg = ExperimentConfig(base="Write a math problem.", nodes=3, rounds=2, train_max_steps=4, eval_limit=5)
-    out = await run_experiment(cfg, orch, ctl, tmp_path, quiet=True)
+    out = await run_experiment(cfg, orch, tmp_path, quiet=True)
 
     assert out == tmp_path / "run-1"
     for name in ("guided.jsonl", "baseline.jsonl", "qa/guided.jsonl", "qa/baseline.jsonl", "metrics.json",
@@ -34,9 +33,8 @@ async def test_experiment_writes_every_artifact_with_consistent_numbers(clients,
     assert m["metrics"]["guided"]["n"] == len(guided) and m["metrics"]["baseline"]["n"] == len(baseline)
     assert m["counts"] == {"guided": 9, "baseline": 9, "guided_attempts": fake_state.runs["run-1"].progress.attempts,
                            "baseline_attempts": 9}
-    # both runs' metrics used ONE basis (4 x dim), fitted on the union
-    reqs = [r for _, r in fake_state.metrics_requests]
-    assert len(reqs) == 2 and reqs[0].pca_basis == reqs[1].pca_basis and len(reqs[0].pca_basis) == 4
+    # both runs' metrics came from ONE comparison (one basis fitted on the union, by the controller)
+    assert fake_state.compare_requests == [("run-1", "run-2")] and fake_state.metrics_requests == []
     assert m["pca_basis"].startswith("fitted on guided + baseline")
     # per-round metrics: one entry per round, n = nodes
     assert set(m["per_round"]["guided"]) == {"0", "1", "2"}
@@ -78,29 +76,28 @@ async def test_experiment_writes_every_artifact_with_consistent_numbers(clients,
     assert cli.main(["results", str(tmp_path / "nothing")]) == 1
 
 
-async def test_without_a_controller_the_report_says_what_is_missing(clients, fake_state, tmp_path):
-    orch, _ = clients
+async def test_without_a_comparison_the_report_says_what_is_missing(orch, fake_state, tmp_path):
+    fake_state.compare_down = True  # the orchestrator cannot reach the controller for the comparison
     cfg = ExperimentConfig(base="b", nodes=2, rounds=1, skip_training=True)
-    out = await run_experiment(cfg, orch, None, tmp_path, quiet=True)
+    out = await run_experiment(cfg, orch, tmp_path, quiet=True)
     m = json.loads((out / "metrics.json").read_text())
     assert m["pca_basis"] == "each run's own" and m["eval"] == {}
     assert not (out / "embedding_map.png").exists()
     assert fake_state.metrics_requests[0][1] is None
     assert "training and evaluation skipped" in (out / "report.md").read_text()
+    assert "no comparison of the two runs (controller (compare): down)" in (out / "report.md").read_text()
 
 
-async def test_a_failed_run_stops_the_experiment_with_its_error(clients, fake_state, tmp_path):
-    orch, ctl = clients
+async def test_a_failed_run_stops_the_experiment_with_its_error(orch, fake_state, tmp_path):
     fake_state.fail_run = True
     with pytest.raises(ExperimentError, match="guided run run-1 ended failed: boom"):
-        await run_experiment(ExperimentConfig(base="b", nodes=2, rounds=1), orch, ctl, tmp_path, quiet=True)
+        await run_experiment(ExperimentConfig(base="b", nodes=2, rounds=1), orch, tmp_path, quiet=True)
 
 
-async def test_failed_training_still_writes_the_data_report_and_fails(clients, fake_state, tmp_path):
-    orch, ctl = clients
+async def test_failed_training_still_writes_the_data_report_and_fails(orch, fake_state, tmp_path):
     fake_state.fail_train = True
     with pytest.raises(ExperimentError, match=r"training job job-run-1 \(guided\) ended failed: worker died"):
-        await run_experiment(ExperimentConfig(base="b", nodes=2, rounds=2), orch, ctl, tmp_path, quiet=True)
+        await run_experiment(ExperimentConfig(base="b", nodes=2, rounds=2), orch, tmp_path, quiet=True)
     out = tmp_path / "run-1"
     m = json.loads((out / "metrics.json").read_text())
     assert m["metrics"]["guided"]["n"] == 6 and m["training"]["guided"]["status"] == "failed"
@@ -183,18 +180,17 @@ async def test_requests_are_repeated_while_the_orchestrator_is_away_and_errors_t
         await retry_while_down(away, "Q/A", outage_s=0.05, pause_s=0.01)
 
 
-async def test_seeds_intervals_rejections_and_exports(clients, fake_state, tmp_path):
+async def test_seeds_intervals_rejections_and_exports(orch, fake_state, tmp_path):
     import datasets
     from negspace_cli.experiment import seed_interval, t95
 
-    orch, ctl = clients
     fake_state.qa_rejections = {"echo": 2, "truncated": 1}
     # per-seed scores: guided 0.2 + (-0.02, 0, +0.04), baseline 0.1 + (0, 0.01, 0.02)
     for s, (g, b) in zip((7, 8, 9), ((-0.02, 0.0), (0.0, 0.01), (0.04, 0.02)), strict=True):
         fake_state.seed_jitter[("run-1", s)] = g
         fake_state.seed_jitter[("run-2", s)] = b
     cfg = ExperimentConfig(base="Write a math problem.", nodes=2, rounds=1, seed=7, train_seeds=3, train_max_steps=2)
-    out = await run_experiment(cfg, orch, ctl, tmp_path, quiet=True)
+    out = await run_experiment(cfg, orch, tmp_path, quiet=True)
     m = json.loads((out / "metrics.json").read_text())
     # one job per (run, seed), each with its seed; the base evaluated once
     # the first seed is the run's own job, the others (run, seed) jobs

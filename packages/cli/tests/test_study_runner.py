@@ -18,8 +18,7 @@ def small_spec(**kw) -> StudySpec:
     return StudySpec.model_validate(body)
 
 
-async def test_every_cell_runs_once_and_a_rerun_generates_nothing(clients, fake_state, tmp_path):
-    orch, _ = clients
+async def test_every_cell_runs_once_and_a_rerun_generates_nothing(orch, fake_state, tmp_path):
     spec = small_spec()
     await run_cells(spec, orch, tmp_path, quiet=True)
     assert len(fake_state.runs) == len(spec.cells()) == 12
@@ -40,8 +39,7 @@ async def test_every_cell_runs_once_and_a_rerun_generates_nothing(clients, fake_
     assert state["study_id"] == spec.study_id() and all(c["status"] == "completed" for c in state["cells"].values())
 
 
-async def test_an_interrupted_study_creates_only_the_missing_runs(clients, fake_state, tmp_path):
-    orch, _ = clients
+async def test_an_interrupted_study_creates_only_the_missing_runs(orch, fake_state, tmp_path):
     spec = small_spec()
     await run_cells(spec, orch, tmp_path, quiet=True, max_cells=5)
     assert len(fake_state.runs) == 5
@@ -52,8 +50,7 @@ async def test_an_interrupted_study_creates_only_the_missing_runs(clients, fake_
     assert len(fake_state.runs) == 12 and len(load_results(tmp_path)) == 12
 
 
-async def test_a_failed_run_is_reported_then_created_again(clients, fake_state, tmp_path):
-    orch, _ = clients
+async def test_a_failed_run_is_reported_then_created_again(orch, fake_state, tmp_path):
     spec = small_spec(seeds=[1], arms=["guided"], bases=[{"text": "Write a poem."}])
     fake_state.fail_run = True
     with pytest.raises(StudyError, match="rerun the same command"):

@@ -27,10 +27,14 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from negspace_contracts.controller import (
+    CollectionComparison,
     CollectionInfo,
+    CompareRequest,
+    CompareResponse,
     DenseItem,
     DenseRequest,
     DenseResponse,
+    MapPoint,
     MetricsRequest,
     MetricsResponse,
     Neighbor,
@@ -212,6 +216,35 @@ class MockController:
             return MetricsResponse(n=len(pts), semantic_diversity=0.5, mst_diversity=0.5, hull_volume=None,
                                    vendi_score=float(len(pts)), distinct_1=len(set(words)) / max(1, len(words)),
                                    distinct_2=None)
+
+        @app.post("/compare")
+        async def compare(req: CompareRequest):
+            """Counts and a stand-in map (two vector coordinates); the real numbers are the
+            controller's, tested there."""
+            self.log.calls.append(("compare", {"a": req.a, "b": req.b, "group_by": req.group_by}))
+
+            def side(name: str) -> CollectionComparison | None:
+                col = self.collections.get(name)
+                if col is None:
+                    return None
+                pts = list(col.values())
+                groups = sorted({p.get(req.group_by) for _, _, p in pts}) if req.group_by else []
+                return CollectionComparison(
+                    name=name, metrics=MetricsResponse(n=len(pts), semantic_diversity=0.5, mst_diversity=None,
+                                                       hull_volume=None, vendi_score=None, distinct_1=None,
+                                                       distinct_2=None),
+                    groups={str(g): MetricsResponse(n=sum(p.get(req.group_by) == g for _, _, p in pts),
+                                                    semantic_diversity=None, mst_diversity=None, hull_volume=None,
+                                                    vendi_score=None, distinct_1=None, distinct_2=None)
+                            for g in groups},
+                    points=[MapPoint(id=uuid.UUID(pid), x=vec[0], y=vec[1], group=p.get(req.group_by))
+                            for pid, (_, vec, p) in col.items()])
+
+            a, b = side(req.a), side(req.b)
+            if a is None or b is None:
+                return JSONResponse({"error": {"message": "no such collection", "type": "not_found",
+                                               "param": None, "code": 404}}, status_code=404)
+            return CompareResponse(a=a, b=b, pca_basis="shared")
 
         self.app = app
 

@@ -168,6 +168,39 @@ async def test_baseline_makes_no_guided_calls_and_matches_a_guided_run(make_harn
         assert (await h.wait(sized)).progress.accepted == 4
 
 
+async def test_compare_measures_both_runs_in_one_controller_call_per_round(make_harness):
+    from negspace_contracts.errors import ServiceUnavailableError
+
+    async with make_harness() as h:
+        gid = (await h.client.runs.create(cfg(nodes=2, rounds=2))).id
+        await h.wait(gid)
+        bid = (await h.client.runs.create(RunConfig(base_instruction="Write a math problem.", mode="baseline",
+                                                    match_run=gid, nodes=2, seed=7))).id
+        await h.wait(bid)
+        got = await h.client.runs.compare(gid, bid)
+        g, b = h.orch.store.get_run(gid), h.orch.store.get_run(bid)
+        assert [c for k, c in h.log.calls if k == "compare"] == [{"a": g.collection, "b": b.collection,
+                                                                 "group_by": "round"}]
+        assert (got.run.run_id, got.other.run_id, got.pca_basis) == (gid, bid, "shared")
+        assert got.run.metrics.n == 6 and got.other.metrics.n == 6
+        assert {r: m.n for r, m in got.run.per_round.items()} == {0: 2, 1: 2, 2: 2}
+        assert sorted(p.round for p in got.other.points) == sorted(i.round for i in await h.client.runs.instructions(bid))
+
+        with pytest.raises(NotFoundError) as e:
+            await h.client.runs.compare(gid, "nope")
+        assert e.value.param == "with"
+        with pytest.raises(NotFoundError):
+            await h.client.runs.compare("nope", bid)
+        h.nodes[0].delay = 30.0  # the next run stays without an accepted instruction
+        empty = (await h.client.runs.create(RunConfig(base_instruction="x", mode="baseline", size=2))).id
+        with pytest.raises(ConflictError, match="no accepted instructions"):
+            await h.client.runs.compare(gid, empty)
+        await h.client.runs.cancel(empty)
+        h.controller.down = True
+        with pytest.raises(ServiceUnavailableError):
+            await h.client.runs.compare(gid, bid)
+
+
 async def test_previous_generation_feeds_the_next_round(make_harness):
     async with make_harness() as h:
         rid = (await h.client.runs.create(cfg(nodes=1, rounds=2, use_previous_generation=True))).id

@@ -43,9 +43,9 @@ class Service:
 
 @pytest.fixture
 async def service(tmp_path):
-    async def make(orchestrator=None, start_worker=True, worker_command=None, **settings):
+    async def make(start_worker=True, worker_command=None, **settings):
         s = TrainerSettings(workdir=tmp_path / "trainer", poll_interval_s=0.2, cancel_grace_s=5, **settings)
-        app = create_app(s, orchestrator=orchestrator, start_worker=start_worker, worker_command=worker_command)
+        app = create_app(s, start_worker=start_worker, worker_command=worker_command)
         ctx = app.router.lifespan_context(app)
         await ctx.__aenter__()
         client = TrainerClient("http://trainer", transport=httpx.ASGITransport(app=app))

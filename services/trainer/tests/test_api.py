@@ -9,9 +9,7 @@ import signal
 
 import httpx
 import pytest
-from fastapi import FastAPI, HTTPException
 from negspace_contracts.errors import ConflictError, NotFoundError
-from negspace_contracts.orchestrator import OrchestratorClient
 from negspace_contracts.trainer import JobRequest
 
 RECORD = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
@@ -181,18 +179,24 @@ async def test_killed_worker_fails_with_reason(service, wait_job):
     assert "worker killed by signal 9" in job.error
 
 
-async def test_unknown_run_id_fails_with_orchestrator_message(service, wait_job):
-    orch = FastAPI()
+async def test_a_run_id_dataset_is_422_because_the_orchestrator_pushes_datasets(service):
+    """The trainer never calls the orchestrator: a job naming an orchestrator run is refused at once,
+    saying so; the records the orchestrator pushes inline are what the job trains on."""
+    svc = await service(start_worker=False)
+    response = await svc.client._http.post("/jobs", json={"dataset": {"run_id": "r1"}})
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "run_id" in message and "the orchestrator pushes" in message
+    assert (await svc.client.jobs.list()).jobs == []
 
-    @orch.get("/runs/{run_id}/qa")
-    async def qa(run_id: str):
-        raise HTTPException(404, f"no run {run_id}")
-
-    factory = lambda: OrchestratorClient("http://orch", transport=httpx.ASGITransport(app=orch))  # noqa: E731
-    svc = await service(orchestrator=factory)
-    created = await svc.client.jobs.create(JobRequest.model_validate({"dataset": {"run_id": "r404"}}))
-    job = await wait_job(svc.client, created.id, {"failed"}, timeout=20)
-    assert "r404" in job.error
+    pushed = [RECORD, {"messages": [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]}]
+    created = await svc.client.jobs.create(request(dataset={"records": pushed}))
+    written = (svc.runner.job_dir(created.id) / "dataset.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in written] == pushed
+    # a request stored before dataset.run_id was removed (it spelled "run_id": null) still reads back
+    stored = json.loads(request().model_dump_json())
+    stored["dataset"]["run_id"] = None
+    assert JobRequest.model_validate(stored) == request()
 
 
 async def test_unknown_eval_task_fails_naming_local_tasks(service, wait_job):

@@ -1,4 +1,5 @@
-"""Acceptance 1: one real tiny job on the bundled model (LoRA, run-id dataset, eval tuned + base);
+"""Acceptance 1: one real tiny job on the bundled model (LoRA, the records pushed inline as the
+orchestrator sends them, eval tuned + base);
 and a real job that survives a trainer crash."""
 
 from __future__ import annotations
@@ -8,11 +9,7 @@ import json
 import os
 from pathlib import Path
 
-import httpx
 import pytest
-from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse
-from negspace_contracts.orchestrator import OrchestratorClient
 from negspace_contracts.trainer import JobRequest
 from negspace_trainer.local_tasks import TASKS_DIR
 
@@ -26,16 +23,9 @@ def _records() -> list[dict]:
 
 
 async def test_real_tiny_job(service, wait_job):
-    orch = FastAPI()
-
-    @orch.get("/runs/{run_id}/qa")
-    async def qa(run_id: str):
-        return PlainTextResponse("".join(json.dumps(r) + "\n" for r in _records()))
-
-    factory = lambda: OrchestratorClient("http://orch", transport=httpx.ASGITransport(app=orch))  # noqa: E731
-    svc = await service(orchestrator=factory)
+    svc = await service()
     created = await svc.client.jobs.create(JobRequest.model_validate({
-        "dataset": {"run_id": "run1"},
+        "dataset": {"records": _records()},  # pushed inline, as POST /runs/{id}/train does
         "training": {"max_steps": 3, "batch_size": 4, "max_length": 128},
         "eval": {"tasks": ["negspace_arith"], "limit": 4, "batch_size": 4},
         "compare_base": True}))

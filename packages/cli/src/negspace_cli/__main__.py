@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
-from negspace_contracts.controller import ControllerClient
-from negspace_contracts.errors import ConnectionFailedError, NegspaceError
+from negspace_contracts.errors import NegspaceError
 from negspace_contracts.orchestrator import (
     MAX_RUNS_PAGE_SIZE,
     RUNS_PAGE_SIZE,
@@ -43,7 +42,6 @@ from negspace_cli.follow import follow_run
 from negspace_cli.study import command as study_command
 
 DEFAULT_ORCHESTRATOR_URL = "http://127.0.0.1:8000"
-DEFAULT_CONTROLLER_URL = "http://127.0.0.1:8002"
 EXPERIMENT_CALL_TIMEOUT_S = 3600.0
 
 
@@ -264,7 +262,7 @@ def cmd_experiment(a: argparse.Namespace) -> int:
                            eval_tasks=[t for t in a.eval_tasks.split(",") if t], eval_limit=a.eval_limit or None,
                            skip_training=a.skip_training, train_seeds=a.train_seeds, export=not a.no_export)
     stack = None
-    orchestrator_url, controller_url = a.orchestrator_url, a.controller_url
+    orchestrator_url = a.orchestrator_url
     if not asyncio.run(_reachable(orchestrator_url)):
         if a.no_start:
             _err(f"no orchestrator answers at {orchestrator_url} (start one with `negspace up`)")
@@ -273,12 +271,12 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         # without training the trainer is not needed
         services = tuple(s for s in launcher.SERVICES if not (a.skip_training and s == "trainer"))
         stack = launcher.Stack(_stack_config(a), services=services)
-        orchestrator_url, controller_url = stack.urls["orchestrator"], stack.urls["controller"]
+        orchestrator_url = stack.urls["orchestrator"]
     old = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         if stack is not None:
             stack.start()
-        out = asyncio.run(_experiment(cfg, orchestrator_url, controller_url, a.out, a.quiet))
+        out = asyncio.run(_experiment(cfg, orchestrator_url, a.out, a.quiet))
     except launcher.LaunchError as exc:
         _err(str(exc))
         return 1
@@ -296,20 +294,12 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     return 0
 
 
-async def _experiment(cfg, orchestrator_url, controller_url, out_root, quiet):
+async def _experiment(cfg, orchestrator_url, out_root, quiet):
     # Q/A conversion answers when the whole run is converted: minutes, not the clients' default 60 s
     long = httpx.Timeout(EXPERIMENT_CALL_TIMEOUT_S, connect=10.0)
     token = launcher.resolve_api_token()  # the env's, or the one `negspace up` wrote
-    async with OrchestratorClient(orchestrator_url, timeout=long, token=token) as orch, \
-            ControllerClient(controller_url, timeout=long, token=token) as ctl:
-        try:
-            await ctl.health()
-            controller = ctl
-        except ConnectionFailedError:
-            print(f"negspace: no controller at {controller_url}: no embedding map / per-round metrics",
-                  file=sys.stderr)
-            controller = None
-        return await run_experiment(cfg, orch, controller, Path(out_root), quiet=quiet)
+    async with OrchestratorClient(orchestrator_url, timeout=long, token=token) as orch:
+        return await run_experiment(cfg, orch, Path(out_root), quiet=quiet)
 
 
 def cmd_results(a: argparse.Namespace) -> int:
@@ -388,7 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("experiment", help="guided run vs baseline: data, Q/A, training, eval, report")
     client_args(ex)
-    ex.add_argument("--controller-url", default=os.environ.get("NEGSPACE_CONTROLLER_URL") or DEFAULT_CONTROLLER_URL)
     ex.add_argument("--base", required=True)
     ex.add_argument("--nodes", type=int, default=4)
     ex.add_argument("--rounds", type=int, default=3)

@@ -1,46 +1,13 @@
-"""Numbers behind the report: a shared PCA basis, eval-score extraction, per-round grouping.
+"""Numbers behind the report: lm-eval score and stderr extraction.
 
-The diversity metrics themselves are computed by the controller (``/collections/{c}/metrics``,
-reached through the orchestrator's ``/runs/{id}/metrics``); this module only fits the projection
-both datasets share, so hull volumes compare alike, and the 2-D map's projection.
+The diversity metrics, the PCA basis both datasets share and the 2-D map are the controller's
+(``POST /compare``, reached through the orchestrator's ``GET /runs/{id}/compare?with=``).
 """
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
-
-import numpy as np
-
-HULL_DIMS = 4  # the controller's hull dimension (negspace_controller.metrics.HULL_DIMS)
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def fit_pca(x: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, basis dims x d) of the L2-normalised rows' principal axes (the controller's convention)."""
-    x = normalize(x)
-    if len(x) < dims:
-        raise ValueError(f"needs at least {dims} points to fit {dims} principal axes (got {len(x)})")
-    mean = x.mean(axis=0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    return mean, vt[:dims]
-
-
-def project(x: np.ndarray, mean: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    return (normalize(x) - mean) @ basis.T
-
-
-def by_round(rows: Iterable[Mapping[str, Any]]) -> dict[int, list[Mapping[str, Any]]]:
-    out: dict[int, list] = defaultdict(list)
-    for r in rows:
-        out[int(r["round"])].append(r)
-    return dict(sorted(out.items()))
 
 
 def _numeric(v: Any) -> float | None:
@@ -72,10 +39,6 @@ def eval_scores(result: Mapping[str, Any] | None) -> dict[str, float]:
                 continue
             out[f"{task}/{name}"] = v
     return out
-
-
-def is_finite_metric(v: Any) -> bool:
-    return v is None or (isinstance(v, (int, float)) and math.isfinite(float(v)))
 
 
 def eval_stderrs(result: Mapping[str, Any] | None) -> dict[str, float]:

@@ -3,8 +3,9 @@
 Stages (each with a progress bar): guided run -> baseline (``match_run``) -> Q/A of both ->
 one LoRA adapter per dataset, evaluated with the base model on the local task -> diversity metrics
 (one PCA basis fitted on the union, so hull volumes compare alike) -> plots -> ``report.md``.
-Everything goes through the orchestrator (and the controller, for embeddings and per-round
-metrics) with negspace_contracts' typed clients.
+Everything goes through the orchestrator with negspace_contracts' typed client (the shared PCA
+basis, the per-round metrics and the 2-D map come from ``GET /runs/{id}/compare?with=``, computed by
+the controller where the vectors live).
 
 Writes ``<out>/<guided run id>/``: ``guided.jsonl``, ``baseline.jsonl``, ``qa/``, ``metrics.json``,
 ``report.md``, ``embedding_map.png``, ``diversity_per_round.png``, ``guidance_scales.png``.
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from negspace_contracts.controller import MAX_TEXTS_PER_EMBED, ControllerClient, MetricsRequest
 from negspace_contracts.errors import NegspaceError
 from negspace_contracts.orchestrator import (
     AttemptEvent,
@@ -31,6 +31,7 @@ from negspace_contracts.orchestrator import (
     NegativesSpec,
     OrchestratorClient,
     QARequest,
+    RunComparison,
     RunConfig,
     RunEvent,
     TrainRequest,
@@ -128,15 +129,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-async def _embed(controller: ControllerClient, texts: list[str]) -> np.ndarray:
-    out: list[list[float]] = []
-    for i in range(0, len(texts), MAX_TEXTS_PER_EMBED):
-        out.extend((await controller.embed(texts[i:i + MAX_TEXTS_PER_EMBED])).embeddings)
-    return np.asarray(out, np.float64)
-
-
-async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient,
-                         controller: ControllerClient | None, out_root: Path, *, quiet: bool = False) -> Path:
+async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient, out_root: Path, *,
+                         quiet: bool = False) -> Path:
     """Run every stage; return the experiment folder. Raises ExperimentError with the stage that failed."""
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -220,46 +214,41 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
             notes.append(f"training/evaluation failed: {train_error}")
     t = stage_done("train_eval", t)
 
-    # 5. metrics with one PCA basis for both, per-round metrics, plots
-    texts = [r["text"] for r in g_instr] + [r["text"] for r in b_instr]
-    emb = None
-    pca_req = None
-    if controller is not None:
-        try:
-            emb = await _embed(controller, texts)
-        except NegspaceError as exc:
-            notes.append(f"no embeddings from the controller ({exc.message}): no 2-D map, no shared PCA basis")
-    if emb is not None and len(emb) >= analysis.HULL_DIMS:
-        mean4, basis4 = analysis.fit_pca(emb, analysis.HULL_DIMS)
-        pca_req = MetricsRequest(pca_basis=basis4.tolist(), pca_mean=mean4.tolist())
-    metrics = {"guided": (await orchestrator.runs.metrics(gid, pca_req)).model_dump(mode="json"),
-               "baseline": (await orchestrator.runs.metrics(bid, pca_req)).model_dump(mode="json")}
+    # 5. metrics with one PCA basis for both, per-round metrics, plots: the orchestrator's comparison
+    # (the controller fits the basis where the vectors live)
+    texts_n = len(g_instr) + len(b_instr)
+    comparison: RunComparison | None = None
+    try:
+        comparison = await orchestrator.runs.compare(gid, bid)
+    except NegspaceError as exc:
+        notes.append(f"no comparison of the two runs ({exc.message}): no 2-D map, no shared PCA basis, "
+                     "no per-round metrics")
+    if comparison is not None:
+        sides = {"guided": comparison.run, "baseline": comparison.other}
+        metrics = {label: side.metrics.model_dump(mode="json") for label, side in sides.items()}
+        shared = comparison.pca_basis == "shared"
+        notes.extend(f"comparison: {k}: {v}" for k, v in comparison.notes.items())
+    else:
+        metrics = {"guided": (await orchestrator.runs.metrics(gid)).model_dump(mode="json"),
+                   "baseline": (await orchestrator.runs.metrics(bid)).model_dump(mode="json")}
+        shared = False
     for label, rows in (("guided", g_instr), ("baseline", b_instr)):
         if metrics[label]["n"] != len(rows):
             notes.append(f"{label}: the controller holds {metrics[label]['n']} points, "
                          f"{len(rows)} instructions were stored")
 
     per_round: dict[str, dict[int, dict[str, Any]]] = {"guided": {}, "baseline": {}}
-    if controller is not None:
-        for label, run in (("guided", guided), ("baseline", baseline)):
-            rounds = sorted({int(r["round"]) for r in (g_instr if label == "guided" else b_instr)})
-            for r in rounds:
-                try:
-                    m = await controller.collections.metrics(run.collection, MetricsRequest(filter={"round": r}))
-                    per_round[label][r] = m.model_dump(mode="json")
-                except NegspaceError as exc:
-                    notes.append(f"per-round metrics of {label} unavailable: {exc.message}")
-                    break
-
     figs: dict[str, str] = {}
-    if emb is not None and len(emb) >= 2:
-        mean2, basis2 = analysis.fit_pca(emb, 2)
-        xy = analysis.project(emb, mean2, basis2)
-        ng = len(g_instr)
-        plots.embedding_map(out / "embedding_map.png", {"guided": xy[:ng], "baseline": xy[ng:]},
-                            {"guided": [r["round"] for r in g_instr], "baseline": [r["round"] for r in b_instr]},
-                            title=f"{len(texts)} instructions, 2-D PCA of their embeddings")
-        figs["map"] = "embedding_map.png"
+    if comparison is not None:
+        for label, side in sides.items():
+            per_round[label] = {r: m.model_dump(mode="json") for r, m in sorted(side.per_round.items())}
+        if comparison.run.points or comparison.other.points:
+            pts = {label: side.points for label, side in sides.items()}
+            plots.embedding_map(out / "embedding_map.png",
+                                {label: np.asarray([(p.x, p.y) for p in ps]) for label, ps in pts.items()},
+                                {label: [p.round or 0 for p in ps] for label, ps in pts.items()},
+                                title=f"{texts_n} instructions, 2-D PCA of their embeddings")
+            figs["map"] = "embedding_map.png"
     if any(per_round.values()):
         series = {lbl: {r: m.get(cfg.per_round_metric) for r, m in pr.items()} for lbl, pr in per_round.items()}
         plots.diversity_per_round(out / "diversity_per_round.png", series, cfg.per_round_metric)
@@ -281,7 +270,7 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
         "counts": {"guided": len(g_instr), "baseline": len(b_instr),
                    "guided_attempts": guided.progress.attempts, "baseline_attempts": baseline.progress.attempts},
         "metrics": metrics,
-        "pca_basis": "fitted on guided + baseline embeddings" if pca_req else "each run's own",
+        "pca_basis": "fitted on guided + baseline embeddings" if shared else "each run's own",
         "per_round": {lbl: {str(r): m for r, m in pr.items()} for lbl, pr in per_round.items()},
         "guidance_scales": {"accepted": accepted_scales, "attempts": attempt_scales},
         "qa": qa_results,

@@ -120,8 +120,6 @@ class StackConfig:
         elif service == "orchestrator":
             base += ["--node-url", self.url("node"), "--controller-url", self.url("controller"),
                      "--trainer-url", self.url("trainer")]
-        elif service == "trainer":
-            base += ["--orchestrator-url", self.url("orchestrator")]
         return base + list(self.extra_args.get(service, []))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -126,6 +126,46 @@ class MetricsResponse(StrictModel):
                                   description="Why a metric is None (too few points, degenerate hull).")
 
 
+PAYLOAD_KEY_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$"
+
+
+class CompareRequest(StrictModel):
+    """Two collections measured on one footing: one PCA basis fitted on the union of their points
+    (hull volumes and the 2-D map compare alike), and per ``group_by`` value metrics of each."""
+
+    a: str = Field(..., pattern=COLLECTION_NAME_PATTERN)
+    b: str = Field(..., pattern=COLLECTION_NAME_PATTERN)
+    group_by: str | None = Field(None, pattern=PAYLOAD_KEY_PATTERN, max_length=128,
+                                 description="A payload key (e.g. round): metrics per value of it too.")
+
+
+class MapPoint(StrictModel):
+    """One point on the 2 principal axes of both collections' points."""
+
+    id: PointId
+    x: float
+    y: float
+    group: PayloadValue = Field(None, description="The point's ``group_by`` payload value.")
+
+
+class CollectionComparison(StrictModel):
+    name: str
+    metrics: MetricsResponse
+    groups: dict[str, MetricsResponse] = Field(
+        default_factory=dict, description="Per ``group_by`` value (as a string), in sorted value order.")
+    points: list[MapPoint] = Field(default_factory=list,
+                                   description="Every point on the shared 2-D map (empty without one).")
+
+
+class CompareResponse(StrictModel):
+    a: CollectionComparison
+    b: CollectionComparison
+    pca_basis: Literal["shared", "own"] = Field(
+        ..., description="shared: every hull volume (per collection and per group) uses one 4-D basis fitted "
+                         "on both collections; own: too few points for it, each set fits its own.")
+    notes: dict[str, str] = Field(default_factory=dict, description="Why the shared basis or the map is missing.")
+
+
 class EmbedRequest(StrictModel):
     texts: list[str] = Field(..., min_length=1, max_length=MAX_TEXTS_PER_EMBED)
     query: bool = Field(False, description="Apply the configured query instruction (e5-style).")
@@ -183,6 +223,11 @@ class ControllerClient(ServiceClient):
     def __init__(self, base_url: str, **kw) -> None:
         super().__init__(base_url, **kw)
         self.collections = _Collections(self)
+
+    async def compare(self, a: str, b: str, *, group_by: str | None = None) -> CompareResponse:
+        """Collections ``a`` and ``b`` on one PCA basis (see ``CompareRequest``)."""
+        return await self.call("POST", "/compare", CompareResponse,
+                               json_body=CompareRequest(a=a, b=b, group_by=group_by))
 
     async def embed(self, texts: list[str], *, query: bool = False) -> EmbedResponse:
         return await self.call("POST", "/embed", EmbedResponse,

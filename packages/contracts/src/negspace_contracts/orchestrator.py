@@ -406,6 +406,33 @@ class ExportResult(StrictModel):
     qa: int
 
 
+class RoundPoint(StrictModel):
+    """An accepted instruction on the 2 principal axes of both runs' embeddings."""
+
+    x: float
+    y: float
+    round: int | None = None
+
+
+class RunDiversity(StrictModel):
+    run_id: str
+    metrics: MetricsResponse
+    per_round: dict[int, MetricsResponse] = Field(default_factory=dict,
+                                                  description="Each round's accepted instructions.")
+    points: list[RoundPoint] = Field(default_factory=list, description="The 2-D map (empty without one).")
+
+
+class RunComparison(StrictModel):
+    """``GET /runs/{id}/compare?with=OTHER``: both runs measured by the controller on one PCA basis
+    fitted on the union of their embeddings, so hull volumes and the map compare alike."""
+
+    run: RunDiversity
+    other: RunDiversity
+    pca_basis: Literal["shared", "own"] = Field(
+        ..., description="shared: one 4-D basis fitted on both runs; own: too few points, each its own.")
+    notes: dict[str, str] = Field(default_factory=dict)
+
+
 #: The fields of a trainer ``JobRequest`` that ``POST /runs/{id}/train`` takes (the orchestrator
 #: adds the dataset, the name and the idempotency key).
 TRAIN_FIELDS = ("base_model", "method", "lora", "training", "eval", "compare_base")
@@ -464,6 +491,11 @@ class _Runs(Resource):
         if request is None:
             return await self._client.call("GET", f"/runs/{run_id}/metrics", MetricsResponse)
         return await self._client.call("POST", f"/runs/{run_id}/metrics", MetricsResponse, json_body=request)
+
+    async def compare(self, run_id: str, other: str) -> RunComparison:
+        """``run_id`` and ``other`` measured on one footing (see ``RunComparison``): the shared PCA
+        basis, each run's and each round's metrics, the 2-D map."""
+        return await self._client.call("GET", f"/runs/{run_id}/compare", RunComparison, params={"with": other})
 
     async def qa(self, run_id: str, request: QARequest | None = None) -> QAResult:
         return await self._client.call("POST", f"/runs/{run_id}/qa", QAResult,

@@ -36,22 +36,32 @@ class ChatRecord(StrictModel):
 
 
 class DatasetSpec(StrictModel):
-    """Exactly one of: inline ``records``, a JSONL ``path`` (file path or http(s) URL), or an
-    orchestrator ``run_id`` whose Q/A dataset is fetched from the orchestrator."""
+    """Exactly one of: inline ``records`` or a JSONL ``path`` (file path or http(s) URL). The trainer
+    never calls the orchestrator: the orchestrator pushes a run's Q/A records inline
+    (``POST /runs/{id}/train``)."""
 
     records: list[ChatRecord] | None = Field(None, max_length=MAX_INLINE_RECORDS)
     path: str | None = Field(
         None, description="A JSONL file of chat records inside one of the trainer's --dataset-dirs "
                           "(a relative path is taken inside the first of them), or an http(s) URL "
                           "under one of its --dataset-url-prefixes (none by default: URLs refused).")
-    run_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_run_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "run_id" in data:
+            if data["run_id"] is None:  # as a request stored before the field was removed spells it
+                return {k: v for k, v in data.items() if k != "run_id"}
+            raise ValueError("dataset.run_id is not taken: the trainer does not fetch datasets from the "
+                             "orchestrator; the orchestrator pushes a run's Q/A records (POST "
+                             "/runs/{id}/train there), or send the records inline or a path")
+        return data
 
     @model_validator(mode="after")
     def _exactly_one(self):
-        given = [k for k in ("records", "path", "run_id") if getattr(self, k) is not None]
+        given = [k for k in ("records", "path") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("dataset needs exactly one of records, path or run_id "
-                             f"(got {given or 'none'})")
+            raise ValueError(f"dataset needs exactly one of records or path (got {given or 'none'})")
         if self.records is not None and not self.records:
             raise ValueError("dataset.records is empty: send at least one chat record")
         return self

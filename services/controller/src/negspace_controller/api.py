@@ -7,6 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from negspace_contracts.controller import (
     CollectionInfo,
+    CompareRequest,
+    CompareResponse,
     DeletePointsRequest,
     DeletePointsResponse,
     DenseRequest,
@@ -22,6 +24,7 @@ from negspace_contracts.controller import (
 )
 from negspace_contracts.errors import ServiceUnavailableError
 
+from negspace_controller import comparison
 from negspace_controller.service import Controller
 
 
@@ -89,3 +92,13 @@ embeddings = APIRouter(tags=["embeddings"])
 async def embed(body: EmbedRequest, controller: ControllerDep) -> EmbedResponse:
     vecs, truncated = await controller.embed(body.texts, body.query)
     return EmbedResponse(embeddings=vecs.tolist(), truncated=truncated)
+
+
+comparisons = APIRouter(tags=["metrics"])
+
+
+@comparisons.post("/compare", response_model=CompareResponse)
+async def compare(body: CompareRequest, controller: ControllerDep) -> CompareResponse:
+    """Collections ``a`` and ``b`` on one PCA basis fitted on both: metrics of each (and of each
+    ``group_by`` value), and every point on their shared 2-D map."""
+    return await comparison.compare(controller, body)

@@ -14,7 +14,7 @@ from negspace_servekit import health_response
 from prometheus_client import Gauge
 
 from negspace_controller import __version__
-from negspace_controller.api import collections, embeddings
+from negspace_controller.api import collections, comparisons, embeddings
 from negspace_controller.embedder import Embedder, build_embedder
 from negspace_controller.service import Controller
 from negspace_controller.settings import ControllerSettings
@@ -80,6 +80,7 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
                        description="Embeddings in Qdrant, exact dense-region samples, diversity metrics.")
     app.include_router(collections)
     app.include_router(embeddings)
+    app.include_router(comparisons)
 
     points = Gauge("negspace_controller_points", "Points held in memory per collection", ["collection"],
                    registry=app.state.metrics_registry)

@@ -169,6 +169,64 @@ def compute(embeddings: np.ndarray | None, texts: Sequence[str] | None = None, *
     return out
 
 
+@dataclass
+class PointSet:
+    """One collection's points: embeddings (n x d), texts and, per point, its group (or None)."""
+
+    vectors: np.ndarray
+    texts: list[str]
+    groups: list | None = None
+
+
+@dataclass
+class SetReport:
+    metrics: DiversityMetrics
+    groups: dict[str, DiversityMetrics]
+    xy: np.ndarray | None  # n x 2 on the shared map, None without one
+
+
+@dataclass
+class Comparison:
+    a: SetReport
+    b: SetReport
+    shared_basis: bool
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def compare(a: PointSet, b: PointSet) -> Comparison:
+    """Both sets on one footing: one 4-D PCA basis fitted on their union for every hull volume (each
+    set's, each group's), and the union's 2 principal axes as the map. Too few points for the basis:
+    each set fits its own (``shared_basis`` False, ``notes`` says why)."""
+    both = np.concatenate([np.asarray(a.vectors, np.float64), np.asarray(b.vectors, np.float64)])
+    notes: dict[str, str] = {}
+    mean = basis = None
+    if len(both) >= HULL_DIMS:
+        mean, basis = fit_pca(both, HULL_DIMS)
+    else:
+        notes["pca_basis"] = (f"{len(both)} points in all: a shared {HULL_DIMS}-D basis needs at least "
+                              f"{HULL_DIMS}; each set fits its own")
+    xy = None
+    if len(both) >= 2:
+        mean2, basis2 = fit_pca(both, 2)
+        xy = (normalize(both) - mean2) @ basis2.T
+    else:
+        notes["map"] = f"{len(both)} point(s) in all: a 2-D map needs at least 2"
+
+    def report(s: PointSet, xy: np.ndarray | None) -> SetReport:
+        x = np.asarray(s.vectors, np.float64)
+        groups: dict[str, DiversityMetrics] = {}
+        if s.groups is not None:
+            keyed = [None if v is None else (type(v).__name__, v) for v in s.groups]
+            for key in sorted({k for k in keyed if k is not None}):
+                rows = [i for i, k in enumerate(keyed) if k == key]
+                groups[str(key[1])] = compute(x[rows], [s.texts[i] for i in rows], pca_basis=basis, pca_mean=mean)
+        return SetReport(compute(x, s.texts, pca_basis=basis, pca_mean=mean), groups, xy)
+
+    na = len(a.vectors)
+    return Comparison(report(a, None if xy is None else xy[:na]), report(b, None if xy is None else xy[na:]),
+                      shared_basis=basis is not None, notes=notes)
+
+
 def _read_jsonl(path: str, fld: str) -> list[str]:
     texts = []
     with open(path) as f:

@@ -6,9 +6,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from negspace_contracts.controller import MetricsRequest, MetricsResponse
+from negspace_contracts.controller import CollectionComparison, MetricsRequest, MetricsResponse
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
-from negspace_contracts.orchestrator import TERMINAL_RUN_STATUSES, Run, RunConfig, RunList, RunStatus
+from negspace_contracts.orchestrator import (
+    TERMINAL_RUN_STATUSES,
+    RoundPoint,
+    Run,
+    RunComparison,
+    RunConfig,
+    RunDiversity,
+    RunList,
+    RunStatus,
+)
 
 from negspace_orchestrator.dependencies import Dependencies, DependencyDown
 from negspace_orchestrator.events import EventLog
@@ -100,6 +109,30 @@ class Orchestrator:
                 "metrics", lambda c: c.collections.metrics(run.collection, request))
         except DependencyDown as exc:
             raise ServiceUnavailableError(str(exc)) from exc
+
+    async def compare(self, run_id: str, other: str) -> RunComparison:
+        """Both runs measured by the controller on one PCA basis fitted on their union, per run and
+        per round, with the 2-D map (the controller's ``POST /compare`` on their collections)."""
+        runs = [self.run_or_404(run_id), self.store.get_run(other)]
+        if runs[1] is None:
+            raise NotFoundError(f"with={other!r} is not a run id (GET /runs lists them)", param="with")
+        for run in runs:
+            if self.store.counts(run.id)[0] == 0:
+                raise ConflictError(f"run {run.id} has no accepted instructions yet; a comparison needs at least one")
+        try:
+            got = await self.deps.controller_call(
+                "compare", lambda c: c.compare(runs[0].collection, runs[1].collection, group_by="round"))
+        except DependencyDown as exc:
+            raise ServiceUnavailableError(str(exc)) from exc
+
+        def side(run: RunRow, c: CollectionComparison) -> RunDiversity:
+            return RunDiversity(run_id=run.id, metrics=c.metrics,
+                                per_round={int(k): m for k, m in c.groups.items() if k.lstrip("-").isdigit()},
+                                points=[RoundPoint(x=p.x, y=p.y, round=p.group if isinstance(p.group, int) else None)
+                                        for p in c.points])
+
+        return RunComparison(run=side(runs[0], got.a), other=side(runs[1], got.b), pca_basis=got.pca_basis,
+                             notes=got.notes)
 
     async def event_stream(self, run_id: str, after: int) -> AsyncIterator[str]:
         """Server-sent events after ``after`` until the run ended and every event was sent."""

@@ -1,4 +1,4 @@
-"""``python -m negspace_trainer --port 8003 [--workdir DIR] [--orchestrator-url URL]``."""
+"""``python -m negspace_trainer --port 8003 [--workdir DIR]``."""
 
 from __future__ import annotations
 

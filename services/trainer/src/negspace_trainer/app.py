@@ -138,8 +138,8 @@ async def health(request: Request):
 
 
 def create_app(settings: TrainerSettings | None = None, runner: JobRunner | None = None,
-               orchestrator=None, start_worker: bool = True, worker_command=None) -> FastAPI:
-    """``runner`` lets tests inject one; ``orchestrator`` is a factory of OrchestratorClient;
+               start_worker: bool = True, worker_command=None) -> FastAPI:
+    """``runner`` lets tests inject one;
     ``start_worker=False`` accepts jobs but never runs them (API tests, fuzzing);
     ``worker_command`` replaces ``python -m negspace_trainer.worker`` (tests: a fake worker)."""
     settings = settings or TrainerSettings()
@@ -151,7 +151,7 @@ def create_app(settings: TrainerSettings | None = None, runner: JobRunner | None
         if not settings.dataset_dirs:  # the default place for dataset files: make it exist
             settings.allowed_dataset_dirs[0].mkdir(parents=True, exist_ok=True)
         own = runner is None
-        r = runner or JobRunner(settings, JobStore(workdir / "jobs.sqlite"), orchestrator=orchestrator,
+        r = runner or JobRunner(settings, JobStore(workdir / "jobs.sqlite"),
                                  start_worker=start_worker, worker_command=worker_command)
         r.on_finish = lambda status: app.state.jobs_finished.labels(status).inc()
         await r.start()

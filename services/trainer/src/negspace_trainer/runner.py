@@ -32,11 +32,9 @@ from typing import Any
 
 from negspace_contracts.errors import (
     ConflictError,
-    NegspaceError,
     NotFoundError,
     RateLimitError,
 )
-from negspace_contracts.orchestrator import OrchestratorClient
 from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, Job, JobRequest
 
 from negspace_trainer.settings import TrainerSettings
@@ -120,8 +118,7 @@ def _stamp(message: str) -> str:
 
 
 class JobRunner:
-    def __init__(self, settings: TrainerSettings, store: JobStore,
-                 orchestrator: Callable[[], OrchestratorClient] | None = None, *,
+    def __init__(self, settings: TrainerSettings, store: JobStore, *,
                  start_worker: bool = True, worker_command: Sequence[str] | None = None) -> None:
         """``start_worker=False``: jobs are accepted and stay queued (API tests, fuzzing).
         ``worker_command``: what runs a job, given its folder as the last argument (default
@@ -132,7 +129,6 @@ class JobRunner:
         self.store = store
         self.jobs_dir = settings.resolved_workdir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self._orchestrator = orchestrator or (lambda: OrchestratorClient(settings.orchestrator_url))
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._current: str | None = None
@@ -355,37 +351,12 @@ class JobRunner:
                 fh.write(json.dumps(record) + "\n")
         tmp.replace(job_dir / "dataset.jsonl")
 
-    async def _fetch_run_dataset(self, job_dir: Path, run_id: str) -> None:
-        client = self._orchestrator()
-        try:
-            records = await client.runs.qa_records(run_id)
-        except NegspaceError as exc:
-            raise RuntimeError(f"cannot fetch the Q/A dataset of orchestrator run {run_id!r} from "
-                               f"{client.base_url}: {exc.message}") from None
-        except ValueError as exc:
-            raise RuntimeError(f"orchestrator run {run_id!r}: the Q/A dataset has a record that is "
-                               f"not a chat record: {exc}") from None
-        finally:
-            await client.aclose()
-        if not records:
-            raise RuntimeError(f"orchestrator run {run_id!r} has no Q/A records yet: nothing to train on")
-        self._write_dataset(job_dir, [r.model_dump() for r in records])
-
     async def _run(self, job_id: str) -> None:
         if not self.store.transition(job_id, "queued", status="running", started_at=now(),
                                      progress={"stage": "starting", "step": 0}):
             return  # cancelled meanwhile
         self._current = job_id
         job_dir = self.job_dir(job_id)
-        job = self.get(job_id)
-        assert job.request is not None
-        if job.request.dataset.run_id is not None:
-            self.store.update(job_id, progress={"stage": "fetching dataset", "step": 0})
-            try:
-                await self._fetch_run_dataset(job_dir, job.request.dataset.run_id)
-            except RuntimeError as exc:
-                self._finish(job_id, "failed", error=str(exc))
-                return
         if job_id in self._cancel_requested:
             self._finish(job_id, "cancelled", error="cancelled")
             return

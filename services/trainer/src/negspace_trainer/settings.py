@@ -23,8 +23,6 @@ class TrainerSettings(ServiceSettings):
     port: int = Field(8003, ge=0, le=65535)
     workdir: Path | None = Field(None, description="Jobs, artifacts and the job database; "
                                  "default $NEGSPACE_HOME/trainer.")
-    orchestrator_url: str = Field("http://127.0.0.1:8000",
-                                  description="Where datasets given by run_id are fetched.")
     default_base_model: str = Field("", description="Base model when a job names none "
                                     "(empty = bundled SmolLM2-135M-Instruct).")
     max_queued: int = Field(100, ge=1, description="Jobs waiting before POST /jobs answers 429.")

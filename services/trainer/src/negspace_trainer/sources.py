@@ -52,7 +52,7 @@ def check_url(source: str, settings: TrainerSettings) -> str:
     if not prefixes:
         raise _refuse(f"dataset.path {source!r}: this trainer fetches no URLs (its "
                       "--dataset-url-prefixes / TRAINER_DATASET_URL_PREFIXES is empty); send the "
-                      "records inline, give an orchestrator run_id, or have the operator allow the "
+                      "records inline, or have the operator allow the "
                       "URL's prefix")
     try:
         url = httpx.URL(source)
@@ -108,8 +108,7 @@ def _open_inside(path: Path, source: str, dirs: list[Path]):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         raise _refuse(f"dataset.path {source!r} is not a readable file on the trainer's machine "
-                      "(give a JSONL file of chat records inside --dataset-dirs, inline records or "
-                      "an orchestrator run_id)") from None
+                      "(give a JSONL file of chat records inside --dataset-dirs, or inline records)") from None
     try:
         opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
     except OSError:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from negspace_contracts.trainer import Job, JobRequest
+from pydantic import ValidationError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -157,4 +158,13 @@ def to_job(row: sqlite3.Row) -> Job:
         losses=json.loads(row["losses"] or "[]"),
         eval=json.loads(row["eval"] or "{}"),
         error=row["error"], attempt=row["attempt"], created_at=row["created_at"], started_at=row["started_at"],
-        finished_at=row["finished_at"], request=JobRequest.model_validate_json(row["request"]))
+        finished_at=row["finished_at"], request=_stored_request(row["request"]))
+
+
+def _stored_request(text: str) -> JobRequest | None:
+    """The job's request; None for one this trainer no longer takes (a job from before
+    ``dataset.run_id`` was removed stays listed, without its request)."""
+    try:
+        return JobRequest.model_validate_json(text)
+    except ValidationError:
+        return None

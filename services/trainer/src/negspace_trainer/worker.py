@@ -1,6 +1,6 @@
 """One job in its own process: ``python -m negspace_trainer.worker JOB_DIR``.
 
-The service writes ``JOB_DIR/request.json`` (and ``dataset.jsonl`` for inline / run-id datasets)
+The service writes ``JOB_DIR/request.json`` (and ``dataset.jsonl`` for inline and file datasets)
 and polls the files this process writes:
 
 - ``progress.json``  stage, step, total_steps, losses (rewritten atomically as training runs)

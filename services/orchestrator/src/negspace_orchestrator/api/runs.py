@@ -11,6 +11,7 @@ from negspace_contracts.orchestrator import (
     MAX_RUNS_PAGE_SIZE,
     RUNS_PAGE_SIZE,
     Run,
+    RunComparison,
     RunConfig,
     RunCreated,
     RunList,
@@ -62,6 +63,14 @@ async def instructions(run_id: str, orch: Orch) -> Response:
 async def metrics(run_id: str, orch: Orch) -> MetricsResponse:
     """Diversity metrics of the run's accepted instructions (its own controller collection)."""
     return await orch.metrics(run_id, MetricsRequest())
+
+
+@router.get("/{run_id}/compare", response_model=RunComparison)
+async def compare(run_id: str, orch: Orch,
+                  other: Annotated[str, Query(alias="with", min_length=1, max_length=200)]) -> RunComparison:
+    """The run and run ``with`` on one PCA basis fitted on both: each run's and each round's
+    diversity metrics and the 2-D map of their instructions."""
+    return await orch.compare(run_id, other)
 
 
 @router.post("/{run_id}/metrics", response_model=MetricsResponse)
