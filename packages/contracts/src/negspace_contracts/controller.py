@@ -91,6 +91,25 @@ class SimilarResponse(StrictModel):
                                                       "value when threshold_quantile was given).")
 
 
+class AcceptRequest(StrictModel):
+    """The acceptance step of a guided run as one atomic call: judge ``point.text`` against the
+    collection (as ``/similar`` does) and insert it when it is not too similar, or when ``force``
+    (the last retry). Check and insert hold the collection's write lock together, so concurrent
+    callers need no lock of their own and every check sees every point accepted before it. A
+    point already stored under the same id (a replayed slot) is left out of its own check."""
+
+    point: PointIn
+    k: int = Field(1, ge=1, le=1000)
+    threshold: float = Field(0.9, gt=0.0, le=1.0)
+    threshold_quantile: float | None = Field(None, gt=0.0, lt=1.0)
+    force: bool = Field(False, description="Insert even when too similar (the judgement is still returned).")
+
+
+class AcceptResponse(SimilarResponse):
+    accepted: bool = Field(..., description="The point was inserted.")
+    truncated: bool = Field(False, description="The embedder truncated the text.")
+
+
 class DenseRequest(StrictModel):
     k: int = Field(3, ge=1, le=1000)
     knn: int = Field(5, ge=1, le=100)
@@ -167,6 +186,12 @@ class _Collections(Resource):
         return await self._client.call("POST", f"/collections/{name}/similar", SimilarResponse,
                                        json_body=SimilarRequest(text=text, k=k, threshold=threshold,
                                                                 threshold_quantile=threshold_quantile))
+
+    async def accept(self, name: str, point: PointIn, *, k: int = 1, threshold: float = 0.9,
+                     threshold_quantile: float | None = None, force: bool = False) -> AcceptResponse:
+        return await self._client.call("POST", f"/collections/{name}/accept", AcceptResponse,
+                                       json_body=AcceptRequest(point=point, k=k, threshold=threshold,
+                                                               threshold_quantile=threshold_quantile, force=force))
 
     async def dense(self, name: str, *, k: int = 3, knn: int = 5) -> DenseResponse:
         return await self._client.call("POST", f"/collections/{name}/dense", DenseResponse,

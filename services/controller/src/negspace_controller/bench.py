@@ -95,8 +95,14 @@ class _Precomputed:
     def __init__(self, x: np.ndarray) -> None:
         self.x = x
 
-    def encode(self, texts, *, query=False):
+    def prepare(self, texts, query=False):
+        return list(texts)
+
+    def encode_prepared(self, texts):
         return self.x[[int(t[1:]) for t in texts]], [False] * len(texts)
+
+    def encode(self, texts, *, query=False):
+        return self.encode_prepared(texts)
 
 
 async def _bench_service(n: int, ops: int, seed: int = 1) -> dict:

@@ -11,13 +11,15 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from negspace_contracts.controller import (
     COLLECTION_NAME_PATTERN,
+    AcceptRequest,
+    AcceptResponse,
     CollectionInfo,
     DenseItem,
     DenseResponse,
@@ -31,6 +33,7 @@ from negspace_contracts.controller import (
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 
 from negspace_controller import metrics as diversity
+from negspace_controller.batching import BatchingEncoder
 from negspace_controller.embedder import Embedder
 from negspace_controller.index import DensityIndex, apply_snapshot, save_snapshot
 from negspace_controller.store import RESERVED_KEYS, SEQ_KEY, TEXT_KEY, QdrantStore, to_key
@@ -58,8 +61,13 @@ class _Collection:
 
 class Controller:
     def __init__(self, embedder: Embedder, store: QdrantStore, *, knn_capacity: int = 32,
-                 snapshot_dir: str | Path | None = None) -> None:
+                 snapshot_dir: str | Path | None = None,
+                 observe: Callable[[str, float], None] | None = None) -> None:
         self.embedder = embedder
+        # ``observe(stage, seconds)``: the app feeds its stage histogram (embed_batch, lock_wait,
+        # check, qdrant_write, index_add); a no-op by default
+        self.observe = observe or (lambda stage, seconds: None)
+        self.encoder = BatchingEncoder(embedder, observe=self.observe)
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.store = store
         self.knn_capacity = knn_capacity
@@ -189,31 +197,42 @@ class Controller:
                 log.warning("collection %s not loaded: %s", name, exc)
 
     # ------------------------------------------------------------------ points
-    async def upsert(self, name: str, points: list[PointIn]) -> UpsertPointsResponse:
+    @staticmethod
+    def _check_payloads(points: list[PointIn], param: str = "points") -> None:
         for i, p in enumerate(points):
             bad = RESERVED_KEYS & p.payload.keys()
             if bad:
-                raise BadRequestError(f"points[{i}].payload uses reserved key(s) {sorted(bad)}: the "
+                where = f"{param}[{i}]" if param == "points" else param
+                raise BadRequestError(f"{where}.payload uses reserved key(s) {sorted(bad)}: the "
                                       "controller stores the text and its sequence there",
-                                      param=f"points.{i}.payload")
+                                      param=f"{where.replace('[', '.').replace(']', '')}.payload")
+
+    async def upsert(self, name: str, points: list[PointIn]) -> UpsertPointsResponse:
+        self._check_payloads(points)
         col = await self._get(name)
         last: dict[Hashable, PointIn] = {}
         for p in points:  # a repeated id in one request: the last one wins
             last.pop(to_key(p.id), None)
             last[to_key(p.id)] = p
+        index = col.index
+        with index.lock:  # a first look without the write lock: embed outside it, batched with others
+            stale = [p.text for k, p in last.items() if k not in index or index.texts[index.row_of[k]] != p.text]
+        if stale:
+            await self.encoder.encode(stale)
+        waited = time.perf_counter()
         async with col.write_lock:
+            self.observe("lock_wait", time.perf_counter() - waited)
             if self._cols.get(name) is not col:
                 raise NotFoundError(f"collection {name!r} was deleted", param="name")
             if col.unsure:
                 await asyncio.to_thread(self._reconcile, col)
-            index = col.index
             with index.lock:
                 current = {k: index.texts[index.row_of[k]] for k in last if k in index}
             changed = [k for k, p in last.items() if current.get(k) != p.text]
             truncated: dict[Hashable, bool] = {}
             vecs = np.zeros((0, index.dim), np.float32)
             if changed:
-                vecs, trunc = await asyncio.to_thread(self.embedder.encode, [last[k].text for k in changed])
+                vecs, trunc = await self.encoder.encode([last[k].text for k in changed])
                 truncated = dict(zip(changed, trunc, strict=True))
             await asyncio.to_thread(self._apply, col, last, changed, vecs, current)
         return UpsertPointsResponse(ids=[p.id for p in points],
@@ -240,11 +259,14 @@ class Controller:
         vectors = np.stack([vecs[pos[k]] if k in changed_set else r for k, r in zip(keys, rows, strict=True)])
         # System of record first: if Qdrant refuses, the index is untouched. A timeout or a failure
         # mid-batch leaves Qdrant's state unknown: those keys are reconciled before the next write.
+        t = time.perf_counter()
         try:
             self.store.upsert(col.name, keys, vectors, payloads)
         except ServiceUnavailableError:
             col.unsure.update(keys)
             raise
+        t1 = time.perf_counter()
+        self.observe("qdrant_write", t1 - t)
         with index.lock:
             for k, v, pl in zip(keys, vectors, payloads, strict=True):
                 if k not in changed_set:
@@ -252,6 +274,47 @@ class Controller:
                 if k in index:
                     index.remove(k)
                 index.add(k, v, pl[TEXT_KEY], seq=pl[SEQ_KEY])
+        self.observe("index_add", time.perf_counter() - t1)
+
+    async def accept(self, name: str, req: AcceptRequest) -> AcceptResponse:
+        """Check ``req.point`` and insert it unless too similar (or when forced), atomically per
+        collection. Embedding happens before the lock (batched with concurrent calls); inside it
+        only the exact search, Qdrant's write and the index insert run, in one worker thread."""
+        point = req.point
+        self._check_payloads([point], param="point")
+        col = await self._get(name)
+        key = to_key(point.id)
+        qvec, trunc = await self.encoder.encode([point.text], query=True)
+        dvec = qvec if not self.embedder.query_instruction else (await self.encoder.encode([point.text]))[0]
+        waited = time.perf_counter()
+        async with col.write_lock:
+            self.observe("lock_wait", time.perf_counter() - waited)
+            if self._cols.get(name) is not col:
+                raise NotFoundError(f"collection {name!r} was deleted", param="name")
+            if col.unsure:
+                await asyncio.to_thread(self._reconcile, col)
+
+            def locked() -> tuple[list, float | None, bool]:
+                t = time.perf_counter()
+                index = col.index
+                with index.lock:
+                    hits = [h for h in index.similar(qvec[0], req.k + 1) if h[0] != key][: req.k]
+                    bar = index.nn_similarity_quantile(req.threshold_quantile) if req.threshold_quantile else None
+                    current = {key: index.texts[index.row_of[key]]} if key in index else {}
+                bar = req.threshold if bar is None else bar
+                similar = bool(hits) and hits[0][2] >= bar
+                self.observe("check", time.perf_counter() - t)
+                accepted = req.force or not similar
+                if accepted:
+                    changed = [] if current.get(key) == point.text else [key]
+                    self._apply(col, {key: point}, changed, np.asarray(dvec, np.float32).reshape(1, -1), current)
+                return hits, bar, accepted
+
+            hits, bar, accepted = await asyncio.to_thread(locked)
+        best = hits[0][2] if hits else None
+        return AcceptResponse(neighbors=[Neighbor(id=k, text=t, score=s) for k, t, s in hits],
+                              max_similarity=best, is_similar=best is not None and best >= bar, threshold=bar,
+                              accepted=accepted, truncated=bool(trunc[0]))
 
     async def delete_points(self, name: str, ids: list) -> list:
         col = await self._get(name)
@@ -307,7 +370,7 @@ class Controller:
         """Nearest stored points; ``is_similar`` against ``threshold`` or, when given, against the
         ``threshold_quantile`` of the collection's nearest-neighbour similarities (2+ points)."""
         col = await self._get(name)
-        vec, _ = await asyncio.to_thread(self.embedder.encode, [text], query=True)
+        vec, _ = await self.encoder.encode([text], query=True)
 
         def run():
             with col.index.lock:
@@ -364,7 +427,7 @@ class Controller:
         return MetricsResponse(**m.as_dict())
 
     async def embed(self, texts: list[str], query: bool) -> tuple[np.ndarray, list[bool]]:
-        return await asyncio.to_thread(self.embedder.encode, texts, query=query)
+        return await self.encoder.encode(texts, query=query)
 
 
 _PAYLOAD_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
