@@ -35,7 +35,8 @@ from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundEr
 from negspace_controller import metrics as diversity
 from negspace_controller.batching import BatchingEncoder
 from negspace_controller.embedder import Embedder
-from negspace_controller.index import DensityIndex, apply_snapshot, save_snapshot
+from negspace_controller.index import DensityIndex
+from negspace_controller.journal import Journal, JournalCorrupt, covered_seqs, dangling_rows, replay, state_of
 from negspace_controller.store import RESERVED_KEYS, SEQ_KEY, TEXT_KEY, QdrantStore, to_key
 
 log = logging.getLogger("negspace.controller")
@@ -100,50 +101,77 @@ class Controller:
                                 f"{' from ' + embedder if embedder else ''}, but this controller's "
                                 f"embedder {self.embedder.name} gives {self.embedder.dimension}")
         started = time.monotonic()
+        journal = self._journal(name)
+        snap, records = None, []
+        if journal is not None:
+            try:
+                snap, records = journal.read(self.knn_capacity)
+            except JournalCorrupt as exc:
+                log.warning("collection %s: %s; the lists are rebuilt from Qdrant", name, exc)
+                journal.drop()
+        covered = covered_seqs(snap, records) if (snap is not None or records) else set()
         keys, vecs, texts, seqs = [], [], [], []
+        pending: list[tuple[Hashable, np.ndarray, str, int]] = []  # in Qdrant, never in the log
         for key, vec, payload in self.store.scan(name, with_vectors=True):
+            text, seq = str(payload.get(TEXT_KEY, "")), int(payload.get(SEQ_KEY, -1))
+            if covered and seq not in covered:
+                pending.append((key, vec, text, seq))
+                continue
             keys.append(key)
             vecs.append(vec)
-            texts.append(str(payload.get(TEXT_KEY, "")))
-            seqs.append(int(payload.get(SEQ_KEY, len(seqs))))
-        index = DensityIndex(dim, self.knn_capacity, initial_rows=max(1024, len(keys)))
+            texts.append(text)
+            seqs.append(seq if seq >= 0 else len(seqs))
+        index = DensityIndex(dim, self.knn_capacity, initial_rows=max(1024, len(keys) + len(pending)))
+
+        def progress(done: int, total: int) -> None:
+            log.info("collection %s: %d/%d", name, done, total)
+
         if keys:
             log.info("collection %s: indexing %d points", name, len(keys))
-
-            def progress(done: int, total: int) -> None:
-                if done == total or done % (1 << 14) < 512:
-                    log.info("collection %s: index %d/%d", name, done, total)
-
             index.load(keys, np.stack(vecs), texts, seqs, compute=False)
-            snap = self.snapshot_path(name)
-            if snap is not None and apply_snapshot(index, snap):
-                log.info("collection %s: neighbour lists taken from the snapshot %s", name, snap)
-                self.from_snapshot.add(name)
-            else:
-                index.rebuild(progress=progress)
-        log.info("collection %s: %d points loaded in %.1f s", name, len(keys), time.monotonic() - started)
-        self.loaded_points += len(keys)
+        rebuilt = False
+        if covered:
+            replay(index, snap, records, progress=progress)
+            lost = dangling_rows(index)  # the log names points Qdrant no longer holds
+            if lost.size:
+                index._recompute(lost)
+            log.info("collection %s: neighbour lists from the index log (%d records replayed, %d lists "
+                     "recomputed for points Qdrant lost, %d points the log missed)", name, len(records),
+                     lost.size, len(pending))
+            self.from_snapshot.add(name)
+        elif keys:
+            log.info("collection %s: rebuilding every neighbour list from Qdrant's vectors (no index log)", name)
+            index.rebuild(progress=progress)
+            rebuilt = True
+        index.journal = journal
+        for key, vec, text, seq in sorted(pending, key=lambda p: p[3]):
+            index.add(key, vec, text, seq=seq if seq >= 0 else None)
+        if journal is not None and (rebuilt or journal.wants_compaction(index.n, index.capacity)):
+            journal.compact(state_of(index), background=False)
+        log.info("collection %s: %d points loaded in %.1f s", name, index.n, time.monotonic() - started)
+        self.loaded_points += index.n
         return _Collection(name, index)
 
-    def snapshot_path(self, name: str) -> Path | None:
-        return self.snapshot_dir / f"{self.store.qname(name)}.npz" if self.snapshot_dir else None
+    def _journal(self, name: str) -> Journal | None:
+        return Journal(self.snapshot_dir, self.store.qname(name)) if self.snapshot_dir else None
 
     def save_snapshots(self) -> None:
-        """Write every loaded collection's neighbour lists (shutdown): the next start skips the
-        O(n^2 d) rebuild when Qdrant still holds exactly these points."""
+        """Compact every loaded collection's log into a snapshot (shutdown): the next start reads one
+        file instead of replaying the log. A kill instead of a shutdown loses nothing either."""
         for name, col in list(self._cols.items()):
-            path = self.snapshot_path(name)
-            if path is None:
-                return
+            j = col.index.journal
+            if j is None:
+                continue
             with col.index.lock:
-                if len(col.index):
-                    save_snapshot(col.index, path)
-                    log.info("collection %s: snapshot of %d points written", name, len(col.index))
+                j.compact(state_of(col.index), background=False)
+                j.close()
+            log.info("collection %s: snapshot of %d points written", name, len(col.index))
 
     def _drop_snapshot(self, name: str) -> None:
-        path = self.snapshot_path(name)
-        if path is not None:
-            path.unlink(missing_ok=True)
+        col = self._cols.get(name)
+        j = col.index.journal if col is not None else self._journal(name)
+        if j is not None:
+            j.drop()
 
     def _info(self, col: _Collection) -> CollectionInfo:
         return CollectionInfo(name=col.name, count=len(col.index), dimension=col.index.dim,
@@ -157,7 +185,9 @@ class Controller:
             if not await asyncio.to_thread(self.store.exists, name):
                 self._drop_snapshot(name)
                 await asyncio.to_thread(self.store.create, name, self.embedder.dimension, self.embedder.name)
-                self._cols[name] = _Collection(name, DensityIndex(self.embedder.dimension, self.knn_capacity))
+                index = DensityIndex(self.embedder.dimension, self.knn_capacity)
+                index.journal = self._journal(name)
+                self._cols[name] = _Collection(name, index)
                 created = True
         return self._info(await self._get(name)), created
 
@@ -174,8 +204,8 @@ class Controller:
                 # asks Qdrant again (404, or a reload of what it still holds)
                 self._cols.pop(name, None)
                 raise
-            self._cols.pop(name, None)
             self._drop_snapshot(name)
+            self._cols.pop(name, None)
 
     async def warm_up(self, max_wait_s: float = 30.0) -> None:
         """Load every existing collection (start-up), so the first request does not pay for it.

@@ -37,9 +37,11 @@ class ControllerSettings(ServiceSettings):
                               "knn /dense accepts.")
 
     index_snapshots: str | None = Field(
-        None, description="Folder for neighbour-list snapshots written at shutdown (default: "
-        "<qdrant-path>-index, or $NEGSPACE_HOME/controller-index with --qdrant-url; none with "
-        "':memory:'); 'off' always rebuilds from Qdrant.")
+        None, description="Folder of the durable neighbour lists: per collection a snapshot plus an "
+        "append-only log of every change since, compacted as it grows and at shutdown, so a restart "
+        "(even after a kill) replays instead of rebuilding (default: <qdrant-path>-index, or "
+        "$NEGSPACE_HOME/controller-index with --qdrant-url; none with ':memory:'); 'off' always "
+        "rebuilds from Qdrant (O(n^2 d)).")
 
     def resolved_snapshot_dir(self) -> str | None:
         if self.index_snapshots:
