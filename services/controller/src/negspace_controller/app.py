@@ -57,6 +57,8 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
             st = store or await asyncio.to_thread(build_store, settings)
             app.state.controller = Controller(emb, st, knn_capacity=settings.knn_capacity,
                                               snapshot_dir=settings.resolved_snapshot_dir(),
+                                              index_mode=settings.index_mode,
+                                              approx_candidates=settings.approx_candidates,
                                               observe=lambda stage, s: stages.labels(stage).observe(s))
             warm = asyncio.create_task(app.state.controller.warm_up())
             log.info("controller ready: embedder %s (%d dims), qdrant %s", emb.name, emb.dimension, st.where)

@@ -142,6 +142,12 @@ class DensityIndex:
         return [(self.keys[int(j)], float(s)) for j, s in zip(self._nrow[r, :c], self._nsim[r, :c], strict=True)]
 
     # ---------------------------------------------------------------- writes
+    def _candidates(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, similarities to ``v``) of every point whose list ``v`` might enter: all of them,
+        by one matrix-vector product (the approximate index narrows this to HNSW candidates)."""
+        n = self.n
+        return np.arange(n), self._vec[:n] @ v
+
     def add(self, key: Hashable, vector: np.ndarray, text: str, seq: int | None = None) -> None:
         """Insert one new point (the caller removes an existing key first)."""
         if key in self.row_of:
@@ -152,28 +158,30 @@ class DensityIndex:
         r = n
         seq = self.next_seq if seq is None else int(seq)
         hit = top = np.zeros(0, np.int64)
-        s = np.zeros(0, np.float32)
+        hs = ts = np.zeros(0, np.float32)
         if n:
-            s = self._vec[:n] @ v
-            m = min(K, n)
-            top = np.argpartition(-s, m - 1)[:m] if m < n else np.arange(n)
-            top = top[np.argsort(-s[top], kind="stable")]
-            self._nsim[r, :m] = s[top]
+            cand, s = self._candidates(v)  # rows that may take p, and their similarity to it
+            m = min(K, cand.size)
+            pos = np.argpartition(-s, m - 1)[:m] if m < cand.size else np.arange(cand.size)
+            pos = pos[np.argsort(-s[pos], kind="stable")]
+            top, ts = cand[pos], s[pos]
+            self._nsim[r, :m] = ts
             self._nrow[r, :m] = top
             self._ncount[r] = m
             # Every q whose list is not full, or whose K-th similarity p beats, takes p.
-            counts = self._ncount[:n]
-            worst = self._nsim[np.arange(n), np.minimum(counts, K) - 1]
-            hit = np.flatnonzero((counts < K) | (s > worst))
+            counts = self._ncount[cand]
+            worst = self._nsim[cand, np.minimum(counts, K) - 1]
+            hp = np.flatnonzero((counts < K) | (s > worst))
+            hit, hs = cand[hp], s[hp]
             if hit.size:
-                self._merge(hit, s[hit], r)
+                self._merge(hit, hs, r)
             changed = np.append(hit, r)
         else:
             self._ncount[r] = 0
             changed = np.array([r])
         self._vec[r] = v
         if self.journal is not None:
-            self.journal.add(seq, self._seq[top], s[top], self._seq[hit], s[hit])
+            self.journal.add(seq, self._seq[top], ts, self._seq[hit], hs)
         self.next_seq = max(self.next_seq, seq + 1)
         self._seq[r] = seq
         self._version[r] = 0

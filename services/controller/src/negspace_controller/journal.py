@@ -77,6 +77,9 @@ class Journal:
         self.records = 0
         self.compactions = 0
         self._compacting: threading.Thread | None = None
+        # called with a path during compaction, under the index lock, for state beside the lists
+        # (the approximate index's HNSW graph): ``graph_path()`` names the newest one
+        self.save_extra: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ appends
     def _open(self, gen: int) -> None:
@@ -124,6 +127,8 @@ class Journal:
         Appends go to the next generation from now on; the snapshot is written after."""
         self.wait()
         new_gen = self.gen + 1
+        if self.save_extra is not None:
+            self.save_extra(str(self.folder / f"{self.stem}.graph-{new_gen}"))
         self._open(new_gen)
 
         def write() -> None:
@@ -131,7 +136,7 @@ class Journal:
             tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
             np.savez(tmp, **state)
             os.replace(tmp, path)
-            for g, p in _files(self.folder, self.stem, "snap") + _files(self.folder, self.stem, "log"):
+            for g, p in self._all_files():
                 if g < new_gen:
                     p.unlink(missing_ok=True)
             self.compactions += 1
@@ -152,10 +157,21 @@ class Journal:
     def drop(self) -> None:
         """Forget everything (the collection was deleted or recreated)."""
         self.close()
-        for _, p in _files(self.folder, self.stem, "snap") + _files(self.folder, self.stem, "log"):
+        for _, p in self._all_files():
             p.unlink(missing_ok=True)
         self.gen = 0
         self.log_bytes = 0
+
+    def _all_files(self) -> list[tuple[int, Path]]:
+        return [f for kind in ("snap", "log", "graph") for f in _files(self.folder, self.stem, kind)]
+
+    def graph_path(self) -> str | None:
+        """The extra state saved with the newest snapshot, if any (after ``read``)."""
+        snaps = _files(self.folder, self.stem, "snap")
+        if not snaps:
+            return None
+        path = self.folder / f"{self.stem}.graph-{snaps[-1][0]}"
+        return str(path) if path.is_file() else None
 
     # ------------------------------------------------------------------ reading back
     def read(self, capacity: int) -> tuple[dict | None, list[tuple]]:

@@ -33,6 +33,7 @@ from negspace_contracts.controller import (
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 
 from negspace_controller import metrics as diversity
+from negspace_controller.ann import ApproxDensityIndex
 from negspace_controller.batching import BatchingEncoder
 from negspace_controller.embedder import Embedder
 from negspace_controller.index import DensityIndex
@@ -63,8 +64,13 @@ class _Collection:
 class Controller:
     def __init__(self, embedder: Embedder, store: QdrantStore, *, knn_capacity: int = 32,
                  snapshot_dir: str | Path | None = None,
-                 observe: Callable[[str, float], None] | None = None) -> None:
+                 observe: Callable[[str, float], None] | None = None, index_mode: str = "exact",
+                 approx_candidates: int | None = None) -> None:
         self.embedder = embedder
+        if index_mode not in ("exact", "approximate"):
+            raise ValueError(f"index_mode must be 'exact' or 'approximate', not {index_mode!r}")
+        self.index_mode = index_mode
+        self.approx_candidates = approx_candidates
         # ``observe(stage, seconds)``: the app feeds its stage histogram (embed_batch, lock_wait,
         # check, qdrant_write, index_add); a no-op by default
         self.observe = observe or (lambda stage, seconds: None)
@@ -121,14 +127,18 @@ class Controller:
             vecs.append(vec)
             texts.append(text)
             seqs.append(seq if seq >= 0 else len(seqs))
-        index = DensityIndex(dim, self.knn_capacity, initial_rows=max(1024, len(keys) + len(pending)))
+        index = self._new_index(dim, max(1024, len(keys) + len(pending)))
 
         def progress(done: int, total: int) -> None:
             log.info("collection %s: %d/%d", name, done, total)
 
         if keys:
             log.info("collection %s: indexing %d points", name, len(keys))
-            index.load(keys, np.stack(vecs), texts, seqs, compute=False)
+            extra = {}
+            if isinstance(index, ApproxDensityIndex):
+                extra = {"graph": journal.graph_path() if journal is not None and covered else None,
+                         "progress": progress}
+            index.load(keys, np.stack(vecs), texts, seqs, compute=False, **extra)
         rebuilt = False
         if covered:
             replay(index, snap, records, progress=progress)
@@ -144,6 +154,8 @@ class Controller:
             index.rebuild(progress=progress)
             rebuilt = True
         index.journal = journal
+        if journal is not None and isinstance(index, ApproxDensityIndex):
+            journal.save_extra = index.save_graph
         for key, vec, text, seq in sorted(pending, key=lambda p: p[3]):
             index.add(key, vec, text, seq=seq if seq >= 0 else None)
         if journal is not None and (rebuilt or journal.wants_compaction(index.n, index.capacity)):
@@ -151,6 +163,11 @@ class Controller:
         log.info("collection %s: %d points loaded in %.1f s", name, index.n, time.monotonic() - started)
         self.loaded_points += index.n
         return _Collection(name, index)
+
+    def _new_index(self, dim: int, rows: int = 1024) -> DensityIndex:
+        if self.index_mode == "approximate":
+            return ApproxDensityIndex(dim, self.knn_capacity, initial_rows=rows, candidates=self.approx_candidates)
+        return DensityIndex(dim, self.knn_capacity, initial_rows=rows)
 
     def _journal(self, name: str) -> Journal | None:
         return Journal(self.snapshot_dir, self.store.qname(name)) if self.snapshot_dir else None
@@ -185,8 +202,10 @@ class Controller:
             if not await asyncio.to_thread(self.store.exists, name):
                 self._drop_snapshot(name)
                 await asyncio.to_thread(self.store.create, name, self.embedder.dimension, self.embedder.name)
-                index = DensityIndex(self.embedder.dimension, self.knn_capacity)
+                index = self._new_index(self.embedder.dimension)
                 index.journal = self._journal(name)
+                if index.journal is not None and isinstance(index, ApproxDensityIndex):
+                    index.journal.save_extra = index.save_graph
                 self._cols[name] = _Collection(name, index)
                 created = True
         return self._info(await self._get(name)), created
