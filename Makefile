@@ -42,8 +42,11 @@ bench-node: setup
 bench-guidance: setup
 	$(PY) -m negspace_node.bench_guidance
 
+# Exact index at 10^3-10^4, then approximate mode: overlap with exact at 10^5, 10^6 synthetic points
+# (insert/dense p50, restart after SIGKILL, RSS). LARGE_ARGS="--large-size 200000" for a shorter run.
+LARGE_ARGS ?=
 bench-controller: setup
-	$(PY) -m negspace_controller.bench
+	$(PY) -m negspace_controller.bench --large --large-args "$(LARGE_ARGS)"
 
 bench-trainer: setup
 	$(PY) -m negspace_trainer.bench

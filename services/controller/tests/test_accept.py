@@ -80,3 +80,20 @@ async def test_batching_encoder_equals_direct_encode():
     np.testing.assert_allclose(b, emb.encode(texts, query=True)[0], atol=1e-6)
     assert not np.allclose(a[0], b[0])  # a query and a document differ when a query instruction is set
     assert ta == [False] * 3 and len(tb) == 10
+
+
+def test_controller_for_routes_collections_stably_and_moves_few_when_a_replica_joins():
+    from negspace_contracts.controller import controller_for
+
+    three = [f"http://controller-{i}.controller:8002" for i in range(3)]
+    names = [f"run-{i}" for i in range(3000)]
+    owner = {n: controller_for(n, three) for n in names}
+    assert owner == {n: controller_for(n, list(reversed(three))) for n in names}  # order-independent
+    counts = [sum(o == u for o in owner.values()) for u in three]
+    assert min(counts) > 800  # roughly even
+    four = three + ["http://controller-3.controller:8002"]
+    moved = [n for n in names if controller_for(n, four) != owner[n]]
+    assert all(controller_for(n, four) == four[3] for n in moved)  # only to the new replica
+    assert 500 < len(moved) < 1000  # ~1/4
+    with pytest.raises(ValueError):
+        controller_for("run", [])

@@ -204,6 +204,8 @@ def markdown(a: argparse.Namespace, started: str, res: dict, stages: dict, route
                   f"({acc['accepted']:,} in {acc['wall_s']:.0f} s; accept p50 {acc['p50_ms']:.0f} ms, p99 "
                   f"{acc['p99_ms']:.0f} ms). This is the ceiling the orchestrator reaches once its acceptance "
                   "step calls `/accept` instead of `/similar` + `/points` under its per-run lock."]
+    lines += ["", f"Load average when it ended: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other "
+              "engineers' jobs included)."]
     lines += ["", "Resident memory at the end (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()) + "."]
     return "\n".join(lines)
 

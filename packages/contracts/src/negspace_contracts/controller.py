@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -161,6 +163,21 @@ class EmbedRequest(StrictModel):
 class EmbedResponse(StrictModel):
     embeddings: list[list[float]]
     truncated: list[bool]
+
+
+def controller_for(collection: str, urls: Sequence[str]) -> str:
+    """The controller replica that owns ``collection``: rendezvous (highest-random-weight) hashing
+    of the name over the replica URLs. Stable across processes and restarts; adding or removing a
+    replica moves only the collections that replica gains or loses (~1/N of them). Callers with
+    several controllers route every call of a collection through this, so each collection's
+    index lives in exactly one replica's memory."""
+    if not urls:
+        raise ValueError("controller_for needs at least one controller URL")
+
+    def weight(url: str) -> int:
+        return int.from_bytes(hashlib.blake2b(f"{url}\x00{collection}".encode(), digest_size=8).digest(), "big")
+
+    return max(urls, key=weight)
 
 
 class _Collections(Resource):

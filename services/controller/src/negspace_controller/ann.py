@@ -23,13 +23,13 @@ from negspace_controller.index import DensityIndex, topk_rows
 
 class ApproxDensityIndex(DensityIndex):
     def __init__(self, dim: int, capacity: int = 32, initial_rows: int = 1024, *, candidates: int | None = None,
-                 connectivity: int = 16, expansion_add: int = 128, expansion_search: int | None = None) -> None:
+                 connectivity: int = 16, expansion_add: int = 64, expansion_search: int | None = None) -> None:
         super().__init__(dim, capacity, initial_rows)
         from usearch.index import Index
 
         self.C = int(candidates or 4 * capacity)
         self.ann = Index(ndim=dim, metric="ip", dtype="f32", connectivity=connectivity,
-                         expansion_add=expansion_add, expansion_search=expansion_search or max(64, 2 * self.C))
+                         expansion_add=expansion_add, expansion_search=expansion_search or self.C + 32)
         self._row_of_seq = np.full(max(initial_rows, 1), -1, np.int64)
 
     # ------------------------------------------------------------------ seq -> row
@@ -80,14 +80,15 @@ class ApproxDensityIndex(DensityIndex):
         super().remove(key)
 
     def _recompute(self, rows: np.ndarray, block: int = 1024) -> None:
-        """Each row's list: its K best among its C approximate neighbours (itself excluded)."""
+        """Each row's list: its K best approximate neighbours (itself excluded), from a search for
+        2K + 1 (lists only need their own top K; the C candidates serve inserts)."""
         n, K = self.n, self.capacity
         if n <= self.C + 1:
             return super()._recompute(rows, block)
         m = min(K, n - 1)
         for start in range(0, rows.size, block):
             rs = rows[start:start + block]
-            cand = self._search(self._vec[rs], self.C + 1)
+            cand = self._search(self._vec[rs], 2 * K + 1)
             sims = np.einsum("bd,bcd->bc", self._vec[rs], self._vec[np.clip(cand, 0, None)])
             sims[(cand < 0) | (cand == rs[:, None])] = -np.inf
             vals, pos = topk_rows(sims.astype(np.float32), m)
