@@ -251,16 +251,24 @@ def main(argv: list[str] | None = None) -> int:
     from negspace_servekit.benchdoc import machine_line, record_section
 
     started = machine_line()
+    head = f"{started}; load average {{:.1f}} at the end (the machine is shared with other engineers' jobs: " \
+           "absolute times are pessimistic)."
     ovs = [overlap(a.overlap_size)] if a.overlap_size else []
     if a.random_overlap_size:
         ovs.append(overlap(a.random_overlap_size, data="random"))
-    sc = scale(a.large_size, a.ops) if a.large_size else None
-    text = "\n".join(["## Controller at scale: approximate mode, 10^5-10^6 points (`python -m negspace_controller.bench_large`)",
-                      "", f"{started}; load average {os.getloadavg()[0]:.1f} at the end (the machine is shared with "
-                      "other engineers' jobs: absolute times are pessimistic)."] + render(ovs, sc, a.ops))
-    print(text)
-    if not a.no_record:
-        log(f"recorded in {record_section('controller-scale', text)}")
+    if ovs:
+        text = "\n".join(["## Controller: approximate mode against exact (`python -m negspace_controller.bench_large`)",
+                          "", head.format(os.getloadavg()[0])] + render(ovs, None, a.ops))
+        print(text)
+        if not a.no_record:
+            log(f"recorded in {record_section('controller-overlap', text)}")
+    if a.large_size:
+        sc = scale(a.large_size, a.ops)
+        text = "\n".join(["## Controller at scale: approximate mode (`python -m negspace_controller.bench_large`)",
+                          "", head.format(os.getloadavg()[0])] + render([], sc, a.ops))
+        print(text)
+        if not a.no_record:
+            log(f"recorded in {record_section('controller-scale', text)}")
     return 0
 
 
