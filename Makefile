@@ -7,14 +7,14 @@ export TOKENIZERS_PARALLELISM ?= false
 export VLLM_LOGGING_LEVEL ?= WARNING
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo study bench-node bench-guidance bench-controller bench-trainer bench-eval bench-load lint compose-check clean help
+.PHONY: setup test test-fast demo study bench-node bench-guidance bench-controller bench-trainer bench-eval bench-load bench-scale lint compose-check clean help
 
 help:
 	@echo "make demo     set up, then run the guided-vs-baseline experiment on embedded defaults"
 	@echo "make test     set up, then run every test"
 	@echo "make study    set up, then run the documented held-out study (docs/study/held-out.json; resumable)"
 	@echo "make setup    create .venv, install the pinned stack and bundled models (idempotent)"
-	@echo "make bench-node | bench-guidance | bench-controller | bench-trainer | bench-eval | bench-load   print + record figures in docs/benchmarks.md"
+	@echo "make bench-node | bench-guidance | bench-controller | bench-trainer | bench-eval | bench-load | bench-scale   print + record figures in docs/benchmarks.md"
 
 setup:
 	@bash scripts/setup.sh
@@ -42,8 +42,11 @@ bench-node: setup
 bench-guidance: setup
 	$(PY) -m negspace_node.bench_guidance
 
+# Exact index at 10^3-10^4, then approximate mode: overlap with exact at 10^5, 10^6 synthetic points
+# (insert/dense p50, restart after SIGKILL, RSS). LARGE_ARGS="--large-size 200000" for a shorter run.
+LARGE_ARGS ?=
 bench-controller: setup
-	$(PY) -m negspace_controller.bench
+	$(PY) -m negspace_controller.bench --large --large-args "$(LARGE_ARGS)"
 
 bench-trainer: setup
 	$(PY) -m negspace_trainer.bench
@@ -55,6 +58,12 @@ bench-eval: setup
 # The whole stack as local processes under concurrent runs: throughput and p50/p99 latencies.
 bench-load: setup
 	$(PY) -m negspace_cli.bench_load
+
+# One 10,048-instruction guided run against the instant test-fake node: the orchestrator + controller
+# path alone (instructions/s, per-stage p50/p99, RSS). SCALE_ARGS="--rounds 10" for a short run.
+SCALE_ARGS ?=
+bench-scale: setup
+	$(PY) -m negspace_cli.bench_scale $(SCALE_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check packages services tests

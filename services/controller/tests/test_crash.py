@@ -2,10 +2,11 @@
 
 Local-mode Qdrant commits every point to its sqlite file on its own, and its folder lock is an
 flock, which the kernel releases when the process dies. So a killed controller leaves Qdrant with
-every acknowledged batch plus a prefix of the batch in flight, and a stale index snapshot (from
-the last clean shutdown). On restart the snapshot no longer matches what Qdrant holds, so the
-neighbour lists are rebuilt from Qdrant; replaying the batch in flight completes it without adding
-a point twice. Real processes (``python -m negspace_controller --embedder fake``), real local Qdrant.
+every acknowledged batch plus a prefix of the batch in flight. The neighbour lists are durable as
+they change (a snapshot from the last clean shutdown + the append-only index log since, see
+journal.py), so the restart replays the log instead of the O(n^2 d) rebuild; the points Qdrant
+took but the log had not yet seen are inserted normally; replaying the batch in flight completes
+it without adding a point twice, and every density equals a brute-force computation from Qdrant. Real processes (``python -m negspace_controller --embedder fake``), real local Qdrant.
 """
 
 from __future__ import annotations
@@ -121,9 +122,9 @@ def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started, run_a
             for i in range(2):
                 await client.collections.upsert("run", [PointIn(**p) for p in batch(i)])
 
-    # a clean run first, so an index snapshot exists that the crash will make stale
+    # a clean run first, so a snapshot exists and the killed process appends to the log after it
     asyncio.run(clean_run())
-    assert (tmp_path / "qdrant-index" / "negspace_run.npz").is_file()
+    assert list((tmp_path / "qdrant-index").glob("negspace_run.snap-*.npz"))
 
     # a stream of upserts, killed while one is in flight
     victim = started(qdrant, log)
@@ -170,7 +171,7 @@ def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started, run_a
     assert acked == list(range(2, acked[-1] + 1)) and last in (acked[-1], acked[-1] + 1)
 
     # restart on the same folder: the lock is free, Qdrant holds every acknowledged batch and a
-    # prefix of the one in flight; the stale snapshot is refused and the lists rebuilt
+    # prefix of the one in flight; the lists come from snapshot + log, not a rebuild
     again = started(qdrant, log)
     held = again.call("GET", "/collections/run").json()["count"]
     assert (acked[-1] + 1) * BATCH <= held <= (last + 1) * BATCH, (held, acked, last)
@@ -186,7 +187,9 @@ def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started, run_a
     assert again.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
 
     text = log.read_text()
-    assert "neighbour lists taken from the snapshot" not in text.split("Started server process")[-1]
+    restarted = text.split("Started server process")[-1]
+    assert "neighbour lists from the index log" in restarted
+    assert "rebuilding every neighbour list" not in restarted
     for knn, items in dense.items():
         want = brute_force_densities(qdrant, "negspace_run", knn)
         assert len(items) == len(want) == n

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -89,6 +91,25 @@ class SimilarResponse(StrictModel):
     is_similar: bool
     threshold: float | None = Field(None, description="The bar is_similar was judged against (the quantile's "
                                                       "value when threshold_quantile was given).")
+
+
+class AcceptRequest(StrictModel):
+    """The acceptance step of a guided run as one atomic call: judge ``point.text`` against the
+    collection (as ``/similar`` does) and insert it when it is not too similar, or when ``force``
+    (the last retry). Check and insert hold the collection's write lock together, so concurrent
+    callers need no lock of their own and every check sees every point accepted before it. A
+    point already stored under the same id (a replayed slot) is left out of its own check."""
+
+    point: PointIn
+    k: int = Field(1, ge=1, le=1000)
+    threshold: float = Field(0.9, gt=0.0, le=1.0)
+    threshold_quantile: float | None = Field(None, gt=0.0, lt=1.0)
+    force: bool = Field(False, description="Insert even when too similar (the judgement is still returned).")
+
+
+class AcceptResponse(SimilarResponse):
+    accepted: bool = Field(..., description="The point was inserted.")
+    truncated: bool = Field(False, description="The embedder truncated the text.")
 
 
 class DenseRequest(StrictModel):
@@ -184,6 +205,21 @@ class EmbedResponse(StrictModel):
     truncated: list[bool]
 
 
+def controller_for(collection: str, urls: Sequence[str]) -> str:
+    """The controller replica that owns ``collection``: rendezvous (highest-random-weight) hashing
+    of the name over the replica URLs. Stable across processes and restarts; adding or removing a
+    replica moves only the collections that replica gains or loses (~1/N of them). Callers with
+    several controllers route every call of a collection through this, so each collection's
+    index lives in exactly one replica's memory."""
+    if not urls:
+        raise ValueError("controller_for needs at least one controller URL")
+
+    def weight(url: str) -> int:
+        return int.from_bytes(hashlib.blake2b(f"{url}\x00{collection}".encode(), digest_size=8).digest(), "big")
+
+    return max(urls, key=weight)
+
+
 class _Collections(Resource):
     async def create(self, name: str) -> CollectionInfo:
         return await self._client.call("PUT", f"/collections/{name}", CollectionInfo)
@@ -207,6 +243,12 @@ class _Collections(Resource):
         return await self._client.call("POST", f"/collections/{name}/similar", SimilarResponse,
                                        json_body=SimilarRequest(text=text, k=k, threshold=threshold,
                                                                 threshold_quantile=threshold_quantile))
+
+    async def accept(self, name: str, point: PointIn, *, k: int = 1, threshold: float = 0.9,
+                     threshold_quantile: float | None = None, force: bool = False) -> AcceptResponse:
+        return await self._client.call("POST", f"/collections/{name}/accept", AcceptResponse,
+                                       json_body=AcceptRequest(point=point, k=k, threshold=threshold,
+                                                               threshold_quantile=threshold_quantile, force=force))
 
     async def dense(self, name: str, *, k: int = 3, knn: int = 5) -> DenseResponse:
         return await self._client.call("POST", f"/collections/{name}/dense", DenseResponse,

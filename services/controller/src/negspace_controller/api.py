@@ -6,6 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from negspace_contracts.controller import (
+    AcceptRequest,
+    AcceptResponse,
     CollectionInfo,
     CompareRequest,
     CompareResponse,
@@ -72,6 +74,11 @@ async def delete_points(name: str, body: DeletePointsRequest, controller: Contro
 @collections.post("/{name}/similar", response_model=SimilarResponse)
 async def similar(name: str, body: SimilarRequest, controller: ControllerDep) -> SimilarResponse:
     return await controller.similar(name, body.text, body.k, body.threshold, body.threshold_quantile)
+
+
+@collections.post("/{name}/accept", response_model=AcceptResponse)
+async def accept(name: str, body: AcceptRequest, controller: ControllerDep) -> AcceptResponse:
+    return await controller.accept(name, body)
 
 
 @collections.post("/{name}/dense", response_model=DenseResponse)

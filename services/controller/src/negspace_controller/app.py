@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from negspace_contracts.errors import ServiceUnavailableError
 from negspace_servekit import create_app as servekit_app
 from negspace_servekit import health_response
-from prometheus_client import Gauge
+from prometheus_client import Gauge, Histogram
 
 from negspace_controller import __version__
 from negspace_controller.api import collections, comparisons, embeddings
@@ -56,7 +56,10 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
                 emb.query_instruction = settings.query_instruction
             st = store or await asyncio.to_thread(build_store, settings)
             app.state.controller = Controller(emb, st, knn_capacity=settings.knn_capacity,
-                                              snapshot_dir=settings.resolved_snapshot_dir())
+                                              snapshot_dir=settings.resolved_snapshot_dir(),
+                                              index_mode=settings.index_mode,
+                                              approx_candidates=settings.approx_candidates,
+                                              observe=lambda stage, s: stages.labels(stage).observe(s))
             warm = asyncio.create_task(app.state.controller.warm_up())
             log.info("controller ready: embedder %s (%d dims), qdrant %s", emb.name, emb.dimension, st.where)
         except Exception as exc:
@@ -82,6 +85,10 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
     app.include_router(embeddings)
     app.include_router(comparisons)
 
+    stages = Histogram("negspace_controller_stage_seconds", "Time per stage of the write path (embed_batch: one "
+                       "model call for every waiting request; lock_wait, check, qdrant_write, index_add)",
+                       ["stage"], registry=app.state.metrics_registry,
+                       buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30))
     points = Gauge("negspace_controller_points", "Points held in memory per collection", ["collection"],
                    registry=app.state.metrics_registry)
 

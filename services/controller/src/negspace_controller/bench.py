@@ -95,8 +95,14 @@ class _Precomputed:
     def __init__(self, x: np.ndarray) -> None:
         self.x = x
 
-    def encode(self, texts, *, query=False):
+    def prepare(self, texts, query=False):
+        return list(texts)
+
+    def encode_prepared(self, texts):
         return self.x[[int(t[1:]) for t in texts]], [False] * len(texts)
+
+    def encode(self, texts, *, query=False):
+        return self.encode_prepared(texts)
 
 
 async def _bench_service(n: int, ops: int, seed: int = 1) -> dict:
@@ -168,7 +174,11 @@ def render(rows: list[dict], svc: list[dict], ops: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m negspace_controller.bench", description=__doc__)
-    p.add_argument("--sizes", default="1000,10000,100000")
+    p.add_argument("--sizes", default="1000,10000", help="exact-index rows (the 10^5 exact build is the "
+                   "overlap row's reference)")
+    p.add_argument("--large", action="store_true", help="then run negspace_controller.bench_large (approximate "
+                   "mode: overlap with exact at 10^5, 10^6 points, restart after SIGKILL; its own section)")
+    p.add_argument("--large-args", default="", help="arguments for bench_large, e.g. '--large-size 200000'")
     p.add_argument("--service-sizes", default="1000,10000")
     p.add_argument("--ops", type=int, default=200)
     p.add_argument("--brute-reps", type=int, default=3, help="brute-force runs at n < 100k (1 run at 100k "
@@ -185,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         from negspace_servekit.benchdoc import record_section
 
         log(f"recorded in {record_section('controller', text)}")
+    if args.large:
+        from negspace_controller import bench_large
+
+        return bench_large.main(args.large_args.split() + (["--no-record"] if args.no_record else []))
     return 0
 
 

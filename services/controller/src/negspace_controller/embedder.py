@@ -38,7 +38,12 @@ class Embedder(ABC):
         """(n x dimension unit vectors, per text: was it truncated)."""
         if not texts:
             return np.zeros((0, self.dimension), np.float32), []
-        prepared = self.prepare(texts, query)
+        return self.encode_prepared(self.prepare(texts, query))
+
+    def encode_prepared(self, prepared: list[str]) -> tuple[np.ndarray, list[bool]]:
+        """``encode`` of strings the query template was already applied to (or not, for documents)."""
+        if not prepared:
+            return np.zeros((0, self.dimension), np.float32), []
         vecs, truncated = self._encode(prepared)
         vecs = np.asarray(vecs, np.float32)
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)

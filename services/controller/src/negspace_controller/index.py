@@ -94,6 +94,14 @@ class DensityIndex:
         self.next_seq = 0
         self._heaps: dict[int, _Heap] = {}
         self.lock = threading.RLock()
+        self.journal = None  # a negspace_controller.journal.Journal: every list change is appended there
+
+    def _journal_done(self) -> None:
+        j = self.journal
+        if j is not None and j.wants_compaction(self.n, self.capacity):
+            from negspace_controller.journal import state_of
+
+            j.compact(state_of(self))
 
     # ---------------------------------------------------------------- storage helpers
     def _grow(self, need: int) -> None:
@@ -134,6 +142,12 @@ class DensityIndex:
         return [(self.keys[int(j)], float(s)) for j, s in zip(self._nrow[r, :c], self._nsim[r, :c], strict=True)]
 
     # ---------------------------------------------------------------- writes
+    def _candidates(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, similarities to ``v``) of every point whose list ``v`` might enter: all of them,
+        by one matrix-vector product (the approximate index narrows this to HNSW candidates)."""
+        n = self.n
+        return np.arange(n), self._vec[:n] @ v
+
     def add(self, key: Hashable, vector: np.ndarray, text: str, seq: int | None = None) -> None:
         """Insert one new point (the caller removes an existing key first)."""
         if key in self.row_of:
@@ -142,26 +156,32 @@ class DensityIndex:
         n, K = self.n, self.capacity
         self._grow(n + 1)
         r = n
+        seq = self.next_seq if seq is None else int(seq)
+        hit = top = np.zeros(0, np.int64)
+        hs = ts = np.zeros(0, np.float32)
         if n:
-            s = self._vec[:n] @ v
-            m = min(K, n)
-            top = np.argpartition(-s, m - 1)[:m] if m < n else np.arange(n)
-            top = top[np.argsort(-s[top], kind="stable")]
-            self._nsim[r, :m] = s[top]
+            cand, s = self._candidates(v)  # rows that may take p, and their similarity to it
+            m = min(K, cand.size)
+            pos = np.argpartition(-s, m - 1)[:m] if m < cand.size else np.arange(cand.size)
+            pos = pos[np.argsort(-s[pos], kind="stable")]
+            top, ts = cand[pos], s[pos]
+            self._nsim[r, :m] = ts
             self._nrow[r, :m] = top
             self._ncount[r] = m
             # Every q whose list is not full, or whose K-th similarity p beats, takes p.
-            counts = self._ncount[:n]
-            worst = self._nsim[np.arange(n), np.minimum(counts, K) - 1]
-            hit = np.flatnonzero((counts < K) | (s > worst))
+            counts = self._ncount[cand]
+            worst = self._nsim[cand, np.minimum(counts, K) - 1]
+            hp = np.flatnonzero((counts < K) | (s > worst))
+            hit, hs = cand[hp], s[hp]
             if hit.size:
-                self._merge(hit, s[hit], r)
+                self._merge(hit, hs, r)
             changed = np.append(hit, r)
         else:
             self._ncount[r] = 0
             changed = np.array([r])
         self._vec[r] = v
-        seq = self.next_seq if seq is None else int(seq)
+        if self.journal is not None:
+            self.journal.add(seq, self._seq[top], ts, self._seq[hit], hs)
         self.next_seq = max(self.next_seq, seq + 1)
         self._seq[r] = seq
         self._version[r] = 0
@@ -171,6 +191,7 @@ class DensityIndex:
         self._seq_row[seq] = r
         self.n = n + 1
         self._touch(changed, n_before=n)
+        self._journal_done()
 
     def _merge(self, rows: np.ndarray, sims: np.ndarray, new_row: int) -> None:
         K = self.capacity
@@ -215,7 +236,12 @@ class DensityIndex:
         held = np.unique(held[held < self.n])
         if held.size:
             self._recompute(held)
+        if self.journal is not None:
+            nrow = self._nrow[held]
+            self.journal.remove(seq, self._seq[held], self._ncount[held],
+                                np.where(nrow >= 0, self._seq[np.clip(nrow, 0, None)], -1), self._nsim[held])
         self._touch(held, n_before=n)
+        self._journal_done()
 
     def _recompute(self, rows: np.ndarray, block: int = 256) -> None:
         """Recompute the lists of ``rows`` from scratch against all points."""
@@ -365,60 +391,3 @@ class DensityIndex:
         top = np.argpartition(-s, m - 1)[:m] if m < n else np.arange(n)
         top = top[np.argsort(-s[top], kind="stable")]
         return [(self.keys[r], self.texts[r], float(s[r])) for r in top]
-
-
-# -------------------------------------------------------------------- snapshots
-def _key_str(key: Hashable) -> str:
-    return f"i:{key}" if isinstance(key, int) else f"u:{key}"
-
-
-def vectors_digest(vectors: np.ndarray) -> str:
-    """A digest of the vectors, rounded so Qdrant's own re-normalisation (last-bit changes) matches."""
-    import hashlib
-
-    return hashlib.blake2b(np.round(vectors.astype(np.float64), 5).tobytes(), digest_size=16).hexdigest()
-
-
-def save_snapshot(index: DensityIndex, path) -> None:
-    """Neighbour lists + identity of every point (no vectors: those live in Qdrant)."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = index.n
-    order = np.argsort(index._seq[:n], kind="stable")  # rows in seq order, as load() lays them out
-    new_of_old = np.empty(n, np.int64)
-    new_of_old[order] = np.arange(n)
-    nrow = index._nrow[:n][order]
-    nrow = np.where(nrow >= 0, new_of_old[np.clip(nrow, 0, None)], -1)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
-    np.savez(tmp, keys=np.array([_key_str(index.keys[r]) for r in order]), seqs=index._seq[:n][order],
-             nsim=index._nsim[:n][order], nrow=nrow, ncount=index._ncount[:n][order],
-             capacity=np.array(index.capacity), digest=np.array(vectors_digest(index._vec[:n][order])))
-    os.replace(tmp, path)
-
-
-def apply_snapshot(index: DensityIndex, path) -> bool:
-    """After ``load(..., compute=False)``: take the lists from ``path`` if it describes exactly these
-    points (same ids, sequences, vectors and capacity). False (and nothing changed) otherwise."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        with np.load(path, allow_pickle=False) as snap:
-            n = index.n
-            if (int(snap["capacity"]) != index.capacity or snap["seqs"].shape != (n,)
-                    or not np.array_equal(snap["seqs"], index._seq[:n])
-                    or snap["keys"].tolist() != [_key_str(k) for k in index.keys]
-                    or str(snap["digest"]) != vectors_digest(index._vec[:n])):
-                return False
-            index._nsim[:n] = snap["nsim"]
-            index._nrow[:n] = snap["nrow"]
-            index._ncount[:n] = snap["ncount"]
-    except (OSError, ValueError, KeyError):
-        return False
-    index._heaps.clear()
-    return True

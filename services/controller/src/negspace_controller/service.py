@@ -11,13 +11,15 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from negspace_contracts.controller import (
     COLLECTION_NAME_PATTERN,
+    AcceptRequest,
+    AcceptResponse,
     CollectionInfo,
     DenseItem,
     DenseResponse,
@@ -31,8 +33,11 @@ from negspace_contracts.controller import (
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 
 from negspace_controller import metrics as diversity
+from negspace_controller.ann import ApproxDensityIndex
+from negspace_controller.batching import BatchingEncoder
 from negspace_controller.embedder import Embedder
-from negspace_controller.index import DensityIndex, apply_snapshot, save_snapshot
+from negspace_controller.index import DensityIndex
+from negspace_controller.journal import Journal, JournalCorrupt, covered_seqs, dangling_rows, replay, state_of
 from negspace_controller.store import RESERVED_KEYS, SEQ_KEY, TEXT_KEY, QdrantStore, to_key
 
 log = logging.getLogger("negspace.controller")
@@ -58,8 +63,18 @@ class _Collection:
 
 class Controller:
     def __init__(self, embedder: Embedder, store: QdrantStore, *, knn_capacity: int = 32,
-                 snapshot_dir: str | Path | None = None) -> None:
+                 snapshot_dir: str | Path | None = None,
+                 observe: Callable[[str, float], None] | None = None, index_mode: str = "exact",
+                 approx_candidates: int | None = None) -> None:
         self.embedder = embedder
+        if index_mode not in ("exact", "approximate"):
+            raise ValueError(f"index_mode must be 'exact' or 'approximate', not {index_mode!r}")
+        self.index_mode = index_mode
+        self.approx_candidates = approx_candidates
+        # ``observe(stage, seconds)``: the app feeds its stage histogram (embed_batch, lock_wait,
+        # check, qdrant_write, index_add); a no-op by default
+        self.observe = observe or (lambda stage, seconds: None)
+        self.encoder = BatchingEncoder(embedder, observe=self.observe)
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.store = store
         self.knn_capacity = knn_capacity
@@ -92,50 +107,88 @@ class Controller:
                                 f"{' from ' + embedder if embedder else ''}, but this controller's "
                                 f"embedder {self.embedder.name} gives {self.embedder.dimension}")
         started = time.monotonic()
+        journal = self._journal(name)
+        snap, records = None, []
+        if journal is not None:
+            try:
+                snap, records = journal.read(self.knn_capacity)
+            except JournalCorrupt as exc:
+                log.warning("collection %s: %s; the lists are rebuilt from Qdrant", name, exc)
+                journal.drop()
+        covered = covered_seqs(snap, records) if (snap is not None or records) else set()
         keys, vecs, texts, seqs = [], [], [], []
+        pending: list[tuple[Hashable, np.ndarray, str, int]] = []  # in Qdrant, never in the log
         for key, vec, payload in self.store.scan(name, with_vectors=True):
+            text, seq = str(payload.get(TEXT_KEY, "")), int(payload.get(SEQ_KEY, -1))
+            if covered and seq not in covered:
+                pending.append((key, vec, text, seq))
+                continue
             keys.append(key)
             vecs.append(vec)
-            texts.append(str(payload.get(TEXT_KEY, "")))
-            seqs.append(int(payload.get(SEQ_KEY, len(seqs))))
-        index = DensityIndex(dim, self.knn_capacity, initial_rows=max(1024, len(keys)))
+            texts.append(text)
+            seqs.append(seq if seq >= 0 else len(seqs))
+        index = self._new_index(dim, max(1024, len(keys) + len(pending)))
+
+        def progress(done: int, total: int) -> None:
+            log.info("collection %s: %d/%d", name, done, total)
+
         if keys:
             log.info("collection %s: indexing %d points", name, len(keys))
-
-            def progress(done: int, total: int) -> None:
-                if done == total or done % (1 << 14) < 512:
-                    log.info("collection %s: index %d/%d", name, done, total)
-
-            index.load(keys, np.stack(vecs), texts, seqs, compute=False)
-            snap = self.snapshot_path(name)
-            if snap is not None and apply_snapshot(index, snap):
-                log.info("collection %s: neighbour lists taken from the snapshot %s", name, snap)
-                self.from_snapshot.add(name)
-            else:
-                index.rebuild(progress=progress)
-        log.info("collection %s: %d points loaded in %.1f s", name, len(keys), time.monotonic() - started)
-        self.loaded_points += len(keys)
+            extra = {}
+            if isinstance(index, ApproxDensityIndex):
+                extra = {"graph": journal.graph_path() if journal is not None and covered else None,
+                         "progress": progress}
+            index.load(keys, np.stack(vecs), texts, seqs, compute=False, **extra)
+        rebuilt = False
+        if covered:
+            replay(index, snap, records, progress=progress)
+            lost = dangling_rows(index)  # the log names points Qdrant no longer holds
+            if lost.size:
+                index._recompute(lost)
+            log.info("collection %s: neighbour lists from the index log (%d records replayed, %d lists "
+                     "recomputed for points Qdrant lost, %d points the log missed)", name, len(records),
+                     lost.size, len(pending))
+            self.from_snapshot.add(name)
+        elif keys:
+            log.info("collection %s: rebuilding every neighbour list from Qdrant's vectors (no index log)", name)
+            index.rebuild(progress=progress)
+            rebuilt = True
+        index.journal = journal
+        if journal is not None and isinstance(index, ApproxDensityIndex):
+            journal.save_extra = index.save_graph
+        for key, vec, text, seq in sorted(pending, key=lambda p: p[3]):
+            index.add(key, vec, text, seq=seq if seq >= 0 else None)
+        if journal is not None and (rebuilt or journal.wants_compaction(index.n, index.capacity)):
+            journal.compact(state_of(index), background=False)
+        log.info("collection %s: %d points loaded in %.1f s", name, index.n, time.monotonic() - started)
+        self.loaded_points += index.n
         return _Collection(name, index)
 
-    def snapshot_path(self, name: str) -> Path | None:
-        return self.snapshot_dir / f"{self.store.qname(name)}.npz" if self.snapshot_dir else None
+    def _new_index(self, dim: int, rows: int = 1024) -> DensityIndex:
+        if self.index_mode == "approximate":
+            return ApproxDensityIndex(dim, self.knn_capacity, initial_rows=rows, candidates=self.approx_candidates)
+        return DensityIndex(dim, self.knn_capacity, initial_rows=rows)
+
+    def _journal(self, name: str) -> Journal | None:
+        return Journal(self.snapshot_dir, self.store.qname(name)) if self.snapshot_dir else None
 
     def save_snapshots(self) -> None:
-        """Write every loaded collection's neighbour lists (shutdown): the next start skips the
-        O(n^2 d) rebuild when Qdrant still holds exactly these points."""
+        """Compact every loaded collection's log into a snapshot (shutdown): the next start reads one
+        file instead of replaying the log. A kill instead of a shutdown loses nothing either."""
         for name, col in list(self._cols.items()):
-            path = self.snapshot_path(name)
-            if path is None:
-                return
+            j = col.index.journal
+            if j is None:
+                continue
             with col.index.lock:
-                if len(col.index):
-                    save_snapshot(col.index, path)
-                    log.info("collection %s: snapshot of %d points written", name, len(col.index))
+                j.compact(state_of(col.index), background=False)
+                j.close()
+            log.info("collection %s: snapshot of %d points written", name, len(col.index))
 
     def _drop_snapshot(self, name: str) -> None:
-        path = self.snapshot_path(name)
-        if path is not None:
-            path.unlink(missing_ok=True)
+        col = self._cols.get(name)
+        j = col.index.journal if col is not None else self._journal(name)
+        if j is not None:
+            j.drop()
 
     def _info(self, col: _Collection) -> CollectionInfo:
         return CollectionInfo(name=col.name, count=len(col.index), dimension=col.index.dim,
@@ -149,7 +202,11 @@ class Controller:
             if not await asyncio.to_thread(self.store.exists, name):
                 self._drop_snapshot(name)
                 await asyncio.to_thread(self.store.create, name, self.embedder.dimension, self.embedder.name)
-                self._cols[name] = _Collection(name, DensityIndex(self.embedder.dimension, self.knn_capacity))
+                index = self._new_index(self.embedder.dimension)
+                index.journal = self._journal(name)
+                if index.journal is not None and isinstance(index, ApproxDensityIndex):
+                    index.journal.save_extra = index.save_graph
+                self._cols[name] = _Collection(name, index)
                 created = True
         return self._info(await self._get(name)), created
 
@@ -166,8 +223,8 @@ class Controller:
                 # asks Qdrant again (404, or a reload of what it still holds)
                 self._cols.pop(name, None)
                 raise
-            self._cols.pop(name, None)
             self._drop_snapshot(name)
+            self._cols.pop(name, None)
 
     async def warm_up(self, max_wait_s: float = 30.0) -> None:
         """Load every existing collection (start-up), so the first request does not pay for it.
@@ -189,31 +246,42 @@ class Controller:
                 log.warning("collection %s not loaded: %s", name, exc)
 
     # ------------------------------------------------------------------ points
-    async def upsert(self, name: str, points: list[PointIn]) -> UpsertPointsResponse:
+    @staticmethod
+    def _check_payloads(points: list[PointIn], param: str = "points") -> None:
         for i, p in enumerate(points):
             bad = RESERVED_KEYS & p.payload.keys()
             if bad:
-                raise BadRequestError(f"points[{i}].payload uses reserved key(s) {sorted(bad)}: the "
+                where = f"{param}[{i}]" if param == "points" else param
+                raise BadRequestError(f"{where}.payload uses reserved key(s) {sorted(bad)}: the "
                                       "controller stores the text and its sequence there",
-                                      param=f"points.{i}.payload")
+                                      param=f"{where.replace('[', '.').replace(']', '')}.payload")
+
+    async def upsert(self, name: str, points: list[PointIn]) -> UpsertPointsResponse:
+        self._check_payloads(points)
         col = await self._get(name)
         last: dict[Hashable, PointIn] = {}
         for p in points:  # a repeated id in one request: the last one wins
             last.pop(to_key(p.id), None)
             last[to_key(p.id)] = p
+        index = col.index
+        with index.lock:  # a first look without the write lock: embed outside it, batched with others
+            stale = [p.text for k, p in last.items() if k not in index or index.texts[index.row_of[k]] != p.text]
+        if stale:
+            await self.encoder.encode(stale)
+        waited = time.perf_counter()
         async with col.write_lock:
+            self.observe("lock_wait", time.perf_counter() - waited)
             if self._cols.get(name) is not col:
                 raise NotFoundError(f"collection {name!r} was deleted", param="name")
             if col.unsure:
                 await asyncio.to_thread(self._reconcile, col)
-            index = col.index
             with index.lock:
                 current = {k: index.texts[index.row_of[k]] for k in last if k in index}
             changed = [k for k, p in last.items() if current.get(k) != p.text]
             truncated: dict[Hashable, bool] = {}
             vecs = np.zeros((0, index.dim), np.float32)
             if changed:
-                vecs, trunc = await asyncio.to_thread(self.embedder.encode, [last[k].text for k in changed])
+                vecs, trunc = await self.encoder.encode([last[k].text for k in changed])
                 truncated = dict(zip(changed, trunc, strict=True))
             await asyncio.to_thread(self._apply, col, last, changed, vecs, current)
         return UpsertPointsResponse(ids=[p.id for p in points],
@@ -240,11 +308,14 @@ class Controller:
         vectors = np.stack([vecs[pos[k]] if k in changed_set else r for k, r in zip(keys, rows, strict=True)])
         # System of record first: if Qdrant refuses, the index is untouched. A timeout or a failure
         # mid-batch leaves Qdrant's state unknown: those keys are reconciled before the next write.
+        t = time.perf_counter()
         try:
             self.store.upsert(col.name, keys, vectors, payloads)
         except ServiceUnavailableError:
             col.unsure.update(keys)
             raise
+        t1 = time.perf_counter()
+        self.observe("qdrant_write", t1 - t)
         with index.lock:
             for k, v, pl in zip(keys, vectors, payloads, strict=True):
                 if k not in changed_set:
@@ -252,6 +323,47 @@ class Controller:
                 if k in index:
                     index.remove(k)
                 index.add(k, v, pl[TEXT_KEY], seq=pl[SEQ_KEY])
+        self.observe("index_add", time.perf_counter() - t1)
+
+    async def accept(self, name: str, req: AcceptRequest) -> AcceptResponse:
+        """Check ``req.point`` and insert it unless too similar (or when forced), atomically per
+        collection. Embedding happens before the lock (batched with concurrent calls); inside it
+        only the exact search, Qdrant's write and the index insert run, in one worker thread."""
+        point = req.point
+        self._check_payloads([point], param="point")
+        col = await self._get(name)
+        key = to_key(point.id)
+        qvec, trunc = await self.encoder.encode([point.text], query=True)
+        dvec = qvec if not self.embedder.query_instruction else (await self.encoder.encode([point.text]))[0]
+        waited = time.perf_counter()
+        async with col.write_lock:
+            self.observe("lock_wait", time.perf_counter() - waited)
+            if self._cols.get(name) is not col:
+                raise NotFoundError(f"collection {name!r} was deleted", param="name")
+            if col.unsure:
+                await asyncio.to_thread(self._reconcile, col)
+
+            def locked() -> tuple[list, float | None, bool]:
+                t = time.perf_counter()
+                index = col.index
+                with index.lock:
+                    hits = [h for h in index.similar(qvec[0], req.k + 1) if h[0] != key][: req.k]
+                    bar = index.nn_similarity_quantile(req.threshold_quantile) if req.threshold_quantile else None
+                    current = {key: index.texts[index.row_of[key]]} if key in index else {}
+                bar = req.threshold if bar is None else bar
+                similar = bool(hits) and hits[0][2] >= bar
+                self.observe("check", time.perf_counter() - t)
+                accepted = req.force or not similar
+                if accepted:
+                    changed = [] if current.get(key) == point.text else [key]
+                    self._apply(col, {key: point}, changed, np.asarray(dvec, np.float32).reshape(1, -1), current)
+                return hits, bar, accepted
+
+            hits, bar, accepted = await asyncio.to_thread(locked)
+        best = hits[0][2] if hits else None
+        return AcceptResponse(neighbors=[Neighbor(id=k, text=t, score=s) for k, t, s in hits],
+                              max_similarity=best, is_similar=best is not None and best >= bar, threshold=bar,
+                              accepted=accepted, truncated=bool(trunc[0]))
 
     async def delete_points(self, name: str, ids: list) -> list:
         col = await self._get(name)
@@ -307,7 +419,7 @@ class Controller:
         """Nearest stored points; ``is_similar`` against ``threshold`` or, when given, against the
         ``threshold_quantile`` of the collection's nearest-neighbour similarities (2+ points)."""
         col = await self._get(name)
-        vec, _ = await asyncio.to_thread(self.embedder.encode, [text], query=True)
+        vec, _ = await self.encoder.encode([text], query=True)
 
         def run():
             with col.index.lock:
@@ -364,7 +476,7 @@ class Controller:
         return MetricsResponse(**m.as_dict())
 
     async def embed(self, texts: list[str], query: bool) -> tuple[np.ndarray, list[bool]]:
-        return await asyncio.to_thread(self.embedder.encode, texts, query=query)
+        return await self.encoder.encode(texts, query=query)
 
 
 _PAYLOAD_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")

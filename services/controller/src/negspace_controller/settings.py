@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from negspace_servekit.home import negspace_home
 from negspace_servekit.settings import ServiceSettings
@@ -35,10 +36,19 @@ class ControllerSettings(ServiceSettings):
     knn_capacity: int = Field(32, ge=1, le=256, description="Neighbours kept per point; the largest "
                               "knn /dense accepts.")
 
+    index_mode: Literal["exact", "approximate"] = Field(
+        "exact", description="exact: every insert scans all vectors (O(n d); insert p50 < 20 ms up to "
+        "~10^5 points on 2 cores). approximate: HNSW candidates (usearch) decide which lists an insert "
+        "enters, for 10^5-10^6+ points; its dense selections overlap the exact ones by the fraction "
+        "docs/benchmarks.md records.")
+    approx_candidates: int | None = Field(None, ge=1, le=4096, description="HNSW candidates per insert in "
+                                          "approximate mode (default 4 x knn-capacity).")
     index_snapshots: str | None = Field(
-        None, description="Folder for neighbour-list snapshots written at shutdown (default: "
-        "<qdrant-path>-index, or $NEGSPACE_HOME/controller-index with --qdrant-url; none with "
-        "':memory:'); 'off' always rebuilds from Qdrant.")
+        None, description="Folder of the durable neighbour lists: per collection a snapshot plus an "
+        "append-only log of every change since, compacted as it grows and at shutdown, so a restart "
+        "(even after a kill) replays instead of rebuilding (default: <qdrant-path>-index, or "
+        "$NEGSPACE_HOME/controller-index with --qdrant-url; none with ':memory:'); 'off' always "
+        "rebuilds from Qdrant (O(n^2 d)).")
 
     def resolved_snapshot_dir(self) -> str | None:
         if self.index_snapshots:

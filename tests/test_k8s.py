@@ -1,0 +1,176 @@
+"""Issue 15: the Kubernetes manifests under deploy/k8s validate offline (kubernetes-validate, strict,
+against the pinned Kubernetes schema) and describe the deployment the README promises: N GPU
+nodes, a Qdrant cluster in distributed mode, the controller, the orchestrator on a persistent
+volume, the trainer on a GPU, /health probes and resources everywhere, Prometheus scraping, the
+API token from a Secret, and only settings the services actually read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+K8S_VERSION = "1.37.0"  # the newest schema kubernetes-validate==1.37.0 ships
+SERVICES = {"node": 8001, "controller": 8002, "orchestrator": 8000, "trainer": 8003}
+
+
+def load(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[dict]:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    out = []
+    for res in kust["resources"]:
+        out += load(K8S / res)
+    return out
+
+
+def by_kind(docs, kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def workloads(docs) -> dict[str, dict]:
+    return {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+
+
+def container(w: dict) -> dict:
+    (c,) = w["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env_of(c: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def test_every_manifest_validates_strictly_against_the_kubernetes_schema(docs):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    assert docs
+    for d in docs:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)  # raises on any unknown or wrong field
+    # the operator's CRD is not in the core schema: checked for shape here
+    (sm,) = load(K8S / "monitoring" / "servicemonitor.yaml")
+    assert sm["kind"] == "ServiceMonitor" and sm["apiVersion"] == "monitoring.coreos.com/v1"
+    ep = sm["spec"]["endpoints"][0]
+    assert ep["path"] == "/metrics" and ep["authorization"]["credentials"]["name"] == "negspace-api-token"
+    assert set(sm["spec"]["selector"]["matchExpressions"][0]["values"]) >= set(SERVICES)
+
+
+def test_kustomization_lists_every_manifest_and_not_the_secret_placeholder():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert set(kust["resources"]) == on_disk
+    (secret,) = load(K8S / "secret.example.yaml")
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "negspace-api-token"
+
+
+def test_every_service_has_probes_on_health_resources_and_scrape_annotations(docs):
+    w = workloads(docs)
+    assert set(SERVICES) | {"qdrant"} == set(w)
+    for name, wl in w.items():
+        c = container(wl)
+        ann = wl["spec"]["template"]["metadata"]["annotations"]
+        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/path"] == "/metrics", name
+        for probe in ("readinessProbe", "livenessProbe"):
+            path = c[probe]["httpGet"]["path"]
+            assert path == ("/health" if name != "qdrant" else {"readinessProbe": "/readyz",
+                                                                "livenessProbe": "/livez"}[probe]), name
+        res = c["resources"]
+        assert res["requests"]["cpu"] and res["requests"]["memory"] and res["limits"]["memory"], name
+        if name in SERVICES:
+            assert c["ports"][0]["containerPort"] == SERVICES[name] == int(ann["prometheus.io/port"])
+            assert env_of(c)[f"{name.upper()}_PORT"]["value"] == str(SERVICES[name])
+            assert env_of(c)[f"{name.upper()}_HOST"]["value"] == "0.0.0.0"
+
+
+def test_gpu_nodes_scale_as_replicas_and_the_trainer_has_a_gpu(docs):
+    w = workloads(docs)
+    node, trainer = w["node"], w["trainer"]
+    assert node["kind"] == "Deployment" and node["spec"]["replicas"] >= 2
+    for wl in (node, trainer):
+        res = container(wl)["resources"]
+        assert res["limits"]["nvidia.com/gpu"] == "1" == res["requests"]["nvidia.com/gpu"]
+    for name in ("controller", "orchestrator", "qdrant"):
+        assert "nvidia.com/gpu" not in container(w[name])["resources"].get("limits", {})
+
+
+def test_qdrant_runs_as_a_distributed_cluster(docs):
+    q = workloads(docs)["qdrant"]
+    assert q["kind"] == "StatefulSet" and q["spec"]["replicas"] >= 3
+    env = env_of(container(q))
+    assert env["QDRANT__CLUSTER__ENABLED"]["value"] == "true"
+    assert env["QDRANT__SERVICE__API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "negspace-api-token"
+    headless = by_kind(docs, "Service")[q["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert {p["port"] for p in headless["spec"]["ports"]} == {6333, 6334, 6335}
+    script = container(q)["args"][0]
+    assert "--bootstrap" in script and "qdrant-0.qdrant-headless:6335" in script
+    assert q["spec"]["volumeClaimTemplates"]
+
+
+def test_state_lives_on_persistent_volumes(docs):
+    w = workloads(docs)
+    orch = w["orchestrator"]
+    assert orch["kind"] == "StatefulSet" and orch["spec"]["replicas"] == 1  # SQLite: one writer
+    mount = {m["name"]: m["mountPath"] for m in container(orch)["volumeMounts"]}
+    assert orch["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] in mount
+    env = env_of(container(orch))
+    assert env["ORCHESTRATOR_DB"]["value"].startswith(mount["runs"])
+    ctl = w["controller"]
+    assert env_of(container(ctl))["CONTROLLER_INDEX_SNAPSHOTS"]["value"].startswith("/data")
+    assert ctl["spec"]["volumeClaimTemplates"]
+    tr = w["trainer"]
+    assert tr["spec"]["strategy"]["type"] == "Recreate"
+    claim = tr["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim in by_kind(docs, "PersistentVolumeClaim")
+
+
+def test_the_token_comes_from_the_secret_everywhere(docs):
+    for name, wl in workloads(docs).items():
+        env = env_of(container(wl))
+        for var in ("NEGSPACE_API_TOKEN", "CONTROLLER_QDRANT_API_KEY", "QDRANT__SERVICE__API_KEY"):
+            if var in env:
+                assert "value" not in env[var], f"{name}: {var} must not be a literal"
+                assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "negspace-api-token", "key": "token"}
+        if name in SERVICES:
+            assert "NEGSPACE_API_TOKEN" in env, name
+
+
+def test_services_select_their_pods_and_urls_name_existing_services(docs):
+    services = by_kind(docs, "Service")
+    labels = {n: wl["spec"]["template"]["metadata"]["labels"] for n, wl in workloads(docs).items()}
+    for name, svc in services.items():
+        sel = svc["spec"]["selector"]
+        assert any(all(lab.get(k) == v for k, v in sel.items()) for lab in labels.values()), name
+    ports = {n: {p["port"] for p in s["spec"]["ports"]} for n, s in services.items()}
+    for name, wl in workloads(docs).items():
+        for var, e in env_of(container(wl)).items():
+            value = e.get("value", "")
+            if var.endswith("_URL") and value.startswith("http://"):
+                host, port = value[len("http://"):].split("/")[0].split(":")
+                assert host in services and int(port) in ports[host], f"{name}: {var}={value}"
+
+
+def test_every_env_var_is_a_setting_of_its_service(docs):
+    """A misspelt variable would be ignored silently (the settings classes use extra='ignore')."""
+    from negspace_controller.settings import ControllerSettings
+    from negspace_node.settings import NodeSettings
+    from negspace_orchestrator.settings import OrchestratorSettings
+    from negspace_trainer.settings import TrainerSettings
+
+    classes = {"node": NodeSettings, "controller": ControllerSettings, "orchestrator": OrchestratorSettings,
+               "trainer": TrainerSettings}
+    shared = {"NEGSPACE_API_TOKEN", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN"}
+    for name, wl in workloads(docs).items():
+        if name not in classes:
+            continue
+        prefix = classes[name].model_config["env_prefix"]
+        for var in env_of(container(wl)):
+            if var in shared:
+                continue
+            assert var.startswith(prefix), f"{name}: {var} is not a {prefix}* setting"
+            assert var[len(prefix):].lower() in classes[name].model_fields, f"{name}: {var} is not a setting"
