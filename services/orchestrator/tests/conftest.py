@@ -27,6 +27,8 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from negspace_contracts.controller import (
+    AcceptRequest,
+    AcceptResponse,
     CollectionComparison,
     CollectionInfo,
     CompareRequest,
@@ -192,6 +194,29 @@ class MockController:
             self.log.calls.append(("similar", {"text": req.text, "max": best, "quantile": req.threshold_quantile}))
             return SimilarResponse(neighbors=[Neighbor(id=uuid.UUID(pid), text=t, score=s) for s, pid, t in scored],
                                    max_similarity=best, is_similar=best is not None and best >= req.threshold)
+
+        @app.post("/collections/{name}/accept")
+        async def accept(name: str, req: AcceptRequest):
+            """The check and the insert with nothing awaited between them (atomic here as the real
+            controller's write lock makes them); logged as those two steps. A point stored under
+            the request's own id (a replayed slot) is left out of its check."""
+            col = self.collections[name]
+            if self.similar_delay:
+                await asyncio.sleep(self.similar_delay)
+            p = req.point
+            v = text_vector(p.text)
+            scored = sorted(((cosine(v, vec), pid, t) for pid, (t, vec, _) in col.items() if pid != str(p.id)),
+                            reverse=True)[:req.k]
+            best = scored[0][0] if scored else None
+            similar = best is not None and best >= req.threshold
+            self.log.calls.append(("similar", {"text": p.text, "max": best, "quantile": req.threshold_quantile}))
+            accepted = not similar or req.force
+            if accepted:
+                col[str(p.id)] = (p.text, v, p.payload)
+                self.log.calls.append(("upsert", {"id": str(p.id), "text": p.text}))
+                self.upserts += 1
+            return AcceptResponse(neighbors=[Neighbor(id=uuid.UUID(pid), text=t, score=s) for s, pid, t in scored],
+                                  max_similarity=best, is_similar=similar, accepted=accepted)
 
         @app.post("/collections/{name}/dense")
         async def dense(name: str, req: DenseRequest):

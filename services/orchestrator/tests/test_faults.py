@@ -92,6 +92,8 @@ async def test_controller_down_pauses_with_the_reason_and_resumes_when_back(make
 
 
 async def test_a_slot_accepted_but_not_inserted_is_reinserted_with_the_same_id(make_harness):
+    """Round 0 stores, then inserts: the process "dies" between the two (guided rounds judge and
+    insert in one controller call, the next test)."""
     async with make_harness() as h:
         orch = h.orch
         real_insert = orch.rounds._insert
@@ -99,24 +101,56 @@ async def test_a_slot_accepted_but_not_inserted_is_reinserted_with_the_same_id(m
 
         async def flaky_insert(run, a, pid):
             calls["n"] += 1
-            if calls["n"] == 3:  # the process "dies" after accepting, before the controller insert
+            if calls["n"] == 1:  # the process "dies" after accepting, before the controller insert
                 await asyncio.Event().wait()
             await real_insert(run, a, pid)
 
         orch.rounds._insert = flaky_insert
         rid = (await h.client.runs.create(cfg(nodes=1, rounds=3))).id
-        while calls["n"] < 3:
+        while calls["n"] < 1:
             await asyncio.sleep(0.01)
         await orch.stop()  # what a kill does to the driver task; the status stays "running"
         orch.rounds._insert = real_insert
         assert (await h.client.runs.get(rid)).status == "running"
         insts = await h.client.runs.instructions(rid)
-        assert len(insts) == 3 and len(h.controller.collections[f"negspace-{rid}"]) == 2
+        assert len(insts) == 1 and len(h.controller.collections[f"negspace-{rid}"]) == 0
         await orch.start()  # what a restart does: resume every running run
         run = await h.wait(rid)
         assert run.status == "completed"
         await assert_complete_and_unique(h, rid, 4)
-        assert h.controller.upserts == 4  # three first-time inserts + the replayed one
+        assert h.controller.upserts == 4  # the replayed round-0 insert + three guided ones
+
+
+async def test_a_slot_the_controller_accepted_but_the_orchestrator_did_not_record_is_replayed_once(make_harness):
+    """A guided slot's ``/accept`` inserted the point, then the process "died" before recording
+    the verdict: the restart replays the attempt under the same point id (the controller leaves
+    that id out of its own check), so the collection ends with one point per slot."""
+    async with make_harness() as h:
+        orch = h.orch
+        real_judge = orch.rounds._judge
+        calls = {"n": 0}
+
+        async def flaky_judge(run, a, **kw):
+            if kw.get("inserted"):
+                calls["n"] += 1
+                if calls["n"] == 2:  # round 2: in the controller, not yet in the store
+                    await asyncio.Event().wait()
+            await real_judge(run, a, **kw)
+
+        orch.rounds._judge = flaky_judge
+        rid = (await h.client.runs.create(cfg(nodes=1, rounds=3))).id
+        while calls["n"] < 2:
+            await asyncio.sleep(0.01)
+        await orch.stop()
+        orch.rounds._judge = real_judge
+        insts = await h.client.runs.instructions(rid)
+        assert len(insts) == 2 and len(h.controller.collections[f"negspace-{rid}"]) == 3
+        await orch.start()
+        run = await h.wait(rid)
+        assert run.status == "completed"
+        await assert_complete_and_unique(h, rid, 4)
+        assert len(h.controller.collections[f"negspace-{rid}"]) == 4
+        assert h.controller.upserts == 5  # four slots + the replayed one, under the same id
 
 
 def _start_orchestrator(port: int, db, node_url: str, controller_url: str, home) -> subprocess.Popen:

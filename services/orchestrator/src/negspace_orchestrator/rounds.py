@@ -7,8 +7,8 @@ Guided (the reference method):
   ``guidance.start``; while the controller finds the text similar and retries < ``max_retries``,
   raise the scale by ``step`` and generate again; then store and add the result.
 Nodes of a round run concurrently (or one after another with round mode ``sequential``); the
-similarity check and the insert happen under one lock per run, so two nodes never both accept
-near-duplicates. Every attempt is written the moment its generation returns; a slot that already
+similarity check and the insert are one atomic controller call (``/accept``), so two nodes never
+both accept near-duplicates. Every attempt is written the moment its generation returns; a slot that already
 has an accepted row is never generated again, and the controller id of a slot's instruction is
 derived from (run, node, round), so a replayed insert overwrites instead of duplicating.
 """
@@ -89,7 +89,6 @@ class Rounds(Room):
     def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies,
                  events: EventLog) -> None:
         super().__init__(settings, store, deps, events)
-        self._accept_locks: dict[str, asyncio.Lock] = {}
 
     async def run(self, run: RunRow) -> None:
         await self.deps.controller_call("create collection", lambda c: self._ensure_collection(c, run))
@@ -151,20 +150,23 @@ class Rounds(Room):
         await gather([worker() for _ in range(min(nodes, run.target) or 1)])
 
     # ---- one (node, round) slot --------------------------------------------------------------
-    def _lock(self, run_id: str) -> asyncio.Lock:
-        return self._accept_locks.setdefault(run_id, asyncio.Lock())
+    @staticmethod
+    def _point(run: RunRow, a: AttemptRow, pid: str) -> PointIn:
+        return PointIn(id=uuid.UUID(pid), text=a.text,
+                       payload={"run_id": run.id, "mode": run.mode, "node": a.node, "round": a.round,
+                                "attempt": a.attempt})
 
     async def _insert(self, run: RunRow, a: AttemptRow, pid: str) -> None:
-        point = PointIn(id=uuid.UUID(pid), text=a.text,
-                        payload={"run_id": run.id, "mode": run.mode, "node": a.node, "round": a.round,
-                                 "attempt": a.attempt})
+        point = self._point(run, a, pid)
         await self.deps.controller_call("upsert", lambda c: c.collections.upsert(run.collection, [point]))
         self.store.mark_inserted(run.id, a.node, a.round, a.attempt)
 
     async def _judge(self, run: RunRow, a: AttemptRow, *, max_similarity: float | None,
-                     is_similar: bool | None, accept: bool, empty: bool = False) -> None:
+                     is_similar: bool | None, accept: bool, empty: bool = False,
+                     inserted: bool = False) -> None:
         """Store an attempt's verdict and its event together; an accepted one then goes to the
-        controller (a restart between the two re-inserts it under the same id)."""
+        controller (a restart between the two re-inserts it under the same id), unless the
+        controller already holds it (``inserted``: it was judged and inserted by one ``/accept``)."""
         a.max_similarity, a.is_similar, a.checked = max_similarity, is_similar, True
         pid = point_id(run.id, a.node, a.round)
         with self.store.transaction():
@@ -172,13 +174,15 @@ class Rounds(Room):
             if accept:
                 self.store.mark_accepted(run.id, a.node, a.round, a.attempt, pid)
                 a.accepted, a.point_id = True, pid
+                if inserted:
+                    self.store.mark_inserted(run.id, a.node, a.round, a.attempt)
             self.store.add_event(run.id, AttemptData(
                 node=a.node, round=a.round, attempt=a.attempt, scale=a.scale, negatives=len(a.negatives),
                 max_similarity=max_similarity, similar=is_similar, accepted=accept, empty=empty, text=a.text,
                 prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens,
                 latency_s=round(a.latency_s, 4), node_url=a.node_url))
         self.events.notify(run.id)
-        if accept:
+        if accept and not inserted:
             await self._insert(run, a, pid)
 
     def _source(self, run: RunRow, node: int, round_: int) -> str:
@@ -273,14 +277,18 @@ class Rounds(Room):
             if a.checked and a.is_similar and retries < cfg.guidance.max_retries:
                 retries += 1  # replay: this attempt was already judged similar
                 continue
-            async with self._lock(run.id):
-                sim = await self.deps.controller_call(
-                    "similar", lambda c, t=a.text: c.collections.similar(
-                        run.collection, t, k=1, threshold=cfg.similarity_threshold,
-                        threshold_quantile=cfg.similarity_quantile))
-                accept = not sim.is_similar or retries >= cfg.guidance.max_retries
-                await self._judge(run, a, max_similarity=sim.max_similarity, is_similar=sim.is_similar,
-                                  accept=accept)
-                if accept:
-                    return
+            # Check and insert are one atomic controller call (it holds the collection's write lock
+            # across both), so every check sees every instruction accepted before it without a lock
+            # here. The last retry is forced in. A restart between the controller's insert and
+            # _judge's record replays this attempt under the same point id, which the controller
+            # leaves out of its own check; a later attempt of the slot overwrites that id.
+            point = self._point(run, a, point_id(run.id, node, round_))
+            sim = await self.deps.controller_call(
+                "accept", lambda c, p=point, last=retries >= cfg.guidance.max_retries: c.collections.accept(
+                    run.collection, p, k=1, threshold=cfg.similarity_threshold,
+                    threshold_quantile=cfg.similarity_quantile, force=last))
+            await self._judge(run, a, max_similarity=sim.max_similarity, is_similar=sim.is_similar,
+                              accept=sim.accepted, inserted=sim.accepted)
+            if sim.accepted:
+                return
             retries += 1
