@@ -36,7 +36,7 @@ if ! docker info >/dev/null 2>&1; then
   dockerd_bin=$(command -v dockerd || true)
   [ -n "$dockerd_bin" ] && is_root || { echo "compose-up: no Docker daemon answers; start one (dockerd as root)" >&2; exit 1; }
   log "starting dockerd (log: $STATE_DIR/dockerd.log)"
-  nohup nice -n 10 "$dockerd_bin" >"$STATE_DIR/dockerd.log" 2>&1 &
+  nohup "$dockerd_bin" >"$STATE_DIR/dockerd.log" 2>&1 &
   echo $! > "$STATE_DIR/dockerd.pid"
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "compose-up: dockerd did not answer in 60 s; see $STATE_DIR/dockerd.log" >&2; exit 1; }

@@ -38,6 +38,7 @@ from negspace_contracts.trainer import TrainerClient
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.compose,
+    pytest.mark.timeout(2400),  # containers on a shared 2-core machine: model loads, restarts, training
     pytest.mark.skipif(os.environ.get("NEGSPACE_COMPOSE_TEST") != "1",
                        reason="needs the running containers: make compose-up && make test-compose"),
 ]
@@ -95,6 +96,11 @@ async def back_and_healthy(cid: str, restarts_before: int, timeout_s: float = 60
     raise AssertionError(f"{cid} was not restarted and healthy within {timeout_s:.0f} s: {info['State']}")
 
 
+class StackInfo(dict):
+    def __repr__(self) -> str:  # tracebacks show fixtures: never the token
+        return repr({k: ("***" if k == "token" else v) for k, v in self.items()})
+
+
 @pytest.fixture(scope="module")
 def stack() -> dict:
     env = dotenv()
@@ -103,10 +109,10 @@ def stack() -> dict:
         assert cids, f"{svc} is not running: make compose-up"
         for cid in cids:
             assert (inspect(cid)["State"].get("Health") or {}).get("Status") == "healthy", f"{svc} is not healthy"
-    return {"token": env["NEGSPACE_API_TOKEN"],
-            "orchestrator": f"http://127.0.0.1:{env.get('NEGSPACE_PORT') or 8000}",
-            "controller": f"http://{ip_of('controller')}:8002",   # not published: its network address
-            "trainer": f"http://{ip_of('trainer')}:8003"}
+    return StackInfo(token=env["NEGSPACE_API_TOKEN"],
+                     orchestrator=f"http://127.0.0.1:{env.get('NEGSPACE_PORT') or 8000}",
+                     controller=f"http://{ip_of('controller')}:8002",   # not published: its network address
+                     trainer=f"http://{ip_of('trainer')}:8003")
 
 
 def clients(stack: dict, token: str | None = None):
@@ -177,7 +183,7 @@ def test_experiment_qa_training_with_evaluation_and_export(stack, tmp_path):
     from negspace_cli.experiment import ExperimentConfig, run_experiment
 
     cfg = ExperimentConfig(base="Write a math problem.", nodes=2, rounds=1, max_tokens=24, seed=3,
-                           qa_max_tokens=160, train_max_steps=2, train_batch_size=2, lora_r=4, train_seeds=1,
+                           qa_max_tokens=96, train_max_steps=2, train_batch_size=2, lora_r=4, train_seeds=1,
                            eval_tasks=["negspace_arith"], eval_limit=4, train_timeout_s=1200)
 
     async def main() -> Path:
