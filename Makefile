@@ -7,12 +7,13 @@ export TOKENIZERS_PARALLELISM ?= false
 export VLLM_LOGGING_LEVEL ?= WARNING
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo study bench-node bench-guidance bench-controller bench-trainer bench-eval bench-load bench-scale lint compose-check clean help
+.PHONY: setup test test-fast demo study bench-node bench-guidance bench-controller bench-trainer bench-eval bench-load bench-scale lint compose-check compose-up compose-down test-compose clean help
 
 help:
 	@echo "make demo     set up, then run the guided-vs-baseline experiment on embedded defaults"
 	@echo "make test     set up, then run every test"
 	@echo "make study    set up, then run the documented held-out study (docs/study/held-out.json; resumable)"
+	@echo "make compose-up | compose-down | test-compose   the stack in containers (README: Docker compose)"
 	@echo "make setup    create .venv, install the pinned stack and bundled models (idempotent)"
 	@echo "make bench-node | bench-guidance | bench-controller | bench-trainer | bench-eval | bench-load | bench-scale   print + record figures in docs/benchmarks.md"
 
@@ -70,6 +71,20 @@ lint: setup
 
 compose-check:
 	docker-compose -f docker-compose.yml config -q
+
+# The stack in containers (CPU nodes): sets up the engine, a local base image where no registry
+# answers and .env with a generated token; builds one image at a time; starts health-gated.
+# NODES=2 for two node replicas; NO_BUILD=1 to start what is built. See README "Docker compose".
+compose-up:
+	@bash scripts/compose-up.sh
+
+# Stops and removes the containers and network (VOLUMES=1: the volumes too).
+compose-down:
+	@bash scripts/compose-down.sh
+
+# Against the running stack (make compose-up first); not part of `make test`.
+test-compose: setup
+	NEGSPACE_COMPOSE_TEST=1 $(PY) -m pytest -m compose tests/compose -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,10 @@ def compose(*args: str, token: str | None = "test-token") -> subprocess.Complete
     env = {k: v for k, v in os.environ.items() if k != "NEGSPACE_API_TOKEN"}
     if token is not None:
         env["NEGSPACE_API_TOKEN"] = token
-    return subprocess.run(["docker-compose", "-f", str(COMPOSE), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    # an empty --env-file: what the file says without a user's .env (make compose-up writes one)
+    with tempfile.NamedTemporaryFile("w", suffix=".env") as empty:
+        return subprocess.run(["docker-compose", "--env-file", empty.name, "-f", str(COMPOSE), *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")

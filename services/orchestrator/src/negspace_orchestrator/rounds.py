@@ -72,15 +72,22 @@ def target_for(store: Store, config: RunConfig) -> int:
 
 
 async def gather(coros: list[Awaitable[None]]) -> None:
-    """Run slot coroutines together; the first failure cancels the others and is re-raised."""
+    """Run slot coroutines together; the first failure cancels the others and is re-raised
+    (a dependency outage first, so the run pauses rather than fails)."""
+    first: BaseException | None = None
     try:
         async with asyncio.TaskGroup() as tg:
             for c in coros:
                 tg.create_task(c)
+    # Raised after the try, not inside except*: Python < 3.11.4 (Debian bookworm's 3.11.2, the
+    # containers' base) wraps an exception raised in an except* clause in an ExceptionGroup
+    # (gh-103590), which the scheduler took for a crash and failed the run.
     except* DependencyDown as eg:
-        raise eg.exceptions[0] from None
+        first = eg.exceptions[0]
     except* (RunFailed, NegspaceError) as eg:
-        raise eg.exceptions[0] from None
+        first = first or eg.exceptions[0]
+    if first is not None:
+        raise first from None
 
 
 class Rounds(Room):
