@@ -182,7 +182,7 @@ def markdown(a: argparse.Namespace, started: str, res: dict, stages: dict, route
         f"{started}; shared with other engineers' jobs while measured. One guided run of {a.nodes} nodes x "
         f"{a.rounds} rounds (+ bootstrap) = {res['accepted']:,} instructions. The node is the **test fake** "
         "(`--engine fake`: instant, deterministic sentences), so this measures the real orchestrator "
-        "(SQLite, events, the per-run acceptance lock, HTTP) and the real controller (bundled MiniLM, "
+        "(SQLite, events, HTTP; each guided slot judged and inserted by one `/accept` call) and the real controller (bundled MiniLM, "
         "Qdrant local mode on disk, the exact density index) with nothing waiting on a GPU.", "",
         f"**{res['instr_per_s']:.1f} instructions/s** ({res['accepted']:,} accepted of {res['attempts']:,} "
         f"attempts in {res['wall_s']:.0f} s; target >= 100/s: "
@@ -202,8 +202,8 @@ def markdown(a: argparse.Namespace, started: str, res: dict, stages: dict, route
                   f"one atomic call, embeddings batched across callers) by {acc['workers']} concurrent slots, "
                   f"each `dense` then `accept`, no orchestrator: **{acc['instr_per_s']:.1f} instructions/s** "
                   f"({acc['accepted']:,} in {acc['wall_s']:.0f} s; accept p50 {acc['p50_ms']:.0f} ms, p99 "
-                  f"{acc['p99_ms']:.0f} ms). This is the ceiling the orchestrator reaches once its acceptance "
-                  "step calls `/accept` instead of `/similar` + `/points` under its per-run lock."]
+                  f"{acc['p99_ms']:.0f} ms): the controller's own ceiling on this path, without the "
+                  "orchestrator's work around it."]
     lines += ["", f"Load average when it ended: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other "
               "engineers' jobs included)."]
     lines += ["", "Resident memory at the end (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()) + "."]
