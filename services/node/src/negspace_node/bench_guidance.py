@@ -90,6 +90,57 @@ def run(min_s: float, max_reps: int, device: str = "cpu") -> list[dict]:
     return results
 
 
+def run_kernel(min_s: float, max_reps: int, device: str) -> list[dict]:
+    """Where vLLM cannot be imported (a GPU machine with torch only): time the batched kernel the
+    processor calls, ``sample_batch(guided_batch(...))``, on synthetic logits; without the
+    processor's bookkeeping and its force step, so a lower bound on the processor's time."""
+    import torch
+
+    from negspace_node.guidance import GroupStep, guided_batch, make_generator, sample_batch
+
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    results = []
+    for vocab in VOCABS:
+        for rows in ROWS:
+            for mode, temperature, top_p in (("greedy", 0.0, 1.0), ("top-p 0.9", 1.0, 0.9)):
+                logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(device)
+                steps = [GroupStep(rows=list(range(g * GROUP, (g + 1) * GROUP)), scale=3.0,
+                                   temperature=temperature, top_p=top_p,
+                                   generator=make_generator(g, device) if temperature > 0 else None)
+                         for g in range(rows // GROUP)]
+                sample_batch(guided_batch(logits, steps), steps)       # warm-up
+                times: list[float] = []
+                start = time.perf_counter()
+                while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_s):
+                    sync()
+                    t0 = time.perf_counter()
+                    sample_batch(guided_batch(logits, steps), steps)
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                row = {"vocab": vocab, "rows": rows, "mode": mode, "after_ms": statistics.median(times) * 1e3}
+                results.append(row)
+                print(f"[bench] kernel vocab {vocab:>7,} rows {rows:>3} {mode:<9}: {row['after_ms']:8.2f} ms",
+                      flush=True)
+    return results
+
+
+def render_kernel(results: list[dict], device: str) -> str:
+    import torch
+    from negspace_servekit.benchdoc import machine_line
+
+    name = device.upper() if device == "cpu" else torch.cuda.get_device_name(device)
+    lines = ["## Node: guidance kernel alone, time per decode step (`make bench-guidance`, no vLLM)", "",
+             f"{machine_line()}; torch {torch.__version__}, float32 logits on {name}; groups of {GROUP} rows "
+             "(1 positive + 3 negatives, min, scale 3). vLLM was not importable here, so this times only "
+             "the batched kernel the processor calls (`sample_batch(guided_batch(...))`: combine, "
+             "temperature / top-p, the seeded draw), not the processor's bookkeeping or its force step: a "
+             "lower bound on the processor's time per step. GPU target: 256 rows x 152k under 2 ms.", "",
+             "| vocab | rows | groups | mode | ms/step |", "|---:|---:|---:|---|---:|"]
+    lines += [f"| {r['vocab']:,} | {r['rows']} | {r['rows'] // GROUP} | {r['mode']} | {r['after_ms']:.2f} |"
+              for r in results]
+    return "\n".join(lines)
+
+
 def render(results: list[dict], device: str = "cpu") -> str:
     import torch
     from negspace_servekit.benchdoc import machine_line
@@ -102,8 +153,8 @@ def render(results: list[dict], device: str = "cpu") -> str:
              "GPU target (256 rows x 152k vocabulary under 2 ms/step): " + (
                  "measured above." if device != "cpu" else
                  "NOT measured (no GPU in the session that recorded this). Run `make bench-guidance` on a GPU "
-                 "machine (`--device cuda` is the default there; the processor module imports vllm, so vllm "
-                 "must be importable)."), "",
+                 "machine (`--device cuda` is the default there); without vllm it times the batched kernel "
+                 "alone (`--kernel-only`, recorded in its own section)."), "",
              "| vocab | rows | groups | mode | before (ms/step) | after (ms/step) | speed-up |",
              "|---:|---:|---:|---|---:|---:|---:|"]
     for r in results:
@@ -118,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time at least this long per cell")
     parser.add_argument("--max-reps", type=int, default=20)
     parser.add_argument("--device", default=None, help="where the logits live (default: cuda when available)")
+    parser.add_argument("--kernel-only", action="store_true",
+                        help="time only the batched kernel (automatic when vllm is not importable)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")        # a shared machine: see bench.py
@@ -125,13 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = run(args.min_seconds, args.max_reps, device)
-    markdown = render(results, device)
+    import importlib.util
+
+    kernel = args.kernel_only or importlib.util.find_spec("vllm") is None
+    if kernel:
+        markdown = render_kernel(run_kernel(args.min_seconds, args.max_reps, device), device)
+    else:
+        markdown = render(run(args.min_seconds, args.max_reps, device), device)
     print(markdown)
     if not args.no_record:
         from negspace_servekit.benchdoc import record_section
 
-        print(f"[bench] recorded in {record_section('guidance', markdown)}")
+        section = "guidance-kernel-" + ("cpu" if device == "cpu" else "gpu") if kernel else "guidance"
+        print(f"[bench] recorded in {record_section(section, markdown)}")
     return 0
 
 
