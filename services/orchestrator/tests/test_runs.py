@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
@@ -445,3 +446,29 @@ def test_reference_preset_is_the_seed_method_and_explicit_fields_win():
     for bad in ({}, ["reference"], "nope"):  # a clear validation error, never a crash
         with pytest.raises(ValueError, match="preset"):
             RunConfig(base_instruction="x", preset=bad)
+
+
+async def test_eta_stays_within_2x_of_the_truth_when_the_controller_dominates(make_harness):
+    """Issue 15: with an instant node the old ETA (the node's latency alone) said seconds with most
+    of the run left. Here each acceptance waits 200 ms on the controller and the node answers at
+    once: the ETA read at about a third and two thirds of the run is within 2x of the time that
+    was actually left."""
+    async with make_harness(similar_delay=0.2) as h:
+        # small enough that the fake controller's own O(n^2) Python (dense) stays below the delay
+        rid = (await h.client.runs.create(cfg(nodes=2, rounds=15))).id
+        readings: list[tuple[float, float]] = []  # (when, eta)
+        marks = iter((11, 21))
+        mark = next(marks)
+        while True:
+            run = await h.client.runs.get(rid)
+            if run.status != "running" and run.status != "queued":
+                break
+            if mark is not None and run.progress.accepted >= mark and run.progress.eta_seconds is not None:
+                readings.append((time.monotonic(), run.progress.eta_seconds))
+                mark = next(marks, None)
+            await asyncio.sleep(0.01)
+        end = time.monotonic()
+        assert run.status == "completed" and len(readings) == 2
+        for when, eta in readings:
+            truth = end - when
+            assert truth / 2 <= eta <= 2 * truth, (eta, truth, readings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 from negspace_contracts.errors import NegspaceError, RateLimitError
@@ -49,6 +50,8 @@ class Scheduler(Room):
         self._health_task: asyncio.Task | None = None
         self._stopping = False
         self.waiting_for: str | None = None  # why queued runs are held back (a dependency is down)
+        # per live driver: (monotonic start, instructions accepted then), for the ETA's observed pace
+        self._pace: dict[str, tuple[float, int]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -117,6 +120,7 @@ class Scheduler(Room):
 
     def _start_driver(self, run_id: str) -> None:
         self.events.set_status(run_id, "running")
+        self._pace[run_id] = (time.monotonic(), self.store.counts(run_id)[0])
         task = asyncio.create_task(self._drive(run_id), name=f"run-{run_id}")
         self.tasks[run_id] = task
         task.add_done_callback(lambda t, rid=run_id: self._driver_done(rid, t))
@@ -124,6 +128,7 @@ class Scheduler(Room):
     def _driver_done(self, run_id: str, task: asyncio.Task) -> None:
         if self.tasks.get(run_id) is task:
             del self.tasks[run_id]
+            self._pace.pop(run_id, None)
         self._schedule()  # the slot is free: the next queued run starts
 
     async def cancel(self, run_id: str) -> None:
@@ -147,10 +152,23 @@ class Scheduler(Room):
         if run.status == "completed":
             eta = 0.0
         elif run.status in ("queued", "running") and slots > 0:
-            per_slot = latency / slots
-            sequential = (run.config.round_mode or self.settings.round_mode) == "sequential"
-            parallel = 1 if (sequential and run.mode == "guided") else max(1, run.config.nodes)
-            eta = round(max(0, run.target - accepted) * per_slot / parallel, 1)
+            remaining = max(0, run.target - accepted)
+            nodes = max(1, run.config.nodes)
+            started = self._pace.get(run.id) if run.status == "running" else None
+            pace = None
+            if started is not None and accepted - started[1] >= min(run.target, nodes):
+                # The pace the run keeps now: seconds per accepted instruction over its last few
+                # rounds' worth of slots. It counts everything a slot waits on (node, controller,
+                # retries), where the node's latency alone misses the controller's share (at scale
+                # an ETA 50x short), and follows a run that slows as its collection grows.
+                pace = self.store.recent_pace(run.id, min(accepted - started[1], 4 * nodes))
+            if pace is not None:
+                eta = round(remaining * pace, 1)
+            else:  # before a round's worth of progress: the node's latency per slot
+                per_slot = latency / slots
+                sequential = (run.config.round_mode or self.settings.round_mode) == "sequential"
+                parallel = 1 if (sequential and run.mode == "guided") else max(1, run.config.nodes)
+                eta = round(remaining * per_slot / parallel, 1)
         rounds = run.config.rounds if run.mode == "guided" else -(-run.target // max(1, run.config.nodes)) - 1
         return RunProgress(round=run.round, rounds=rounds, accepted=accepted, attempts=attempts,
                            target=run.target, eta_seconds=eta)

@@ -386,6 +386,15 @@ class Store:
                             (run_id,)).fetchone()
         return int(r["acc"]), int(r["att"]), float(r["lat"]), int(r["acc"])
 
+    def recent_pace(self, run_id: str, window: int) -> float | None:
+        """Seconds per accepted instruction over the run's last ``window`` accepted slots (when
+        their generations returned); None before two."""
+        rows = self.db.execute("SELECT created_at FROM attempts WHERE run_id = ? AND accepted = 1"
+                               " ORDER BY id DESC LIMIT ?", (run_id, max(2, window))).fetchall()
+        if len(rows) < 2:
+            return None
+        return (rows[0]["created_at"] - rows[-1]["created_at"]) / (len(rows) - 1)
+
     # ---- events -----------------------------------------------------------------------------
     def _event(self, run_id: str, data: RunEventData) -> int:
         cur = self.db.execute("INSERT INTO events (run_id, type, data, created_at) VALUES (?, ?, ?, ?)",
