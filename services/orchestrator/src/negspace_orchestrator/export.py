@@ -11,7 +11,6 @@ attempt, scale, similarity) and ``qa`` (chat ``messages``).
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import tarfile
 import tempfile
@@ -36,6 +35,7 @@ from negspace_orchestrator.dependencies import Dependencies
 from negspace_orchestrator.store import RunRow, Store
 
 CONFIGS = ("instructions", "qa")
+EXPORT_BATCH = 1000  # rows per store query and per written chunk
 
 
 @dataclass
@@ -150,33 +150,73 @@ def parse_card(text: str) -> dict[str, Any]:
     return yaml.safe_load(text[4:text.index("\n---\n", 4)])
 
 
+class ExportWriter:
+    """Writes an export a batch of rows at a time, at flat memory: ``add`` appends rows to a
+    config's file as they come (jsonl lines, or parquet row groups); ``finish`` writes the card
+    and, for ``hf``, turns the parquet files into a ``save_to_disk`` folder through memory-mapped
+    Arrow (``datasets`` never holds the rows in memory). A config that got no rows is left out
+    (``datasets`` cannot load an empty saved split back)."""
+
+    def __init__(self, out_dir: Path, fmt: str) -> None:
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}")
+        self.out_dir, self.fmt = out_dir, fmt
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.counts = dict.fromkeys(CONFIGS, 0)
+        self._tmp = tempfile.TemporaryDirectory(prefix="negspace-export-") if fmt == "hf" else None
+        self._files: dict[str, Any] = {}
+
+    def _path(self, config: str) -> Path:
+        if self._tmp is not None:
+            return Path(self._tmp.name) / f"{config}.parquet"
+        return self.out_dir / f"{config}.{'jsonl' if self.fmt == 'jsonl' else 'parquet'}"
+
+    def add(self, config: str, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        self.counts[config] += len(rows)
+        if self.fmt == "jsonl":
+            f = self._files.get(config) or self._files.setdefault(config, self._path(config).open("w", encoding="utf-8"))
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = _features()[config].arrow_schema   # carries the datasets features in its metadata
+        if config not in self._files:
+            self._files[config] = pq.ParquetWriter(str(self._path(config)), schema)
+        self._files[config].write_table(pa.Table.from_pylist(rows, schema=schema))
+
+    def finish(self, info: ExportInfo) -> list[Path]:
+        """Close the files, write the card; return the files written."""
+        for f in self._files.values():
+            f.close()
+        try:
+            if not any(self.counts.values()):
+                raise ValueError("nothing to export: the run has no instructions")
+            if self._tmp is not None:
+                import datasets
+
+                feats = _features()
+                sets = {c: datasets.Dataset.from_parquet(str(self._path(c)), features=feats[c],
+                                                         cache_dir=str(Path(self._tmp.name) / "cache"))
+                        for c in CONFIGS if self.counts[c]}
+                datasets.DatasetDict(sets).save_to_disk(str(self.out_dir))
+            (self.out_dir / "README.md").write_text(card(info, self.fmt, self.counts["instructions"],
+                                                         self.counts["qa"]))
+        finally:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+        return sorted(p for p in self.out_dir.rglob("*") if p.is_file())
+
+
 def write(out_dir: Path, fmt: str, info: ExportInfo, instructions: list[dict[str, Any]],
           qa: list[dict[str, Any]]) -> list[Path]:
-    """Write the export into ``out_dir`` (made if missing); return the files written."""
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # a config without rows is left out (datasets cannot load an empty saved split back)
-    rows = {c: r for c, r in (("instructions", instructions), ("qa", qa)) if r}
-    if not rows:
-        raise ValueError("nothing to export: the run has no instructions")
-    if fmt == "jsonl":
-        for c in rows:
-            (out_dir / f"{c}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[c]))
-    else:
-        import datasets
-
-        feats = _features()
-        # from_dict, not from_list: an empty config (no Q/A yet) keeps its columns
-        sets = {c: datasets.Dataset.from_dict({k: [r[k] for r in rows[c]] for k in feats[c]}, features=feats[c])
-                for c in rows}
-        if fmt == "hf":
-            datasets.DatasetDict(sets).save_to_disk(str(out_dir))
-        else:
-            for c in rows:
-                sets[c].to_parquet(str(out_dir / f"{c}.parquet"))
-    (out_dir / "README.md").write_text(card(info, fmt, len(instructions), len(qa)))
-    return sorted(p for p in out_dir.rglob("*") if p.is_file())
+    """Write the export into ``out_dir`` (made if missing) from rows at hand; return the files."""
+    writer = ExportWriter(out_dir, fmt)
+    writer.add("instructions", instructions)
+    writer.add("qa", qa)
+    return writer.finish(info)
 
 
 # ---- the export folder ------------------------------------------------------------------------
@@ -265,10 +305,14 @@ class Exports:
             raise ConflictError(f"run {run.id} has no accepted instructions to export")
 
     async def _write(self, run: RunRow, fmt: str, out_dir: Path, license: str) -> list[Path]:
+        """Rows read a batch at a time on the loop (the store's connection), written off it."""
         info = await self.info(run, license)
-        instructions = instruction_rows(self.store.instructions(run.id))
-        pairs = qa_rows(self.store.qa_records(run.id))
-        return await asyncio.to_thread(write, out_dir, fmt, info, instructions, pairs)
+        writer = await asyncio.to_thread(ExportWriter, out_dir, fmt)
+        for batch in self.store.iter_instructions(run.id, batch=EXPORT_BATCH):
+            await asyncio.to_thread(writer.add, "instructions", instruction_rows(batch))
+        for pairs in self.store.iter_qa_records(run.id, batch=EXPORT_BATCH):
+            await asyncio.to_thread(writer.add, "qa", qa_rows(pairs))
+        return await asyncio.to_thread(writer.finish, info)
 
     async def to_folder(self, run: RunRow, req: ExportRequest) -> ExportResult:
         """The export written inside the data folder."""
@@ -283,18 +327,25 @@ class Exports:
         return ExportResult(run_id=run.id, format=req.format, path=str(out_dir), files=[str(f) for f in files],
                             instructions=self.store.counts(run.id)[0], qa=self.store.qa_counts(run.id)[0])
 
-    async def to_archive(self, run: RunRow, fmt: str, license: str) -> bytes:
-        """The same export as a tar archive (the folder's files at its root)."""
+    async def to_archive(self, run: RunRow, fmt: str, license: str) -> tuple[Path, tempfile.TemporaryDirectory]:
+        """The same export as a tar archive (the folder's files at its root), written to a
+        temporary file so it can be streamed at flat memory; the caller removes the folder
+        (``cleanup()``) once it has sent the file."""
         self._ready(run)
-        with tempfile.TemporaryDirectory() as tmp:
-            await self._write(run, fmt, Path(tmp), license)
+        tmp = tempfile.TemporaryDirectory(prefix="negspace-archive-")
+        try:
+            folder = Path(tmp.name) / "export"
+            await self._write(run, fmt, folder, license)
+            tar_path = Path(tmp.name) / "export.tar"
 
-            def pack() -> bytes:
-                buf = io.BytesIO()
-                with tarfile.open(fileobj=buf, mode="w") as tar:
-                    for f in sorted(Path(tmp).rglob("*")):
+            def pack() -> None:
+                with tarfile.open(tar_path, mode="w") as tar:
+                    for f in sorted(folder.rglob("*")):
                         if f.is_file():
-                            tar.add(f, arcname=str(f.relative_to(tmp)))
-                return buf.getvalue()
+                            tar.add(f, arcname=str(f.relative_to(folder)))
 
-            return await asyncio.to_thread(pack)
+            await asyncio.to_thread(pack)
+        except BaseException:
+            tmp.cleanup()
+            raise
+        return tar_path, tmp

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from negspace_contracts.errors import ConflictError
 from negspace_contracts.orchestrator import ExportFormat, ExportRequest, ExportResult, QARequest, QAResult
+from starlette.background import BackgroundTask
 
 from negspace_orchestrator import qa as qa_mod
 from negspace_orchestrator.api import deps
@@ -40,6 +41,6 @@ async def export(run_id: str, orch: Orch, request: ExportRequest | None = None) 
 async def export_archive(run_id: str, orch: Orch, format: ExportFormat = "hf",
                          license: Annotated[str, Query(max_length=100)] = "other") -> Response:
     """The same export as a tar archive (the folder's files at its root), for a client elsewhere."""
-    body = await orch.exports.to_archive(orch.run_or_404(run_id), format, license)
-    return Response(body, media_type="application/x-tar",
-                    headers={"Content-Disposition": f'attachment; filename="{run_id}-{format}.tar"'})
+    path, tmp = await orch.exports.to_archive(orch.run_or_404(run_id), format, license)
+    return FileResponse(path, media_type="application/x-tar", filename=f"{run_id}-{format}.tar",
+                        background=BackgroundTask(tmp.cleanup))  # streamed from disk, then removed
