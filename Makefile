@@ -58,13 +58,13 @@ bench-eval: setup
 
 # The whole stack as local processes under concurrent runs: throughput and p50/p99 latencies.
 bench-load: setup
-	$(PY) -m negspace_cli.bench_load
+	$(PY) -m negspace_bench.load
 
 # One 10,048-instruction guided run against the instant test-fake node: the orchestrator + controller
 # path alone (instructions/s, per-stage p50/p99, RSS). SCALE_ARGS="--rounds 10" for a short run.
 SCALE_ARGS ?=
 bench-scale: setup
-	$(PY) -m negspace_cli.bench_scale $(SCALE_ARGS)
+	$(PY) -m negspace_bench.scale $(SCALE_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check packages services tests

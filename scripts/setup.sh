@@ -34,7 +34,7 @@ if ! command -v docker-compose >/dev/null 2>&1; then
 fi
 
 LOCAL_PACKAGES=(packages/contracts packages/servekit packages/models)
-for d in services/node services/controller services/orchestrator services/trainer packages/cli; do
+for d in services/node services/controller services/orchestrator services/trainer packages/cli packages/bench; do
   [ -f "$d/pyproject.toml" ] && LOCAL_PACKAGES+=("$d")
 done
 

@@ -1,4 +1,4 @@
-"""``python -m negspace_cli.bench_scale`` (``make bench-scale``): the orchestration path at scale.
+"""``python -m negspace_bench.scale`` (``make bench-scale``): the orchestration path at scale.
 
 One guided run of ``--nodes`` x ``--rounds`` (+ the bootstrap round) against a node that answers
 instantly: the node service started with ``--engine fake`` (the test fake: a deterministic
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from negspace_cli import launcher
 from negspace_contracts.controller import ControllerClient, PointIn
 from negspace_contracts.orchestrator import (
     TERMINAL_RUN_STATUSES,
@@ -35,8 +36,7 @@ from negspace_contracts.orchestrator import (
     RunConfig,
 )
 
-from negspace_cli import launcher
-from negspace_cli.bench_load import group_rss_mib, log
+from negspace_bench.load import group_rss_mib, log
 
 SERVICES = ("node", "controller", "orchestrator")
 _PROFILE = """
@@ -211,7 +211,7 @@ def markdown(a: argparse.Namespace, started: str, res: dict, stages: dict, route
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m negspace_cli.bench_scale", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m negspace_bench.scale", description=__doc__.split("\n")[0])
     p.add_argument("--nodes", type=int, default=64)
     p.add_argument("--rounds", type=int, default=156, help="64 x (156 + 1) = 10,048 instructions")
     p.add_argument("--max-tokens", type=int, default=24)

@@ -1,4 +1,4 @@
-"""``python -m negspace_cli.bench_load`` (``make bench-load``): one stack under concurrent load.
+"""``python -m negspace_bench.load`` (``make bench-load``): one stack under concurrent load.
 
 Starts the four services as local processes (``negspace_cli.launcher``: vLLM node with the bundled
 model, controller with MiniLM and Qdrant local mode, orchestrator, trainer; bearer auth on) in a
@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
+from negspace_cli import launcher
 from negspace_contracts.controller import ControllerClient
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage, NodeClient
 from negspace_contracts.orchestrator import (
@@ -41,8 +42,6 @@ from negspace_contracts.orchestrator import (
     QARequest,
     RunConfig,
 )
-
-from negspace_cli import launcher
 
 BASES = ["Write a math problem.", "Write a question about history.", "Write a poem prompt.",
          "Write a coding task.", "Write a riddle.", "Write a physics exercise.", "Write a cooking question.",
@@ -229,7 +228,7 @@ def markdown(res: dict, a: argparse.Namespace, started: str, rss: dict[str, dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m negspace_cli.bench_load", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m negspace_bench.load", description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=4, help="guided runs at once (and as many baselines)")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
