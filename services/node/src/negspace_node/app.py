@@ -15,39 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from negspace_servekit import create_app as create_service_app
 
+from negspace_node import lifecycle
 from negspace_node.api import health_router, openai_router
 from negspace_node.engines import default_engine_name, get_engine
 from negspace_node.engines.base import Engine
 from negspace_node.serving import NodeService
 from negspace_node.settings import NodeSettings
-
-log = logging.getLogger("negspace.node")
-
-
-async def _start(engine: Engine) -> None:
-    try:
-        await engine.start()
-    except Exception as exc:  # noqa: BLE001 - never let a start failure vanish: /health reports it
-        log.exception("engine %s failed to start", engine.name)
-        engine.fail(f"start failed: {type(exc).__name__}: {exc}")
-
-
-async def _watch(engine: Engine, on_engine_dead: Callable[[str], None], grace_s: float) -> None:
-    """Wait for the engine to fail (at start or later), give /health and the waiting requests
-    ``grace_s`` to report it, then call ``on_engine_dead(reason)`` (the process exits)."""
-    while engine.state != "error":
-        await asyncio.sleep(0.2)
-    reason = engine.error or "unknown"
-    log.critical("engine %s is dead (%s): the node exits in %.1f s so that its supervisor restarts it",
-                 engine.name, reason, grace_s)
-    await asyncio.sleep(grace_s)
-    on_engine_dead(reason)
 
 
 def create_app(settings: NodeSettings | None = None, engine: Engine | None = None,
@@ -61,9 +39,9 @@ def create_app(settings: NodeSettings | None = None, engine: Engine | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_start(engine)) if engine.state == "loading" else None
+        task = asyncio.create_task(lifecycle.start(engine)) if engine.state == "loading" else None
         app.state.engine_task = task
-        watchdog = (asyncio.create_task(_watch(engine, on_engine_dead, settings.engine_error_grace_s))
+        watchdog = (asyncio.create_task(lifecycle.watch(engine, on_engine_dead, settings.engine_error_grace_s))
                     if on_engine_dead is not None else None)
         try:
             yield

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -10,7 +9,6 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from negspace_contracts.errors import ServiceUnavailableError
 from negspace_contracts.trainer import (
-    Artifact,
     ArtifactList,
     Job,
     JobCreated,
@@ -23,8 +21,8 @@ from negspace_servekit import create_app as _create_app
 from negspace_servekit import health_response
 from prometheus_client import Counter, Gauge
 
-from negspace_trainer import local_tasks, sources
-from negspace_trainer.runner import JobRunner, request_fingerprint
+from negspace_trainer import local_tasks
+from negspace_trainer.runner import JobRunner
 from negspace_trainer.settings import TrainerSettings
 from negspace_trainer.store import JobStore
 
@@ -51,27 +49,8 @@ REPLAYED_HEADER = "Idempotent-Replayed"
                             "with the same idempotency_key: the job it created (no new job)."},
                       409: {"description": "The idempotency_key was used for a different request."}})
 async def create_job(body: JobRequest, runner: RunnerDep, response: Response) -> JobCreated:
-    fingerprint = None
-    if body.idempotency_key is not None:  # a retry gets the first job, before anything is re-checked
-        fingerprint = request_fingerprint(body)
-        existing = runner.replay(body.idempotency_key, fingerprint)
-        if existing is not None:
-            return _replayed(existing, response)
-    if body.eval is not None and body.eval.include_path is not None:  # confined to --task-dirs (422)
-        folder = sources.check_include_path(body.eval.include_path, runner.settings.allowed_task_dirs)
-        body = body.model_copy(update={"eval": body.eval.model_copy(update={"include_path": str(folder)})})
-    records = None
-    path = body.dataset.path
-    if path is not None:  # confined to --dataset-dirs / --dataset-url-prefixes (422 otherwise)
-        source = sources.check(path, runner.settings)
-        if source.file is not None:
-            records = await asyncio.to_thread(sources.read_file, source.file, path, runner.settings)
-        else:  # the worker fetches the normalized URL that was checked
-            body = body.model_copy(update={"dataset": body.dataset.model_copy(update={"path": source.url})})
-    job, replayed = runner.submit(body, records, fingerprint=fingerprint)
-    if replayed:  # a concurrent request with the same key created it while this one read the file
-        return _replayed(job, response)
-    return JobCreated(id=job.id, status=job.status)
+    job, replayed = await runner.create(body)
+    return _replayed(job, response) if replayed else JobCreated(id=job.id, status=job.status)
 
 
 def _replayed(job: Job, response: Response) -> JobCreated:
@@ -108,14 +87,7 @@ async def job_logs(job_id: str, runner: RunnerDep,
 
 @jobs.get("/{job_id}/artifacts", response_model=ArtifactList)
 async def job_artifacts(job_id: str, runner: RunnerDep) -> ArtifactList:
-    root = runner.artifacts_root(job_id)
-    found = []
-    for top in ("adapter", "model", "metrics.json"):
-        path = root / top
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-        for f in files:
-            found.append(Artifact(name=str(f.relative_to(root)), path=str(f), size_bytes=f.stat().st_size))
-    return ArtifactList(job_id=job_id, root=str(root), artifacts=found)
+    return runner.artifacts(job_id)
 
 
 meta = APIRouter(tags=["meta"])

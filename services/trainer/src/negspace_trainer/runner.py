@@ -35,8 +35,9 @@ from negspace_contracts.errors import (
     NotFoundError,
     RateLimitError,
 )
-from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, Job, JobRequest
+from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, Artifact, ArtifactList, Job, JobRequest
 
+from negspace_trainer import sources
 from negspace_trainer.settings import TrainerSettings
 from negspace_trainer.sources import TASK_DIRS_ENV
 from negspace_trainer.store import JobStore, now
@@ -250,6 +251,31 @@ class JobRunner:
                 "a new job)", param="idempotency_key")
         return self.get(job_id)
 
+    async def create(self, body: JobRequest) -> tuple[Job, bool]:
+        """``POST /jobs``: a retry with the same ``idempotency_key`` gets the first job before
+        anything is re-checked; ``eval.include_path`` must lie in --task-dirs and a dataset path in
+        --dataset-dirs / --dataset-url-prefixes (422 otherwise); a local file is read here, a URL
+        is fetched by the worker. Returns the job and whether it was a replay."""
+        fingerprint = None
+        if body.idempotency_key is not None:
+            fingerprint = request_fingerprint(body)
+            existing = self.replay(body.idempotency_key, fingerprint)
+            if existing is not None:
+                return existing, True
+        if body.eval is not None and body.eval.include_path is not None:
+            folder = sources.check_include_path(body.eval.include_path, self.settings.allowed_task_dirs)
+            body = body.model_copy(update={"eval": body.eval.model_copy(update={"include_path": str(folder)})})
+        records = None
+        path = body.dataset.path
+        if path is not None:
+            source = sources.check(path, self.settings)
+            if source.file is not None:
+                records = await asyncio.to_thread(sources.read_file, source.file, path, self.settings)
+            else:  # the worker fetches the normalized URL that was checked
+                body = body.model_copy(update={"dataset": body.dataset.model_copy(update={"path": source.url})})
+        # replayed: a concurrent request with the same key created it while this one read the file
+        return self.submit(body, records, fingerprint=fingerprint)
+
     def submit(self, request: JobRequest, records: list[dict] | None = None, *,
                fingerprint: str | None = None) -> tuple[Job, bool]:
         """Queue a job; return it and whether it was a replay. ``records``: the dataset already
@@ -447,4 +473,15 @@ class JobRunner:
     def artifacts_root(self, job_id: str) -> Path:
         self.get(job_id)
         return self.job_dir(job_id)
+
+    def artifacts(self, job_id: str) -> ArtifactList:
+        """The job's adapter / merged model files and its metrics.json."""
+        root = self.artifacts_root(job_id)
+        found = []
+        for top in ("adapter", "model", "metrics.json"):
+            path = root / top
+            files = ([path] if path.is_file() else
+                     sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [])
+            found += [Artifact(name=str(f.relative_to(root)), path=str(f), size_bytes=f.stat().st_size) for f in files]
+        return ArtifactList(job_id=job_id, root=str(root), artifacts=found)
 
