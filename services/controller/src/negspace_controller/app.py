@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from negspace_contracts.errors import ServiceUnavailableError
 from negspace_servekit import create_app as servekit_app
 from negspace_servekit import health_response
 from prometheus_client import Gauge, Histogram
@@ -92,32 +91,16 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
     points = Gauge("negspace_controller_points", "Points held in memory per collection", ["collection"],
                    registry=app.state.metrics_registry)
 
-    probe: dict[str, asyncio.Task | None] = {"task": None}
-
-    async def qdrant_problem(controller: Controller) -> str | None:
-        """None when Qdrant answers (server mode: one short probe shared by concurrent /health
-        calls, so a hung Qdrant cannot pile up threads), else why not."""
-        task = probe["task"]
-        if task is None or task.done():
-            task = probe["task"] = asyncio.ensure_future(asyncio.to_thread(controller.store.ping))
-        try:
-            await asyncio.shield(task)
-        except ServiceUnavailableError as exc:
-            return exc.message
-        return None
-
     @app.get("/health", include_in_schema=False)
     async def health():
         controller = getattr(app.state, "controller", None)
         if controller is None:
             err = getattr(app.state, "load_error", None)
             return health_response(SERVICE, "error" if err else "loading", err)
-        sizes = {name: len(c.index) for name, c in controller._cols.items()}
-        for name, size in sizes.items():
+        info = controller.health_info()
+        for name, size in info["collections"].items():
             points.labels(name).set(size)
-        info = dict(embedder=controller.embedder.name, dimension=controller.embedder.dimension,
-                    qdrant=controller.store.where, collections=sizes, knn_capacity=controller.knn_capacity)
-        problem = await qdrant_problem(controller)
+        problem = await controller.qdrant_problem()
         if problem is not None:
             return health_response(SERVICE, "error", f"{problem}. Routes that need Qdrant answer 503 "
                                    "until it is back; /similar and /dense on loaded collections still "

@@ -82,6 +82,26 @@ class Controller:
         self._loading: dict[str, asyncio.Lock] = {}
         self.loaded_points = 0
         self.from_snapshot: set[str] = set()  # collections whose lists came from a snapshot
+        self._probe: asyncio.Future | None = None  # the Qdrant probe /health calls share
+
+    # ------------------------------------------------------------------ health
+    def health_info(self) -> dict:
+        """What ``/health`` reports: the embedder, where Qdrant is, points held per collection."""
+        return dict(embedder=self.embedder.name, dimension=self.embedder.dimension, qdrant=self.store.where,
+                    collections={name: len(c.index) for name, c in self._cols.items()},
+                    knn_capacity=self.knn_capacity)
+
+    async def qdrant_problem(self) -> str | None:
+        """None when Qdrant answers, else why not. One short probe is shared by concurrent
+        callers (server mode), so a hung Qdrant cannot pile up threads."""
+        task = self._probe
+        if task is None or task.done():
+            task = self._probe = asyncio.ensure_future(asyncio.to_thread(self.store.ping))
+        try:
+            await asyncio.shield(task)
+        except ServiceUnavailableError as exc:
+            return exc.message
+        return None
 
     # ------------------------------------------------------------------ collections
     async def _get(self, name: str) -> _Collection:
