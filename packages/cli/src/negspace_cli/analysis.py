@@ -19,42 +19,30 @@ def _numeric(v: Any) -> float | None:
 _NOT_SCORES = frozenset({"samples", "sample_len", "num_fewshot"})
 
 
+def _eval_metrics(result: Mapping[str, Any] | None):
+    """(task, metric name, numeric value) for every number in lm-eval's results
+    (``{"results": {task: {...}}}`` or the ``results`` mapping itself)."""
+    res = (result or {}).get("results", result) if result else None
+    if not isinstance(res, Mapping):
+        return
+    for task, metrics in res.items():
+        if isinstance(metrics, Mapping):
+            for name, value in metrics.items():
+                v = _numeric(value)
+                if v is not None:
+                    yield task, name, v
+
+
 def eval_scores(result: Mapping[str, Any] | None) -> dict[str, float]:
     """Flatten lm-eval's results (``{"results": {task: {"exact_match,first-number": x, ...}}}``,
-    or the ``results`` mapping itself) to ``{"task/metric,filter": value}``, stderr left out."""
-    if not result:
-        return {}
-    res = result.get("results", result)
-    out: dict[str, float] = {}
-    if not isinstance(res, Mapping):
-        return out
-    for task, metrics in res.items():
-        if not isinstance(metrics, Mapping):
-            continue
-        for name, value in metrics.items():
-            v = _numeric(value)
-            # Scores only: lm-eval's results also carry bookkeeping numbers (sample_len = how
-            # many items ran, samples, num_fewshot) that are not metrics.
-            if v is None or "stderr" in name or name in _NOT_SCORES:
-                continue
-            out[f"{task}/{name}"] = v
-    return out
+    or the ``results`` mapping itself) to ``{"task/metric,filter": value}``, stderr left out.
+    Scores only: lm-eval's results also carry bookkeeping numbers (sample_len = how many items
+    ran, samples, num_fewshot) that are not metrics."""
+    return {f"{task}/{name}": v for task, name, v in _eval_metrics(result)
+            if "stderr" not in name and name not in _NOT_SCORES}
 
 
 def eval_stderrs(result: Mapping[str, Any] | None) -> dict[str, float]:
     """lm-eval's stderrs keyed like ``eval_scores`` (``acc_stderr,none`` -> ``task/acc,none``)."""
-    if not result:
-        return {}
-    res = result.get("results", result)
-    out: dict[str, float] = {}
-    if not isinstance(res, Mapping):
-        return out
-    for task, metrics in res.items():
-        if not isinstance(metrics, Mapping):
-            continue
-        for name, value in metrics.items():
-            v = _numeric(value)
-            if v is None or "_stderr" not in name:
-                continue
-            out[f"{task}/{name.replace('_stderr', '', 1)}"] = v
-    return out
+    return {f"{task}/{name.replace('_stderr', '', 1)}": v for task, name, v in _eval_metrics(result)
+            if "_stderr" in name}
