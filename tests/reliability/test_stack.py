@@ -153,7 +153,7 @@ def test_four_experiments_at_once_complete_with_correct_counts(stack):
             t0 = time.monotonic()
             cfgs = [experiment_config(b, seed=i, rounds=1, train_steps=1, eval_limit=None)
                     for i, b in enumerate(bases)]
-            outs = await asyncio.gather(*(run_experiment(c, orch, ctl, stack.root / "load", quiet=True)
+            outs = await asyncio.gather(*(run_experiment(c, orch, stack.root / "load", quiet=True)
                                           for c in cfgs))
             wall = time.monotonic() - t0
             jobs = await trainer_jobs_by_name(trainer)
@@ -249,7 +249,7 @@ def test_each_service_killed_and_restarted_during_an_experiment(stack):
     async def main():
         orch, ctl, trainer = clients(stack)
         async with orch, ctl, trainer:
-            experiment = asyncio.create_task(run_experiment(cfg, orch, ctl, stack.root / "faults", quiet=True))
+            experiment = asyncio.create_task(run_experiment(cfg, orch, stack.root / "faults", quiet=True))
             injector = asyncio.create_task(inject(orch, trainer, experiment))
             out = await experiment
             await injector
