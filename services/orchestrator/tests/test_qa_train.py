@@ -339,3 +339,56 @@ async def test_one_job_per_run_and_seed(make_harness):
         own = await h.client.runs.train(rid)
         assert own.id not in {j.id for j in jobs.values()} and len(trainer.jobs) == 4
         assert [e["seed"] for e in train_events(h, rid) if "seed" in e] == [1, 2, 3]
+
+
+def parity(word: str) -> int:
+    return int(word.lstrip("w")) % 2
+
+
+def numeric_script(req: ChatCompletionRequest) -> str:
+    """Q/A pairs whose answers end in a number; the self-consistency check's second answer agrees
+    when the instruction's first word (``w<n>``) has an even ``n`` and disagrees when it is odd."""
+    content = req.messages[0].content
+    if content.startswith(prompts.CHECK_PROMPT):
+        question = content[len(prompts.CHECK_PROMPT):]
+        word = question.split()[2]
+        return f"So the total is {12 if parity(word) == 0 else 13}."
+    if not content.startswith(prompts.QA_PROMPT):
+        return seeded_text(req.seed or 0)
+    instruction = content[len(prompts.QA_PROMPT):].split("\n\n")[0]
+    return f"Question: What about {instruction}?\nAnswer: Adding them up gives 12."
+
+
+async def test_self_consistency_rejects_pairs_whose_second_answer_disagrees(make_harness):
+    async with make_harness(script=numeric_script) as h:
+        rid = (await h.client.runs.create(RunConfig(base_instruction="Write a math problem.", nodes=2, rounds=2,
+                                                    seed=3))).id
+        await h.wait(rid)
+        insts = await h.client.runs.instructions(rid)
+        even = sum(parity(prompts.clean_instruction(i.text).split()[0]) == 0 for i in insts)
+        n_before = sum(len(n.requests) for n in h.nodes)
+        result = await h.client.runs.qa(rid, QARequest(self_consistency=True))
+        assert result.consistency == {"agreed": even, "disagreed": len(insts) - even, "unchecked": 0}
+        assert (result.converted, result.rejected) == (even, len(insts) - even)
+        assert result.rejections == ({"inconsistent": len(insts) - even} if even < len(insts) else {})
+        assert sum(len(n.requests) for n in h.nodes) - n_before == 2 * len(insts)  # one more call per pair
+        assert 0 < even < len(insts)  # the seeds give both cases
+
+
+async def test_self_consistency_is_off_by_default(make_harness):
+    async with make_harness(script=numeric_script) as h:
+        rid = (await h.client.runs.create(RunConfig(base_instruction="Write a math problem.", nodes=2, rounds=1,
+                                                    seed=3))).id
+        await h.wait(rid)
+        result = await h.client.runs.qa(rid)
+        assert result.consistency is None and result.rejected == 0
+        assert not any(r.messages[0].content.startswith(prompts.CHECK_PROMPT)
+                       for n in h.nodes for r in n.requests)
+
+
+def test_final_number_and_consistency():
+    assert prompts.final_number("She has 3 apples, then 1,200 more: 1,203.") == 1203.0
+    assert prompts.final_number("no digits here") is None
+    assert prompts.consistent("so 12 apples", "The answer is 12.") is True
+    assert prompts.consistent("so 12 apples", "The answer is 12.5") is False
+    assert prompts.consistent("a long explanation", "The answer is 12") is None

@@ -361,6 +361,11 @@ class QARequest(StrictModel):
     max_tokens: int = Field(300, ge=16, le=4096)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
+    self_consistency: bool = Field(
+        False, description="For tasks with checkable (numeric) answers: answer each parsed question once more "
+                           "(another seed) and keep the pair only when both answers end in the same number; "
+                           "a disagreeing pair is rejected as 'inconsistent'. A pair without a number in both "
+                           "answers is kept and counted as unchecked. One more generation per pair.")
     export_dir: str | None = Field(
         None, max_length=4096,
         description="Where to write qa.jsonl and the datasets folder: a folder inside the orchestrator's "
@@ -377,7 +382,11 @@ class QAResult(StrictModel):
         default_factory=dict,
         description="Rejected records per reason: unparseable, empty, echo (the answer restates the question), "
                     "truncated (cut at max_tokens), language (another script than the base instruction), "
-                    "bare_number (a bare number where the question asks to explain).")
+                    "bare_number (a bare number where the question asks to explain), inconsistent "
+                    "(self-consistency: a second answer disagreed).")
+    consistency: dict[str, int] | None = Field(
+        None, description="With self_consistency: pairs whose second answer agreed / disagreed / had no number "
+                          "to compare (unchecked), over the pairs checked by this call.")
     jsonl_path: str | None = None
     dataset_path: str | None = None
 

@@ -114,8 +114,34 @@ REJECT_ECHO = "echo"                 # the answer equals or restates the questio
 REJECT_TRUNCATED = "truncated"       # generation stopped at max_tokens (finish_reason "length")
 REJECT_LANGUAGE = "language"         # written in another script than the base instruction
 REJECT_BARE_NUMBER = "bare_number"   # a bare number for a question that asks to explain/describe
+REJECT_INCONSISTENT = "inconsistent"  # self-consistency: a second answer's final number differs
 REJECT_REASONS = (REJECT_UNPARSEABLE, REJECT_EMPTY, REJECT_ECHO, REJECT_TRUNCATED, REJECT_LANGUAGE,
-                  REJECT_BARE_NUMBER)
+                  REJECT_BARE_NUMBER, REJECT_INCONSISTENT)
+
+# Self-consistency (QARequest.self_consistency): the parsed question is answered once more.
+CHECK_PROMPT = "Answer the following question. End your reply with the final answer.\n\n"
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> float | None:
+    """The last number in an answer ("... so she has 12 apples." -> 12.0), None without one:
+    the checkable part of an answer to a math word problem."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def consistent(first: str, second: str) -> bool | None:
+    """Do two answers to one question agree? By their final numbers; None when either has none
+    (not checkable this way: the pair is kept and counted as unchecked)."""
+    a, b = final_number(first), final_number(second)
+    if a is None or b is None:
+        return None
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _MARKUP = re.compile(r"[*_`#>]+")

@@ -5,7 +5,9 @@ for exactly one ``Question: ... Answer: ...`` pair, parsed and checked (``prompt
 cut at max_tokens, not empty, the answer not a restatement of the question, in the base
 instruction's script, not a bare number where an explanation is asked). A rejected output is
 retried once (with a stricter reminder); if it is still rejected it is stored as ``rejected``
-with the raw text and the reason, so every instruction is accounted for. Work already stored is skipped, so a second call
+with the raw text and the reason, so every instruction is accounted for. With
+``self_consistency`` a parsed question is answered once more and a pair whose two answers end in
+different numbers is rejected as ``inconsistent``. Work already stored is skipped, so a second call
 after an interruption continues where the first stopped.
 """
 
@@ -78,6 +80,7 @@ class QAConverter:
         todo = [a for a in accepted if a.point_id not in done]
         sem = asyncio.Semaphore(self.concurrency)
         total = len(accepted)
+        checks = {"agreed": 0, "disagreed": 0, "unchecked": 0}
 
         async def one(a) -> None:
             async with sem:
@@ -96,6 +99,17 @@ class QAConverter:
                                                           finish_reason=gen.finish_reason)
                         if parsed:
                             break
+                if parsed and request.self_consistency:
+                    req = ChatCompletionRequest(
+                        messages=[ChatMessage(role="user", content=prompts.CHECK_PROMPT + parsed[0])],
+                        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                        seed=derive_seed(run.config.seed, "qa-check", a.point_id))
+                    second = (await self.generate(a.node, req)).text
+                    verdict = prompts.consistent(parsed[1], second)
+                    checks["unchecked" if verdict is None else "agreed" if verdict else "disagreed"] += 1
+                    if verdict is False:
+                        parsed, reason = None, prompts.REJECT_INCONSISTENT
+                        raw = f"{raw}\n\n--- second answer (self-consistency) ---\n{second}"
                 if parsed:
                     store.add_qa(run.id, a.point_id, "converted", parsed[0], parsed[1], raw, tries)
                 else:
@@ -116,7 +130,8 @@ class QAConverter:
                                   "conversion is stored: POST again with a writable export_dir",
                                   param="export_dir") from exc
         return QAResult(run_id=run.id, total=total, converted=converted, rejected=rejected,
-                        rejections=store.qa_rejections(run.id), jsonl_path=str(jsonl_path),
+                        rejections=store.qa_rejections(run.id),
+                        consistency=checks if request.self_consistency else None, jsonl_path=str(jsonl_path),
                         dataset_path=str(dataset_path) if dataset_path else None)
 
 
