@@ -132,11 +132,11 @@ def child(mode: str, folder: str, vec_file: str, start: int, seed: int) -> None:
             print(json.dumps({"inserted_through": i}), flush=True)
 
 
-def scale(n: int, ops: int, seed: int = 13) -> dict:
+def scale(n: int, ops: int, seed: int = 13, data: str = "clustered") -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="negspace-bench-large-"))
     stream = 2 * ops + 2000  # points beyond n: the timed inserts, then the crash stream
-    log(f"scale n={n}: generating {n + stream:,} unit vectors")
-    x = unit(n + stream, seed)
+    log(f"scale n={n}: generating {n + stream:,} {data} unit vectors")
+    x = clustered(n + stream, seed) if data == "clustered" else unit(n + stream, seed)
     vec_file = tmp / "vectors.npy"
     np.save(vec_file, x)
     log(f"scale n={n}: approximate build (HNSW graph + every list)...")
@@ -195,7 +195,7 @@ def scale(n: int, ops: int, seed: int = 13) -> dict:
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    out = {"n": n, "build_s": build_s, "compact_s": compact_s,
+    out = {"n": n, "data": data, "build_s": build_s, "compact_s": compact_s,
            "ins50": float(np.percentile(ins, 50) * 1e3), "ins99": float(np.percentile(ins, 99) * 1e3),
            "den50": float(np.percentile(den, 50) * 1e3), "den99": float(np.percentile(den, 99) * 1e3),
            "rss_mib": peak, "mem_mib": {k: v / 2 ** 20 for k, v in mem.items()},
@@ -218,7 +218,9 @@ def render(ovs: list[dict], sc: dict | None, ops: int) -> list[str]:
                   "exact index's (their K-th similarity matches)."]
     if sc:
         m = sc["mem_mib"]
-        lines += ["", f"Approximate mode at n = {sc['n']:,} (synthetic unit vectors; the index layer with its durable "
+        what = ("clustered synthetic unit vectors, as in the overlap rows" if sc.get("data") == "clustered"
+                else "isotropic random unit vectors")
+        lines += ["", f"Approximate mode at n = {sc['n']:,} ({what}; the index layer with its durable "
                   "log, no Qdrant, no embedder):", "",
                   "| measurement | value | target |", "|---|---:|---|",
                   f"| build: HNSW graph + every list | {sc['build_s']:.0f} s | |",
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap-size", type=int, default=100_000)
     p.add_argument("--random-overlap-size", type=int, default=20_000, help="the same on isotropic vectors")
     p.add_argument("--large-size", type=int, default=1_000_000)
+    p.add_argument("--large-data", choices=("clustered", "random"), default="clustered",
+                   help="vectors of the scale run: embedding-like clusters, or isotropic (HNSW's worst case)")
     p.add_argument("--ops", type=int, default=200)
     p.add_argument("--no-record", action="store_true")
     a = p.parse_args(argv)
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_record:
             log(f"recorded in {record_section('controller-overlap', text)}")
     if a.large_size:
-        sc = scale(a.large_size, a.ops)
+        sc = scale(a.large_size, a.ops, data=a.large_data)
         text = "\n".join(["## Controller at scale: approximate mode (`python -m negspace_controller.bench_large`)",
                           "", head.format(os.getloadavg()[0])] + render([], sc, a.ops))
         print(text)
