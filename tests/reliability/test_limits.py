@@ -12,7 +12,7 @@ import httpx
 import pytest
 from negspace_contracts.controller import MAX_POINTS_PER_UPSERT, MAX_TEXTS_PER_EMBED
 from negspace_contracts.node import MAX_NEGATIVES, MAX_STOP_SEQUENCES
-from negspace_contracts.orchestrator import MAX_BASELINE_SIZE, MAX_NODES, MAX_ROUNDS
+from negspace_contracts.orchestrator import MAX_BASELINE_SIZE, MAX_NODES, MAX_ROUNDS, MAX_RUN_INSTRUCTIONS
 from negspace_contracts.trainer import MAX_INLINE_RECORDS, JobRequest
 from pydantic import ValidationError
 
@@ -170,6 +170,18 @@ async def test_orchestrator_run_size_limits(field, value, param, tmp_path, runni
     async with running(orchestrator_app(tmp_path)) as c:
         body = {"base_instruction": "Write a poem.", field: value}
         assert_error(await c.post("/runs", json=body), 422, param)
+
+
+async def test_orchestrator_run_instructions_limit(tmp_path, running):
+    """Each cap alone allows more than one collection is measured to hold: their product is capped."""
+    assert MAX_NODES * (MAX_ROUNDS + 1) > MAX_RUN_INSTRUCTIONS
+    rounds = MAX_RUN_INSTRUCTIONS // MAX_NODES  # MAX_NODES x (rounds + 1) is just over the cap
+    async with running(orchestrator_app(tmp_path)) as c:
+        r = await c.post("/runs", json={"base_instruction": "Write a poem.", "nodes": MAX_NODES, "rounds": rounds})
+        assert_error(r, 422, says="nodes x (rounds + 1)")
+        r = await c.post("/runs", json={"base_instruction": "Write a poem.", "nodes": MAX_NODES, "rounds": rounds - 1})
+        assert r.status_code == 201, r.text
+        assert (await c.post(f"/runs/{r.json()['id']}/cancel")).status_code in (200, 202), "cancel the large run"
 
 
 async def test_orchestrator_baseline_size_and_request_limits(tmp_path, running):

@@ -14,9 +14,14 @@ from negspace_contracts.controller import MetricsRequest, MetricsResponse
 from negspace_contracts.node import GuidanceCombine, GuidanceSpace
 from negspace_contracts.trainer import ChatRecord, Job, JobRequest, JobStatus
 
-MAX_NODES = 64
-MAX_ROUNDS = 1000
-MAX_BASELINE_SIZE = 100_000
+# Run sizes, from measurements (docs/benchmarks.md): a run's instructions live in one controller
+# collection, measured up to 10^6 points (bench-controller, approximate mode); one round sends
+# ``nodes`` requests at once, and a node replica queues 256 before it answers 429 (its --max-queue
+# default), so one replica takes a whole round of the largest run (bench-scale ran 256 nodes).
+MAX_RUN_INSTRUCTIONS = 1_000_000
+MAX_NODES = 256
+MAX_ROUNDS = 10_000
+MAX_BASELINE_SIZE = MAX_RUN_INSTRUCTIONS
 # POST /runs/{id}/qa answers when the whole run is converted: allow long runs, but never wait forever.
 QA_TIMEOUT_S = 3600.0
 # GET /runs pages: the default and the largest page.
@@ -153,6 +158,10 @@ class RunConfig(StrictModel):
                 raise ValueError("a baseline run needs exactly one of size or match_run")
         elif self.size is not None or self.match_run is not None:
             raise ValueError("size and match_run apply to baseline runs only")
+        elif self.nodes * (self.rounds + 1) > MAX_RUN_INSTRUCTIONS:
+            raise ValueError(f"nodes x (rounds + 1) = {self.nodes * (self.rounds + 1):,} instructions is more "
+                             f"than one run may produce ({MAX_RUN_INSTRUCTIONS:,}, the collection size the "
+                             "controller is measured at): use fewer rounds or nodes, or several runs")
         return self
 
 
