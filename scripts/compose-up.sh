@@ -76,8 +76,11 @@ if [ -z "$base" ]; then
 fi
 if [ "$base" = local/debian-python:bookworm ] && ! docker image inspect "$base" >/dev/null 2>&1; then
   command -v debootstrap >/dev/null || apt_install debootstrap
-  mirror=$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p;s/^deb \(http[^ ]*debian\) bookworm .*/\1/p' \
-           /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null | head -n 1)
+  # the first Debian mirror apt is configured with (deb822 .sources or one-line .list files; either
+  # may be absent, so a missing file must not stop the script under pipefail)
+  mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
+           | sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p;s/^deb \(http[^ ]*debian\) bookworm .*/\1/p' \
+           | head -n 1 || true)
   mirror=${mirror:-http://deb.debian.org/debian}
   root=$(mktemp -d "${TMPDIR:-/tmp}/negspace-rootfs.XXXXXX")
   log "debootstrap bookworm from $mirror (~40 s)"
