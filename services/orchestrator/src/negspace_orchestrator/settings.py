@@ -12,6 +12,15 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 
+def check_url(url: str) -> str:
+    """A service base URL: http(s), with a host."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"service URLs must start with http:// or https:// (got {url!r})")
+    if not url.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError(f"service URL {url!r} names no host")
+    return url
+
+
 class OrchestratorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_")  # the rest is ServiceSettings' (merged)
 
@@ -59,7 +68,7 @@ class OrchestratorSettings(ServiceSettings):
     def _controller_urls(cls, v: list[str]) -> list[str]:
         """Without a trailing slash, each once: a run records its controller's URL and is routed by
         it, so ``http://c:8002/`` and ``http://c:8002`` must be one replica, not two."""
-        urls = [u.rstrip("/") for u in v]
+        urls = [check_url(u).rstrip("/") for u in v]
         dups = sorted({u for u in urls if urls.count(u) > 1})
         if dups:
             raise ValueError(f"--controller-url lists {', '.join(dups)} more than once; each controller "
@@ -68,11 +77,9 @@ class OrchestratorSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _urls(self):
-        for url in [*self.node_url, *self.controller_url, self.trainer_url]:
-            if url is not None and not url.startswith(("http://", "https://")):
-                raise ValueError(f"service URLs must start with http:// or https:// (got {url!r})")
-            if url is not None and not url.split("://", 1)[1].split("/", 1)[0]:
-                raise ValueError(f"service URL {url!r} names no host")
+        for url in [*self.node_url, self.trainer_url]:
+            if url is not None:
+                check_url(url)
         return self
 
     @property
