@@ -13,12 +13,13 @@ import sqlite3
 import time
 
 import pytest
-from conftest import CONTROLLER_URLS, CallLog, MockController
 from negspace_contracts.controller import controller_for
 from negspace_contracts.errors import BadRequestError, ConflictError, ServiceUnavailableError
 from negspace_contracts.orchestrator import ExportRequest, RunConfig
 from negspace_orchestrator import scheduler
 from negspace_orchestrator.scheduler import collection_name
+
+from .conftest import CONTROLLER_URLS, CallLog, MockController  # noqa: TID252
 
 A, B, C = CONTROLLER_URLS
 AB, ABC = [A, B], [A, B, C]
