@@ -164,7 +164,8 @@ async def test_a_removed_controller_url_stops_its_runs_with_the_url_and_adding_i
     async with make_harness(controllers={A: ctls[A]}) as h:  # B is gone from the list
         run = await h.client.runs.get(b_live)
         assert run.status == "paused" and run.controller == B
-        assert B in run.error and "not among the configured --controller-url" in run.error
+        assert run.error.startswith(f"controller {B} unavailable: its collection lives on controller {B}")
+        assert "not among the configured --controller-url" in run.error
         with pytest.raises(ConflictError) as e:
             await h.client.runs.resume(b_live)
         assert B in e.value.message and "add the URL back" in e.value.message
@@ -214,7 +215,7 @@ async def test_runs_from_before_routing_get_the_one_controller_and_several_urls_
                                                                                                  tmp_path):
     from negspace_orchestrator.store import Store
 
-    old, fresh = plan(), plan((AB, B))
+    old, fresh, fresh_b = plan(), plan((AB, B)), plan((AB, A))
     ctls = replicas(A, B)
     async with make_harness(controllers={A: ctls[A]}) as h:
         assert (await h.client.runs.create(guided())).id == old
@@ -225,7 +226,8 @@ async def test_runs_from_before_routing_get_the_one_controller_and_several_urls_
     db.close()
     store = Store(tmp_path / "orch.db")  # opening it adds the column back, empty
     store.create_run(fresh, guided(), 4, collection_name(fresh))  # queued, never started
-    assert {r.id for r in store.unrouted_runs()} == {old, fresh}
+    store.create_run(fresh_b, baseline(match_run=fresh), 4, collection_name(fresh_b))  # its baseline
+    assert {r.id for r in store.unrouted_runs()} == {old, fresh, fresh_b}
     store.close()
 
     with pytest.raises(RuntimeError, match=f"{old}.*Start once with only the controller"):
@@ -234,12 +236,16 @@ async def test_runs_from_before_routing_get_the_one_controller_and_several_urls_
     store = Store(tmp_path / "orch.db")
     assert store.get_run(old).controller is None  # not guessed
     assert store.get_run(fresh).controller == B  # it never generated: routed like a new run
+    assert store.get_run(fresh_b).controller == B  # beside its guided run, not where its own hash says
     store.close()
 
     async with make_harness(controllers={A: ctls[A]}) as h:  # one URL: the controller there always was
         assert (await h.client.runs.get(old)).controller == A
         assert (await h.client.runs.get(fresh)).status == "paused"  # B is not configured here
+        assert (await h.client.runs.get(fresh_b)).status == "paused"
     async with make_harness(controllers=ctls) as h:
         assert (await h.client.runs.metrics(old)).n == 4
-        run = await h.wait(fresh)
-        assert run.status == "completed" and run.controller == B
+        for rid in (fresh, fresh_b):
+            run = await h.wait(rid)
+            assert run.status == "completed" and run.controller == B
+        assert (await h.client.runs.compare(fresh, fresh_b)).other.metrics.n == 4

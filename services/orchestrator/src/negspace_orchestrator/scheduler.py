@@ -76,7 +76,8 @@ class Scheduler(Room):
         self._route_unrouted()
         for run in [*self.store.list_runs("running"), *self.store.list_runs("queued")]:
             if run.controller is not None and run.controller not in self.deps.controllers:
-                reason = f"controller unavailable: {not_configured(run.controller, self.deps.controller_urls)}"
+                reason = str(DependencyDown(f"controller {run.controller}",
+                                            not_configured(run.controller, self.deps.controller_urls)))
                 log.warning("run %s paused: %s", run.id, reason)
                 self.events.set_status(run.id, "paused", error=reason, paused_reason=reason)
         for i, run in enumerate(self.store.list_runs("running")):
@@ -103,9 +104,10 @@ class Scheduler(Room):
     def _route_unrouted(self) -> None:
         """Record a controller for the runs that have none: made before runs were routed (when the
         orchestrator had one controller) or while none was configured. With one --controller-url
-        they all go to it. With several, a run that never generated anything is routed like a new
-        one; any other would be a guess about where its collection is, so start-up stops and says
-        what to do rather than send its calls to a replica that may not hold it."""
+        they all go to it. With several, a run that never generated anything is placed like a new
+        one (beside its family's run when that one has a controller); any other would be a guess
+        about where its collection is, so start-up stops and says what to do rather than send its
+        calls to a replica that may not hold it."""
         urls = self.deps.controller_urls
         runs = self.store.unrouted_runs()
         if not runs or not urls:
@@ -115,7 +117,9 @@ class Scheduler(Room):
             if len(urls) == 1:
                 self.store.set_controller(run.id, urls[0])
             elif self.store.counts(run.id)[1] == 0:
-                self.store.set_controller(run.id, self.deps.route(run.collection))  # type: ignore[arg-type]
+                kin = self.store.get_run(run.config.colocate_with or run.config.match_run or "")
+                url = kin.controller if kin is not None and kin.controller in self.deps.controllers else None
+                self.store.set_controller(run.id, url or self.deps.route(run.collection))  # type: ignore[arg-type]
             else:
                 unknown.append(run.id)
         if unknown:
