@@ -140,6 +140,18 @@ def test_the_token_comes_from_the_secret_everywhere(docs):
             assert "NEGSPACE_API_TOKEN" in env, name
 
 
+def pod_names(docs) -> dict[str, str]:
+    """``<statefulset>-<i>.<its headless service>`` (the stable DNS name of each replica, which
+    exists only when the governing service is headless) -> that service."""
+    services = by_kind(docs, "Service")
+    out = {}
+    for name, sts in by_kind(docs, "StatefulSet").items():
+        svc = sts["spec"]["serviceName"]
+        if services.get(svc, {}).get("spec", {}).get("clusterIP") == "None":
+            out.update({f"{name}-{i}.{svc}": svc for i in range(sts["spec"]["replicas"])})
+    return out
+
+
 def test_services_select_their_pods_and_urls_name_existing_services(docs):
     services = by_kind(docs, "Service")
     labels = {n: wl["spec"]["template"]["metadata"]["labels"] for n, wl in workloads(docs).items()}
@@ -147,12 +159,32 @@ def test_services_select_their_pods_and_urls_name_existing_services(docs):
         sel = svc["spec"]["selector"]
         assert any(all(lab.get(k) == v for k, v in sel.items()) for lab in labels.values()), name
     ports = {n: {p["port"] for p in s["spec"]["ports"]} for n, s in services.items()}
+    pods = pod_names(docs)
     for name, wl in workloads(docs).items():
         for var, e in env_of(container(wl)).items():
             value = e.get("value", "")
             if var.endswith("_URL") and value.startswith("http://"):
-                host, port = value[len("http://"):].split("/")[0].split(":")
-                assert host in services and int(port) in ports[host], f"{name}: {var}={value}"
+                for url in value.split(","):  # list settings take comma-separated URLs
+                    host, port = url.strip()[len("http://"):].split("/")[0].split(":")
+                    svc = host if host in services else pods.get(host)
+                    assert svc is not None and int(port) in ports[svc], f"{name}: {var}={value}"
+
+
+def test_the_orchestrator_lists_each_controller_replica_once_by_its_own_name(docs):
+    """Runs are routed among the listed URLs and stay on theirs, so each URL must reach exactly one
+    replica: a pod's own name, never the load-balanced ``controller`` Service; and every replica
+    must be listed (an unlisted one would get no runs)."""
+    from negspace_orchestrator.settings import OrchestratorSettings
+
+    ctl = workloads(docs)["controller"]
+    assert ctl["kind"] == "StatefulSet" and ctl["spec"]["replicas"] >= 2
+    headless = by_kind(docs, "Service")[ctl["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert "app.kubernetes.io/name" not in headless["metadata"].get("labels", {})  # scraped once, via `controller`
+    value = env_of(container(workloads(docs)["orchestrator"]))["ORCHESTRATOR_CONTROLLER_URL"]["value"]
+    urls = OrchestratorSettings(controller_url=value).controller_url
+    assert urls == [f"http://controller-{i}.{headless['metadata']['name']}:8002"
+                    for i in range(ctl["spec"]["replicas"])]
 
 
 def test_every_env_var_is_a_setting_of_its_service(docs):

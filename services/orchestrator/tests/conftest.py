@@ -361,6 +361,7 @@ class MockTrainer:
 
 NODE_URLS = ["http://node-a", "http://node-b"]
 CONTROLLER_URL = "http://controller"
+CONTROLLER_URLS = [CONTROLLER_URL, "http://controller-1", "http://controller-2"]  # replicas, as n_controllers
 TRAINER_URL = "http://trainer"
 
 
@@ -368,11 +369,12 @@ TRAINER_URL = "http://trainer"
 class Harness:
     log: CallLog
     nodes: list[MockNode]
-    controller: MockController
+    controller: MockController  # the first replica (the only one unless n_controllers > 1)
     trainer: MockTrainer
     settings: OrchestratorSettings
     client: OrchestratorClient
     app: FastAPI
+    controllers: dict[str, MockController] = field(default_factory=dict)  # URL -> replica
 
     @property
     def orch(self):
@@ -393,26 +395,35 @@ class Harness:
 async def harness(tmp_path, *, n_urls: int = 1, script=default_script, node_delay: float = 0.0,
                   similar_delay: float = 0.0, node_apps: list | None = None,
                   controller_app: FastAPI | None = None, trainer: MockTrainer | None = None,
+                  n_controllers: int = 1, controllers: dict[str, MockController] | None = None,
                   **settings_kw):
+    """``n_controllers``: that many controller replicas (CONTROLLER_URLS); ``controllers``: the
+    replicas by URL instead (the same objects across two harnesses = a controller that outlives an
+    orchestrator restart); ``controller_url=[...]`` in ``settings_kw`` may list fewer or others."""
     log = CallLog()
     nodes = [MockNode(log, name=f"node-{i}", script=script, delay=node_delay) for i in range(n_urls)]
-    controller = MockController(log, similar_delay=similar_delay)
+    if controllers is None:
+        controllers = {u: MockController(log, similar_delay=similar_delay) for u in CONTROLLER_URLS[:n_controllers]}
+    controller = next(iter(controllers.values()))
     trainer = trainer or MockTrainer()
-    kw = dict(node_url=NODE_URLS[:n_urls], controller_url=CONTROLLER_URL, trainer_url=TRAINER_URL,
+    kw = dict(node_url=NODE_URLS[:n_urls], controller_url=list(controllers), trainer_url=TRAINER_URL,
               db=tmp_path / "orch.db", data_dir=tmp_path / "exports", retry_attempts=3,
               retry_backoff_s=0.01, retry_max_backoff_s=0.02, health_interval_s=0.1)
     kw.update(settings_kw)
     settings = OrchestratorSettings(**kw)
     apps = node_apps or [n.app for n in nodes]
     transports = {u: httpx.ASGITransport(a) for u, a in zip(NODE_URLS, apps, strict=False)}
-    transports[CONTROLLER_URL] = httpx.ASGITransport(controller_app or controller.app)
+    for url, ctl in controllers.items():
+        transports[url] = httpx.ASGITransport(ctl.app)
+    if controller_app is not None:
+        transports[next(iter(controllers))] = httpx.ASGITransport(controller_app)
     transports[TRAINER_URL] = httpx.ASGITransport(trainer.app)
     deps = Dependencies(settings, transports=transports)
     app = create_app(settings, deps=deps)
     async with app.router.lifespan_context(app):
         client = OrchestratorClient("http://orchestrator", transport=httpx.ASGITransport(app))
         try:
-            yield Harness(log, nodes, controller, trainer, settings, client, app)
+            yield Harness(log, nodes, controller, trainer, settings, client, app, controllers)
         finally:
             await client.aclose()
             await deps.aclose()

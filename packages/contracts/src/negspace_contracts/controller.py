@@ -208,9 +208,10 @@ class EmbedResponse(StrictModel):
 def controller_for(collection: str, urls: Sequence[str]) -> str:
     """The controller replica that owns ``collection``: rendezvous (highest-random-weight) hashing
     of the name over the replica URLs. Stable across processes and restarts; adding or removing a
-    replica moves only the collections that replica gains or loses (~1/N of them). Callers with
-    several controllers route every call of a collection through this, so each collection's
-    index lives in exactly one replica's memory."""
+    replica moves only the collections that replica gains or loses (~1/N of them). The
+    orchestrator asks it once per run, when the run is created, and records the answer with the
+    run: every later call of that collection goes to the recorded replica, so a replica added
+    later moves nothing and each collection's index lives in exactly one replica's memory."""
     if not urls:
         raise ValueError("controller_for needs at least one controller URL")
 

@@ -126,7 +126,13 @@ class RunConfig(StrictModel):
     seed: int = Field(0, ge=0)
     size: int | None = Field(None, ge=1, le=MAX_BASELINE_SIZE,
                              description="Baseline only: number of instructions.")
-    match_run: str | None = Field(None, description="Baseline only: produce as many as this run.")
+    match_run: str | None = Field(None, description="Baseline only: produce as many as this run (and "
+                                                     "live on its controller, so the two compare).")
+    colocate_with: str | None = Field(
+        None, max_length=200,
+        description="A run id: put this run's collection on that run's controller replica, so "
+                    "GET /runs/{id}/compare can compare the two (a baseline with match_run does so "
+                    "by itself). None: the orchestrator routes it by its collection name.")
 
     @model_validator(mode="before")
     @classmethod
@@ -189,6 +195,8 @@ class Run(StrictModel):
     created_at: datetime | None = None
     updated_at: datetime | None = None
     collection: str | None = None
+    controller: str | None = Field(None, description="The controller replica holding the collection "
+                                                      "(recorded at creation, never changed).")
     train_job_id: str | None = None
 
 

@@ -1,4 +1,4 @@
-"""``python -m negspace_orchestrator --port 8000 --node-url URL [--node-url URL ...] --controller-url URL``."""
+"""``python -m negspace_orchestrator --port 8000 --node-url URL [--node-url URL ...] --controller-url URL [--controller-url URL ...]``."""
 
 from __future__ import annotations
 

@@ -25,7 +25,14 @@ def create_app(settings: OrchestratorSettings, deps: Dependencies | None = None)
         d = deps or Dependencies(settings)
         orch = Orchestrator(settings, store, d)
         app.state.orchestrator = orch
-        await orch.start()
+        try:
+            await orch.start()  # refuses to start when a run's controller is unknown (see Scheduler)
+        except BaseException:
+            await orch.stop()
+            if deps is None:
+                await d.aclose()
+            store.close()
+            raise
         try:
             yield
         finally:

@@ -1,9 +1,13 @@
-"""The dependency clients: node replicas with fail-over, the controller and
+"""The dependency clients: node replicas with fail-over, the controller replicas and
 the trainer, each reached only through the typed clients of ``negspace_contracts``.
 
 A retryable failure (connection refused, timeout, 429, 502/503/504, or a 500 from a replica) is
 retried with exponential backoff and jitter, moving to the next node URL each time; once the
 budget is spent ``DependencyDown`` says which service and why, and the driver pauses the run.
+
+Node URLs are interchangeable replicas; controller URLs are not: each run's collection (and its
+in-memory index) lives on exactly one controller, the one recorded in the run's row, and every
+call for that run goes there, never to another replica (``controller_call(url, ...)``).
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
-from negspace_contracts.controller import ControllerClient
+from negspace_contracts.controller import ControllerClient, controller_for
 from negspace_contracts.errors import NegspaceError, ServerError, is_retryable
 from negspace_contracts.node import ChatCompletionRequest, ChatCompletionResponse, NodeClient
 from negspace_contracts.trainer import TrainerClient
@@ -31,10 +35,19 @@ T = TypeVar("T")
 class DependencyDown(Exception):
     """A dependency stayed down for the whole retry budget; the run is paused with this reason."""
 
-    def __init__(self, service: str, reason: str) -> None:
+    def __init__(self, service: str, reason: str, *, controller: str | None = None) -> None:
         super().__init__(f"{service} unavailable: {reason}")
         self.service = service
         self.reason = reason
+        self.controller = controller  # the controller replica's URL, when that is what is down
+
+
+def not_configured(url: str, configured: list[str]) -> str:
+    """Why a run on controller ``url`` cannot go on, and what to do."""
+    have = ", ".join(configured) or "none"
+    return (f"its collection lives on controller {url}, which is not among the configured --controller-url "
+            f"({have}); a run never moves to another controller (its collection and index are on that "
+            "one): add the URL back and resume the run")
 
 
 def _worth_retrying(exc: BaseException) -> bool:
@@ -60,10 +73,10 @@ class Dependencies:
         self.node_urls = list(settings.node_url)
         self.nodes = [NodeClient(u, token=settings.token, timeout=httpx.Timeout(settings.node_timeout_s, connect=5.0),
                                  transport=transports.get(u)) for u in self.node_urls]
-        self.controller = (ControllerClient(settings.controller_url, token=settings.token,
-                                            timeout=httpx.Timeout(settings.controller_timeout_s, connect=5.0),
-                                            transport=transports.get(settings.controller_url))
-                           if settings.controller_url else None)
+        self.controller_urls = list(settings.controller_url)
+        self.controllers = {u: ControllerClient(u, token=settings.token,
+                                                timeout=httpx.Timeout(settings.controller_timeout_s, connect=5.0),
+                                                transport=transports.get(u)) for u in self.controller_urls}
         self.trainer = (TrainerClient(settings.trainer_url, token=settings.token,
                                       timeout=httpx.Timeout(settings.trainer_timeout_s, connect=5.0),
                                       transport=transports.get(settings.trainer_url))
@@ -71,7 +84,7 @@ class Dependencies:
         self._rng = random.Random()
 
     async def aclose(self) -> None:
-        for c in [*self.nodes, self.controller, self.trainer]:
+        for c in [*self.nodes, *self.controllers.values(), self.trainer]:
             if c is not None:
                 await c.aclose()
 
@@ -114,19 +127,41 @@ class Dependencies:
         return await self._retrying("node", once)
 
     # ---- controller ------------------------------------------------------------------------
-    def _ctl(self) -> ControllerClient:
-        if self.controller is None:
-            raise DependencyDown("controller", "no --controller-url configured")
-        return self.controller
+    def route(self, collection: str) -> str | None:
+        """The controller a NEW collection goes to: rendezvous hashing of its name over the
+        configured URLs (None when there is none). Only for placing a new run: an existing run's
+        controller is the one recorded with it, whatever the configured list says now."""
+        return controller_for(collection, self.controller_urls) if self.controller_urls else None
 
-    async def controller_call(self, what: str, fn: Callable[[ControllerClient], Awaitable[T]]) -> T:
-        ctl = self._ctl()
-        return await self._retrying(f"controller ({what})", lambda _tries: fn(ctl))
+    def controller(self, url: str | None) -> ControllerClient:
+        """The client of controller ``url`` (a run's recorded one); DependencyDown when there is
+        none configured or ``url`` is no longer configured (never another replica instead)."""
+        if not self.controller_urls:
+            raise DependencyDown("controller", "no --controller-url configured")
+        if url is None:
+            raise DependencyDown("controller", "the run has no controller recorded yet (restart the "
+                                               "orchestrator with --controller-url to assign it)")
+        client = self.controllers.get(url)
+        if client is None:
+            raise DependencyDown(f"controller {url}", not_configured(url, self.controller_urls), controller=url)
+        return client
+
+    async def controller_call(self, url: str | None, what: str,
+                              fn: Callable[[ControllerClient], Awaitable[T]]) -> T:
+        """``fn`` on the run's controller ``url``, retried there; DependencyDown names the URL."""
+        ctl = self.controller(url)
+        try:
+            return await self._retrying(f"controller {url} ({what})", lambda _tries: fn(ctl))
+        except DependencyDown as exc:
+            exc.controller = url
+            raise
 
     # ---- health ----------------------------------------------------------------------------
-    async def check(self) -> dict[str, str]:
-        """Per dependency ``ok`` or the reason it is not (nodes: ok when at least one URL is)."""
-        out: dict[str, str] = {}
+    async def check(self) -> dict[str, Any]:
+        """Per dependency ``ok`` or the reason it is not. Nodes: ok when at least one URL is (they
+        are interchangeable); ``controller``: ok when every replica is (each holds its own runs),
+        with each replica's own state under ``controllers`` (URL -> ok or the reason)."""
+        out: dict[str, Any] = {}
 
         async def probe(client) -> str:
             try:
@@ -141,7 +176,14 @@ class Dependencies:
                 f"{u}: {r}" for u, r in zip(self.node_urls, results, strict=True))
         else:
             out["node"] = "no --node-url configured"
-        out["controller"] = await probe(self.controller) if self.controller else "no --controller-url configured"
+        if self.controllers:
+            results = await asyncio.gather(*(probe(c) for c in self.controllers.values()))
+            out["controllers"] = dict(zip(self.controller_urls, results, strict=True))
+            out["controller"] = "ok" if all(r == "ok" for r in results) else "; ".join(
+                f"{u}: {r}" for u, r in out["controllers"].items() if r != "ok")
+        else:
+            out["controller"] = "no --controller-url configured"
+            out["controllers"] = {}
         if self.trainer is not None:
             out["trainer"] = await probe(self.trainer)
         return out

@@ -261,7 +261,7 @@ def qa_export_dir(data_dir: Path, export_dir: str | None, run_id: str) -> Path:
 # ---- an export of one run ---------------------------------------------------------------------
 class Exports:
     """Writes a run's export: the rows from the store, the card's model and embedder asked of the
-    node and controller (the card says so when they cannot tell), its metrics through ``metrics``."""
+    node and the run's controller (the card says so when they cannot tell), its metrics through ``metrics``."""
 
     def __init__(self, store: Store, deps: Dependencies, metrics: Callable[[str], Awaitable[MetricsResponse]],
                  *, exports_dir: Path) -> None:
@@ -283,9 +283,10 @@ class Exports:
                 info.model = ", ".join(m.id for m in models.data) or None
             except (NegspaceError, TimeoutError):
                 pass
-        if self.deps.controller is not None:
+        ctl = self.deps.controllers.get(run.controller or "")  # the run's own replica (its embedder)
+        if ctl is not None:
             try:
-                health = await asyncio.wait_for(self.deps.controller.health(), timeout=10.0)
+                health = await asyncio.wait_for(ctl.health(), timeout=10.0)
                 info.embedder = str(health.info.get("embedder")) if health.info.get("embedder") else None
             except (NegspaceError, TimeoutError):
                 pass

@@ -98,7 +98,8 @@ class Rounds(Room):
         super().__init__(settings, store, deps, events)
 
     async def run(self, run: RunRow) -> None:
-        await self.deps.controller_call("create collection", lambda c: self._ensure_collection(c, run))
+        await self.deps.controller_call(run.controller, "create collection",
+                                        lambda c: self._ensure_collection(c, run))
         if run.mode == "guided":
             await self._guided(run)
         else:
@@ -165,7 +166,8 @@ class Rounds(Room):
 
     async def _insert(self, run: RunRow, a: AttemptRow, pid: str) -> None:
         point = self._point(run, a, pid)
-        await self.deps.controller_call("upsert", lambda c: c.collections.upsert(run.collection, [point]))
+        await self.deps.controller_call(run.controller, "upsert",
+                                        lambda c: c.collections.upsert(run.collection, [point]))
         self.store.mark_inserted(run.id, a.node, a.round, a.attempt)
 
     async def _judge(self, run: RunRow, a: AttemptRow, *, max_similarity: float | None,
@@ -241,7 +243,7 @@ class Rounds(Room):
                 pool, min(k, len(pool)))
         else:
             dense = await self.deps.controller_call(
-                "dense", lambda c: c.collections.dense(run.collection, k=k, knn=cfg.negatives.knn))
+                run.controller, "dense", lambda c: c.collections.dense(run.collection, k=k, knn=cfg.negatives.knn))
             texts = [item.text for item in dense.items if item.text.strip()]
         if cfg.negatives.use == "prompt":
             return texts
@@ -291,7 +293,8 @@ class Rounds(Room):
             # leaves out of its own check; a later attempt of the slot overwrites that id.
             point = self._point(run, a, point_id(run.id, node, round_))
             sim = await self.deps.controller_call(
-                "accept", lambda c, p=point, last=retries >= cfg.guidance.max_retries: c.collections.accept(
+                run.controller, "accept",
+                lambda c, p=point, last=retries >= cfg.guidance.max_retries: c.collections.accept(
                     run.collection, p, k=1, threshold=cfg.similarity_threshold,
                     threshold_quantile=cfg.similarity_quantile, force=last))
             await self._judge(run, a, max_similarity=sim.max_similarity, is_similar=sim.is_similar,

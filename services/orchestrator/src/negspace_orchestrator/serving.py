@@ -96,6 +96,7 @@ class Orchestrator:
         if run.status in ("completed", "cancelled"):
             raise ConflictError(f"run {run_id} is {run.status}; only paused or failed runs can be resumed")
         if run.status in ("paused", "failed"):
+            self.scheduler.check_controller(run)
             self.scheduler.resume(run_id)
         return self.get_run(run_id)
 
@@ -106,7 +107,7 @@ class Orchestrator:
             raise ConflictError(f"run {run_id} has no accepted instructions yet; metrics need at least one")
         try:
             return await self.deps.controller_call(
-                "metrics", lambda c: c.collections.metrics(run.collection, request))
+                run.controller, "metrics", lambda c: c.collections.metrics(run.collection, request))
         except DependencyDown as exc:
             raise ServiceUnavailableError(str(exc)) from exc
 
@@ -119,9 +120,16 @@ class Orchestrator:
         for run in runs:
             if self.store.counts(run.id)[0] == 0:
                 raise ConflictError(f"run {run.id} has no accepted instructions yet; a comparison needs at least one")
+        a, b = runs
+        if a.controller != b.controller:  # the controller fits one basis on both collections: one replica
+            raise ConflictError(
+                f"runs {a.id} and {b.id} live on different controller replicas ({a.controller} and "
+                f"{b.controller}), and a comparison fits one PCA basis on both collections inside one "
+                f"controller; make the run to compare on the same replica: a baseline with "
+                f"match_run={a.id}, or any run with colocate_with={a.id}", param="with")
         try:
             got = await self.deps.controller_call(
-                "compare", lambda c: c.compare(runs[0].collection, runs[1].collection, group_by="round"))
+                a.controller, "compare", lambda c: c.compare(a.collection, b.collection, group_by="round"))
         except DependencyDown as exc:
             raise ServiceUnavailableError(str(exc)) from exc
 
@@ -155,7 +163,11 @@ class Orchestrator:
 
     async def health(self) -> dict:
         """What ``/health`` reports beyond the status: runs per status, dependencies, limits."""
+        per_controller = self.store.controller_counts()
         return dict(runs=self.store.status_counts(), dependencies=await self.deps.check(),
+                    runs_per_controller={u: n for u, n in per_controller.items() if u is not None},
+                    runs_on_unconfigured_controllers={u: n for u, n in per_controller.items()
+                                                      if u is not None and u not in self.deps.controllers},
                     round_mode=self.settings.round_mode, db=str(self.settings.db_path),
                     max_active_runs=self.settings.max_active_runs, max_queued_runs=self.settings.max_queued_runs,
                     queued_runs_held_because=self.scheduler.waiting_for)

@@ -12,6 +12,15 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 
+def check_url(url: str) -> str:
+    """A service base URL: http(s), with a host."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"service URLs must start with http:// or https:// (got {url!r})")
+    if not url.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError(f"service URL {url!r} names no host")
+    return url
+
+
 class OrchestratorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_")  # the rest is ServiceSettings' (merged)
 
@@ -19,7 +28,11 @@ class OrchestratorSettings(ServiceSettings):
     node_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Node base URL; repeat the flag for several (each may be a "
                                           "load-balanced set of replicas).")
-    controller_url: str | None = Field(None, description="Controller base URL.")
+    controller_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Controller base URL; repeat the flag for several replicas. "
+                                          "Each run's collection lives on one of them, chosen when the "
+                                          "run is created and recorded with it: adding a URL never moves "
+                                          "a run, removing one pauses the runs that live there.")
     trainer_url: str | None = Field(None, description="Trainer base URL (needed by /runs/{id}/train only).")
     db: Path | None = Field(None, description="SQLite file; default $NEGSPACE_HOME/orchestrator.db.")
     data_dir: Path | None = Field(None, description="Exports (Q/A JSONL, datasets folders); default "
@@ -45,16 +58,28 @@ class OrchestratorSettings(ServiceSettings):
                                                             "dependencies are back.")
     qa_concurrency: int = Field(4, ge=1, le=256, description="Q/A conversions in flight at once.")
 
-    @field_validator("node_url", mode="before")
+    @field_validator("node_url", "controller_url", mode="before")
     @classmethod
     def _split_urls(cls, v: object) -> object:
         return split_commas(v)
 
+    @field_validator("controller_url", mode="after")
+    @classmethod
+    def _controller_urls(cls, v: list[str]) -> list[str]:
+        """Without a trailing slash, each once: a run records its controller's URL and is routed by
+        it, so ``http://c:8002/`` and ``http://c:8002`` must be one replica, not two."""
+        urls = [check_url(u).rstrip("/") for u in v]
+        dups = sorted({u for u in urls if urls.count(u) > 1})
+        if dups:
+            raise ValueError(f"--controller-url lists {', '.join(dups)} more than once; each controller "
+                             "replica once (every run is routed to one of them by its URL)")
+        return urls
+
     @model_validator(mode="after")
     def _urls(self):
-        for url in [*self.node_url, self.controller_url, self.trainer_url]:
-            if url is not None and not url.startswith(("http://", "https://")):
-                raise ValueError(f"service URLs must start with http:// or https:// (got {url!r})")
+        for url in [*self.node_url, self.trainer_url]:
+            if url is not None:
+                check_url(url)
         return self
 
     @property

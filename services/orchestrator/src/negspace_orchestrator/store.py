@@ -3,6 +3,8 @@
 One connection, used from the event loop only (every statement is a few milliseconds in WAL
 mode), so there is exactly one writer. Attempts are unique per (run, node, round, attempt) and
 Q/A records per (run, instruction): replaying work after a restart can never duplicate a row.
+A run's ``controller`` is the URL of the controller replica its collection lives on, recorded when
+the run is created and never changed (NULL: a run from before routing, assigned once at start).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT,
     paused_reason TEXT,
     collection TEXT NOT NULL,
+    controller TEXT,
     train_job_id TEXT,
     train_key TEXT,
     created_at REAL NOT NULL,
@@ -122,6 +125,7 @@ class RunRow:
     error: str | None
     paused_reason: str | None
     collection: str
+    controller: str | None  # the replica that holds the collection (None: not assigned yet)
     train_job_id: str | None
     created_at: float
     updated_at: float
@@ -171,6 +175,8 @@ class Store:
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(runs)")}
         if "train_key" not in columns:  # a database from before training jobs had idempotency keys
             self.db.execute("ALTER TABLE runs ADD COLUMN train_key TEXT")
+        if "controller" not in columns:  # a database from before runs were routed to controller replicas
+            self.db.execute("ALTER TABLE runs ADD COLUMN controller TEXT")
         qa_columns = {r["name"] for r in self.db.execute("PRAGMA table_info(qa)")}
         if "reason" not in qa_columns:  # a database from before rejections had reasons
             self.db.execute("ALTER TABLE qa ADD COLUMN reason TEXT")
@@ -190,14 +196,15 @@ class Store:
         self.db.execute("COMMIT")
 
     # ---- runs -------------------------------------------------------------------------------
-    def create_run(self, run_id: str, config: RunConfig, target: int, collection: str) -> RunRow:
+    def create_run(self, run_id: str, config: RunConfig, target: int, collection: str,
+                   controller: str | None = None) -> RunRow:
         now = time.time()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
-                "INSERT INTO runs (id, mode, status, config, target, collection, created_at, updated_at)"
-                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (run_id, config.mode, config.model_dump_json(), target, collection, now, now))
+                "INSERT INTO runs (id, mode, status, config, target, collection, controller, created_at,"
+                " updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (run_id, config.mode, config.model_dump_json(), target, collection, controller, now, now))
             self._event(run_id, StatusData(status="queued"))
         return self.get_run(run_id)  # type: ignore[return-value]
 
@@ -205,7 +212,7 @@ class Store:
         return RunRow(id=r["id"], mode=r["mode"], status=r["status"],
                       config=RunConfig.model_validate_json(r["config"]), target=r["target"],
                       round=r["round"], error=r["error"], paused_reason=r["paused_reason"],
-                      collection=r["collection"], train_job_id=r["train_job_id"],
+                      collection=r["collection"], controller=r["controller"], train_job_id=r["train_job_id"],
                       created_at=r["created_at"], updated_at=r["updated_at"])
 
     def get_run(self, run_id: str) -> RunRow | None:
@@ -229,6 +236,20 @@ class Store:
             sql += " LIMIT ?"
             args.append(limit)
         return [self._row_to_run(r) for r in self.db.execute(sql, args).fetchall()]
+
+    def unrouted_runs(self) -> list[RunRow]:
+        """Runs with no controller recorded (made before routing, or while none was configured)."""
+        rows = self.db.execute("SELECT * FROM runs WHERE controller IS NULL ORDER BY created_at, id").fetchall()
+        return [self._row_to_run(r) for r in rows]
+
+    def set_controller(self, run_id: str, controller: str) -> None:
+        """Record an unrouted run's controller: once only (a recorded one is never overwritten)."""
+        self.db.execute("UPDATE runs SET controller = ? WHERE id = ? AND controller IS NULL", (controller, run_id))
+
+    def controller_counts(self) -> dict[str | None, int]:
+        """Runs per controller URL (None: not assigned yet)."""
+        rows = self.db.execute("SELECT controller, COUNT(*) AS n FROM runs GROUP BY controller").fetchall()
+        return {r["controller"]: int(r["n"]) for r in rows}
 
     def status_counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT status, COUNT(*) AS n FROM runs GROUP BY status").fetchall()
