@@ -190,7 +190,7 @@ def test_experiment_qa_training_with_evaluation_and_export(stack, tmp_path):
         orch, ctl, trainer = clients(stack)
         async with orch, ctl, trainer:
             t0 = time.monotonic()
-            out = await run_experiment(cfg, orch, ctl, tmp_path / "runs", quiet=True)
+            out = await run_experiment(cfg, orch, tmp_path / "runs", quiet=True)
             print(f"experiment (2 runs x 4 instructions, Q/A, LoRA + eval) in {time.monotonic() - t0:.0f} s")
             m = json.loads((out / "metrics.json").read_text())
             jobs = {j.name: j for j in (await trainer.jobs.list()).jobs}
