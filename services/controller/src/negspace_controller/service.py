@@ -38,7 +38,7 @@ from negspace_controller.batching import BatchingEncoder
 from negspace_controller.embedder import Embedder
 from negspace_controller.index import DensityIndex
 from negspace_controller.journal import Journal, JournalCorrupt, covered_seqs, dangling_rows, replay, state_of
-from negspace_controller.store import RESERVED_KEYS, SEQ_KEY, TEXT_KEY, QdrantStore, to_key
+from negspace_controller.store import RESERVED_KEYS, SEQ_KEY, TEXT_KEY, Store, to_key
 
 log = logging.getLogger("negspace.controller")
 _NAME = re.compile(COLLECTION_NAME_PATTERN)
@@ -62,7 +62,7 @@ class _Collection:
 
 
 class Controller:
-    def __init__(self, embedder: Embedder, store: QdrantStore, *, knn_capacity: int = 32,
+    def __init__(self, embedder: Embedder, store: Store, *, knn_capacity: int = 32,
                  snapshot_dir: str | Path | None = None,
                  observe: Callable[[str, float], None] | None = None, index_mode: str = "exact",
                  approx_candidates: int | None = None) -> None:
@@ -86,9 +86,10 @@ class Controller:
 
     # ------------------------------------------------------------------ health
     def health_info(self) -> dict:
-        """What ``/health`` reports: the embedder, where Qdrant is, points held per collection."""
+        """What ``/health`` reports: the embedder, where Qdrant is and which engine (server, edge,
+        local), points held per collection."""
         return dict(embedder=self.embedder.name, dimension=self.embedder.dimension, qdrant=self.store.where,
-                    collections={name: len(c.index) for name, c in self._cols.items()},
+                    qdrant_engine=self.store.engine, collections={name: len(c.index) for name, c in self._cols.items()},
                     knn_capacity=self.knn_capacity)
 
     async def qdrant_problem(self) -> str | None:
