@@ -148,8 +148,7 @@ class EdgeStore(FaultState):
 
     def __init__(self, path: str, *, prefix: str = "negspace_", flush_interval_s: float = FLUSH_INTERVAL_S,
                  min_free_bytes: int = MIN_FREE_BYTES) -> None:
-        if not prefix or "/" in prefix or prefix.startswith(".") or "\0" in prefix:
-            # ('' would let a collection be named like the lock or a dropped folder)
+        if "/" in prefix or prefix.startswith(".") or "\0" in prefix:  # hidden names are the lock's and drops'
             raise ValueError(f"collection prefix {prefix!r} cannot start edge folder names: use letters, "
                              "digits, '_' or '-'")
         self.prefix = prefix
