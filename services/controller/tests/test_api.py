@@ -76,6 +76,7 @@ async def test_lifecycle_similar_dense_metrics_and_embed(run_app):
 
         health = (await raw.get("/health")).json()
         assert health["status"] == "ok" and health["info"]["collections"] == {"run-1": 10}
+        assert health["info"]["qdrant_engine"] == "edge" and health["info"]["qdrant"] == ":memory:"
         assert "negspace_http_requests" in (await raw.get("/metrics")).text
 
         await client.collections.delete("run-1")
@@ -112,8 +113,9 @@ async def test_idempotent_upserts_replacements_and_deletes(run_app):
         assert [i.id for i in got.items] == [h.key for h in index.dense_bruteforce(100, 3)]
 
 
-async def test_on_disk_store_survives_restart(tmp_path, run_app):
-    settings = ControllerSettings(qdrant_path=str(tmp_path / "qdrant"))
+@pytest.mark.parametrize("engine", ["edge", "local"])
+async def test_on_disk_store_survives_restart(tmp_path, run_app, engine):
+    settings = ControllerSettings(qdrant_path=str(tmp_path / "qdrant"), qdrant_engine=engine)
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(["apple", "pear", "sea", "sky", "math", "poem", "red", "blue", "one",
                                   "two", "cat"], size=4)) + f" {i}" for i in range(60)]
@@ -146,7 +148,8 @@ async def test_on_disk_store_survives_restart(tmp_path, run_app):
     snaps = sorted((tmp_path / "qdrant-index").glob("negspace_run.snap-*.npz"))
     assert snaps, "no snapshot written at shutdown"
     snaps[-1].write_bytes(b"not a snapshot")
-    for variant in (settings, ControllerSettings(qdrant_path=str(tmp_path / "qdrant"), index_snapshots="off")):
+    for variant in (settings, ControllerSettings(qdrant_path=str(tmp_path / "qdrant"), qdrant_engine=engine,
+                                                 index_snapshots="off")):
         async with run_app(variant, embedder=fake()) as (app, client, raw):
             for knn, want in dense.items():
                 got = await client.collections.dense("run", k=10, knn=knn)
@@ -207,8 +210,9 @@ async def test_bad_input_is_a_clear_4xx(run_app):
         assert r.truncated == [True]
 
 
-async def test_collection_from_another_embedder_conflicts(tmp_path, run_app):
-    settings = ControllerSettings(qdrant_path=str(tmp_path / "q"))
+@pytest.mark.parametrize("engine", ["edge", "local"])
+async def test_collection_from_another_embedder_conflicts(tmp_path, run_app, engine):
+    settings = ControllerSettings(qdrant_path=str(tmp_path / "q"), qdrant_engine=engine)
     async with run_app(settings, embedder=fake()) as (_, client, _raw):
         await client.collections.create("c")
     async with run_app(settings, embedder=FakeEmbedder(dimension=16)) as (_, client, _raw):
