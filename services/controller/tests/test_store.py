@@ -213,7 +213,7 @@ CHILD = textwrap.dedent("""
     import numpy as np
     from negspace_controller.store_edge import EdgeStore
     path, dim = sys.argv[1], int(sys.argv[2])
-    s = EdgeStore(path, flush_interval_s=0)  # no background flush: only what update() itself does
+    s = EdgeStore(path, flush_interval_s=None)  # no flush at all: only what update() itself does
     s.create("c", dim, "fake-8")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1400, dim)).astype(np.float32)
@@ -321,6 +321,29 @@ def test_edge_flushes_in_the_background(tmp_path):
         s.close()
 
 
+def test_edge_flush_after_every_write_when_asked(tmp_path, monkeypatch):
+    s = EdgeStore(str(tmp_path / "q"), flush_interval_s=0)
+    try:
+        s.create("c", DIM, "fake-8")
+        flushes = []
+        shard = s._shards["c"].shard
+
+        class Counting:
+            def __getattr__(self, name):
+                attr = getattr(shard, name)
+                if name == "flush":
+                    return lambda: (flushes.append(1), attr())[1]
+                return attr
+
+        s._shards["c"].shard = Counting()
+        s.upsert("c", list(range(600)), unit(600), payloads(600))  # two chunks, one flush
+        s.delete_points("c", [1])
+        assert len(flushes) == 2 and not s._shards["c"].dirty and s.count("c") == 599
+        s._shards["c"].shard = shard
+    finally:
+        s.close()
+
+
 def test_edge_disk_nearly_full_is_a_503_before_any_write(tmp_path):
     s = EdgeStore(str(tmp_path / "q"), min_free_bytes=2**62)
     try:
@@ -347,7 +370,7 @@ FSIZE_CHILD = textwrap.dedent("""
     import numpy as np
     from negspace_contracts.errors import ServiceUnavailableError
     from negspace_controller.store_edge import EdgeStore
-    s = EdgeStore(sys.argv[1], flush_interval_s=0)
+    s = EdgeStore(sys.argv[1], flush_interval_s=None)
     s.create("c", 8, "fake-8")
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, a write fails with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
@@ -431,7 +454,12 @@ def test_engine_choice_follows_the_folder(tmp_path, caplog):
         choose_engine(str(tmp_path / "old"), "edge")
     with pytest.raises(ValueError, match="local-mode store"):
         EdgeStore(str(tmp_path / "old"))  # never writes beside a local-mode store
-    EdgeStore(str(tmp_path / "edge")).close()
+    s = EdgeStore(str(tmp_path / "edge"))
+    s.close()
+    assert choose_engine(str(tmp_path / "edge"), "local") == "local"  # nothing in it to hide
+    s = EdgeStore(str(tmp_path / "edge"))
+    s.create("run", DIM, "fake-8")
+    s.close()
     with pytest.raises(ValueError, match="holds edge collections"):
         choose_engine(str(tmp_path / "edge"), "local")
     assert choose_engine(str(tmp_path / "edge"), None) == "edge"
@@ -457,6 +485,10 @@ async def test_build_store_and_health_name_the_engine(tmp_path, run_app):
         assert h.status_code == 503 and "migrate_store" in h.json()["detail"], h.text
     settings = ControllerSettings(qdrant_url="http://127.0.0.1:1", qdrant_engine="edge")
     assert build_store(settings).engine == "server"
+    for interval, every in ((0, True), (5, False)):
+        st = build_store(ControllerSettings(qdrant_path=str(tmp_path / "new"), qdrant_flush_interval_s=interval))
+        assert st.flush_every_write is every and (st._flusher is None) is every
+        st.close()
 
 
 async def test_migrate_local_mode_folder_to_edge(tmp_path, run_app):

@@ -36,7 +36,7 @@ def build_store(settings: ControllerSettings) -> Store:
     path = settings.resolved_qdrant_path()
     engine = choose_engine(path, settings.qdrant_engine)
     if engine == "edge":
-        return EdgeStore(path, prefix=settings.collection_prefix)
+        return EdgeStore(path, prefix=settings.collection_prefix, flush_interval_s=settings.qdrant_flush_interval_s)
     if path != ":memory:":
         Path(path).mkdir(parents=True, exist_ok=True)
     return QdrantStore(path=path, prefix=settings.collection_prefix)

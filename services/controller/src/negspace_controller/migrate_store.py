@@ -41,7 +41,7 @@ def migrate(folder: str | Path, backup: str | Path | None = None,
     counts: dict[str, int] = {}
     try:
         src = QdrantStore(path=str(backup), prefix="")
-        dst = EdgeStore(str(folder), prefix="", flush_interval_s=0)
+        dst = EdgeStore(str(folder), prefix="", flush_interval_s=None)  # close flushes
         for name in src.names():
             started = time.monotonic()
             dim, embedder = src.dimension(name)
