@@ -6,6 +6,7 @@ restarts on disk, and every bad input answered with a clear 4xx.
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import numpy as np
@@ -189,6 +190,21 @@ async def test_bad_input_is_a_clear_4xx(run_app):
         await expect("POST", "/collections/c/points", 422, "unsigned", {"points": [{"id": -1, "text": "x"}]})
         await expect("POST", "/collections/c/points", 400, "reserved",
                      {"points": [{"id": 1, "text": "x", "payload": {"text": "y"}}]})
+        for bad in (float("nan"), float("inf"), [1.0, {"deep": float("-inf")}]):  # JSON allows none of them
+            r = await raw.post("/collections/c/points", content=json.dumps(
+                {"points": [{"id": 1, "text": "x", "payload": {"v": bad}}]}), headers={"content-type": "application/json"})
+            assert r.status_code == 400 and "NaN or Infinity" in r.json()["error"]["message"], r.text
+            assert r.json()["error"]["param"] == "points.0.payload"
+        await expect("POST", "/collections/c/points", 400, "beyond 64 bits",
+                     {"points": [{"id": 1, "text": "x", "payload": {"v": [1, 2**64]}}]})
+        await expect("POST", "/collections/c/points", 400, "0 .. 2**64 - 1",
+                     {"points": [{"id": 2**64, "text": "x"}]})
+        await expect("POST", "/collections/c/points/delete", 400, "ids[1] = 18446744073709551616",
+                     {"ids": [1, 2**64]})
+        await expect("POST", "/collections/c/accept", 400, "point.id", {"point": {"id": 2**64, "text": "x"}})
+        r = await raw.post("/collections/c/metrics", json={"filter": {"round": 2**70}})  # no 64-bit int: no match
+        assert r.status_code == 200 and r.json()["n"] == 0, r.text
+        await client.collections.upsert("c", [PointIn(id=2**64 - 1, text="the largest id")])
         await expect("POST", "/collections/c/similar", 422, "empty", {"text": ""})
         await expect("POST", "/collections/c/dense", 422, "greater than or equal to 1", {"k": 0})
         await expect("POST", "/collections/c/dense", 422, "greater than or equal to 1", {"knn": 0})

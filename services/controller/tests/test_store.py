@@ -134,7 +134,7 @@ def test_large_upsert_goes_in_chunks(store):
 FILTER_POINTS = [
     {"i": 3, "f": 2.0, "b": True, "s": "x", "tags": ["a", "b"]},
     {"i": 3.0, "f": 2, "b": False, "x": None, "flags": [False, True]},
-    {"i": 4, "f": 2.5, "b": 1, "s": "y"},
+    {"i": 4, "f": 2.5, "b": 1, "s": "y", "big": 2**63},
 ]
 
 
@@ -145,7 +145,7 @@ FILTER_POINTS = [
     ({"flags": True}, {1}), ({"flags": False}, {1}), ({"tags": "a"}, {0}),  # a list holding the value
     ({"x": None}, {1}), ({"s": None}, set()), ({"missing": None}, set()), ({"s": "x"}, {0}),
     ({"i": 3, "s": "x"}, {0}), ({"i": 3, "s": "y"}, set()), ({"i": 4, "b": True}, set()),
-    ({"s": "y", "b": 1}, {2}),
+    ({"s": "y", "b": 1}, {2}), ({"big": 2**63}, {2}),  # unsigned 64-bit: beyond MatchValue's i64
 ])
 def test_scan_filters_mean_the_same_on_both_engines(store, where, want):
     store.create("c", DIM, "fake-8")
@@ -484,7 +484,9 @@ async def test_build_store_and_health_name_the_engine(tmp_path, run_app):
         h = await raw.get("/health")
         assert h.status_code == 503 and "migrate_store" in h.json()["detail"], h.text
     settings = ControllerSettings(qdrant_url="http://127.0.0.1:1", qdrant_engine="edge")
-    assert build_store(settings).engine == "server"
+    st = build_store(settings)
+    assert st.engine == "server"
+    st.close()
     for interval, every in ((0, True), (5, False)):
         st = build_store(ControllerSettings(qdrant_path=str(tmp_path / "new"), qdrant_flush_interval_s=interval))
         assert st.flush_every_write is every and (st._flusher is None) is every
