@@ -115,3 +115,27 @@ def test_local_packages_are_installed_by_path_with_their_negspace_dependencies()
     for name in SERVICES:
         paths = {p.relative_to(ROOT).as_posix() for p in mod.closure(f"negspace-{name}", dists)}
         assert {f"services/{name}", "packages/contracts", "packages/servekit"} <= paths, (name, paths)
+
+
+def test_controller_image_installs_every_third_party_dependency():
+    """install_local.py installs the negspace packages with --no-deps, so the dependency layer must
+    name each third-party distribution the controller's pyproject closure needs (the embedded
+    Qdrant engine qdrant-edge-py and approximate mode's usearch were once missing; torch comes
+    from the first stage)."""
+    import importlib.util as iu
+    import tomllib
+
+    spec = iu.spec_from_file_location("install_local", ROOT / "deploy" / "compose" / "install_local.py")
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    need = set()
+    for path in mod.closure("negspace-controller", mod.local_distributions(ROOT)):
+        for req in tomllib.loads((path / "pyproject.toml").read_text())["project"].get("dependencies", []):
+            dep = re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0].lower().replace("_", "-")
+            if not dep.startswith("negspace-"):
+                need.add(dep)
+    ins = final_stage(instructions(ROOT / "services" / "controller" / "Dockerfile"))
+    pip = " ".join(r for w, r in ins if w == "RUN" and "pip install" in r)
+    named = {re.split(r"[<>=!~\[;]", t)[0].lower().replace("_", "-") for t in pip.split()}
+    assert {"qdrant-edge-py", "usearch"} <= need
+    assert not need - named - {"torch"}, f"controller image lacks {sorted(need - named - {'torch'})}"

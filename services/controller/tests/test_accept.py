@@ -49,14 +49,16 @@ async def test_accept_checks_then_inserts_atomically_and_matches_similar(run_app
             await client.collections.accept("run", PointIn(id=4, text="y", payload={"_seq": 1}))
 
 
-async def test_concurrent_accepts_see_each_other():
+@pytest.mark.parametrize("engine", ["edge", "local"])
+async def test_concurrent_accepts_see_each_other(engine):
     """64 concurrent identical texts through one collection: exactly one is accepted (the check and
     the insert are one critical section), and the model ran in a few batches, not 64 calls."""
     from negspace_controller.service import Controller
     from negspace_controller.store import QdrantStore
+    from negspace_controller.store_edge import EdgeStore
 
     emb = CountingEmbedder()
-    store = QdrantStore(path=":memory:")
+    store = QdrantStore(path=":memory:") if engine == "local" else EdgeStore(":memory:")
     ctl = Controller(emb, store)
     await ctl.create("run")
     from negspace_contracts.controller import AcceptRequest

@@ -6,6 +6,7 @@ restarts on disk, and every bad input answered with a clear 4xx.
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import numpy as np
@@ -76,6 +77,7 @@ async def test_lifecycle_similar_dense_metrics_and_embed(run_app):
 
         health = (await raw.get("/health")).json()
         assert health["status"] == "ok" and health["info"]["collections"] == {"run-1": 10}
+        assert health["info"]["qdrant_engine"] == "edge" and health["info"]["qdrant"] == ":memory:"
         assert "negspace_http_requests" in (await raw.get("/metrics")).text
 
         await client.collections.delete("run-1")
@@ -112,8 +114,9 @@ async def test_idempotent_upserts_replacements_and_deletes(run_app):
         assert [i.id for i in got.items] == [h.key for h in index.dense_bruteforce(100, 3)]
 
 
-async def test_on_disk_store_survives_restart(tmp_path, run_app):
-    settings = ControllerSettings(qdrant_path=str(tmp_path / "qdrant"))
+@pytest.mark.parametrize("engine", ["edge", "local"])
+async def test_on_disk_store_survives_restart(tmp_path, run_app, engine):
+    settings = ControllerSettings(qdrant_path=str(tmp_path / "qdrant"), qdrant_engine=engine)
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(["apple", "pear", "sea", "sky", "math", "poem", "red", "blue", "one",
                                   "two", "cat"], size=4)) + f" {i}" for i in range(60)]
@@ -146,7 +149,8 @@ async def test_on_disk_store_survives_restart(tmp_path, run_app):
     snaps = sorted((tmp_path / "qdrant-index").glob("negspace_run.snap-*.npz"))
     assert snaps, "no snapshot written at shutdown"
     snaps[-1].write_bytes(b"not a snapshot")
-    for variant in (settings, ControllerSettings(qdrant_path=str(tmp_path / "qdrant"), index_snapshots="off")):
+    for variant in (settings, ControllerSettings(qdrant_path=str(tmp_path / "qdrant"), qdrant_engine=engine,
+                                                 index_snapshots="off")):
         async with run_app(variant, embedder=fake()) as (app, client, raw):
             for knn, want in dense.items():
                 got = await client.collections.dense("run", k=10, knn=knn)
@@ -186,6 +190,21 @@ async def test_bad_input_is_a_clear_4xx(run_app):
         await expect("POST", "/collections/c/points", 422, "unsigned", {"points": [{"id": -1, "text": "x"}]})
         await expect("POST", "/collections/c/points", 400, "reserved",
                      {"points": [{"id": 1, "text": "x", "payload": {"text": "y"}}]})
+        for bad in (float("nan"), float("inf"), [1.0, {"deep": float("-inf")}]):  # JSON allows none of them
+            r = await raw.post("/collections/c/points", content=json.dumps(
+                {"points": [{"id": 1, "text": "x", "payload": {"v": bad}}]}), headers={"content-type": "application/json"})
+            assert r.status_code == 400 and "NaN or Infinity" in r.json()["error"]["message"], r.text
+            assert r.json()["error"]["param"] == "points.0.payload"
+        await expect("POST", "/collections/c/points", 400, "beyond 64 bits",
+                     {"points": [{"id": 1, "text": "x", "payload": {"v": [1, 2**64]}}]})
+        await expect("POST", "/collections/c/points", 400, "0 .. 2**64 - 1",
+                     {"points": [{"id": 2**64, "text": "x"}]})
+        await expect("POST", "/collections/c/points/delete", 400, "ids[1] = 18446744073709551616",
+                     {"ids": [1, 2**64]})
+        await expect("POST", "/collections/c/accept", 400, "point.id", {"point": {"id": 2**64, "text": "x"}})
+        r = await raw.post("/collections/c/metrics", json={"filter": {"round": 2**70}})  # no 64-bit int: no match
+        assert r.status_code == 200 and r.json()["n"] == 0, r.text
+        await client.collections.upsert("c", [PointIn(id=2**64 - 1, text="the largest id")])
         await expect("POST", "/collections/c/similar", 422, "empty", {"text": ""})
         await expect("POST", "/collections/c/dense", 422, "greater than or equal to 1", {"k": 0})
         await expect("POST", "/collections/c/dense", 422, "greater than or equal to 1", {"knn": 0})
@@ -207,8 +226,9 @@ async def test_bad_input_is_a_clear_4xx(run_app):
         assert r.truncated == [True]
 
 
-async def test_collection_from_another_embedder_conflicts(tmp_path, run_app):
-    settings = ControllerSettings(qdrant_path=str(tmp_path / "q"))
+@pytest.mark.parametrize("engine", ["edge", "local"])
+async def test_collection_from_another_embedder_conflicts(tmp_path, run_app, engine):
+    settings = ControllerSettings(qdrant_path=str(tmp_path / "q"), qdrant_engine=engine)
     async with run_app(settings, embedder=fake()) as (_, client, _raw):
         await client.collections.create("c")
     async with run_app(settings, embedder=FakeEmbedder(dimension=16)) as (_, client, _raw):

@@ -1,12 +1,13 @@
-"""Crash consistency in local mode: SIGKILL the controller process while upserts stream in.
+"""Crash consistency of both embedded engines: SIGKILL the controller process while upserts stream in.
 
-Local-mode Qdrant commits every point to its sqlite file on its own, and its folder lock is an
-flock, which the kernel releases when the process dies. So a killed controller leaves Qdrant with
-every acknowledged batch plus a prefix of the batch in flight. The neighbour lists are durable as
+Local-mode Qdrant commits every point to its sqlite file on its own; edge writes each update into
+its memory-mapped WAL before the call returns (tests/test_store.py). Both folder locks are
+flocks, which the kernel releases when the process dies. So a killed controller leaves Qdrant
+with every acknowledged batch plus a prefix of the batch in flight. The neighbour lists are durable as
 they change (a snapshot from the last clean shutdown + the append-only index log since, see
 journal.py), so the restart replays the log instead of the O(n^2 d) rebuild; the points Qdrant
 took but the log had not yet seen are inserted normally; replaying the batch in flight completes
-it without adding a point twice, and every density equals a brute-force computation from Qdrant. Real processes (``python -m negspace_controller --embedder fake``), real local Qdrant.
+it without adding a point twice, and every density equals a brute-force computation from Qdrant. Real processes (``python -m negspace_controller --embedder fake``), real embedded Qdrant.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from negspace_contracts.controller import PointIn
 from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.index import DensityIndex
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import SEQ_KEY, TEXT_KEY, to_key
+from negspace_controller.store import SEQ_KEY, TEXT_KEY, QdrantStore, to_key
+from negspace_controller.store_edge import EdgeStore
 from negspace_servekit.testing import free_port
-from qdrant_client import QdrantClient
 
 BATCH = 64
 WORDS = ["apple", "pear", "sea", "sky", "math", "poem", "red", "blue", "cat", "dog", "river", "code"]
@@ -42,14 +43,14 @@ def batch(i: int) -> list[dict]:
 
 
 class Controller:
-    def __init__(self, qdrant: str, log_path) -> None:
+    def __init__(self, qdrant: str, log_path, engine: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         env = {k: v for k, v in os.environ.items() if k != "NEGSPACE_API_TOKEN"} | {"HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "negspace_controller", "--port", str(self.port), "--embedder", "fake",
-             "--qdrant-path", qdrant, "--log-level", "info"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+             "--qdrant-path", qdrant, "--qdrant-engine", engine, "--log-level", "info"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
         while True:
             assert self.proc.poll() is None, f"controller exited {self.proc.returncode}; see {log_path}"
@@ -90,34 +91,32 @@ def started():
             c.proc.wait(10)
 
 
-def brute_force_densities(path: str, name: str, knn: int) -> dict:
+def brute_force_densities(path: str, engine: str, name: str, knn: int) -> dict:
     """Densities from what Qdrant holds on disk, through the index's independent O(n^2) path."""
-    client = QdrantClient(path=path)
+    store = QdrantStore(path=path, prefix="") if engine == "local" else EdgeStore(path, prefix="")
     try:
-        keys, vecs, texts, seqs, offset = [], [], [], [], None
-        while True:
-            records, offset = client.scroll(name, limit=1024, offset=offset, with_payload=True, with_vectors=True)
-            for r in records:
-                keys.append(to_key(r.id))
-                vecs.append(np.asarray(r.vector, np.float32))
-                texts.append(r.payload[TEXT_KEY])
-                seqs.append(r.payload[SEQ_KEY])
-            if offset is None:
-                break
+        keys, vecs, texts, seqs = [], [], [], []
+        for key, vec, payload in store.scan(name, with_vectors=True, batch=1024):
+            keys.append(to_key(key))
+            vecs.append(vec)
+            texts.append(payload[TEXT_KEY])
+            seqs.append(payload[SEQ_KEY])
     finally:
-        client.close()
+        store.close()
     assert len(set(seqs)) == len(seqs), "two points share an insertion sequence"
     idx = DensityIndex(len(vecs[0]), capacity=8, initial_rows=len(keys))
     idx.load(keys, np.stack(vecs), texts, seqs, compute=False)
     return {h.key: h.density for h in idx.dense_bruteforce(len(keys), knn)}
 
 
-def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started, run_app):
+@pytest.mark.parametrize("engine", ["local", "edge"])
+def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started, run_app, engine):
     qdrant = str(tmp_path / "qdrant")
     log = tmp_path / "controller.log"
 
     async def clean_run() -> None:  # in-process (the same embedder as --embedder fake), closed cleanly
-        async with run_app(ControllerSettings(qdrant_path=qdrant), embedder=FakeEmbedder()) as (_, client, _r):
+        async with run_app(ControllerSettings(qdrant_path=qdrant, qdrant_engine=engine),
+                           embedder=FakeEmbedder()) as (_, client, _r):
             await client.collections.create("run")
             for i in range(2):
                 await client.collections.upsert("run", [PointIn(**p) for p in batch(i)])
@@ -127,7 +126,7 @@ def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started, run_a
     assert list((tmp_path / "qdrant-index").glob("negspace_run.snap-*.npz"))
 
     # a stream of upserts, killed while one is in flight
-    victim = started(qdrant, log)
+    victim = started(qdrant, log, engine)
     acked: list[int] = []
     sent: list[int] = []
     stop = threading.Event()
@@ -150,20 +149,25 @@ def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started, run_a
     while len(acked) < 3:
         assert time.monotonic() < deadline and writer.is_alive(), "the upsert stream stalled"
         time.sleep(0.01)
-    # kill while Qdrant is half-way through writing a batch (it commits point by point); if that
-    # moment is missed, wherever the stream is (embedding, between batches) after 10 s
-    storage = sqlite3.connect(f"file:{qdrant}/collection/negspace_run/storage.sqlite?mode=ro", uri=True,
-                              timeout=1)
-    deadline = time.monotonic() + 10
-    try:
-        while time.monotonic() < deadline:
-            try:
-                if storage.execute("SELECT count(*) FROM points").fetchone()[0] % BATCH:
-                    break
-            except sqlite3.OperationalError:  # busy: the writer holds it
-                pass
-    finally:
-        storage.close()
+    if engine == "local":
+        # kill while Qdrant is half-way through writing a batch (it commits point by point); if that
+        # moment is missed, wherever the stream is (embedding, between batches) after 10 s
+        storage = sqlite3.connect(f"file:{qdrant}/collection/negspace_run/storage.sqlite?mode=ro", uri=True,
+                                  timeout=1)
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    if storage.execute("SELECT count(*) FROM points").fetchone()[0] % BATCH:
+                        break
+                except sqlite3.OperationalError:  # busy: the writer holds it
+                    pass
+        finally:
+            storage.close()
+    else:  # edge writes a batch in ~1 ms (one update): kill wherever the stream is, a few batches on
+        n = len(acked)
+        while len(acked) < n + 5 and writer.is_alive():
+            time.sleep(0.001)
     assert victim.stop(signal.SIGKILL) == -signal.SIGKILL  # what an OOM kill or a power cut leaves
     stop.set()
     writer.join(30)
@@ -172,7 +176,7 @@ def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started, run_a
 
     # restart on the same folder: the lock is free, Qdrant holds every acknowledged batch and a
     # prefix of the one in flight; the lists come from snapshot + log, not a rebuild
-    again = started(qdrant, log)
+    again = started(qdrant, log, engine)
     held = again.call("GET", "/collections/run").json()["count"]
     assert (acked[-1] + 1) * BATCH <= held <= (last + 1) * BATCH, (held, acked, last)
     print(f"killed with {held - (acked[-1] + 1) * BATCH} of {BATCH} points of batch {last} in Qdrant"
@@ -191,7 +195,7 @@ def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started, run_a
     assert "neighbour lists from the index log" in restarted
     assert "rebuilding every neighbour list" not in restarted
     for knn, items in dense.items():
-        want = brute_force_densities(qdrant, "negspace_run", knn)
+        want = brute_force_densities(qdrant, engine, "negspace_run", knn)
         assert len(items) == len(want) == n
         got = {to_key(i["id"]): i["density"] for i in items}
         assert got.keys() == want.keys()

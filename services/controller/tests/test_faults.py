@@ -5,7 +5,8 @@ Qdrant server binary here): a closed port, a server that accepts and never answe
 answers 500, one that answers garbage, and one that answers the two questions the controller's
 start-up and /health ask (list collections, does a collection exist), for the recovery.
 A write whose outcome is unknown (Qdrant applied it, then the answer timed out) is exercised
-against real local-mode Qdrant with the faults injected at the client.
+against real local-mode Qdrant with the faults injected at the client, and against the edge engine
+with engine errors injected where its calls go.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from negspace_contracts.errors import ServiceUnavailableError, is_retryable
 from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.settings import ControllerSettings
 from negspace_controller.store import QdrantStore
+from negspace_controller.store_edge import EdgeStore
 from negspace_servekit.testing import free_port
 from qdrant_client.http.exceptions import ResponseHandlingException
 
@@ -217,10 +219,56 @@ def check_index_matches_qdrant(app, store: QdrantStore, name: str) -> None:
         np.testing.assert_allclose([h.density for h in got], [h.density for h in want], rtol=1e-5)
 
 
-async def test_write_with_unknown_outcome_is_reconciled_and_replay_adds_nothing(run_app):
-    store = QdrantStore(path=":memory:")
-    flaky = FlakyClient(store.client)
-    store.client = flaky
+EDGE_IO_ERROR = "Service runtime error: IO Error: Input/output error (os error 5)"
+# what each engine's message says: the lost answer of a write, the store's name, a refused call
+FRAGMENTS = {"local": ("did not answer", "local Qdrant storage", "unreachable"),
+             "edge": ("os error 5", "embedded Qdrant (edge) storage", "Input/output error")}
+
+
+def flaky_store(engine: str):
+    """(store, set_mode, undo): the faults of FlakyClient, injected where each engine's calls go.
+    Edge is in-process, so "down" is an engine IO error on every call and "applied-then-timeout"
+    a write the engine applied whose call then failed (as when a later chunk of it fails)."""
+    if engine == "local":
+        store = QdrantStore(path=":memory:")
+        flaky = FlakyClient(store.client)
+        store.client = flaky
+
+        def set_mode(mode):
+            flaky.mode = mode
+
+        def undo():
+            store.client = flaky.inner
+        return store, set_mode, undo
+    store = EdgeStore(":memory:")
+    real_call = store._call
+    state = {"mode": None}
+
+    def call(what, fn):
+        def run():
+            if state["mode"] == "down":
+                raise Exception(EDGE_IO_ERROR)
+            result = fn()
+            if state["mode"] == "applied-then-timeout" and what.startswith(("writing", "deleting")) \
+                    and "points" in what:
+                raise Exception(EDGE_IO_ERROR)
+            return result
+        return real_call(what, run)
+
+    store._call = call
+
+    def set_mode(mode):
+        state["mode"] = mode
+
+    def undo():
+        store._call = real_call
+    return store, set_mode, undo
+
+
+@pytest.mark.parametrize("engine", ["local", "edge"])
+async def test_write_with_unknown_outcome_is_reconciled_and_replay_adds_nothing(run_app, engine):
+    store, set_mode, undo = flaky_store(engine)
+    lost, where, refused = FRAGMENTS[engine]
     try:
         async with run_app(ControllerSettings(qdrant_path=":memory:"), embedder=fake(),
                            store=store) as (app, client, raw):
@@ -231,21 +279,21 @@ async def test_write_with_unknown_outcome_is_reconciled_and_replay_adds_nothing(
             batch.append(PointIn(id=0, text="a replaced text", payload={"round": 2}))
 
             # Qdrant applies the batch but the answer is lost: 503, and the index is behind Qdrant
-            flaky.mode = "applied-then-timeout"
-            with pytest.raises(ServiceUnavailableError, match="did not answer"):
+            set_mode("applied-then-timeout")
+            with pytest.raises(ServiceUnavailableError, match=lost):
                 await client.collections.upsert("c", batch)
-            flaky.mode = None
+            set_mode(None)
             assert store.count("c") == len(TEXTS)
             assert len(app.state.controller._cols["c"].index) == 5
 
             # Qdrant down: writes and Qdrant-backed reads are 503; in-memory reads still answer
-            flaky.mode = "down"
+            set_mode("down")
             await assert_503(raw, "POST", "/collections/c/points", {"points": [{"id": 99, "text": "x"}]},
-                             "local Qdrant storage", "unreachable")
-            await assert_503(raw, "POST", "/collections/c/metrics", {"filter": {"round": 2}}, "unreachable")
+                             where, refused)
+            await assert_503(raw, "POST", "/collections/c/metrics", {"filter": {"round": 2}}, refused)
             assert (await raw.post("/collections/c/dense", json={"k": 2, "knn": 2})).status_code == 200
             assert (await raw.post("/collections/c/similar", json={"text": "sea"})).status_code == 200
-            flaky.mode = None
+            set_mode(None)
 
             # the orchestrator replays the batch: reconciled first, so nothing is added twice
             r = await client.collections.upsert("c", batch)
@@ -255,19 +303,19 @@ async def test_write_with_unknown_outcome_is_reconciled_and_replay_adds_nothing(
             assert (await client.collections.metrics("c", MetricsRequest(filter={"round": 2}))).n == 5
 
             # a delete applied-then-lost: the next write notices the points are gone
-            flaky.mode = "applied-then-timeout"
+            set_mode("applied-then-timeout")
             with pytest.raises(ServiceUnavailableError):
                 await client.collections.delete_points("c", [1, 2])
-            flaky.mode = None
+            set_mode(None)
             await client.collections.upsert("c", [PointIn(id=100, text="after the lost delete")])
             assert (await client.collections.get("c")).count == len(TEXTS) - 2 + 1 == store.count("c")
             check_index_matches_qdrant(app, store, "c")
 
             # a write that never reached Qdrant: 503, then the next write finds nothing to fix
-            flaky.mode = "down"
+            set_mode("down")
             with pytest.raises(ServiceUnavailableError):
                 await client.collections.upsert("c", [PointIn(id=200, text="never stored")])
-            flaky.mode = None
+            set_mode(None)
             await client.collections.upsert("c", [PointIn(id=201, text="stored")])
             assert 200 not in app.state.controller._cols["c"].index
             assert (await client.collections.get("c")).count == store.count("c")
@@ -275,12 +323,12 @@ async def test_write_with_unknown_outcome_is_reconciled_and_replay_adds_nothing(
 
             # dropping the collection with Qdrant down: 503, and the in-memory copy is not trusted
             # any more (it may be gone); once Qdrant is back the collection is read again
-            flaky.mode = "down"
-            await assert_503(raw, "DELETE", "/collections/c", None, "unreachable")
-            flaky.mode = None
+            set_mode("down")
+            await assert_503(raw, "DELETE", "/collections/c", None, refused)
+            set_mode(None)
             assert "c" not in app.state.controller._cols
             assert (await client.collections.get("c")).count == store.count("c")
             check_index_matches_qdrant(app, store, "c")
     finally:
-        store.client = flaky.inner
+        undo()
         store.close()

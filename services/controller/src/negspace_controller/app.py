@@ -17,24 +17,33 @@ from negspace_controller.api import collections, comparisons, embeddings
 from negspace_controller.embedder import Embedder, build_embedder
 from negspace_controller.service import Controller
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import QdrantStore
+from negspace_controller.store import QdrantStore, Store
+from negspace_controller.store_edge import EdgeStore, choose_engine
 
 log = logging.getLogger("negspace.controller")
 SERVICE = "controller"
 
 
-def build_store(settings: ControllerSettings) -> QdrantStore:
+def build_store(settings: ControllerSettings) -> Store:
+    """A Qdrant server with --qdrant-url; else the embedded engine ``choose_engine`` picks for
+    the folder (edge, or local mode for a folder that already holds a local-mode store)."""
     if settings.qdrant_url:
+        if settings.qdrant_engine:
+            log.info("--qdrant-engine %s is ignored: --qdrant-url %s is a Qdrant server",
+                     settings.qdrant_engine, settings.qdrant_url)
         return QdrantStore(url=settings.qdrant_url, api_key=settings.qdrant_api_key,
                            prefix=settings.collection_prefix, timeout=settings.qdrant_timeout_s)
     path = settings.resolved_qdrant_path()
+    engine = choose_engine(path, settings.qdrant_engine)
+    if engine == "edge":
+        return EdgeStore(path, prefix=settings.collection_prefix, flush_interval_s=settings.qdrant_flush_interval_s)
     if path != ":memory:":
         Path(path).mkdir(parents=True, exist_ok=True)
     return QdrantStore(path=path, prefix=settings.collection_prefix)
 
 
 def create_app(settings: ControllerSettings | None = None, embedder: Embedder | None = None,
-               store: QdrantStore | None = None) -> FastAPI:
+               store: Store | None = None) -> FastAPI:
     settings = settings or ControllerSettings()
 
     @asynccontextmanager
@@ -60,7 +69,8 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
                                               approx_candidates=settings.approx_candidates,
                                               observe=lambda stage, s: stages.labels(stage).observe(s))
             warm = asyncio.create_task(app.state.controller.warm_up())
-            log.info("controller ready: embedder %s (%d dims), qdrant %s", emb.name, emb.dimension, st.where)
+            log.info("controller ready: embedder %s (%d dims), qdrant %s (%s)", emb.name, emb.dimension,
+                     st.where, st.engine)
         except Exception as exc:
             app.state.load_error = f"start-up failed: {type(exc).__name__}: {exc}"
             log.exception("controller start-up failed")

@@ -1,12 +1,15 @@
 """``python -m negspace_controller.bench_engines``: the two embedded Qdrant engines, side by side.
 
-qdrant-client's local mode (``QdrantClient(path=...)``, pure Python + NumPy + SQLite: what the
-controller uses without ``--qdrant-url``) against ``qdrant-edge-py`` (Qdrant's Rust engine
-in-process, one shard per folder). Synthetic random unit vectors (d = 384) with a payload like the
-orchestrator's (text, run id, node, round). Per engine, each in a fresh subprocess so memory is its
-own: bulk load in batches of 512, single-point upserts (what an accepted instruction costs),
-top-1 query latency, reopening the folder (what a restart pays) and scrolling every point with
-its vector (what the controller's load reads), and peak RSS.
+Through the controller's own store classes, so it measures what ships: ``QdrantStore`` on
+qdrant-client's local mode (``QdrantClient(path=...)``, pure Python + NumPy + SQLite) against
+``EdgeStore`` on ``qdrant-edge-py`` (Qdrant's Rust engine in-process, one shard per collection,
+SIGKILL-safe on return, flushed every 5 s). Synthetic random unit vectors (d = 384) with a payload
+like the orchestrator's (text, run id, node, round). Per engine, each in a fresh subprocess so
+memory is its own: bulk load in batches of 512, single-point upserts (what an accepted instruction
+costs; for edge also with a flush after each, the cost of fsync-per-write durability), reading
+one point back (what reconciliation reads), a filtered scan (``/metrics`` with a filter: 1/64 of
+the points), reopening the folder and reading one collection (what a restart pays), scanning every
+point with its vector (what the controller's load reads), and peak RSS.
 """
 
 from __future__ import annotations
@@ -24,115 +27,84 @@ from pathlib import Path
 import numpy as np
 
 DIM = 384
+NAME = "b"
 
 
 def _points(n: int, start: int = 0, seed: int = 0):
     rng = np.random.default_rng(seed + start)
     x = rng.standard_normal((n, DIM), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x, [{"text": f"instruction {start + i} " * 4, "run_id": "r", "node": i % 64, "round": i // 64,
-                "_seq": start + i} for i in range(n)]
+    return x, [{"text": f"instruction {start + i} " * 4, "run_id": "r", "node": (start + i) % 64,
+                "round": (start + i) // 64, "_seq": start + i} for i in range(n)]
 
 
 def _rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class ClientLocal:
-    def __init__(self, path: Path) -> None:
-        from qdrant_client import QdrantClient, models
+def _open(engine: str, folder: Path):
+    from negspace_controller.store import QdrantStore
+    from negspace_controller.store_edge import EdgeStore
 
-        self.models = models
-        self.path = path
-        self.c = QdrantClient(path=str(path))
-        if not self.c.collection_exists("b"):
-            self.c.create_collection("b", vectors_config=models.VectorParams(size=DIM, distance=models.Distance.COSINE))
-
-    def upsert(self, ids, x, payloads):
-        self.c.upsert("b", points=[self.models.PointStruct(id=i, vector=v.tolist(), payload=p)
-                                   for i, v, p in zip(ids, x, payloads, strict=True)], wait=True)
-
-    def query(self, v):
-        return self.c.query_points("b", query=v.tolist(), limit=1).points
-
-    def scroll_all(self) -> int:
-        n, off = 0, None
-        while True:
-            recs, off = self.c.scroll("b", limit=2048, offset=off, with_payload=True, with_vectors=True)
-            n += len(recs)
-            if off is None:
-                return n
-
-    def close(self):
-        self.c.close()
+    if engine == "qdrant-client local":
+        folder.mkdir(parents=True, exist_ok=True)
+        store = QdrantStore(path=str(folder))
+    else:
+        store = EdgeStore(str(folder))
+    if not store.exists(NAME):
+        store.create(NAME, DIM, "bench")
+    return store
 
 
-class Edge:
-    def __init__(self, path: Path) -> None:
-        import qdrant_edge as q
-
-        self.q = q
-        if path.exists() and any(path.iterdir()):
-            self.s = q.EdgeShard.load(str(path))
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            self.s = q.EdgeShard.create(str(path), q.EdgeConfig(
-                vectors=q.EdgeVectorParams(size=DIM, distance=q.Distance.Cosine)))
-
-    def upsert(self, ids, x, payloads):
-        q = self.q
-        self.s.update(q.UpdateOperation.upsert_points([q.Point(id=int(i), vector=v.tolist(), payload=p)
-                                                        for i, v, p in zip(ids, x, payloads, strict=True)]))
-
-    def query(self, v):
-        return self.s.query(self.q.QueryRequest(limit=1, query=self.q.Query.Nearest(v.tolist())))
-
-    def scroll_all(self) -> int:
-        n, off = 0, None
-        while True:
-            recs, off = self.s.scroll(self.q.ScrollRequest(offset=off, limit=2048, with_payload=True,
-                                                           with_vector=True))
-            n += len(recs)
-            if off is None:
-                return n
-
-    def close(self):
-        self.s.flush()
-        self.s.close()
+def _ms(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q) * 1e3)
 
 
 def one(engine: str, n: int, ops: int, folder: Path) -> dict:
-    cls = {"qdrant-client local": ClientLocal, "qdrant-edge-py": Edge}[engine]
     out: dict = {"engine": engine, "n": n}
     t = time.perf_counter()
-    db = cls(folder)
+    db = _open(engine, folder)
     for s in range(0, n, 512):
         x, p = _points(min(512, n - s), s)
-        db.upsert(range(s, s + len(p)), x, p)
+        db.upsert(NAME, list(range(s, s + len(p))), x, p)
         if s and s % 65536 == 0:
             print(f"[bench] {engine}: {s}/{n} loaded", file=sys.stderr, flush=True)
     out["load_per_s"] = n / (time.perf_counter() - t)
-    ins = []
+    ins, flushed, reads = [], [], []
     for i in range(ops):
         x, p = _points(1, n + i)
         t = time.perf_counter()
-        db.upsert([n + i], x, p)
+        db.upsert(NAME, [n + i], x, p)
         ins.append(time.perf_counter() - t)
-    qs = []
-    x, _ = _points(ops, 10 ** 9)
-    for v in x:
+    if hasattr(db, "flush"):  # edge: what flushing after every write would cost
+        for i in range(ops):
+            x, p = _points(1, n + ops + i)
+            t = time.perf_counter()
+            db.upsert(NAME, [n + ops + i], x, p)
+            db.flush()
+            flushed.append(time.perf_counter() - t)
+    total = n + ops + len(flushed)
+    rng = np.random.default_rng(1)
+    for key in rng.integers(0, n, ops):
         t = time.perf_counter()
-        db.query(v)
-        qs.append(time.perf_counter() - t)
-    out["upsert1_p50_ms"] = float(np.percentile(ins, 50) * 1e3)
-    out["query_p50_ms"] = float(np.percentile(qs, 50) * 1e3)
+        got = db.retrieve(NAME, [int(key)])
+        reads.append(time.perf_counter() - t)
+        assert len(got) == 1
+    t = time.perf_counter()
+    hits = sum(1 for _ in db.scan(NAME, with_vectors=True, where={"node": 3}))
+    out["filtered_scan_ms"] = (time.perf_counter() - t) * 1e3
+    assert hits == sum(1 for k in range(total) if k % 64 == 3), hits
+    out["upsert1_p50_ms"], out["upsert1_p99_ms"] = _ms(ins, 50), _ms(ins, 99)
+    out["upsert1_flush_p50_ms"] = _ms(flushed, 50) if flushed else None
+    out["retrieve1_p50_ms"] = _ms(reads, 50)
     out["rss_mib"] = _rss()
     db.close()
     t = time.perf_counter()
-    db = cls(folder)
+    db = _open(engine, folder)
+    db.count(NAME)  # edge opens a shard on first use: count it in
     out["reopen_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    assert db.scroll_all() == n + ops
+    assert sum(1 for _ in db.scan(NAME, with_vectors=True)) == total
     out["scroll_s"] = time.perf_counter() - t
     db.close()
     out["disk_mib"] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2 ** 20
@@ -143,15 +115,19 @@ def render(rows: list[dict]) -> str:
     from negspace_servekit.benchdoc import machine_line
 
     lines = ["## Controller: embedded Qdrant engines (`python -m negspace_controller.bench_engines`)", "",
-             f"{machine_line()}; shared machine. Synthetic random unit vectors, d = 384, payloads like the "
-             "orchestrator's; each engine in its own process on a local folder.", "",
-             "| engine | n | bulk load (points/s) | 1-point upsert p50 (ms) | top-1 query p50 (ms) | reopen (s) "
-             "| scroll all with vectors (s) | peak RSS (MiB) | disk (MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{machine_line()}; shared machine. Through the controller's store classes (`QdrantStore` on "
+             "local mode, `EdgeStore` on qdrant-edge-py). Synthetic random unit vectors, d = 384, payloads "
+             "like the orchestrator's; each engine in its own process on a local folder.", "",
+             "| engine | n | bulk load (points/s) | 1-point upsert p50 / p99 (ms) | upsert + flush p50 (ms) "
+             "| 1-point read p50 (ms) | filtered scan, 1/64 (ms) | reopen (s) | scan all with vectors (s) "
+             "| peak RSS (MiB) | disk (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['engine']} | {r['n']:,} | {r['load_per_s']:,.0f} | {r['upsert1_p50_ms']:.2f} | "
-                     f"{r['query_p50_ms']:.2f} | {r['reopen_s']:.1f} | {r['scroll_s']:.1f} | {r['rss_mib']:.0f} "
-                     f"| {r['disk_mib']:.0f} |")
+        flush = f"{r['upsert1_flush_p50_ms']:.1f}" if r.get("upsert1_flush_p50_ms") is not None else "n/a"
+        lines.append(f"| {r['engine']} | {r['n']:,} | {r['load_per_s']:,.0f} | {r['upsert1_p50_ms']:.2f} / "
+                     f"{r['upsert1_p99_ms']:.2f} | {flush} | {r['retrieve1_p50_ms']:.2f} | "
+                     f"{r['filtered_scan_ms']:.0f} | {r['reopen_s']:.1f} | {r['scroll_s']:.1f} | "
+                     f"{r['rss_mib']:.0f} | {r['disk_mib']:.0f} |")
     return "\n".join(lines)
 
 

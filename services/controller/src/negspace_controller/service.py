@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Hashable
@@ -38,7 +39,7 @@ from negspace_controller.batching import BatchingEncoder
 from negspace_controller.embedder import Embedder
 from negspace_controller.index import DensityIndex
 from negspace_controller.journal import Journal, JournalCorrupt, covered_seqs, dangling_rows, replay, state_of
-from negspace_controller.store import RESERVED_KEYS, SEQ_KEY, TEXT_KEY, QdrantStore, to_key
+from negspace_controller.store import RESERVED_KEYS, SEQ_KEY, TEXT_KEY, Store, to_key
 
 log = logging.getLogger("negspace.controller")
 _NAME = re.compile(COLLECTION_NAME_PATTERN)
@@ -62,7 +63,7 @@ class _Collection:
 
 
 class Controller:
-    def __init__(self, embedder: Embedder, store: QdrantStore, *, knn_capacity: int = 32,
+    def __init__(self, embedder: Embedder, store: Store, *, knn_capacity: int = 32,
                  snapshot_dir: str | Path | None = None,
                  observe: Callable[[str, float], None] | None = None, index_mode: str = "exact",
                  approx_candidates: int | None = None) -> None:
@@ -86,9 +87,10 @@ class Controller:
 
     # ------------------------------------------------------------------ health
     def health_info(self) -> dict:
-        """What ``/health`` reports: the embedder, where Qdrant is, points held per collection."""
+        """What ``/health`` reports: the embedder, where Qdrant is and which engine (server, edge,
+        local), points held per collection."""
         return dict(embedder=self.embedder.name, dimension=self.embedder.dimension, qdrant=self.store.where,
-                    collections={name: len(c.index) for name, c in self._cols.items()},
+                    qdrant_engine=self.store.engine, collections={name: len(c.index) for name, c in self._cols.items()},
                     knn_capacity=self.knn_capacity)
 
     async def qdrant_problem(self) -> str | None:
@@ -269,12 +271,16 @@ class Controller:
     @staticmethod
     def _check_payloads(points: list[PointIn], param: str = "points") -> None:
         for i, p in enumerate(points):
+            where = f"{param}[{i}]" if param == "points" else param
+            dotted = where.replace("[", ".").replace("]", "")
             bad = RESERVED_KEYS & p.payload.keys()
             if bad:
-                where = f"{param}[{i}]" if param == "points" else param
                 raise BadRequestError(f"{where}.payload uses reserved key(s) {sorted(bad)}: the "
-                                      "controller stores the text and its sequence there",
-                                      param=f"{where.replace('[', '.').replace(']', '')}.payload")
+                                      "controller stores the text and its sequence there", param=f"{dotted}.payload")
+            why = _unstorable(p.payload)
+            if why:
+                raise BadRequestError(f"{where}.payload holds {why}", param=f"{dotted}.payload")
+            _check_id(p.id, f"{where}.id", f"{dotted}.id")
 
     async def upsert(self, name: str, points: list[PointIn]) -> UpsertPointsResponse:
         self._check_payloads(points)
@@ -386,6 +392,8 @@ class Controller:
                               accepted=accepted, truncated=bool(trunc[0]))
 
     async def delete_points(self, name: str, ids: list) -> list:
+        for i, point_id in enumerate(ids):
+            _check_id(point_id, f"ids[{i}]", f"ids.{i}")
         col = await self._get(name)
         keys = [to_key(i) for i in ids]
         async with col.write_lock:
@@ -500,6 +508,27 @@ class Controller:
 
 
 _PAYLOAD_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+MAX_INT_ID = 2**64 - 1  # Qdrant's integer ids are unsigned 64-bit
+
+
+def _check_id(point_id, where: str, param: str) -> None:
+    if isinstance(point_id, int) and not 0 <= point_id <= MAX_INT_ID:
+        raise BadRequestError(f"{where} = {point_id} is out of range: integer point ids are 0 .. 2**64 - 1 "
+                              "(Qdrant's unsigned 64-bit ids), or use a UUID", param=param)
+
+
+def _unstorable(value) -> str | None:
+    """Why a payload value cannot be stored as it is, or None: Qdrant keeps payloads as JSON numbers
+    (no NaN or Infinity) and integers of 64 bits (larger ones would come back as rounded floats)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN or Infinity: Qdrant stores payloads as JSON, which has no such numbers"
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value <= MAX_INT_ID:
+        return f"the integer {value}, beyond 64 bits: Qdrant would keep it as a rounded float (send a string)"
+    if isinstance(value, dict):
+        return next((w for w in map(_unstorable, value.values()) if w), None)
+    if isinstance(value, (list, tuple)):
+        return next((w for w in map(_unstorable, value) if w), None)
+    return None
 
 
 def _float_array(values, shape: tuple[int, ...], param: str, expected: str) -> np.ndarray:

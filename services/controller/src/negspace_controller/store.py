@@ -2,9 +2,11 @@
 
 Every point's payload holds ``text``, ``_seq`` (the controller's insertion sequence, which
 fixes the in-memory row order and tie-breaks across restarts) and the caller's keys (run,
-node, round, ...). Works against a Qdrant server (``url``) or local mode (a folder or
-``:memory:``). Local mode is not thread-safe, so there every call holds one lock; the server
-client (httpx) is, so server calls run concurrently.
+node, round, ...). Three engines behind one interface (``Store``): ``QdrantStore`` here, against
+a Qdrant server (``url``) or qdrant-client's local mode (a folder or ``:memory:``), and
+``store_edge.EdgeStore``, Qdrant's Rust engine in-process (the embedded default). Local mode is
+not thread-safe, so there every call holds one lock; the server client (httpx) is, so server
+calls run concurrently.
 
 Faults are mapped to negspace errors in ONE place (``QdrantStore._call``): a Qdrant that is
 unreachable, slow beyond ``timeout`` seconds, answering 5xx/429/401/403 or garbage becomes a
@@ -24,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import httpx
 import numpy as np
@@ -72,11 +74,78 @@ def _body(exc: UnexpectedResponse) -> str:
     return (text[:200] + "...") if len(text) > 200 else text
 
 
-class QdrantStore:
+class Store(Protocol):
+    """What the controller uses of a store (service.py, comparison.py, app.py, bench.py): both
+    ``QdrantStore`` and ``store_edge.EdgeStore`` provide exactly this. Faults come out as negspace
+    errors: ``ServiceUnavailableError`` (503, the engine or its disk failed), ``NotFoundError``
+    (no such collection), ``ConflictError``."""
+
+    engine: str  # "server", "local" (qdrant-client local mode) or "edge"
+    remote: bool
+    where: str
+    prefix: str
+    down: str | None
+    down_since: float | None
+
+    def describe(self) -> str: ...
+    def ping(self) -> None: ...
+    def close(self) -> None: ...
+    def qname(self, name: str) -> str: ...
+    def names(self) -> list[str]: ...
+    def exists(self, name: str) -> bool: ...
+    def dimension(self, name: str) -> tuple[int, str | None]: ...
+    def create(self, name: str, dimension: int, embedder: str) -> None: ...
+    def drop(self, name: str) -> None: ...
+    def count(self, name: str) -> int: ...
+    def upsert(self, name: str, keys: list[Hashable], vectors: np.ndarray, payloads: list[dict]) -> None: ...
+    def delete_points(self, name: str, keys: list[Hashable]) -> None: ...
+    def retrieve(self, name: str, keys: list[Hashable]) -> dict[Hashable, tuple[np.ndarray, dict]]: ...
+    def scan(self, name: str, *, with_vectors: bool = True, where: Mapping[str, Any] | None = None,
+             batch: int = 2048) -> Iterator[tuple[Hashable, np.ndarray | None, dict]]: ...
+
+
+class FaultState:
+    """The "is it down?" bookkeeping both stores share: a call that fails with a 503 marks the
+    store down (logged once, with the time), the next call that succeeds marks it up again."""
+
+    down: str | None = None  # why the last call failed; None once one succeeds
+    down_since: float | None = None
+
+    def describe(self) -> str:  # pragma: no cover - every store names itself
+        raise NotImplementedError
+
+    def _fault(self, exc: BaseException, what: str, timeout: float | None = None) -> Exception | None:
+        raise NotImplementedError  # pragma: no cover
+
+    def _raise_fault(self, exc: Exception, what: str, timeout: float | None = None) -> NoReturn:
+        """Re-raise a failed call as ours (a 503 also marks the store down), or as it is."""
+        err = self._fault(exc, what, timeout=timeout)
+        if err is None:
+            raise exc
+        if isinstance(err, ServiceUnavailableError):
+            self._mark_down(err.message)
+        raise err from exc
+
+    def _mark_down(self, why: str) -> None:
+        if self.down is None:
+            log.warning("%s", why)
+            self.down_since = time.monotonic()
+        self.down = why
+
+    def _mark_up(self) -> None:
+        if self.down is not None:
+            log.info("%s answers again (it failed for %.0f s)", self.describe(),
+                     time.monotonic() - (self.down_since or time.monotonic()))
+        self.down = None
+        self.down_since = None
+
+
+class QdrantStore(FaultState):
     def __init__(self, *, url: str | None = None, path: str | None = None, api_key: str | None = None,
                  prefix: str = "negspace_", timeout: float = 30.0,
                  probe_timeout: float = PROBE_TIMEOUT_S) -> None:
         self.remote = bool(url)
+        self.engine = "server" if url else "local"
         self.timeout = float(timeout)
         self._probe: QdrantClient | None = None
         if url:
@@ -141,6 +210,12 @@ class QdrantStore:
         if not self.remote and isinstance(exc, (sqlite3.Error, OSError)):
             return ServiceUnavailableError(f"{where} failed during {what}: {type(exc).__name__}: {exc}",
                                            headers=retry)
+        if not self.remote and isinstance(exc, ValueError):  # local mode's "Collection x not found"
+            text = str(exc)
+            if text.startswith("Collection ") and text.endswith(" not found"):
+                return NotFoundError(f"{where} does not know what {what} needed: {text}")
+            if text.startswith("Collection ") and text.endswith(" already exists"):
+                return ConflictError(f"{where} refused {what}: {text}")
         return None
 
     def _call(self, what: str, fn: Callable[[QdrantClient], T]) -> T:
@@ -155,28 +230,6 @@ class QdrantStore:
             self._raise_fault(exc, what)
         self._mark_up()
         return result
-
-    def _raise_fault(self, exc: Exception, what: str, timeout: float | None = None) -> NoReturn:
-        """Re-raise a failed Qdrant call as ours (a 503 also marks Qdrant down), or as it is."""
-        err = self._fault(exc, what, timeout=timeout)
-        if err is None:
-            raise exc
-        if isinstance(err, ServiceUnavailableError):
-            self._mark_down(err.message)
-        raise err from exc
-
-    def _mark_down(self, why: str) -> None:
-        if self.down is None:
-            log.warning("%s", why)
-            self.down_since = time.monotonic()
-        self.down = why
-
-    def _mark_up(self) -> None:
-        if self.down is not None:
-            log.info("%s answers again (it failed for %.0f s)", self.describe(),
-                     time.monotonic() - (self.down_since or time.monotonic()))
-        self.down = None
-        self.down_since = None
 
     def ping(self) -> None:
         """Ask Qdrant a cheap question (list collections) with a short timeout: nothing, or a 503.
