@@ -6,8 +6,8 @@ engine processes and a trainer's worker processes belong to it), logging to
 ``LaunchError`` naming the service that failed and the tail of its log. ``Stack.stop`` sends
 SIGTERM to every group, waits a grace period, then SIGKILLs what is left.
 
-Embedded defaults: the bundled models (empty model settings), the controller's Qdrant local mode on
-disk under ``$NEGSPACE_HOME/qdrant``, the orchestrator's SQLite under ``$NEGSPACE_HOME``. Anything
+Embedded defaults: the bundled models (empty model settings), the controller's embedded Qdrant (qdrant-edge-py)
+on disk under ``$NEGSPACE_HOME/qdrant``, the orchestrator's SQLite under ``$NEGSPACE_HOME``. Anything
 else is configured through each service's own environment variables (``NODE_*``,
 ``CONTROLLER_*``, ``ORCHESTRATOR_*``, ``TRAINER_*``), which the children inherit.
 
