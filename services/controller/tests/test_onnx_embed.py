@@ -14,7 +14,7 @@ import pytest
 from negspace_contracts.controller import PointIn
 from negspace_controller import onnx_embed
 from negspace_controller.embedder import SentenceTransformerEmbedder, bundled_model_path
-from negspace_controller.onnx_embed import OnnxTransformer, OnnxUnsupported, unsupported_reason
+from negspace_controller.onnx_embed import OnnxEncoder, OnnxUnsupported, unsupported_reason
 from negspace_controller.settings import ControllerSettings
 
 TEXTS = ["", "   ", "héllo wörld — 你好, мир 🚀 naïve café", "Write a math problem about apples.",
@@ -35,6 +35,7 @@ def fake_st(*names: str, config=onnx_embed.TEXT_FORWARD, hidden_states=False):
 def test_supported_pipelines_and_why_others_are_not():
     assert unsupported_reason(fake_st("Transformer", "Pooling", "Normalize")) is None
     assert unsupported_reason(fake_st("Transformer", "Pooling", "Dense", "Normalize")) is None
+    assert "no Pooling" in unsupported_reason(fake_st("Transformer", "Normalize"))
     assert "first module" in unsupported_reason(fake_st("StaticEmbedding", "Pooling"))
     assert "WeightedLayerPooling" in unsupported_reason(fake_st("Transformer", "WeightedLayerPooling", "Pooling"))
     assert "LayerNorm" in unsupported_reason(fake_st("Transformer", "Pooling", "LayerNorm"))
@@ -136,8 +137,8 @@ def test_concurrent_second_constructor_waits_and_reuses(torch_emb, onnx_emb, tmp
     real_export, real_prepare = onnx_embed.export_onnx, negspace_models.prepare_once
     writing, entered, seen = threading.Event(), {}, {}
 
-    def slow_export(model, feeds, sample, path):
-        real_export(model, feeds, sample, path)
+    def slow_export(*args):
+        real_export(*args)
         seen["final_exists_while_writing"] = any(p.name.startswith("all-MiniLM") for p in tmp_path.iterdir())
         writing.set()
         time.sleep(3)
@@ -153,7 +154,7 @@ def test_concurrent_second_constructor_waits_and_reuses(torch_emb, onnx_emb, tmp
     results = {}
 
     def construct(st, label):
-        results[label] = OnnxTransformer(st, "all-MiniLM-L6-v2", tmp_path)
+        results[label] = OnnxEncoder(st, "all-MiniLM-L6-v2", tmp_path)
 
     a = threading.Thread(target=construct, args=(torch_emb.model, "A"), name="A")
     a.start()
@@ -175,13 +176,14 @@ def test_concurrent_second_constructor_waits_and_reuses(torch_emb, onnx_emb, tmp
 def test_failed_export_leaves_nothing_and_falls_back_to_torch(torch_emb, tmp_path, monkeypatch, caplog):
     """An export that dies half-way (here: half a file written, then an error) publishes nothing;
     the embedder uses torch with one warning; the next start exports normally."""
-    def broken(model, feeds, sample, path):
+    def broken(*args):
+        path = args[-1]
         path.write_bytes(b"\x08\x07" * 1000)
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(onnx_embed, "export_onnx", broken)
     with pytest.raises(OnnxUnsupported, match="export failed: RuntimeError: disk full"):
-        OnnxTransformer(torch_emb.model, "all-MiniLM-L6-v2", tmp_path)
+        OnnxEncoder(torch_emb.model, "all-MiniLM-L6-v2", tmp_path)
     with caplog.at_level(logging.INFO, "negspace.controller"):
         emb = SentenceTransformerEmbedder("", backend="onnx", onnx_dir=tmp_path)
     assert emb.backend == "torch" and emb.onnx is None
@@ -190,17 +192,17 @@ def test_failed_export_leaves_nothing_and_falls_back_to_torch(torch_emb, tmp_pat
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
     np.testing.assert_allclose(emb.encode(TEXTS[:8])[0], torch_emb.encode(TEXTS[:8])[0], atol=1e-6)
     monkeypatch.undo()
-    assert OnnxTransformer(torch_emb.model, "all-MiniLM-L6-v2", tmp_path).exported
+    assert OnnxEncoder(torch_emb.model, "all-MiniLM-L6-v2", tmp_path).exported
 
 
 @pytest.mark.slow
 def test_truncated_cached_file_is_exported_again(torch_emb, onnx_emb, tmp_path, exports, caplog):
-    first = OnnxTransformer(torch_emb.model, "all-MiniLM-L6-v2", tmp_path)
+    first = OnnxEncoder(torch_emb.model, "all-MiniLM-L6-v2", tmp_path)
     size = first.path.stat().st_size
     with open(first.path, "r+b") as f:
         f.truncate(size // 2)
     with caplog.at_level(logging.WARNING, "negspace.controller"):
-        again = OnnxTransformer(torch_emb.model, "all-MiniLM-L6-v2", tmp_path)
+        again = OnnxEncoder(torch_emb.model, "all-MiniLM-L6-v2", tmp_path)
     assert again.exported and len(exports) == 2 and again.path.stat().st_size == size
     assert any("does not load" in r.getMessage() and "exporting it again" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(again.encode(TEXTS, 16), onnx_emb.onnx.encode(TEXTS, 16), atol=1e-6)
@@ -211,19 +213,20 @@ def test_cached_file_that_loads_but_disagrees_is_exported_again(torch_emb, tmp_p
     import onnx
     from onnx import numpy_helper
 
-    first = OnnxTransformer(torch_emb.model, "all-MiniLM-L6-v2", tmp_path)
+    first = OnnxEncoder(torch_emb.model, "all-MiniLM-L6-v2", tmp_path)
     graph = onnx.load(str(first.path))
     big = max(graph.graph.initializer, key=lambda t: np.prod(t.dims))
     big.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(big) * 1.5, big.name))
     onnx.save(graph, str(first.path))
     with caplog.at_level(logging.WARNING, "negspace.controller"):
-        again = OnnxTransformer(torch_emb.model, "all-MiniLM-L6-v2", tmp_path)
+        again = OnnxEncoder(torch_emb.model, "all-MiniLM-L6-v2", tmp_path)
     assert again.exported and len(exports) == 2
     assert any("differs from torch" in r.getMessage() for r in caplog.records)
 
 
 def save_pipeline(path, modules_after, max_seq_length=32, prompts=None, default_prompt=None):
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
 
     tr = models.Transformer(str(bundled_model_path()), max_seq_length=max_seq_length)
     st = SentenceTransformer(modules=[tr, *modules_after(tr.get_embedding_dimension())], device="cpu")
@@ -236,9 +239,9 @@ def save_pipeline(path, modules_after, max_seq_length=32, prompts=None, default_
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["cls+dense", "mean-without-prompt"])
 def test_other_pooling_dense_and_prompts_are_faithful(pipeline, tmp_path):
-    """CLS pooling + a Dense layer, and mean pooling that excludes the model's default prompt:
-    sentence-transformers' own modules run on the ONNX output, so they match too."""
-    from sentence_transformers import models
+    """CLS pooling + a Dense layer, and mean pooling that excludes the model's default prompt: the
+    graph is a trace of sentence-transformers' own modules, so they match too."""
+    from sentence_transformers.sentence_transformer import modules as models
 
     if pipeline == "cls+dense":
         folder = save_pipeline(tmp_path / "cls-dense", lambda d: [models.Pooling(d, "cls"), models.Dense(d, 24),
@@ -258,7 +261,7 @@ def test_other_pooling_dense_and_prompts_are_faithful(pipeline, tmp_path):
 
 @pytest.mark.slow
 def test_unsupported_pipeline_uses_torch_with_one_log_line(tmp_path, caplog, exports):
-    from sentence_transformers import models
+    from sentence_transformers.sentence_transformer import modules as models
 
     folder = save_pipeline(tmp_path / "layernorm", lambda d: [models.Pooling(d, "mean"), models.LayerNorm(d)])
     with caplog.at_level(logging.INFO, "negspace.controller"):

@@ -67,9 +67,9 @@ def bundled_model_path() -> Path:
 
 
 class SentenceTransformerEmbedder(Embedder):
-    """A sentence-transformers model. ``backend="onnx"`` runs its transformer on ONNX Runtime when it
-    can (CPU, a Transformer + Pooling/Dense/Normalize pipeline, an export that matches torch) and
-    otherwise on torch, with one log line saying why; ``backend`` then says which one runs."""
+    """A sentence-transformers model. ``backend="onnx"`` runs it on ONNX Runtime when it can (CPU,
+    a Transformer + Pooling/Dense/Normalize pipeline, an export that matches torch) and otherwise
+    on torch, with one log line saying why; ``backend`` then says which one runs."""
 
     def __init__(self, model: str = "", *, batch_size: int = 64, device: str | None = None,
                  backend: str = "torch", onnx_dir: Path | None = None, **kw) -> None:
@@ -95,14 +95,14 @@ class SentenceTransformerEmbedder(Embedder):
         self.onnx = self._onnx(onnx_dir) if backend == "onnx" else None
 
     def _onnx(self, cache_root: Path | None):
-        """The ONNX Runtime transformer, or None (torch) with the one log line that says why."""
+        """The ONNX Runtime encoder, or None (torch) with the one log line that says why."""
         if self.model.device.type != "cpu":
             log.info("embedder %s: torch on %s (ONNX Runtime is used on CPU only)", self.name, self.model.device)
             return None
-        from negspace_controller.onnx_embed import OnnxTransformer, OnnxUnsupported
+        from negspace_controller.onnx_embed import OnnxEncoder, OnnxUnsupported
 
         try:
-            onnx = OnnxTransformer(self.model, self.name, cache_root)
+            onnx = OnnxEncoder(self.model, self.name, cache_root)
         except ImportError as exc:
             log.warning("embedder %s: torch, not onnx: %s (pip install onnxruntime onnx)", self.name, exc)
             return None
