@@ -2,7 +2,7 @@
 
 Embeddings are L2-normalised float32; texts are encoded in batches. A text longer than the
 model's ``max_seq_length`` is truncated by the model; ``encode`` reports which ones were.
-The real embedder runs its transformer on torch or, on CPU, ONNX Runtime (``onnx_embed``): the
+The real embedder runs on torch or, on CPU, ONNX Runtime (``onnx_embed``): the
 same model's vectors either way (~1e-7), so the embedder ``name`` does not depend on the backend.
 """
 
