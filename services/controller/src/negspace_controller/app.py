@@ -58,6 +58,7 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
             if emb is None:
                 emb = await asyncio.to_thread(build_embedder, settings.embedder,
                                               batch_size=settings.embed_batch_size, device=settings.device,
+                                              backend=settings.embed_backend,
                                               query_instruction=settings.query_instruction,
                                               query_template=settings.query_template)
             elif settings.query_instruction and not emb.query_instruction:
@@ -69,8 +70,8 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
                                               approx_candidates=settings.approx_candidates,
                                               observe=lambda stage, s: stages.labels(stage).observe(s))
             warm = asyncio.create_task(app.state.controller.warm_up())
-            log.info("controller ready: embedder %s (%d dims), qdrant %s (%s)", emb.name, emb.dimension,
-                     st.where, st.engine)
+            log.info("controller ready: embedder %s (%d dims, %s), qdrant %s (%s)", emb.name, emb.dimension,
+                     emb.backend, st.where, st.engine)
         except Exception as exc:
             app.state.load_error = f"start-up failed: {type(exc).__name__}: {exc}"
             log.exception("controller start-up failed")

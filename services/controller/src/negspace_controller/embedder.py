@@ -2,6 +2,8 @@
 
 Embeddings are L2-normalised float32; texts are encoded in batches. A text longer than the
 model's ``max_seq_length`` is truncated by the model; ``encode`` reports which ones were.
+The real embedder runs on torch or, on CPU, ONNX Runtime (``onnx_embed``): the
+same model's vectors either way (~1e-7), so the embedder ``name`` does not depend on the backend.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Embedder(ABC):
     name: str
     dimension: int
     max_tokens: int
+    backend: str = "none"  # what runs the model: "torch", "onnx" (ONNX Runtime), "none" (Fake)
 
     def __init__(self, query_instruction: str | None = None,
                  query_template: str = "Instruct: {instruction}\nQuery: {text}") -> None:
@@ -64,10 +67,17 @@ def bundled_model_path() -> Path:
 
 
 class SentenceTransformerEmbedder(Embedder):
-    def __init__(self, model: str = "", *, batch_size: int = 64, device: str | None = None, **kw) -> None:
+    """A sentence-transformers model. ``backend="onnx"`` runs it on ONNX Runtime when it can (CPU,
+    a Transformer + Pooling/Dense/Normalize pipeline, an export that matches torch) and otherwise
+    on torch, with one log line saying why; ``backend`` then says which one runs."""
+
+    def __init__(self, model: str = "", *, batch_size: int = 64, device: str | None = None,
+                 backend: str = "torch", onnx_dir: Path | None = None, **kw) -> None:
         super().__init__(**kw)
         from sentence_transformers import SentenceTransformer
 
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"embedder backend must be torch or onnx, not {backend!r}")
         source = str(bundled_model_path()) if model.strip().lower() in BUNDLED_ALIASES else model
         if source != model:
             self.name = "all-MiniLM-L6-v2"
@@ -81,12 +91,37 @@ class SentenceTransformerEmbedder(Embedder):
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimension = int(dim())
         self.max_tokens = int(self.model.max_seq_length)
+        self.backend = "torch"
+        self.onnx = self._onnx(onnx_dir) if backend == "onnx" else None
+
+    def _onnx(self, cache_root: Path | None):
+        """The ONNX Runtime encoder, or None (torch) with the one log line that says why."""
+        if self.model.device.type != "cpu":
+            log.info("embedder %s: torch on %s (ONNX Runtime is used on CPU only)", self.name, self.model.device)
+            return None
+        from negspace_controller.onnx_embed import OnnxEncoder, OnnxUnsupported
+
+        try:
+            onnx = OnnxEncoder(self.model, self.name, cache_root)
+        except ImportError as exc:
+            log.warning("embedder %s: torch, not onnx: %s (pip install onnxruntime onnx)", self.name, exc)
+            return None
+        except OnnxUnsupported as exc:
+            log.warning("embedder %s: torch, not onnx: %s", self.name, exc)
+            return None
+        self.backend = "onnx"
+        log.info("embedder %s: ONNX Runtime (%d threads), %s %s", self.name, onnx.threads,
+                 "exported to" if onnx.exported else "cached export", onnx.path)
+        return onnx
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
         lengths = [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True,
                                                              truncation=False)["input_ids"]]
-        vecs = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False)
+        if self.onnx is not None:
+            vecs = self.onnx.encode(texts, self.batch_size)
+        else:
+            vecs = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=False)
         return vecs, [n > self.max_tokens for n in lengths]
 
 
@@ -120,7 +155,7 @@ class FakeEmbedder(Embedder):
 
 def build_embedder(setting: str, **kw) -> Embedder:
     if setting.strip().lower() == "fake":
-        kw.pop("batch_size", None)
-        kw.pop("device", None)
+        for key in ("batch_size", "device", "backend", "onnx_dir"):
+            kw.pop(key, None)
         return FakeEmbedder(**kw)
     return SentenceTransformerEmbedder(setting, **kw)

@@ -87,9 +87,10 @@ class Controller:
 
     # ------------------------------------------------------------------ health
     def health_info(self) -> dict:
-        """What ``/health`` reports: the embedder, where Qdrant is and which engine (server, edge,
+        """What ``/health`` reports: the embedder (and what runs it), where Qdrant is and which engine (server, edge,
         local), points held per collection."""
-        return dict(embedder=self.embedder.name, dimension=self.embedder.dimension, qdrant=self.store.where,
+        return dict(embedder=self.embedder.name, dimension=self.embedder.dimension,
+                    embed_backend=self.embedder.backend, qdrant=self.store.where,
                     qdrant_engine=self.store.engine, collections={name: len(c.index) for name, c in self._cols.items()},
                     knn_capacity=self.knn_capacity)
 

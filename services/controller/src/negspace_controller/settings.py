@@ -24,6 +24,17 @@ class ControllerSettings(ServiceSettings):
                                 description="How a query is wrapped when --query-instruction is set.")
     embed_batch_size: int = Field(64, ge=1, le=4096)
     device: str | None = Field(None, description="torch device for the embedder (default: auto).")
+    embed_backend: Literal["torch", "onnx"] = Field(
+        "onnx", description="What runs the embedder. onnx (the default): ONNX Runtime on CPU, up to ~2x "
+        "torch's texts/s on 2 cores; exported once per model (weights, pipeline, torch/transformers/"
+        "onnx versions) to $NEGSPACE_HOME/models/onnx and checked against torch at every start. "
+        "Tokenisation (truncation at max_seq_length, the truncated flags, the query template) stays "
+        "sentence-transformers' own and the graph is a trace of its own modules (Transformer, then "
+        "Pooling in any mode, Dense, Normalize), so the vectors are the same model's (~1e-7) and the "
+        "embedder name, hence existing collections, do not change. A device other than cpu, another "
+        "pipeline (e.g. WeightedLayerPooling, LayerNorm, a Router) or an export that fails or does "
+        "not match uses torch, with one log line saying why: same vectors, only slower, so it never "
+        "stops a start. torch: always torch.")
     qdrant_url: str | None = Field(None, description="Qdrant server URL; without it, an embedded engine "
                                    "(--qdrant-engine) keeps the points in --qdrant-path.")
     qdrant_engine: Literal["edge", "local"] | None = Field(
