@@ -263,11 +263,14 @@ def test_node_and_orchestrator_crash_mid_run_and_the_run_completes(stack):
             pauses = [e.data.get("error") or "" for e in events
                       if e.type == "status" and e.data.get("status") == "paused"]
             print("pauses:", pauses)
-            # one node replica: an outage longer than the orchestrator's retry budget pauses the run
-            # (resumed once the node is back); a shorter one is ridden out by the retries, no pause
-            node_down_s = faults[0]["back_healthy_s"]
-            if len(containers(NODE_SERVICE)) == 1 and node_down_s > retry_budget_s():
-                assert any(p.startswith("node unavailable") for p in pauses), pauses
+            # Whether the node's outage pauses the run depends on timing: the orchestrator retries a
+            # node call for ~15.5 s (retry_budget_s) from the first failed call, which can come any
+            # time after the crash, and a restarted node answers before /health says it is ready.
+            # Seen here: 12 s and 22 s outages, both ridden out without a pause. The pause path is
+            # tested deterministically in tests/reliability/test_stack.py; here any pause must name
+            # the node or the controller, and the run must complete whole (asserted above).
+            print(f"node down {faults[0]['back_healthy_s']} s (retry budget {retry_budget_s():.1f} s)")
+            assert all(p.startswith(("node unavailable", "controller")) for p in pauses), pauses
 
     asyncio.run(main())
 
