@@ -182,7 +182,8 @@ def test_a_request_without_the_token_is_refused(stack):
 def test_experiment_qa_training_with_evaluation_and_export(stack, tmp_path):
     from negspace_cli.experiment import ExperimentConfig, run_experiment
 
-    cfg = ExperimentConfig(base="Write a math problem.", nodes=2, rounds=1, max_tokens=24, seed=3,
+    # 2 x 3 instructions per run: with 4, the 135M model once had every Q/A pair of a run rejected
+    cfg = ExperimentConfig(base="Write a math problem.", nodes=2, rounds=2, max_tokens=24, seed=3,
                            qa_max_tokens=96, train_max_steps=2, train_batch_size=2, lora_r=4, train_seeds=1,
                            eval_tasks=["negspace_arith"], eval_limit=4, train_timeout_s=1200)
 
@@ -191,13 +192,13 @@ def test_experiment_qa_training_with_evaluation_and_export(stack, tmp_path):
         async with orch, ctl, trainer:
             t0 = time.monotonic()
             out = await run_experiment(cfg, orch, tmp_path / "runs", quiet=True)
-            print(f"experiment (2 runs x 4 instructions, Q/A, LoRA + eval) in {time.monotonic() - t0:.0f} s")
+            print(f"experiment (2 runs x 6 instructions, Q/A, LoRA + eval) in {time.monotonic() - t0:.0f} s")
             m = json.loads((out / "metrics.json").read_text())
             jobs = {j.name: j for j in (await trainer.jobs.list()).jobs}
             for label in ("guided", "baseline"):
                 run = m["runs"][label]
                 assert (await orch.runs.get(run["id"])).status == "completed"
-                await check_slots(orch, ctl, run["id"], 2 * 2)
+                await check_slots(orch, ctl, run["id"], cfg.nodes * (cfg.rounds + 1))
                 qa = rows(out / "qa" / f"{label}.jsonl")
                 assert len(qa) == m["qa"][label]["converted"] > 0
                 assert m["training"][label]["status"] == "succeeded"

@@ -82,6 +82,7 @@ class FakeState:
     fail_run: bool = False
     fail_train: bool = False
     qa_rejections: dict[str, int] = field(default_factory=dict)  # reported by every POST /qa
+    qa_none: bool = False  # POST /qa rejects every instruction; then, like the real one, GET /qa is a 409
     seed_requests: dict[str, TrainRequest] = field(default_factory=dict)  # "run" or "run@seed" -> request
     seed_jitter: dict[tuple[str, int | None], float] = field(default_factory=dict)  # added to a job's score
     exports: list[tuple[str, str]] = field(default_factory=list)  # (run id, format) per GET /export
@@ -204,6 +205,9 @@ def fake_orchestrator(state: FakeState) -> FastAPI:
     @app.post("/runs/{rid}/qa")
     async def qa(rid: str, body: QARequest):
         instrs = state.instructions[rid]
+        if state.qa_none:
+            return QAResult(run_id=rid, total=len(instrs), converted=0, rejected=len(instrs),
+                            rejections={"unparseable": len(instrs)}).model_dump()
         recs = []
         for k, ins in enumerate(instrs):
             recs.append(ChatRecord.model_validate({"messages": [

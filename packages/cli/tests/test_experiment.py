@@ -94,6 +94,13 @@ async def test_a_failed_run_stops_the_experiment_with_its_error(orch, fake_state
         await run_experiment(ExperimentConfig(base="b", nodes=2, rounds=1), orch, tmp_path, quiet=True)
 
 
+async def test_a_run_whose_qa_keeps_no_pair_stops_with_the_rejections(orch, fake_state, tmp_path):
+    fake_state.qa_none = True  # seen in a compose run: the 135M model's 4 pairs of a run all rejected
+    with pytest.raises(ExperimentError, match=r"Q/A of the guided run run-1 produced no pairs \(4 of 4 rejected: "
+                                              r"\{'unparseable': 4\}\)"):
+        await run_experiment(ExperimentConfig(base="b", nodes=2, rounds=1), orch, tmp_path, quiet=True)
+
+
 async def test_failed_training_still_writes_the_data_report_and_fails(orch, fake_state, tmp_path):
     fake_state.fail_train = True
     with pytest.raises(ExperimentError, match=r"training job job-run-1 \(guided\) ended failed: worker died"):

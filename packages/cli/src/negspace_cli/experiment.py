@@ -177,11 +177,11 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
                 total=n, desc=f"3/5 Q/A {label}", quiet=quiet),
             f"Q/A of run {rid}")
         qa_results[label] = res.model_dump(mode="json")
-        records = await orchestrator.runs.qa_records(rid)
-        _write_jsonl(out / "qa" / f"{label}.jsonl", [r.model_dump(mode="json") for r in records])
-        if not records:
+        if not res.converted:  # the orchestrator keeps no records then: GET /qa would be a 409
             raise ExperimentError(f"Q/A of the {label} run {rid} produced no pairs "
                                   f"({res.rejected} of {res.total} rejected: {res.rejections})")
+        records = await orchestrator.runs.qa_records(rid)
+        _write_jsonl(out / "qa" / f"{label}.jsonl", [r.model_dump(mode="json") for r in records])
     t = stage_done("qa", t)
 
     # the hf export (datasets.load_from_disk folder + dataset card) of both datasets
