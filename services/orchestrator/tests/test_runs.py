@@ -8,7 +8,7 @@ import time
 import pytest
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
 from negspace_contracts.node import ChatCompletionRequest
-from negspace_contracts.orchestrator import GuidanceSchedule, NegativesSpec, RunConfig
+from negspace_contracts.orchestrator import MAX_NODES, GuidanceSchedule, NegativesSpec, RunConfig
 
 
 def cfg(**kw) -> RunConfig:
@@ -244,7 +244,7 @@ async def test_cancel(make_harness):
 @pytest.mark.parametrize("body,where", [
     ({"rounds": -1}, "rounds"),
     ({"nodes": 0}, "nodes"),
-    ({"nodes": 65}, "nodes"),
+    ({"nodes": MAX_NODES + 1}, "nodes"),
     ({"similarity_threshold": 0}, "similarity_threshold"),
     ({"similarity_threshold": 1.5}, "similarity_threshold"),
     ({"base_instruction": "   "}, "base_instruction"),
