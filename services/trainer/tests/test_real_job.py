@@ -51,6 +51,14 @@ async def test_real_tiny_job(service, wait_job):
     assert "step 3/3" in await svc.client.jobs.logs(created.id)
 
 
+def _stat(path: Path) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (state first), or None once it is gone."""
+    try:
+        return path.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 async def test_real_job_survives_a_trainer_crash(service, wait_job):
     """The trainer dies mid-training (its job loop gone without a shutdown, its real worker left
     running): a new trainer on the same workdir ends that worker and runs the job again, to
@@ -65,14 +73,17 @@ async def test_real_job_survives_a_trainer_crash(service, wait_job):
         assert job.status in ("queued", "running") and loop.time() < end, job
         await asyncio.sleep(0.2)
     pid = first.runner.store.row(created.id)["pid"]
+    state = Path(f"/proc/{pid}/stat")
+    started = _stat(state)[19]  # the process's start time: tells it from a later process given its pid
     first.runner._task.cancel()  # the "crash": nothing records the job's outcome, the worker lives on
     await asyncio.sleep(0.1)
     os.killpg(pid, 0)  # still training
     second = await service()
     # the orphaned worker was ended before the job ran again (here it is this process's child,
     # so it may linger as a zombie until asyncio reaps it; a real orphan is reaped by init)
-    state = Path(f"/proc/{pid}/stat")
-    assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    # (pids wrap at 32768 here, so a new process may have its pid by now: compare start times)
+    now = _stat(state)
+    assert now is None or now[19] != started or now[0] == "Z", now
     job = await wait_job(second.client, created.id, {"succeeded", "failed", "cancelled"}, timeout=600)
     assert (job.status, job.attempt, job.progress.step) == ("succeeded", 2, 3), job.error
     assert [p.step for p in job.losses] == [1, 2, 3]  # the second attempt's, from scratch

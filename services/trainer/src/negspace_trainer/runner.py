@@ -92,9 +92,10 @@ def _job_processes(job_dir: Path, marker: str) -> list[int]:
     return found
 
 
-async def _kill_orphans(job_dir: Path, marker: str, timeout: float = 10.0) -> list[int]:
+async def _kill_orphans(job_dir: Path, marker: str, timeout: float = 60.0) -> list[int]:
     """SIGKILL this job's leftover workers (their whole process groups) and wait until they are
-    gone, so none still writes into the job's folder when it is cleaned and run again."""
+    gone, so none still writes into the job's folder when it is cleaned and run again. (A killed
+    process with gigabytes of tensors can take seconds to be torn down on a loaded machine.)"""
     pids = _job_processes(job_dir, marker)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -105,6 +106,9 @@ async def _kill_orphans(job_dir: Path, marker: str, timeout: float = 10.0) -> li
     end = time.monotonic() + timeout
     while pids and _job_processes(job_dir, marker) and time.monotonic() < end:
         await asyncio.sleep(0.05)
+    if pids and (left := _job_processes(job_dir, marker)):
+        log.error("worker(s) %s of %s outlived SIGKILL for %.0f s (stuck in the kernel?); the job runs "
+                  "again beside them", ", ".join(map(str, left)), job_dir.name, timeout)
     return pids
 
 
