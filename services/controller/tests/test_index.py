@@ -96,9 +96,10 @@ def test_bulk_load_equals_incremental_and_duplicates_are_capped():
     bulk = DensityIndex(24, capacity=8)
     bulk.load(list(range(200))[::-1], x[::-1], [str(i) for i in range(200)][::-1], list(range(200))[::-1])
     for knn in (1, 2, 8):
+        # the same order up to (near-)ties: the bulk path's matrix products round differently from
+        # the inserts' matrix-vector products (and by BLAS thread count), so equal densities may swap
         a, b = inc.dense(20, knn), bulk.dense(20, knn)
-        assert [h.key for h in a] == [h.key for h in b]
-        np.testing.assert_allclose([h.density for h in a], [h.density for h in b], rtol=1e-5)
+        assert_same(a, [(h.key, h.density) for h in b], rtol=1e-5)
     top = inc.dense(3, 2)
     assert {h.key for h in top} == {10, 11, 12}
     assert top[0].density == pytest.approx(1 / DISTANCE_FLOOR)

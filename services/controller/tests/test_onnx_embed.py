@@ -123,6 +123,9 @@ def test_second_construction_reuses_the_export(onnx_emb, home, exports, caplog):
         again = SentenceTransformerEmbedder("", backend="onnx", onnx_dir=home / "models" / "onnx")
     assert again.backend == "onnx" and not again.onnx.exported and exports == []
     assert again.onnx.path == path and path.stat().st_mtime_ns == before
+    # its threads sleep between runs instead of spinning (they would take the other services' cores)
+    options = again.onnx.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert any("cached export" in r.getMessage() for r in caplog.records)
     assert sorted(p.name for p in path.parent.parent.iterdir()) == sorted([path.parent.name, f".{path.parent.name}.lock"])
 

@@ -176,14 +176,16 @@ async def accept_path(ctl: ControllerClient, workers: int, total: int, seed: int
 
 
 def markdown(a: argparse.Namespace, started: str, res: dict, stages: dict, routes: dict,
-             rss: dict[str, float], acc: dict | None) -> str:
+             rss: dict[str, float], acc: dict | None, ctl: dict) -> str:
     lines = [
         "## Scale: one long guided run, instant node (`make bench-scale`)", "",
         f"{started}; shared with other engineers' jobs while measured. One guided run of {a.nodes} nodes x "
         f"{a.rounds} rounds (+ bootstrap) = {res['accepted']:,} instructions. The node is the **test fake** "
         "(`--engine fake`: instant, deterministic sentences), so this measures the real orchestrator "
-        "(SQLite, events, HTTP; each guided slot judged and inserted by one `/accept` call) and the real controller (bundled MiniLM, "
-        "Qdrant local mode on disk, the exact density index) with nothing waiting on a GPU.", "",
+        "(SQLite, events, HTTP; each guided slot judged and inserted by one `/accept` call) and the real controller "
+        f"(bundled MiniLM on {ctl.get('embed_backend', '?')}, Qdrant {ctl.get('qdrant_engine', '?')} on disk, the "
+        f"{ctl.get('index_mode', 'exact')} density index, {ctl.get('blas_threads', '?')} BLAS thread(s) per request) "
+        "with nothing waiting on a GPU.", "",
         f"**{res['instr_per_s']:.1f} instructions/s** ({res['accepted']:,} accepted of {res['attempts']:,} "
         f"attempts in {res['wall_s']:.0f} s; target >= 100/s: "
         f"{'met' if res['instr_per_s'] >= 100 else 'NOT met'}).", "",
@@ -267,13 +269,14 @@ def main(argv: list[str] | None = None) -> int:
             routes = {k: v for k, v in histogram_quantiles(metrics, "negspace_http_request_duration_seconds",
                                                            "route").items() if k.startswith("/collections")}
             rss = {name: group_rss_mib(svc.pid) for name, svc in stack.services.items() if svc.pid}
+            ctl_info = httpx.get(stack.urls["controller"] + "/health", timeout=30).json().get("info", {})
         except BaseException:
             for f in sorted((root / "logs").glob("*.log")):
                 print(f"--- {f.name}\n{launcher.log_tail(f)}", file=sys.stderr)
             raise
         finally:
             stack.stop()
-    md = markdown(a, started, res, stages, routes, rss, acc)
+    md = markdown(a, started, res, stages, routes, rss, acc, ctl_info)
     print(md)
     if not a.no_record:
         log(f"recorded in {record_section('scale', md)}")

@@ -12,7 +12,7 @@ from negspace_servekit import create_app as servekit_app
 from negspace_servekit import health_response
 from prometheus_client import Gauge, Histogram
 
-from negspace_controller import __version__
+from negspace_controller import __version__, threads
 from negspace_controller.api import collections, comparisons, embeddings
 from negspace_controller.embedder import Embedder, build_embedder
 from negspace_controller.service import Controller
@@ -54,6 +54,7 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
         st = None
         warm: asyncio.Task | None = None
         try:
+            threads.configure(settings.blas_threads)
             emb = embedder
             if emb is None:
                 emb = await asyncio.to_thread(build_embedder, settings.embedder,

@@ -192,6 +192,10 @@ class OnnxEncoder:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
+        # No spin-waiting between runs: the controller's event loop, its index work and (on one
+        # machine) the other services need those cores. bench-scale 64 x 60: 112.8 and 120.5
+        # instructions/s without spinning against 96.5 and 96.3 with ONNX Runtime's default.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3  # errors only: the optimiser's notes are no operator's concern
         return ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
 

@@ -34,6 +34,7 @@ from negspace_contracts.controller import (
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 
 from negspace_controller import metrics as diversity
+from negspace_controller import threads
 from negspace_controller.ann import ApproxDensityIndex
 from negspace_controller.batching import BatchingEncoder
 from negspace_controller.embedder import Embedder
@@ -92,7 +93,8 @@ class Controller:
         return dict(embedder=self.embedder.name, dimension=self.embedder.dimension,
                     embed_backend=self.embedder.backend, qdrant=self.store.where,
                     qdrant_engine=self.store.engine, collections={name: len(c.index) for name, c in self._cols.items()},
-                    knn_capacity=self.knn_capacity)
+                    knn_capacity=self.knn_capacity, index_mode=self.index_mode,
+                    blas_threads=threads._request_threads)
 
     async def qdrant_problem(self) -> str | None:
         """None when Qdrant answers, else why not. One short probe is shared by concurrent
@@ -119,7 +121,8 @@ class Controller:
                 if not await asyncio.to_thread(self.store.exists, name):
                     raise NotFoundError(f"collection {name!r} does not exist; create it with PUT "
                                         f"/collections/{name}", param="name")
-                col = await asyncio.to_thread(self._load, name)
+                async with threads.bulk():  # replaying or rebuilding the lists: every core
+                    col = await asyncio.to_thread(self._load, name)
                 self._cols[name] = col
         return col
 
@@ -501,7 +504,8 @@ class Controller:
             x, texts = gather()
             return diversity.compute(x, texts, pca_basis=basis, pca_mean=mean)
 
-        m = await asyncio.to_thread(run)
+        async with threads.bulk():
+            m = await asyncio.to_thread(run)
         return MetricsResponse(**m.as_dict())
 
     async def embed(self, texts: list[str], query: bool) -> tuple[np.ndarray, list[bool]]:

@@ -65,6 +65,11 @@ class ControllerSettings(ServiceSettings):
         "~10^5 points on 2 cores). approximate: HNSW candidates (usearch) decide which lists an insert "
         "enters, for 10^5-10^6+ points; its dense selections overlap the exact ones by the fraction "
         "docs/benchmarks.md records.")
+    blas_threads: int = Field(
+        1, ge=1, le=1024, description="BLAS (OpenBLAS) threads for per-request work: each insert or check "
+        "is one small matrix-vector product, which a second thread only slows down on a loaded machine "
+        "(its spinning takes the core the event loop and the embedder need). Loading a collection and "
+        "the diversity metrics use every core while they run.")
     approx_candidates: int | None = Field(None, ge=1, le=4096, description="HNSW candidates per insert in "
                                           "approximate mode (default 4 x knn-capacity).")
     index_snapshots: str | None = Field(
