@@ -7,10 +7,9 @@ import os
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_info
-
 from negspace_controller import threads
 from negspace_controller.settings import ControllerSettings
+from threadpoolctl import threadpool_info
 
 
 def blas_threads() -> set[int]:
