@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     # a repository tool: servekit is the services' package, not a dependency of the CLI itself
-    from negspace_servekit.benchdoc import machine_line, record_section
+    from negspace_servekit.benchdoc import machine_line, publish
     from negspace_servekit.testing import free_ports
 
     started = machine_line()
@@ -264,9 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stack.stop()
     md = markdown(res, a, started, rss)
-    print(md)
-    if not a.no_record:
-        log(f"recorded in {record_section('load', md)}")
+    publish("load", md, record=not a.no_record)
     return 0
 
 

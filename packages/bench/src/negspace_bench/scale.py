@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record", action="store_true", help="print only; leave docs/benchmarks.md alone")
     a = p.parse_args(argv)
 
-    from negspace_servekit.benchdoc import machine_line, record_section
+    from negspace_servekit.benchdoc import machine_line, publish
     from negspace_servekit.testing import free_ports
 
     started = machine_line()
@@ -277,9 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stack.stop()
     md = markdown(a, started, res, stages, routes, rss, acc, ctl_info)
-    print(md)
-    if not a.no_record:
-        log(f"recorded in {record_section('scale', md)}")
+    publish("scale", md, record=not a.no_record)
     return 0
 
 

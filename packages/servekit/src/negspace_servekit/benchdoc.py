@@ -41,3 +41,19 @@ def record_section(name: str, markdown: str, path: Path | None = None) -> Path:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
     return path
+
+
+def log(msg: str) -> None:
+    """A benchmark's progress line."""
+    print(f"[bench] {msg}", flush=True)
+
+
+def publish(name: str, markdown: str, *, record: bool = True, path: Path | None = None) -> Path | None:
+    """Print a benchmark's figures and, unless ``record`` is false (``--no-record``), write them as
+    section ``name`` of docs/benchmarks.md; returns the file written, or None."""
+    print(markdown, flush=True)
+    if not record:
+        return None
+    written = record_section(name, markdown, path)
+    log(f"recorded in {written}")
+    return written

@@ -190,11 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_index(n, args.ops, args.brute_reps if n < 100_000 else 0))
     svc = [asyncio.run(_bench_service(int(n), args.ops)) for n in args.service_sizes.split(",") if n]
     text = render(rows, svc, args.ops)
-    print(text)
-    if not args.no_record:
-        from negspace_servekit.benchdoc import record_section
+    from negspace_servekit.benchdoc import publish
 
-        log(f"recorded in {record_section('controller', text)}")
+    publish("controller", text, record=not args.no_record)
     if args.large:
         from negspace_controller import bench_large
 

@@ -156,11 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     text = render(rows)
-    print(text)
-    if not a.no_record:
-        from negspace_servekit.benchdoc import record_section
+    from negspace_servekit.benchdoc import publish
 
-        print(f"[bench] recorded in {record_section('controller-engines', text)}")
+    publish("controller-engines", text, record=not a.no_record)
     return 0
 
 

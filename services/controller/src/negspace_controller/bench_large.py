@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", type=int, default=200)
     p.add_argument("--no-record", action="store_true")
     a = p.parse_args(argv)
-    from negspace_servekit.benchdoc import machine_line, record_section
+    from negspace_servekit.benchdoc import machine_line, publish
 
     started = machine_line()
     head = f"{started}; load average {{:.1f}} at the end (the machine is shared with other engineers' jobs: " \
@@ -263,16 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     if ovs:
         text = "\n".join(["## Controller: approximate mode against exact (`python -m negspace_controller.bench_large`)",
                           "", head.format(os.getloadavg()[0])] + render(ovs, None, a.ops))
-        print(text)
-        if not a.no_record:
-            log(f"recorded in {record_section('controller-overlap', text)}")
+        publish("controller-overlap", text, record=not a.no_record)
     if a.large_size:
         sc = scale(a.large_size, a.ops, data=a.large_data)
         text = "\n".join(["## Controller at scale: approximate mode (`python -m negspace_controller.bench_large`)",
                           "", head.format(os.getloadavg()[0])] + render([], sc, a.ops))
-        print(text)
-        if not a.no_record:
-            log(f"recorded in {record_section('controller-scale', text)}")
+        publish("controller-scale", text, record=not a.no_record)
     return 0
 
 

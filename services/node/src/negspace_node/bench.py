@@ -214,11 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     print("[bench] vLLM engine ...", flush=True)
     v = asyncio.run(bench_vllm(args.tokens, args.kv_cache_gib, args.concurrency_tokens))
     markdown, ratios = render(ref, v, args.tokens)
-    print(markdown)
-    if not args.no_record:
-        from negspace_servekit.benchdoc import record_section
+    from negspace_servekit.benchdoc import publish
 
-        print(f"[bench] recorded in {record_section('node', markdown)}")
+    publish("node", markdown, record=not args.no_record)
     return 0
 
 

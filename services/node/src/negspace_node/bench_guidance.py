@@ -185,12 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         markdown = render_kernel(run_kernel(args.min_seconds, args.max_reps, device), device)
     else:
         markdown = render(run(args.min_seconds, args.max_reps, device), device)
-    print(markdown)
-    if not args.no_record:
-        from negspace_servekit.benchdoc import record_section
+    from negspace_servekit.benchdoc import publish
 
-        section = "guidance-kernel-" + ("cpu" if device == "cpu" else "gpu") if kernel else "guidance"
-        print(f"[bench] recorded in {record_section(section, markdown)}")
+    section = "guidance-kernel-" + ("cpu" if device == "cpu" else "gpu") if kernel else "guidance"
+    publish(section, markdown, record=not args.no_record)
     return 0
 
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from negspace_contracts.trainer import JobRequest
-from negspace_servekit.benchdoc import machine_line, record_section
+from negspace_servekit.benchdoc import machine_line, publish
 
 from negspace_trainer.local_tasks import TASKS_DIR
 
@@ -83,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"LoRA / full throughput: {lora['tokens_per_second'] / full['tokens_per_second']:.2f}x; "
               f"peak RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}x."]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        print(f"recorded in {record_section('trainer', text)}")
+    publish("trainer", text, record=not args.no_record)
     return 0
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from negspace_contracts.trainer import JobRequest
-from negspace_servekit.benchdoc import machine_line, record_section
+from negspace_servekit.benchdoc import machine_line, publish
 
 from negspace_trainer.local_tasks import TASKS_DIR
 
@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| tuned on corrupted answers | {acc_x:.4f} | {se_x:.4f} | {results['corrupted']['wall_s']:.0f} |",
               "", f"Difference {diff:+.4f} +- {se:.4f} (stderr): {verdict}."]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        print(f"recorded in {record_section('eval', text)}")
+    publish("eval", text, record=not args.no_record)
     return 0 if se and abs(diff) > 2 * se else 1
 
 
