@@ -70,6 +70,24 @@ def group_rss_mib(pgid: int) -> float:
     return total_kib / 1024
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text()
+            fields = fields[fields.rindex(")") + 2:].split()
+            if int(fields[2]) != pgid:  # field 5: the process group
+                continue
+            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / tick
+
+
 def stack_rss(stack: launcher.Stack) -> dict[str, float]:
     return {name: group_rss_mib(svc.pid) for name, svc in stack.services.items() if svc.pid}
 

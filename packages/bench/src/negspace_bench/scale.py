@@ -36,7 +36,7 @@ from negspace_contracts.orchestrator import (
     RunConfig,
 )
 
-from negspace_bench.load import group_rss_mib, log
+from negspace_bench.load import group_cpu_s, group_rss_mib, log
 
 SERVICES = ("node", "controller", "orchestrator")
 _PROFILE = """
@@ -191,6 +191,9 @@ def markdown(a: argparse.Namespace, started: str, res: dict, stages: dict, route
         f"{'met' if res['instr_per_s'] >= 100 else 'NOT met'}).", "",
         "Rate per tenth of the run (instructions reached: instructions/s over that tenth): "
         + ", ".join(f"{n:,}: {r:.1f}" for n, r in res["tenths"]) + ".", "",
+        "CPU per accepted instruction over the run (user + system, each service's process group): "
+        + ", ".join(f"{k} {v / res['accepted'] * 1e3:.2f} ms" for k, v in res["cpu_s"].items())
+        + f"; {sum(res['cpu_s'].values()):.1f} CPU-s in {res['wall_s']:.0f} s of wall time on {os.cpu_count()} cores.", "",
         "Controller stages (its own histograms; p50/p99 are bucket upper bounds):", "",
         "| stage | count | mean (ms) | p50 (ms) | p99 (ms) |", "|---|---:|---:|---:|---:|"]
     for name, s in sorted(stages.items()):
@@ -253,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                     return await guided_run(orch, run_cfg)
 
             log(f"guided run: {a.nodes} nodes x {a.rounds} rounds")
+            cpu0 = {name: group_cpu_s(svc.pid) for name, svc in stack.services.items() if svc.pid}
             res = asyncio.run(go())
+            res["cpu_s"] = {name: group_cpu_s(svc.pid) - c for name, c in cpu0.items()
+                            if (svc := stack.services[name]).pid}
             acc = None
             if a.accept_phase:
                 log(f"controller /accept path: {a.nodes} concurrent slots, {res['accepted']} instructions")
