@@ -93,3 +93,66 @@ async def test_approximate_mode_through_the_service_survives_a_restart(tmp_path,
         assert app.state.controller.from_snapshot == {"run"}
         index = app.state.controller._cols["run"].index
         assert index.ann.size == len(index) == 298
+
+
+@pytest.mark.parametrize("cls", [DensityIndex, ApproxDensityIndex])
+def test_memory_mapped_arrays_give_the_same_index_and_grow_in_place(tmp_path, cls):
+    rng = np.random.default_rng(8)
+    x = clustered(rng, 900)
+    kw = {"candidates": 32} if cls is ApproxDensityIndex else {}
+    ram = cls(32, capacity=8, initial_rows=2, **kw)
+    mapped = cls(32, capacity=8, initial_rows=2, storage_dir=tmp_path / "arrays", **kw)
+    files = {name: tmp_path / "arrays" / f"{name}.bin" for name in ("vectors", "nsim", "nrow")}
+    for i, v in enumerate(x):  # from 2 rows: grown ten times
+        ram.add(i, v, f"t{i}")
+        mapped.add(i, v, f"t{i}")
+        if i % 9 == 0 and i > 40:
+            ram.remove(i - 40)
+            mapped.remove(i - 40)
+    for arr, name in ((mapped._vec, "vectors"), (mapped._nsim, "nsim"), (mapped._nrow, "nrow")):
+        assert isinstance(arr, np.memmap) and str(arr.filename) == str(files[name].resolve())
+        assert files[name].stat().st_size == arr.nbytes and arr.shape[0] >= len(mapped)
+    for knn in (1, 5, 8):
+        assert [(h.key, h.density) for h in mapped.dense(60, knn)] == [(h.key, h.density) for h in ram.dense(60, knn)]
+    for key in ram.keys[::25]:
+        assert mapped.neighbours(key) == ram.neighbours(key)
+    assert mapped.similar(x[500], 3) == ram.similar(x[500], 3)
+    np.testing.assert_array_equal(mapped.vectors, ram.vectors)
+    # a new index on the folder starts empty (the files are a cache, never read back)
+    again = cls(32, capacity=8, storage_dir=tmp_path / "arrays", **kw)
+    assert len(again) == 0 and not again._vec.any() and (again._nrow == -1).all()
+
+
+async def test_the_service_maps_approximate_indexes_and_removes_their_files(tmp_path, run_app):
+    from negspace_contracts.controller import PointIn
+    from negspace_controller.embedder import FakeEmbedder
+    from negspace_controller.settings import ControllerSettings
+
+    settings = ControllerSettings(qdrant_path=str(tmp_path / "q"), index_mode="approximate", approx_candidates=16,
+                                  knn_capacity=8)
+    arrays = tmp_path / "q-index" / "arrays"
+    pts = [PointIn(id=i, text=f"point number {i} about {i % 7}") for i in range(200)]
+    async with run_app(settings, embedder=FakeEmbedder()) as (app, client, _):
+        await client.collections.create("run")
+        await client.collections.create("other")
+        await client.collections.upsert("run", pts)
+        index = app.state.controller._cols["run"].index
+        assert isinstance(index._vec, np.memmap)
+        assert index.storage_dir.parent == arrays and index.storage_dir.name.startswith("negspace_run.")
+        want = await client.collections.dense("run", k=10, knn=5)
+        await client.collections.delete("other")
+        assert sorted(p.name.split(".")[0] for p in arrays.iterdir()) == ["negspace_run"]
+    async with run_app(settings, embedder=FakeEmbedder()) as (app, client, _):
+        got = await client.collections.dense("run", k=10, knn=5)  # reloaded into a fresh folder
+        assert [i.id for i in got.items] == [i.id for i in want.items]
+        folders = list(arrays.iterdir())
+        assert len(folders) == 1 and folders[0] == app.state.controller._cols["run"].index.storage_dir
+    # exact mode keeps its arrays in memory unless asked
+    exact = ControllerSettings(qdrant_path=str(tmp_path / "e"), knn_capacity=8)
+    async with run_app(exact, embedder=FakeEmbedder()) as (app, client, _):
+        await client.collections.create("run")
+        await client.collections.upsert("run", pts[:20])
+        assert not isinstance(app.state.controller._cols["run"].index._vec, np.memmap)
+    async with run_app(exact.model_copy(update={"index_mmap": True}), embedder=FakeEmbedder()) as (app, client, _):
+        await client.collections.upsert("run", pts[:30])
+        assert isinstance(app.state.controller._cols["run"].index._vec, np.memmap)

@@ -23,8 +23,9 @@ from negspace_controller.index import DensityIndex, topk_rows
 
 class ApproxDensityIndex(DensityIndex):
     def __init__(self, dim: int, capacity: int = 32, initial_rows: int = 1024, *, candidates: int | None = None,
-                 connectivity: int = 16, expansion_add: int = 64, expansion_search: int | None = None) -> None:
-        super().__init__(dim, capacity, initial_rows)
+                 connectivity: int = 16, expansion_add: int = 64, expansion_search: int | None = None,
+                 storage_dir=None) -> None:
+        super().__init__(dim, capacity, initial_rows, storage_dir=storage_dir)
         from usearch.index import Index
 
         self.C = int(candidates or 4 * capacity)

@@ -69,6 +69,7 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
                                               snapshot_dir=settings.resolved_snapshot_dir(),
                                               index_mode=settings.index_mode,
                                               approx_candidates=settings.approx_candidates,
+                                              index_mmap=settings.index_mmap,
                                               observe=lambda stage, s: stages.labels(stage).observe(s))
             warm = asyncio.create_task(app.state.controller.warm_up())
             log.info("controller ready: embedder %s (%d dims, %s), qdrant %s (%s)", emb.name, emb.dimension,

@@ -21,9 +21,11 @@ points a list keeps never changes the similarities it holds.
 from __future__ import annotations
 
 import heapq
+import shutil
 import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -74,16 +76,25 @@ class _Heap:
 class DensityIndex:
     """In-memory exact index for one collection. Not thread-safe: callers hold a lock."""
 
-    def __init__(self, dim: int, capacity: int = 32, initial_rows: int = 1024) -> None:
+    def __init__(self, dim: int, capacity: int = 32, initial_rows: int = 1024, *,
+                 storage_dir: str | Path | None = None) -> None:
+        """``storage_dir``: keep the vectors and the neighbour lists (all but ~24 bytes a point of
+        the index's arrays) in memory-mapped files there instead of anonymous memory, so the kernel
+        can page them out under memory pressure (they are rebuilt at every load: a cache, not a
+        store; the folder is emptied first). None: in memory."""
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.dim = dim
         self.capacity = capacity
         self.n = 0
         rows = max(initial_rows, 1)
-        self._vec = np.zeros((rows, dim), np.float32)
-        self._nsim = np.full((rows, capacity), -np.inf, np.float32)  # sorted descending
-        self._nrow = np.full((rows, capacity), -1, np.int64)
+        self.storage_dir = Path(storage_dir) if storage_dir is not None else None
+        if self.storage_dir is not None:
+            shutil.rmtree(self.storage_dir, ignore_errors=True)
+            self.storage_dir.mkdir(parents=True)
+        self._vec = self._array("vectors", (rows, dim), np.float32, 0)
+        self._nsim = self._array("nsim", (rows, capacity), np.float32, -np.inf)  # sorted descending
+        self._nrow = self._array("nrow", (rows, capacity), np.int64, -1)
         self._ncount = np.zeros(rows, np.int64)
         self._seq = np.zeros(rows, np.int64)
         self._version = np.zeros(rows, np.int64)
@@ -104,20 +115,39 @@ class DensityIndex:
             j.compact(state_of(self))
 
     # ---------------------------------------------------------------- storage helpers
+    def _array(self, name: str, shape: tuple[int, ...], dtype, fill, old: np.ndarray | None = None) -> np.ndarray:
+        """A ``shape`` array filled with ``fill`` after ``old``'s rows: in memory, or (``storage_dir``)
+        a memory-mapped file that grows in place (the file is extended, nothing is copied)."""
+        if self.storage_dir is None:
+            a = np.full(shape, fill, dtype)
+            if old is not None:
+                a[: old.shape[0]] = old
+            return a
+        path = self.storage_dir / f"{name}.bin"
+        with path.open("r+b" if old is not None else "w+b") as f:
+            f.truncate(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        a = np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+        start = 0 if old is None else old.shape[0]
+        if fill != 0:  # a new file (or its extension) reads as zeros
+            a[start:] = fill
+        return a
+
     def _grow(self, need: int) -> None:
         rows = self._vec.shape[0]
         if need <= rows:
             return
         new = max(need, rows * 2)
 
-        def grow(a: np.ndarray, fill) -> np.ndarray:
+        def grow(a: np.ndarray, fill, name: str | None = None) -> np.ndarray:
+            if name is not None:
+                return self._array(name, (new,) + a.shape[1:], a.dtype, fill, old=a)
             b = np.full((new,) + a.shape[1:], fill, a.dtype)
             b[:rows] = a
             return b
 
-        self._vec = grow(self._vec, 0)
-        self._nsim = grow(self._nsim, -np.inf)
-        self._nrow = grow(self._nrow, -1)
+        self._vec = grow(self._vec, 0, "vectors")
+        self._nsim = grow(self._nsim, -np.inf, "nsim")
+        self._nrow = grow(self._nrow, -1, "nrow")
         self._ncount = grow(self._ncount, 0)
         self._seq = grow(self._seq, 0)
         self._version = grow(self._version, 0)

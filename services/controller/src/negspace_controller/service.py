@@ -11,7 +11,9 @@ import asyncio
 import logging
 import math
 import re
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +69,7 @@ class Controller:
     def __init__(self, embedder: Embedder, store: Store, *, knn_capacity: int = 32,
                  snapshot_dir: str | Path | None = None,
                  observe: Callable[[str, float], None] | None = None, index_mode: str = "exact",
-                 approx_candidates: int | None = None) -> None:
+                 approx_candidates: int | None = None, index_mmap: bool | None = None) -> None:
         self.embedder = embedder
         if index_mode not in ("exact", "approximate"):
             raise ValueError(f"index_mode must be 'exact' or 'approximate', not {index_mode!r}")
@@ -78,6 +80,11 @@ class Controller:
         self.observe = observe or (lambda stage, seconds: None)
         self.encoder = BatchingEncoder(embedder, observe=self.observe)
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
+        # memory-mapped vectors and lists (beside the index log): by default in approximate mode,
+        # the one meant for collections too large to keep twice in memory
+        self.index_mmap = (index_mode == "approximate") if index_mmap is None else index_mmap
+        if self.index_mmap and self.snapshot_dir is not None:
+            shutil.rmtree(self.snapshot_dir / "arrays", ignore_errors=True)  # no index of this process yet
         self.store = store
         self.knn_capacity = knn_capacity
         self._cols: dict[str, _Collection] = {}
@@ -153,7 +160,7 @@ class Controller:
             vecs.append(vec)
             texts.append(text)
             seqs.append(seq if seq >= 0 else len(seqs))
-        index = self._new_index(dim, max(1024, len(keys) + len(pending)))
+        index = self._new_index(dim, max(1024, len(keys) + len(pending)), name)
 
         def progress(done: int, total: int) -> None:
             log.info("collection %s: %d/%d", name, done, total)
@@ -190,10 +197,24 @@ class Controller:
         self.loaded_points += index.n
         return _Collection(name, index)
 
-    def _new_index(self, dim: int, rows: int = 1024) -> DensityIndex:
+    def _new_index(self, dim: int, rows: int = 1024, name: str | None = None) -> DensityIndex:
+        storage = self._arrays_dir(name, fresh=True) if name is not None else None
         if self.index_mode == "approximate":
-            return ApproxDensityIndex(dim, self.knn_capacity, initial_rows=rows, candidates=self.approx_candidates)
-        return DensityIndex(dim, self.knn_capacity, initial_rows=rows)
+            return ApproxDensityIndex(dim, self.knn_capacity, initial_rows=rows, candidates=self.approx_candidates,
+                                      storage_dir=storage)
+        return DensityIndex(dim, self.knn_capacity, initial_rows=rows, storage_dir=storage)
+
+    def _arrays_dir(self, name: str, fresh: bool = False) -> Path | None:
+        """Where a collection's index keeps its memory-mapped arrays (``index_mmap``), or None (in
+        memory). ``fresh``: a new folder for a new index, the collection's older ones removed (an
+        index still holding them keeps its mapping until it is dropped: Linux unlinks lazily)."""
+        if not self.index_mmap or self.snapshot_dir is None:
+            return None
+        root = self.snapshot_dir / "arrays"
+        qname = self.store.qname(name)
+        for old in root.glob(f"{qname}.*"):  # '.' cannot occur in a collection name
+            shutil.rmtree(old, ignore_errors=True)
+        return root / f"{qname}.{uuid.uuid4().hex[:12]}" if fresh else None
 
     def _journal(self, name: str) -> Journal | None:
         return Journal(self.snapshot_dir, self.store.qname(name)) if self.snapshot_dir else None
@@ -215,6 +236,7 @@ class Controller:
         j = col.index.journal if col is not None else self._journal(name)
         if j is not None:
             j.drop()
+        self._arrays_dir(name)  # removes its memory-mapped arrays
 
     def _info(self, col: _Collection) -> CollectionInfo:
         return CollectionInfo(name=col.name, count=len(col.index), dimension=col.index.dim,
@@ -228,7 +250,7 @@ class Controller:
             if not await asyncio.to_thread(self.store.exists, name):
                 self._drop_snapshot(name)
                 await asyncio.to_thread(self.store.create, name, self.embedder.dimension, self.embedder.name)
-                index = self._new_index(self.embedder.dimension)
+                index = self._new_index(self.embedder.dimension, name=name)
                 index.journal = self._journal(name)
                 if index.journal is not None and isinstance(index, ApproxDensityIndex):
                     index.journal.save_extra = index.save_graph
