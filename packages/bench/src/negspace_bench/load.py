@@ -52,16 +52,25 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
 
 
-def group_rss_mib(pgid: int) -> float:
-    """Resident memory of every process in a process group (a service and its engine processes)."""
-    total_kib = 0
+def _group(pgid: int):
+    """(``/proc/<pid>`` folder, its stat fields after the command name) of each live process of a group."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             stat = (proc / "stat").read_text()
-            if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:  # field 5: the process group
-                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[2]) == pgid:  # field 5: the process group
+                yield proc, fields
+        except (OSError, ValueError, IndexError):
+            continue
+
+
+def group_rss_mib(pgid: int) -> float:
+    """Resident memory of every process in a process group (a service and its engine processes)."""
+    total_kib = 0
+    for proc, _ in _group(pgid):
+        try:
             for line in (proc / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total_kib += int(line.split()[1])
@@ -72,20 +81,8 @@ def group_rss_mib(pgid: int) -> float:
 
 def group_cpu_s(pgid: int) -> float:
     """CPU seconds (user + system) used so far by the live processes of a process group."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text()
-            fields = fields[fields.rindex(")") + 2:].split()
-            if int(fields[2]) != pgid:  # field 5: the process group
-                continue
-            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / tick
+    ticks = sum(int(fields[11]) + int(fields[12]) for _, fields in _group(pgid))  # fields 14, 15: utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def stack_rss(stack: launcher.Stack) -> dict[str, float]:
