@@ -1,67 +1,49 @@
-"""One BLAS thread on the request path; every core while bulk work runs; back to one after."""
+"""--blas-threads reaches OpenBLAS (one thread by default) and /health reports what OpenBLAS gives.
+
+Each case runs in a fresh interpreter: the controller sets the count once, at start-up, in its
+own process, and a test process that has run other tests' BLAS work is not that.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
+import subprocess
+import sys
 
-import numpy as np
 import pytest
-from negspace_controller import threads
-from negspace_controller.settings import ControllerSettings
+
+SCRIPT = """
+import asyncio, json, sys
+import httpx
 from threadpoolctl import threadpool_info
+from negspace_controller.app import create_app
+from negspace_controller.embedder import FakeEmbedder
+from negspace_controller.settings import ControllerSettings
+
+async def main():
+    kw = json.loads(sys.argv[1])
+    app = create_app(ControllerSettings(qdrant_path=":memory:", **kw), embedder=FakeEmbedder())
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as c:
+            health = (await c.get("/health")).json()["info"]
+    blas = sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+    print(json.dumps({"health": health["blas_threads"], "blas": blas}))
+
+asyncio.run(main())
+"""
 
 
-def blas_threads() -> set[int]:
-    np.ones(2) @ np.ones(2)  # numpy's OpenBLAS is loaded
-    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+def start(**settings) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(settings)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture
-def restore():
-    before = threads._request_threads
-    yield
-    threads._request_threads = before
-    threads._limit(os.cpu_count() or 1)
-
-
-async def test_request_path_has_one_thread_and_bulk_work_every_core(monkeypatch, restore):
-    monkeypatch.setattr(threads, "bulk_threads", lambda: 2)  # this machine may have one core
-    threads.configure(1)
-    assert blas_threads() == {1}
-    async with threads.bulk():
-        assert blas_threads() == {2}
-        # what the service does: the bulk work itself runs in a worker thread
-        assert await asyncio.to_thread(blas_threads) == {2}
-        async with threads.bulk():  # nested: still raised, and not lowered by the inner exit
-            assert blas_threads() == {2}
-        assert blas_threads() == {2}
-    assert blas_threads() == {1}
-    assert await asyncio.to_thread(blas_threads) == {1}
-    # two overlapping bulk blocks (two requests): lowered only when the last one ends
-    inside, release = asyncio.Event(), asyncio.Event()
-
-    async def other() -> None:
-        async with threads.bulk():
-            inside.set()
-            await release.wait()
-
-    task = asyncio.create_task(other())
-    await inside.wait()
-    async with threads.bulk():
-        pass
-    assert blas_threads() == {2}
-    release.set()
-    await task
-    assert blas_threads() == {1}
-    with pytest.raises(RuntimeError):  # an exception inside a bulk block lowers it too
-        async with threads.bulk():
-            raise RuntimeError("boom")
-    assert blas_threads() == {1}
-
-
-async def test_the_setting_reaches_the_process(run_app, restore):
-    async with run_app(ControllerSettings(embedder="fake", qdrant_path=":memory:", blas_threads=2)):
-        assert blas_threads() == {min(2, os.cpu_count() or 1)}  # OpenBLAS caps it at the cores it found
-    async with run_app(ControllerSettings(embedder="fake", qdrant_path=":memory:")):
-        assert blas_threads() == {1}  # the default
+@pytest.mark.parametrize("asked,want", [(None, 1), (2, 2)])
+def test_the_setting_reaches_openblas_and_health_reports_it(asked, want):
+    want = min(want, os.cpu_count() or 1)  # OpenBLAS caps it at the cores it found
+    got = start(**({} if asked is None else {"blas_threads": asked}))
+    assert got == {"health": want, "blas": [want]}

@@ -184,7 +184,7 @@ def markdown(a: argparse.Namespace, started: str, res: dict, stages: dict, route
         "(`--engine fake`: instant, deterministic sentences), so this measures the real orchestrator "
         "(SQLite, events, HTTP; each guided slot judged and inserted by one `/accept` call) and the real controller "
         f"(bundled MiniLM on {ctl.get('embed_backend', '?')}, Qdrant {ctl.get('qdrant_engine', '?')} on disk, the "
-        f"{ctl.get('index_mode', 'exact')} density index, {ctl.get('blas_threads', '?')} BLAS thread(s) per request) "
+        f"{ctl.get('index_mode', 'exact')} density index, {ctl.get('blas_threads', '?')} BLAS thread(s)) "
         "with nothing waiting on a GPU.", "",
         f"**{res['instr_per_s']:.1f} instructions/s** ({res['accepted']:,} accepted of {res['attempts']:,} "
         f"attempts in {res['wall_s']:.0f} s; target >= 100/s: "

@@ -15,7 +15,6 @@ from negspace_contracts.controller import (
 )
 
 from negspace_controller import metrics as diversity
-from negspace_controller import threads
 from negspace_controller.service import Controller
 from negspace_controller.store import SEQ_KEY, TEXT_KEY, to_qdrant_id
 
@@ -50,5 +49,4 @@ async def compare(controller: Controller, req: CompareRequest) -> CompareRespons
         return CompareResponse(a=_side(req.a, ids_a, a, result.a), b=_side(req.b, ids_b, b, result.b),
                                pca_basis="shared" if result.shared_basis else "own", notes=result.notes)
 
-    async with threads.bulk():
-        return await asyncio.to_thread(run)
+    return await asyncio.to_thread(run)

@@ -74,6 +74,7 @@ class Controller:
         if index_mode not in ("exact", "approximate"):
             raise ValueError(f"index_mode must be 'exact' or 'approximate', not {index_mode!r}")
         self.index_mode = index_mode
+        self.blas_threads = threads.current()  # what OpenBLAS reports (set by --blas-threads at start-up)
         self.approx_candidates = approx_candidates
         # ``observe(stage, seconds)``: the app feeds its stage histogram (embed_batch, lock_wait,
         # check, qdrant_write, index_add); a no-op by default
@@ -101,7 +102,7 @@ class Controller:
                     embed_backend=self.embedder.backend, qdrant=self.store.where,
                     qdrant_engine=self.store.engine, collections={name: len(c.index) for name, c in self._cols.items()},
                     knn_capacity=self.knn_capacity, index_mode=self.index_mode,
-                    blas_threads=threads._request_threads)
+                    blas_threads=self.blas_threads)
 
     async def qdrant_problem(self) -> str | None:
         """None when Qdrant answers, else why not. One short probe is shared by concurrent
@@ -128,8 +129,7 @@ class Controller:
                 if not await asyncio.to_thread(self.store.exists, name):
                     raise NotFoundError(f"collection {name!r} does not exist; create it with PUT "
                                         f"/collections/{name}", param="name")
-                async with threads.bulk():  # replaying or rebuilding the lists: every core
-                    col = await asyncio.to_thread(self._load, name)
+                col = await asyncio.to_thread(self._load, name)
                 self._cols[name] = col
         return col
 
@@ -526,8 +526,7 @@ class Controller:
             x, texts = gather()
             return diversity.compute(x, texts, pca_basis=basis, pca_mean=mean)
 
-        async with threads.bulk():
-            m = await asyncio.to_thread(run)
+        m = await asyncio.to_thread(run)
         return MetricsResponse(**m.as_dict())
 
     async def embed(self, texts: list[str], query: bool) -> tuple[np.ndarray, list[bool]]:

@@ -72,10 +72,11 @@ class ControllerSettings(ServiceSettings):
         "exact mode (which scans every vector per insert). Needs the index-snapshots folder; the files "
         "are a cache rebuilt at every start.")
     blas_threads: int = Field(
-        1, ge=1, le=1024, description="BLAS (OpenBLAS) threads for per-request work: each insert or check "
-        "is one small matrix-vector product, which a second thread only slows down on a loaded machine "
-        "(its spinning takes the core the event loop and the embedder need). Loading a collection and "
-        "the diversity metrics use every core while they run.")
+        1, ge=1, le=1024, description="BLAS (OpenBLAS) threads of the controller process, set once at "
+        "start-up: each insert or check is one small matrix-vector product, which a second thread only "
+        "slows down on a loaded machine (its spinning takes the cores the event loop and the embedder "
+        "need). Bulk work (a rebuild without the index log, the diversity metrics) runs on these threads "
+        "too: a dedicated machine with cores to spare can raise it. /health reports what OpenBLAS gives.")
     approx_candidates: int | None = Field(None, ge=1, le=4096, description="HNSW candidates per insert in "
                                           "approximate mode (default 4 x knn-capacity).")
     index_snapshots: str | None = Field(

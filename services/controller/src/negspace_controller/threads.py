@@ -1,4 +1,4 @@
-"""The controller's BLAS threads: one on the request path, every core for bulk work.
+"""The controller's BLAS threads: one by default (``--blas-threads``), set once at start-up.
 
 Why. An insert or a check is one small matrix-vector product (n x 384 at n = 10^4: ~0.1 ms on
 one core). With OpenBLAS's default of one thread per core, each such product wakes a second
@@ -7,65 +7,38 @@ event loop, the embedder and the other services need. ``make bench-scale`` (64 x
 run, one run each, alternated): 148.5 and 148.8 instructions/s with one BLAS thread against
 106.9 and 128.6 with OpenBLAS's default (docs/benchmarks.md has the full run).
 
-Bulk work (loading a collection: replaying or rebuilding its neighbour lists; the diversity
-metrics and comparisons: n x n products) gains from every core, so it raises the limit for as
-long as it runs (``async with bulk():``). The limit is process-wide (that is how OpenBLAS works): a
-request served while bulk work runs may use the extra thread too, which costs it time, never
-correctness.
+The price: bulk work (rebuilding a collection's lists without its log, the diversity metrics'
+n x n products) runs on one BLAS thread too. Raising the limit around it was tried and dropped:
+numpy's OpenBLAS (0.3.30) ignored changes of its thread count made after the first one from
+another thread, and in a long-lived process even from the same one, so a switch could not be
+relied on. A dedicated controller machine with cores to spare can set ``--blas-threads`` higher.
+``/health`` reports the count OpenBLAS itself gives (``blas_threads``), not the setting.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 log = logging.getLogger("negspace.controller")
 
-_depth = 0  # bulk blocks running (changed on the event loop's thread only)
-_request_threads: int | None = None  # None: never configured (tests that build a Controller directly)
-_controller = None
 
-
-def _limit(n: int) -> None:
-    global _controller
+def configure(threads: int) -> int | None:
+    """Limit the process's BLAS libraries to ``threads`` (call once, at start-up, before any other
+    thread uses BLAS); returns the count they report afterwards."""
     from threadpoolctl import ThreadpoolController
 
-    if _controller is None:
-        _controller = ThreadpoolController()
-    _controller.limit(limits=n, user_api="blas")
+    ThreadpoolController().limit(limits=threads, user_api="blas")
+    now = current()
+    if now != threads:
+        log.warning("BLAS threads: asked for %d, OpenBLAS reports %s", threads, now)
+    else:
+        log.info("BLAS threads: %d", threads)
+    return now
 
 
-def bulk_threads() -> int:
-    return os.cpu_count() or 1
+def current() -> int | None:
+    """The BLAS thread count the loaded BLAS libraries report (the largest), or None without one."""
+    from threadpoolctl import threadpool_info
 
-
-def configure(request_threads: int) -> None:
-    """Set the BLAS threads of the request path (``--blas-threads``) for this process."""
-    global _request_threads
-    _request_threads = request_threads
-    if _depth == 0:
-        _limit(request_threads)
-    log.info("BLAS threads: %d for requests, %d for bulk work (loading a collection, metrics)",
-             request_threads, bulk_threads())
-
-
-@asynccontextmanager
-async def bulk() -> AsyncIterator[None]:
-    """Every core's worth of BLAS threads while the block runs (nested and concurrent blocks share it).
-
-    An async context, entered on the event loop's thread around ``await asyncio.to_thread(...)``:
-    numpy's OpenBLAS (0.3.30) was seen to ignore a change of its thread count made from a worker
-    thread after the main thread had set one, so the limit is changed on the thread that set it.
-    """
-    global _depth
-    _depth += 1
-    if _depth == 1 and _request_threads is not None:
-        _limit(bulk_threads())
-    try:
-        yield
-    finally:
-        _depth -= 1
-        if _depth == 0 and _request_threads is not None:
-            _limit(_request_threads)
+    counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(counts) if counts else None
