@@ -258,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"guided run: {a.nodes} nodes x {a.rounds} rounds")
             cpu0 = {name: group_cpu_s(svc.pid) for name, svc in stack.services.items() if svc.pid}
             res = asyncio.run(go())
-            res["cpu_s"] = {name: group_cpu_s(svc.pid) - c for name, c in cpu0.items()
-                            if (svc := stack.services[name]).pid}
+            res["cpu_s"] = {name: group_cpu_s(stack.services[name].pid) - c for name, c in cpu0.items()}
             acc = None
             if a.accept_phase:
                 log(f"controller /accept path: {a.nodes} concurrent slots, {res['accepted']} instructions")

@@ -6,6 +6,7 @@ groups its calls by resource and returns parsed models.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -43,14 +44,10 @@ DEFAULT_LIMITS = httpx.Limits(max_connections=1024, max_keepalive_connections=10
 DEFAULT_POOLS = 16
 
 
-_SSL: list = []
-
-
+@functools.cache
 def _ssl_context():
     """One SSL context for every client of the process (httpx builds one per client otherwise: ~25 ms each)."""
-    if not _SSL:
-        _SSL.append(httpx.create_ssl_context())
-    return _SSL[0]
+    return httpx.create_ssl_context()
 
 
 class _UseClientDefault:

@@ -93,7 +93,7 @@ class DensityIndex:
             shutil.rmtree(self.storage_dir, ignore_errors=True)
             self.storage_dir.mkdir(parents=True)
         self._vec = self._array("vectors", (rows, dim), np.float32, 0)
-        self._nsim = self._array("nsim", (rows, capacity), np.float32, -np.inf)  # sorted descending
+        self._nsim = self._array("nsim", (rows, capacity), np.float32, -np.inf)  # each row sorted descending
         self._nrow = self._array("nrow", (rows, capacity), np.int64, -1)
         self._ncount = np.zeros(rows, np.int64)
         self._seq = np.zeros(rows, np.int64)
@@ -115,10 +115,16 @@ class DensityIndex:
             j.compact(state_of(self))
 
     # ---------------------------------------------------------------- storage helpers
-    def _array(self, name: str, shape: tuple[int, ...], dtype, fill, old: np.ndarray | None = None) -> np.ndarray:
-        """A ``shape`` array filled with ``fill`` after ``old``'s rows: in memory, or (``storage_dir``)
-        a memory-mapped file that grows in place (the file is extended, nothing is copied)."""
-        if self.storage_dir is None:
+    # every per-row array: (attribute, file name when memory-mapped or None: always in memory, fill)
+    _ARRAYS = (("_vec", "vectors", 0), ("_nsim", "nsim", -np.inf), ("_nrow", "nrow", -1),
+               ("_ncount", None, 0), ("_seq", None, 0), ("_version", None, 0))
+
+    def _array(self, name: str | None, shape: tuple[int, ...], dtype, fill,
+               old: np.ndarray | None = None) -> np.ndarray:
+        """A ``shape`` array filled with ``fill`` after ``old``'s rows: in memory, or (a ``name`` and a
+        ``storage_dir``) a memory-mapped file that grows in place (the file is extended, nothing is
+        copied)."""
+        if name is None or self.storage_dir is None:
             a = np.full(shape, fill, dtype)
             if old is not None:
                 a[: old.shape[0]] = old
@@ -138,19 +144,9 @@ class DensityIndex:
             return
         new = max(need, rows * 2)
 
-        def grow(a: np.ndarray, fill, name: str | None = None) -> np.ndarray:
-            if name is not None:
-                return self._array(name, (new,) + a.shape[1:], a.dtype, fill, old=a)
-            b = np.full((new,) + a.shape[1:], fill, a.dtype)
-            b[:rows] = a
-            return b
-
-        self._vec = grow(self._vec, 0, "vectors")
-        self._nsim = grow(self._nsim, -np.inf, "nsim")
-        self._nrow = grow(self._nrow, -1, "nrow")
-        self._ncount = grow(self._ncount, 0)
-        self._seq = grow(self._seq, 0)
-        self._version = grow(self._version, 0)
+        for attr, name, fill in self._ARRAYS:
+            a = getattr(self, attr)
+            setattr(self, attr, self._array(name, (new, *a.shape[1:]), a.dtype, fill, old=a))
 
     @property
     def vectors(self) -> np.ndarray:

@@ -198,23 +198,27 @@ class Controller:
         return _Collection(name, index)
 
     def _new_index(self, dim: int, rows: int = 1024, name: str | None = None) -> DensityIndex:
-        storage = self._arrays_dir(name, fresh=True) if name is not None else None
+        storage = self._arrays_dir(name) if name is not None else None
         if self.index_mode == "approximate":
             return ApproxDensityIndex(dim, self.knn_capacity, initial_rows=rows, candidates=self.approx_candidates,
                                       storage_dir=storage)
         return DensityIndex(dim, self.knn_capacity, initial_rows=rows, storage_dir=storage)
 
-    def _arrays_dir(self, name: str, fresh: bool = False) -> Path | None:
-        """Where a collection's index keeps its memory-mapped arrays (``index_mmap``), or None (in
-        memory). ``fresh``: a new folder for a new index, the collection's older ones removed (an
-        index still holding them keeps its mapping until it is dropped: Linux unlinks lazily)."""
+    def _arrays_dir(self, name: str) -> Path | None:
+        """A new folder for the memory-mapped arrays of a new index of ``name`` (``index_mmap``), the
+        collection's older ones removed; None: in memory."""
         if not self.index_mmap or self.snapshot_dir is None:
             return None
-        root = self.snapshot_dir / "arrays"
-        qname = self.store.qname(name)
-        for old in root.glob(f"{qname}.*"):  # '.' cannot occur in a collection name
+        self._remove_arrays(name)
+        return self.snapshot_dir / "arrays" / f"{self.store.qname(name)}.{uuid.uuid4().hex[:12]}"
+
+    def _remove_arrays(self, name: str) -> None:
+        """Remove the collection's memory-mapped array folders (an index still holding one keeps its
+        mapping until it is dropped: Linux unlinks lazily)."""
+        if self.snapshot_dir is None:
+            return
+        for old in (self.snapshot_dir / "arrays").glob(f"{self.store.qname(name)}.*"):  # no '.' in names
             shutil.rmtree(old, ignore_errors=True)
-        return root / f"{qname}.{uuid.uuid4().hex[:12]}" if fresh else None
 
     def _journal(self, name: str) -> Journal | None:
         return Journal(self.snapshot_dir, self.store.qname(name)) if self.snapshot_dir else None
@@ -236,7 +240,7 @@ class Controller:
         j = col.index.journal if col is not None else self._journal(name)
         if j is not None:
             j.drop()
-        self._arrays_dir(name)  # removes its memory-mapped arrays
+        self._remove_arrays(name)
 
     def _info(self, col: _Collection) -> CollectionInfo:
         return CollectionInfo(name=col.name, count=len(col.index), dimension=col.index.dim,
