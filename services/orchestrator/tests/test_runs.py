@@ -416,6 +416,31 @@ async def test_in_prompt_history_lists_the_dense_instructions_and_sends_no_negat
         assert all(i.guidance_scale is None for i in insts)  # no CFG, so no scale
 
 
+async def test_superset_negatives_are_the_positive_plus_one_already_written_instruction(make_harness):
+    """neg = pos + w_X: every negative starts with the slot's own positive prompt, so guidance
+    subtracts only the pull toward X (issue 21); superset-list sends one negative listing all k."""
+    async with make_harness() as h:
+        created = await h.client.runs.create(cfg(negative_format="superset", negatives=NegativesSpec(k=2)))
+        assert (await h.wait(created.id)).status == "completed"
+        guided = [r for n in h.nodes for r in n.requests if r.negative_prompts]
+        assert guided
+        for r in guided:
+            pos = r.messages[0].content
+            assert len(r.negative_prompts) == 2
+            for neg in r.negative_prompts:
+                assert neg.startswith(pos + "\n\nAn augmented instruction that was already written: ")
+                assert len(neg) > len(pos) + 60
+        listed = await h.client.runs.create(cfg(negative_format="superset-list", negatives=NegativesSpec(k=2)))
+        assert (await h.wait(listed.id)).status == "completed"
+        guided = [r for n in h.nodes for r in n.requests if r.negative_prompts and "were already" in
+                  r.negative_prompts[0]]
+        assert guided and all(len(r.negative_prompts) == 1 for r in guided)
+        for r in guided:
+            neg = r.negative_prompts[0]
+            assert neg.startswith(r.messages[0].content + "\n\nAugmented instructions that were already written:\n")
+            assert neg.count("\n- ") == 2
+
+
 async def test_guidance_options_min_p_and_calibrated_threshold_reach_the_node_and_controller(make_harness):
     async with make_harness() as h:
         created = await h.client.runs.create(cfg(

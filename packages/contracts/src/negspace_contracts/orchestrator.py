@@ -116,9 +116,12 @@ class RunConfig(StrictModel):
                     "similarity_threshold.")
     negatives: NegativesSpec = Field(default_factory=NegativesSpec)
     use_previous_generation: bool = False
-    negative_format: Literal["raw", "augment"] = Field(
+    negative_format: Literal["raw", "augment", "superset", "superset-list"] = Field(
         "raw", description="raw (the reference): each dense-region instruction is a negative prompt "
-                           "as it is; augment: wrapped in the augmentation prompt like the positive.")
+                           "as it is; augment: wrapped in the augmentation prompt like the positive; "
+                           "superset: the positive prompt plus the instruction marked as already "
+                           "written (guidance then subtracts only the pull toward it); superset-list: "
+                           "one negative, the positive plus every chosen instruction as already written.")
     augmentation_prompt: str | None = Field(None, max_length=8000,
                                             description="None: the project's default prompt.")
     round_mode: Literal["concurrent", "sequential"] | None = Field(

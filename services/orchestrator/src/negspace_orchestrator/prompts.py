@@ -44,17 +44,42 @@ def history_prompt(positive: str, existing: list[str]) -> str:
     return positive + HISTORY_PROMPT + "".join(f"- {' '.join(t.split())}\n" for t in existing)
 
 
-def negative_prompt(config, existing: str) -> str:
+#: ``superset`` negatives: the positive prompt itself plus one existing instruction marked as
+#: already written, so ``negative = positive + w_X`` and guidance subtracts only the pull toward X.
+ALREADY_WRITTEN_ONE = "\n\nAn augmented instruction that was already written: "
+#: ``superset-list``: one negative that lists every chosen instruction as already written.
+ALREADY_WRITTEN_MANY = "\n\nAugmented instructions that were already written:\n"
+
+
+def negative_prompt(config, existing: str, positive: str | None = None) -> str:
     """What a node receives as one negative prompt for an existing (dense-region) instruction.
 
     ``raw`` (the reference): the instruction itself, so the negative branch predicts what the model
     would write when *given* that instruction. ``augment``: the positive's own request applied to
-    the existing instruction, so the negative branch predicts an augmentation near it, the text
-    the guided branch should move away from.
+    the existing instruction, so the negative branch predicts an augmentation near it; everything
+    specific to the base is then multiplied by the scale (it sharpens: docs/findings.md).
+    ``superset``: the ``positive`` prompt followed by the existing instruction as one already
+    written, so the two branches share everything but that instruction and guidance subtracts only
+    the pull toward it.
     """
-    if config.negative_format == "augment":
+    fmt = config.negative_format
+    if fmt == "augment":
         return positive_prompt(augmentation_prompt(config.augmentation_prompt), existing)
+    if fmt == "superset":
+        if positive is None:
+            raise ValueError("the superset form needs the positive prompt")
+        return positive + ALREADY_WRITTEN_ONE + " ".join(existing.split())
     return existing
+
+
+def negative_prompts(config, existing: list[str], positive: str) -> list[str]:
+    """Every negative prompt of one generation: one per existing instruction, or (``superset-list``)
+    one negative listing them all after the positive prompt."""
+    if not existing:
+        return []
+    if config.negative_format == "superset-list":
+        return [positive + ALREADY_WRITTEN_MANY + "".join(f"- {' '.join(t.split())}\n" for t in existing)]
+    return [negative_prompt(config, t, positive) for t in existing]
 
 
 _LABEL = re.compile(r"^\s*[*_#>\-\s]*(?:(?:base|augmented|rewritten|new|improved)\s+)?"

@@ -247,7 +247,9 @@ class Rounds(Room):
             texts = [item.text for item in dense.items if item.text.strip()]
         if cfg.negatives.use == "prompt":
             return texts
-        return [prompts.negative_prompt(cfg, t) for t in texts]
+        positive = prompts.positive_prompt(prompts.augmentation_prompt(cfg.augmentation_prompt),
+                                           self._source(run, node, round_))
+        return prompts.negative_prompts(cfg, texts, positive)
 
     async def _slot(self, run: RunRow, node: int, round_: int) -> None:
         existing = self.store.slot_attempts(run.id, node, round_)
