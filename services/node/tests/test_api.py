@@ -170,11 +170,11 @@ async def test_method_options_reach_the_engine_and_are_echoed():
     assert r.json()["guidance"] == {"scale": 2.5, "num_negatives": 2, "space": "logprobs", "combine": "mean",
                                     "alpha": 0.1, "max_tokens": 3}
     sent = engine.requests[-1]
-    assert (sent.guidance_combine, sent.guidance_alpha, sent.guidance_max_tokens, sent.min_p) == ("mean", 0.1, 3, 0.05)
+    assert (sent.guidance.combine, sent.guidance.alpha, sent.guidance.max_tokens, sent.min_p) == ("mean", 0.1, 3, 0.05)
     # alpha 0 is "off" (echoed as null); plain requests carry min_p too
     r = await post(app, "/v1/completions", {"prompt": "hi", "guidance_alpha": 0, "min_p": 0.2})
     assert r.status_code == 200 and r.json()["guidance"]["alpha"] is None
-    assert engine.requests[-1].guidance_alpha is None and engine.requests[-1].min_p == 0.2
+    assert engine.requests[-1].guidance.alpha is None and engine.requests[-1].min_p == 0.2
 
 
 async def test_nan_guidance_scale_is_refused():
@@ -272,7 +272,7 @@ async def test_node_client_contract_against_the_app():
                                                                guidance_scale=2.5, guidance_space="logprobs",
                                                                temperature=0, max_tokens=30))
         assert reply.text and reply.guidance.num_negatives == 2 and reply.guidance.space == "logprobs"
-        assert engine.requests[-1].guidance_space == "logprobs" and engine.requests[-1].max_tokens == 30
+        assert engine.requests[-1].guidance.space == "logprobs" and engine.requests[-1].max_tokens == 30
         done = await client.completions.create(CompletionRequest(prompt="abc", max_tokens=5))
         assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 5
         assert (await client.health()).status == "ok"

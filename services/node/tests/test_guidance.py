@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from negspace_contracts.node import Guidance
 from negspace_node.guidance import combine, make_generator, sample, top_p_filter
 
 NEG_INF = float("-inf")
@@ -146,13 +147,13 @@ def test_min_p_applies_after_temperature_and_before_top_p():
 def test_guidance_max_tokens_is_a_guidance_interval():
     from negspace_node.engines.base import GenerationRequest
 
-    r = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance_scale=3.0, guidance_max_tokens=3)
+    r = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance=Guidance(scale=3.0, max_tokens=3))
     assert r.guided and [r.guides_at(p) for p in range(5)] == [True, True, True, False, False]
-    always = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance_scale=3.0)
+    always = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance=Guidance(scale=3.0))
     assert all(always.guides_at(p) for p in range(100))
-    never = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance_scale=3.0, guidance_max_tokens=0)
+    never = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance=Guidance(scale=3.0, max_tokens=0))
     assert not never.guided and not never.guides_at(0)          # N = 0: plain generation throughout
-    plain = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance_scale=1.0, guidance_max_tokens=5)
+    plain = GenerationRequest(prompt_ids=[1], negative_ids=[[2]], guidance=Guidance(scale=1.0, max_tokens=5))
     assert not plain.guides_at(0)
 
 

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 from negspace_contracts.errors import BadRequestError, NotFoundError
-from negspace_contracts.node import ChatCompletionRequest, NodeClient
+from negspace_contracts.node import ChatCompletionRequest, Guidance, NodeClient
 from negspace_node.app import create_app
 from negspace_node.engines.base import GenerationRequest
 from negspace_node.engines.reference import reference_generate
@@ -50,7 +50,7 @@ async def _guided_chat_matches_the_reference(client, model, tok):
         extra_body={"negative_prompts": NEGATIVES, "guidance_scale": 3.0, "guidance_space": "logits"})
     expected = reference_generate(model, tok, GenerationRequest(
         prompt_ids=chat_ids(tok, MESSAGES[0]["content"]), negative_ids=[chat_ids(tok, n) for n in NEGATIVES],
-        max_tokens=8, temperature=0, guidance_scale=3.0))
+        max_tokens=8, temperature=0, guidance=Guidance(scale=3.0)))
     assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].finish_reason == expected.finish_reason
     assert reply.usage.completion_tokens == len(expected.token_ids)
@@ -84,10 +84,10 @@ async def test_node_client_contract_with_the_real_engine(app):
     async with NodeClient("http://node", transport=httpx.ASGITransport(app=app)) as client:
         assert (await client.health()).status == "ok"
         reply = await client.chat.create(ChatCompletionRequest(
-            messages=MESSAGES, negative_prompts=NEGATIVES, guidance_scale=2.0, guidance_space="logprobs",
+            messages=MESSAGES, negative_prompts=NEGATIVES, guidance=Guidance(scale=2.0, space="logprobs"),
             temperature=0.7, seed=5, max_tokens=6))
         again = await client.chat.create(ChatCompletionRequest(
-            messages=MESSAGES, negative_prompts=NEGATIVES, guidance_scale=2.0, guidance_space="logprobs",
+            messages=MESSAGES, negative_prompts=NEGATIVES, guidance=Guidance(scale=2.0, space="logprobs"),
             temperature=0.7, seed=5, max_tokens=6))
         assert reply.text == again.text and reply.guidance.space == "logprobs"
         with pytest.raises(NotFoundError):

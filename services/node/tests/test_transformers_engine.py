@@ -4,6 +4,7 @@ with the bundled SmolLM2-135M-Instruct in float32. One model for the whole sessi
 from __future__ import annotations
 
 import pytest
+from negspace_contracts.node import Guidance
 from negspace_node.engines.base import GenerationRequest
 from negspace_node.engines.reference import reference_generate
 from negspace_node.engines.transformers import TransformersEngine, generate_batched
@@ -33,7 +34,7 @@ def test_batched_engine_equals_the_naive_loop_greedy(smol, prompts, num_negative
     model, tok = smol
     pos, negs = prompts
     request = GenerationRequest(prompt_ids=pos, negative_ids=negs[:num_negatives], max_tokens=max_tokens,
-                                temperature=0.0, guidance_scale=3.0, guidance_space=space)
+                                temperature=0.0, guidance=Guidance(scale=3.0, space=space))
     fast = generate_batched(model, tok, request)[0]
     slow = reference_generate(model, tok, request)
     assert fast.token_ids == slow.token_ids and fast.text == slow.text
@@ -46,9 +47,9 @@ def test_guidance_changes_the_text_and_scale_one_is_plain(smol, prompts):
     pos, negs = prompts
     plain = generate_batched(model, tok, GenerationRequest(prompt_ids=pos, max_tokens=12, temperature=0))[0]
     s1 = generate_batched(model, tok, GenerationRequest(prompt_ids=pos, negative_ids=negs, max_tokens=12,
-                                                        temperature=0, guidance_scale=1.0))[0]
+                                                        temperature=0, guidance=Guidance(scale=1.0)))[0]
     guided = generate_batched(model, tok, GenerationRequest(prompt_ids=pos, negative_ids=negs, max_tokens=12,
-                                                            temperature=0, guidance_scale=3.0))[0]
+                                                            temperature=0, guidance=Guidance(scale=3.0)))[0]
     assert s1.token_ids == plain.token_ids
     assert guided.token_ids != plain.token_ids
 
@@ -58,7 +59,7 @@ def test_seeds_sampled_guided_and_n_choices(smol, prompts):
     pos, negs = prompts
 
     def run(seed, **kw):
-        request = GenerationRequest(prompt_ids=pos, negative_ids=negs[:1], guidance_scale=2.0, max_tokens=10,
+        request = GenerationRequest(prompt_ids=pos, negative_ids=negs[:1], guidance=Guidance(scale=2.0), max_tokens=10,
                                     temperature=1.0, top_p=0.95, seed=seed, **kw)
         return request, generate_batched(model, tok, request)
 
@@ -97,7 +98,7 @@ async def test_engine_runs_in_a_worker_thread_and_reports_state(smol, prompts):
     await engine.start()
     assert engine.state == "ready" and engine.max_model_len == 512 and engine.model_name == "SmolLM2-135M-Instruct"
     request = GenerationRequest(prompt_ids=pos, negative_ids=negs[:2], max_tokens=6, temperature=0,
-                                guidance_scale=2.0)
+                                guidance=Guidance(scale=2.0))
     out = await engine.generate(request)
     assert out[0].token_ids == generate_batched(model, tok, request)[0].token_ids
     assert engine.queue_depth() == 0
@@ -137,12 +138,12 @@ async def test_a_cancelled_request_stops_decoding_and_frees_the_worker(smol, pro
 
 
 METHOD_OPTIONS = [
-    pytest.param({"guidance_combine": "mean"}, id="combine-mean"),
-    pytest.param({"guidance_combine": "max"}, id="combine-max"),
-    pytest.param({"guidance_alpha": 0.1}, id="alpha-0.1"),
-    pytest.param({"guidance_max_tokens": 3}, id="max-tokens-3"),
-    pytest.param({"guidance_combine": "mean", "guidance_space": "logprobs", "guidance_alpha": 0.1,
-                  "guidance_max_tokens": 5}, id="all-logprobs"),
+    pytest.param({"combine": "mean"}, id="combine-mean"),
+    pytest.param({"combine": "max"}, id="combine-max"),
+    pytest.param({"alpha": 0.1}, id="alpha-0.1"),
+    pytest.param({"max_tokens": 3}, id="max-tokens-3"),
+    pytest.param({"combine": "mean", "space": "logprobs", "alpha": 0.1,
+                  "max_tokens": 5}, id="all-logprobs"),
 ]
 
 
@@ -151,7 +152,7 @@ def test_method_options_equal_the_naive_loop_greedy(smol, prompts, options):
     model, tok = smol
     pos, negs = prompts
     request = GenerationRequest(prompt_ids=pos, negative_ids=negs, max_tokens=10, temperature=0.0,
-                                guidance_scale=4.0, **options)
+                                guidance=Guidance(scale=4.0, **options))
     fast = generate_batched(model, tok, request)[0]
     assert fast.token_ids == reference_generate(model, tok, request).token_ids and fast.token_ids
 
@@ -164,22 +165,22 @@ def test_each_method_option_changes_what_is_drawn_as_defined(smol, prompts):
 
     model, tok = smol
     pos, negs = prompts
-    base = dict(prompt_ids=pos, negative_ids=negs, max_tokens=10, temperature=0.0, guidance_scale=4.0)
+    base = dict(prompt_ids=pos, negative_ids=negs, max_tokens=10, temperature=0.0, guidance=Guidance(scale=4.0))
     default = generate_batched(model, tok, GenerationRequest(**base))[0].token_ids
-    by_combine = {how: generate_batched(model, tok, GenerationRequest(**base, guidance_combine=how))[0].token_ids
+    by_combine = {how: generate_batched(model, tok, GenerationRequest(**{**base, "guidance": Guidance(scale=4.0, combine=how)}))[0].token_ids
                   for how in ("mean", "max")}
     assert len({tuple(default), *map(tuple, by_combine.values())}) == 3
     # max_tokens 3: the first 3 tokens are the guided ones, then plain greedy from the positive
-    interval = generate_batched(model, tok, GenerationRequest(**base, guidance_max_tokens=3))[0].token_ids
+    interval = generate_batched(model, tok, GenerationRequest(**{**base, "guidance": Guidance(scale=4.0, max_tokens=3)}))[0].token_ids
     assert interval[:3] == default[:3] and interval != default
     plain_tail = generate_batched(model, tok, GenerationRequest(prompt_ids=pos + default[:3], max_tokens=7,
                                                                 temperature=0.0))[0].token_ids
     assert interval[3:] == plain_tail
     # alpha: a strong scale that draws tokens the positive finds implausible; with alpha 0.1 every
     # token drawn has probability >= 0.1 x the positive's top probability at its step
-    strong = {**base, "guidance_scale": 12.0}
+    strong = {**base, "guidance": Guidance(scale=12.0)}
     wild = generate_batched(model, tok, GenerationRequest(**strong))[0].token_ids
-    restricted = generate_batched(model, tok, GenerationRequest(**strong, guidance_alpha=0.1))[0].token_ids
+    restricted = generate_batched(model, tok, GenerationRequest(**{**strong, "guidance": Guidance(scale=12.0, alpha=0.1)}))[0].token_ids
     assert restricted != wild
 
     def ratios(tokens):
@@ -204,7 +205,7 @@ def test_negatives_leave_the_batch_after_the_guidance_interval(smol, prompts, mo
 
     monkeypatch.setattr(model, "forward", counting)
     request = GenerationRequest(prompt_ids=pos, negative_ids=negs, max_tokens=8, temperature=0.0,
-                                guidance_scale=4.0, guidance_max_tokens=3)
+                                guidance=Guidance(scale=4.0, max_tokens=3))
     out = generate_batched(model, tok, request, eos_ids=frozenset())[0]
     assert len(out.token_ids) == 8
     # prefill + 2 guided decode steps with all 4 rows, then the positive alone

@@ -17,6 +17,7 @@ from negspace_node.testing import require_vllm  # noqa: E402
 require_vllm()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from negspace_contracts.node import Guidance  # noqa: E402
 from negspace_node.engines.base import GenerationRequest, GuidanceGroupError  # noqa: E402
 from negspace_node.engines.transformers import generate_batched  # noqa: E402
 from negspace_node.settings import NodeSettings  # noqa: E402
@@ -66,7 +67,7 @@ def test_equals_transformers_engine_token_for_token(engine, ids, smol, negatives
     positive, negs = ids
     assert len(negs[1]) > len(positive)           # a negative longer than the positive
     request = GenerationRequest(prompt_ids=positive, negative_ids=negs[:negatives], max_tokens=24,
-                                temperature=0.0, guidance_scale=3.0)
+                                temperature=0.0, guidance=Guidance(scale=3.0))
     expected = generate_batched(model, tokenizer, request)
     got = run(engine.generate(request))
     assert got[0].token_ids == expected[0].token_ids
@@ -77,7 +78,7 @@ def test_logprobs_space_and_stop_strings_match_the_reference(engine, ids, smol):
     model, tokenizer = smol
     positive, negs = ids
     request = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=24, temperature=0.0,
-                                guidance_scale=2.0, guidance_space="logprobs")
+                                guidance=Guidance(scale=2.0, space="logprobs"))
     expected = generate_batched(model, tokenizer, request)[0]
     assert run(engine.generate(request))[0].token_ids == expected.token_ids
     # A stop string cut from the reference's own text ends both engines at the same place.
@@ -92,7 +93,7 @@ def test_seeded_sampling_matches_reference_and_repeats(engine, ids, smol):
     model, tokenizer = smol
     positive, negs = ids
     request = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=16, temperature=1.0,
-                                top_p=0.95, seed=1234, guidance_scale=3.0)
+                                top_p=0.95, seed=1234, guidance=Guidance(scale=3.0))
     first, second = run(gather(engine, [request, request]))
     assert first[0].token_ids == second[0].token_ids
     # Same guidance math and the same seeded generator as the transformers engine: same draw.
@@ -109,7 +110,7 @@ def test_scale_one_is_plain_generation_and_plain_n(engine, ids, smol):
     positive, negs = ids
     plain = GenerationRequest(prompt_ids=positive, max_tokens=20, temperature=0.0)
     scale_one = GenerationRequest(prompt_ids=positive, negative_ids=negs, max_tokens=20, temperature=0.0,
-                                  guidance_scale=1.0)
+                                  guidance=Guidance(scale=1.0))
     a, b = run(gather(engine, [plain, scale_one]))
     assert a[0].token_ids == b[0].token_ids == generate_batched(model, tokenizer, plain)[0].token_ids
     many = run(engine.generate(GenerationRequest(prompt_ids=positive, max_tokens=12, temperature=1.0, seed=5, n=3)))
@@ -119,15 +120,15 @@ def test_scale_one_is_plain_generation_and_plain_n(engine, ids, smol):
 
 
 @pytest.mark.parametrize("options", [
-    {"guidance_combine": "mean"}, {"guidance_combine": "max"}, {"guidance_alpha": 0.1},
-    {"guidance_max_tokens": 3},
-    {"guidance_combine": "max", "guidance_space": "logprobs", "guidance_alpha": 0.1, "guidance_max_tokens": 5},
+    {"combine": "mean"}, {"combine": "max"}, {"alpha": 0.1},
+    {"max_tokens": 3},
+    {"combine": "max", "space": "logprobs", "alpha": 0.1, "max_tokens": 5},
 ], ids=["mean", "max", "alpha", "max-tokens", "all-logprobs"])
 def test_method_options_equal_transformers_token_for_token(engine, ids, smol, options):
     model, tokenizer = smol
     positive, negs = ids
     request = GenerationRequest(prompt_ids=positive, negative_ids=negs, max_tokens=16, temperature=0.0,
-                                guidance_scale=4.0, **options)
+                                guidance=Guidance(scale=4.0, **options))
     expected = generate_batched(model, tokenizer, request)[0]
     got = run(engine.generate(request))[0]
     assert got.token_ids == expected.token_ids and got.token_ids
@@ -140,7 +141,7 @@ def test_min_p_one_keeps_only_the_top_token_plain_and_guided(engine, ids, smol):
     positive, negs = ids
     for negatives in ([], negs[:2]):
         greedy = GenerationRequest(prompt_ids=positive, negative_ids=negatives, max_tokens=16, temperature=0.0,
-                                   guidance_scale=3.0)
+                                   guidance=Guidance(scale=3.0))
         hot = GenerationRequest(**{**greedy.__dict__, "temperature": 1.0, "seed": 3, "min_p": 1.0})
         want = generate_batched(model, tokenizer, greedy)[0].token_ids
         assert run(engine.generate(hot))[0].token_ids == want
@@ -153,7 +154,7 @@ def test_eight_concurrent_guided_requests_equal_their_solo_results(engine, ids):
     topics = ["the ocean", "volcanoes", "bees", "chess", "rain", "bridges", "music", "the moon"]
     requests = [GenerationRequest(prompt_ids=chat_ids(tok, f"Write one short question about {t}."),
                                   negative_ids=negs[: 1 + i % 3], max_tokens=16, temperature=0.0,
-                                  guidance_scale=3.0) for i, t in enumerate(topics)]
+                                  guidance=Guidance(scale=3.0)) for i, t in enumerate(topics)]
     solo = [run(engine.generate(r))[0].token_ids for r in requests]
     scheduler = engine._llm.engine_core.engine_core.scheduler
     held_before = scheduler.held_back_steps
@@ -172,9 +173,9 @@ def test_a_group_that_loses_a_member_fails_alone(engine, ids, monkeypatch):
     the group is never guided with again and the request fails; a concurrent request does not."""
     positive, negs = ids
     victim = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=20, temperature=0.0,
-                               guidance_scale=3.0, request_id="victim")
+                               guidance=Guidance(scale=3.0), request_id="victim")
     bystander = GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=20, temperature=0.0,
-                                  guidance_scale=3.0)
+                                  guidance=Guidance(scale=3.0))
     original = engine._advance_group
 
     def sabotage(job, news):
@@ -201,10 +202,10 @@ def test_bad_requests_are_refused_before_they_run(engine, ids):
     positive, negs = ids
     with pytest.raises(BadRequestError, match="context length"):
         run(engine.generate(GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=500,
-                                              guidance_scale=2.0)))
+                                              guidance=Guidance(scale=2.0))))
     with pytest.raises(BadRequestError, match="max_num_seqs"):
         run(engine.generate(GenerationRequest(prompt_ids=positive, negative_ids=[negs[0]] * SLOTS,
-                                              max_tokens=8, guidance_scale=2.0)))
+                                              max_tokens=8, guidance=Guidance(scale=2.0))))
 
 
 def test_a_cancelled_request_frees_its_rows(engine, ids):
@@ -212,7 +213,7 @@ def test_a_cancelled_request_frees_its_rows(engine, ids):
 
     async def cancel_midway():
         task = asyncio.create_task(engine.generate(GenerationRequest(
-            prompt_ids=positive, negative_ids=negs[:2], max_tokens=200, temperature=0.0, guidance_scale=3.0)))
+            prompt_ids=positive, negative_ids=negs[:2], max_tokens=200, temperature=0.0, guidance=Guidance(scale=3.0))))
         while engine.steps == start_steps:
             await asyncio.sleep(0.05)
         task.cancel()
@@ -232,13 +233,13 @@ def test_extreme_values_are_decoded_not_fatal(engine, ids, smol):
     model, tokenizer = smol
     positive, negs = ids
     poison = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=8, temperature=1e-30,
-                               guidance_scale=1e30, seed=1)
+                               guidance=Guidance(scale=1e30), seed=1)
     greedy = GenerationRequest(**{**poison.__dict__, "temperature": 0.0})
     want = generate_batched(model, tokenizer, greedy)[0].token_ids
     assert run(engine.generate(poison))[0].token_ids == want
-    for extra in ({"temperature": 2.0, "guidance_scale": 1.7976931348623157e308, "top_p": 1e-300},
-                  {"temperature": 1e-6, "guidance_scale": 1e38, "guidance_combine": "max", "min_p": 1.0},
-                  {"temperature": 1e-5, "guidance_scale": 1e-300, "guidance_space": "logprobs"}):
+    for extra in ({"temperature": 2.0, "guidance": Guidance(scale=1.7976931348623157e308), "top_p": 1e-300},
+                  {"temperature": 1e-6, "guidance": Guidance(scale=1e38, combine="max"), "min_p": 1.0},
+                  {"temperature": 1e-5, "guidance": Guidance(scale=1e-300, space="logprobs")}):
         assert run(engine.generate(GenerationRequest(**{**poison.__dict__, **extra})))[0].token_ids
     plain = GenerationRequest(prompt_ids=positive, max_tokens=4, temperature=1e-30, seed=1)
     assert run(engine.generate(plain))[0].token_ids
@@ -265,9 +266,9 @@ def test_a_group_whose_draw_raises_fails_alone(engine, ids, monkeypatch):
     monkeypatch.setattr(CFGLogitsProcessor, "draw_all", staticmethod(draw_all))
     monkeypatch.setattr(CFGLogitsProcessor, "draw", staticmethod(draw))
     poison = GenerationRequest(prompt_ids=positive, negative_ids=negs[:2], max_tokens=12, temperature=0.0,
-                               guidance_scale=3.0, request_id="poison")
+                               guidance=Guidance(scale=3.0), request_id="poison")
     fine = GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=12, temperature=0.0,
-                             guidance_scale=3.0)
+                             guidance=Guidance(scale=3.0))
     solo = run(engine.generate(fine))[0].token_ids
     got_poison, got_fine, got_plain = run(gather(engine, [poison, fine, GenerationRequest(
         prompt_ids=positive, max_tokens=6, temperature=0.0)]))
@@ -285,7 +286,7 @@ def test_requests_that_could_never_be_admitted_are_refused_at_once(engine, ids, 
     long_plain = max(1, block - len(positive) + 1)              # prompt + max_tokens needs 2 blocks
     for request in (GenerationRequest(prompt_ids=positive, max_tokens=long_plain),
                     GenerationRequest(prompt_ids=positive, negative_ids=negs[:1], max_tokens=1,
-                                      guidance_scale=2.0)):       # two members: at least 2 blocks
+                                      guidance=Guidance(scale=2.0))):       # two members: at least 2 blocks
         with pytest.raises(BadRequestError, match=f"KV cache holds 1 \\({block} tokens\\)"):
             run(engine.generate(request))
     monkeypatch.undo()
@@ -358,13 +359,13 @@ def test_any_schema_valid_body_through_the_api_never_breaks_the_vllm_engine(engi
 
 
 def test_negatives_stop_decoding_when_the_guidance_interval_ends(engine, ids, smol, monkeypatch):
-    """Past ``guidance_max_tokens`` the negatives are aborted (rows and KV blocks freed): each
-    decoded exactly ``guidance_max_tokens`` tokens, one per step it was in the batch, while the
+    """Past ``guidance.max_tokens`` the negatives are aborted (rows and KV blocks freed): each
+    decoded exactly ``guidance.max_tokens`` tokens, one per step it was in the batch, while the
     positive went on alone; the text still equals the transformers engine's."""
     model, tokenizer = smol
     positive, negs = ids
     request = GenerationRequest(prompt_ids=positive, negative_ids=negs[:3], max_tokens=16, temperature=0.0,
-                                guidance_scale=3.0, guidance_max_tokens=3)
+                                guidance=Guidance(scale=3.0, max_tokens=3))
     finished = []
     real_finish = engine._finish
     monkeypatch.setattr(engine, "_finish", lambda job, **kw: finished.append(

@@ -35,8 +35,13 @@ DEFAULTS = {"scale": 3.0, "space": "logits", "combine": "min", "alpha": None, "m
 REFUSED_POS, REFUSED_NEG = CFGLogitsProcessor.REFUSED
 
 
+GUIDANCE_KEYS = ("scale", "space", "combine", "alpha", "max_tokens")   # nested as the group's Guidance
+
+
 def member(group: str, role: int, size: int, **options) -> SamplingParams:
-    info = {"id": group, "role": role, "size": size, **DEFAULTS, **options}
+    opts = {**DEFAULTS, **options}
+    guidance = {k: opts.pop(k) for k in GUIDANCE_KEYS}
+    info = {"id": group, "role": role, "size": size, "guidance": guidance, **opts}
     assert set(info) == set(FIELDS)
     return SamplingParams(temperature=0.0, extra_args={GROUP_KEY: info})
 

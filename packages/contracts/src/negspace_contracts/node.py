@@ -30,6 +30,51 @@ MAX_STOP_SEQUENCES = 8
 GuidanceSpace = Literal["logits", "logprobs"]
 GuidanceCombine = Literal["min", "mean", "max"]
 FinishReason = Literal["stop", "length", "error"]
+#: The wire names of ``Guidance``'s fields in a request body (flat, like vLLM's extra sampling params).
+GUIDANCE_WIRE = {"scale": "guidance_scale", "space": "guidance_space", "combine": "guidance_combine",
+                 "alpha": "guidance_alpha", "max_tokens": "guidance_max_tokens"}
+
+
+class Guidance(BaseModel):
+    """How one generation is guided: defined once here and passed as one value from a run's
+    schedule (``GuidanceSchedule.at``) through the request (``ChatCompletionRequest(guidance=...)``,
+    ``request.guidance``) to the node's engines and its vLLM logits processor. On the HTTP wire it
+    travels as the flat ``guidance_*`` extras (``GUIDANCE_WIRE``), so OpenAI-style clients keep
+    working."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: float = Field(1.0, description="s in guided = ln + s * (lp - ln); 1.0 = no guidance; finite, >= 0.")
+    space: GuidanceSpace = Field("logits", description="logits (raw logits, the reference) or logprobs "
+                                                       "(log-softmax, as in the CFG paper).")
+    combine: GuidanceCombine = Field(
+        "min", description="How the negatives' scores are combined element-wise before guidance: "
+                           "min (the reference), mean or max (push away from what ANY negative favours).")
+    alpha: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Plausibility restriction (as in contrastive decoding, Li et al. 2023): at a guided step, "
+                    "tokens whose probability under the positive alone (softmax of its raw logits, "
+                    "temperature 1) is < alpha x the positive's top probability get -inf; the positive's "
+                    "top token always survives. None or 0 = no restriction.")
+    max_tokens: int | None = Field(
+        None, ge=0, description="Guide only completion positions 0..N-1, then decode plainly from the "
+                                "positive, as if the scale were 1 (a guidance interval). 0 = plain "
+                                "generation; None = guide every token.")
+
+    @field_validator("scale")
+    @classmethod
+    def _finite_scale(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError("guidance_scale must be a finite number >= 0 (1.0 = no guidance)")
+        return v
+
+    def wire(self) -> dict[str, object]:
+        """The request-body extras (``guidance_scale``, ...) that carry this value."""
+        return {GUIDANCE_WIRE[k]: v for k, v in self.model_dump().items()}
+
+    def guides_at(self, position: int) -> bool:
+        """Whether completion position ``position`` (0-based) is inside the guidance interval."""
+        return self.max_tokens is None or position < self.max_tokens
 
 
 class TextPart(BaseModel):
@@ -85,32 +130,41 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = Field(None, description="Only with stream=true.")
     user: str | None = None
     negative_prompts: list[str] = Field(default_factory=list, max_length=MAX_NEGATIVES)
-    guidance_scale: float = Field(1.0, description="1.0 = no guidance; must be finite and >= 0.")
-    guidance_space: GuidanceSpace = "logits"
-    guidance_combine: GuidanceCombine = Field(
-        "min", description="How the negatives' scores are combined element-wise before guidance: "
-                           "min (the reference), mean or max (push away from what ANY negative favours).")
-    guidance_alpha: float | None = Field(
-        None, ge=0.0, le=1.0,
-        description="Plausibility restriction (as in contrastive decoding, Li et al. 2023): at a guided step, "
-                    "tokens whose probability under the positive alone (softmax of its raw logits, "
-                    "temperature 1) is < alpha x the positive's top probability get -inf; the positive's "
-                    "top token always survives. None or 0 = no restriction.")
-    guidance_max_tokens: int | None = Field(
-        None, ge=0, description="Guide only completion positions 0..N-1, then decode plainly from the "
-                                "positive, as if guidance_scale were 1 (a guidance interval). 0 = plain "
-                                "generation; None = guide every token.")
+    # Guidance's fields, flat on the wire (read them together as ``request.guidance``).
+    guidance_scale: float = Guidance.model_fields["scale"]
+    guidance_space: GuidanceSpace = Guidance.model_fields["space"]
+    guidance_combine: GuidanceCombine = Guidance.model_fields["combine"]
+    guidance_alpha: float | None = Guidance.model_fields["alpha"]
+    guidance_max_tokens: int | None = Guidance.model_fields["max_tokens"]
     min_p: float = Field(0.0, ge=0.0, le=1.0,
                          description="Drop tokens whose probability is < min_p x the top token's, after "
                                      "temperature and before top_p (vLLM's order); 0 = off. Applies to plain "
                                      "and guided decoding; no effect when temperature is 0.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _spread_guidance(cls, data):
+        """``guidance=Guidance(...)`` sets the five flat ``guidance_*`` fields (a Python-side
+        constructor only: on the wire the fields stay flat, and a nested ``guidance`` object is an
+        unknown field)."""
+        if isinstance(data, dict) and isinstance(data.get("guidance"), Guidance):
+            data = dict(data)
+            g = data.pop("guidance")
+            clash = [w for w in GUIDANCE_WIRE.values() if w in data]
+            if clash:
+                raise ValueError(f"give guidance or {', '.join(clash)}, not both")
+            data.update(g.wire())
+        return data
+
     @field_validator("guidance_scale")
     @classmethod
     def _finite_scale(cls, v: float) -> float:
-        if not math.isfinite(v) or v < 0:
-            raise ValueError("guidance_scale must be a finite number >= 0 (1.0 = no guidance)")
-        return v
+        return Guidance._finite_scale(v)
+
+    @property
+    def guidance(self) -> Guidance:
+        """The request's guidance options as one value."""
+        return Guidance(**{k: getattr(self, w) for k, w in GUIDANCE_WIRE.items()})
 
     @field_validator("stop")
     @classmethod
@@ -161,12 +215,23 @@ class Usage(BaseModel):
 
 
 class GuidanceInfo(BaseModel):
+    """What guided the answer (the request's ``Guidance`` and how many negatives it had)."""
+
     scale: float
     num_negatives: int
     space: GuidanceSpace = "logits"
     combine: GuidanceCombine = "min"
     alpha: float | None = None
     max_tokens: int | None = None
+
+    @classmethod
+    def of(cls, guidance: Guidance, num_negatives: int) -> GuidanceInfo:
+        return cls(**guidance.model_dump(), num_negatives=num_negatives)
+
+    @property
+    def guidance(self) -> Guidance:
+        return Guidance(scale=self.scale, space=self.space, combine=self.combine, alpha=self.alpha,
+                        max_tokens=self.max_tokens)
 
 
 class ChatCompletionMessage(BaseModel):

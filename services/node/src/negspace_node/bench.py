@@ -54,6 +54,7 @@ def _timed(fn, *args, **kwargs):
 def bench_reference(tokens: int, negatives: int):
     """Naive loop and transformers engine, float32, generating exactly ``tokens`` tokens."""
     import torch
+    from negspace_contracts.node import Guidance
 
     from negspace_node.engines.base import GenerationRequest
     from negspace_node.engines.reference import reference_generate
@@ -67,7 +68,7 @@ def bench_reference(tokens: int, negatives: int):
     model, tokenizer = load_model(resolve_model("").path, "float32", device="cpu")
     request = GenerationRequest(prompt_ids=_chat(tokenizer, f"Write one short question about {TOPICS[0]}."),
                                 negative_ids=[_chat(tokenizer, t) for t in NEGATIVE_TEXTS[:negatives]],
-                                max_tokens=tokens, temperature=0.0, guidance_scale=3.0)
+                                max_tokens=tokens, temperature=0.0, guidance=Guidance(scale=3.0))
     no_eos = frozenset()
     generate_batched(model, tokenizer, GenerationRequest(**{**request.__dict__, "max_tokens": 4}), eos_ids=no_eos)
     out_naive, naive_s = _timed(reference_generate, model, tokenizer, request, eos_ids=no_eos)
@@ -82,6 +83,8 @@ def bench_reference(tokens: int, negatives: int):
 
 
 async def bench_vllm(tokens: int, kv_gib: float, concurrency_tokens: int):
+    from negspace_contracts.node import Guidance
+
     from negspace_node.engines.base import GenerationRequest
     from negspace_node.engines.vllm.engine import VLLMEngine
     from negspace_node.settings import NodeSettings
@@ -100,7 +103,7 @@ async def bench_vllm(tokens: int, kv_gib: float, concurrency_tokens: int):
 
     def request(i: int, negatives: int, max_tokens: int = tokens) -> GenerationRequest:
         return GenerationRequest(prompt_ids=prompts[i % len(prompts)], negative_ids=negs[:negatives],
-                                 max_tokens=max_tokens, temperature=0.0, guidance_scale=3.0 if negatives else 1.0)
+                                 max_tokens=max_tokens, temperature=0.0, guidance=Guidance(scale=3.0 if negatives else 1.0))
 
     def note(key: str) -> None:
         print(f"[bench] {key}: {results[key]:.1f} tokens/s", flush=True)

@@ -32,6 +32,7 @@ GROUP = 4
 
 def _setup(rows: int, vocab: int, temperature: float, top_p: float, tag: str, device: str = "cpu"):
     import torch
+    from negspace_contracts.node import Guidance
     from vllm.v1.sample.logits_processor import BatchUpdate
 
     from negspace_node.engines.base import GenerationRequest
@@ -43,7 +44,7 @@ def _setup(rows: int, vocab: int, temperature: float, top_p: float, tag: str, de
             self.extra_args = extra
 
     request = GenerationRequest(prompt_ids=[1], negative_ids=[[1]] * (GROUP - 1), temperature=temperature,
-                                top_p=top_p, guidance_scale=3.0)
+                                top_p=top_p, guidance=Guidance(scale=3.0))
     added = []
     for g in range(rows // GROUP):
         outputs: list[int] = []

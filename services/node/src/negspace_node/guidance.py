@@ -15,7 +15,7 @@ Where a negative's score is -inf (a masked token) the positive's score is kept; 
 positive's is -inf the token stays forbidden. ``space="logprobs"`` applies log-softmax to lp and every ln_i first (the CFG paper's
 formulation); ``"logits"`` (the reference method, default) mixes raw logits.
 Temperature, then min-p, then top-p apply to ``guided`` and one token is drawn (vLLM V1's
-sampler order). An engine guides only the first ``guidance_max_tokens`` completion positions
+sampler order). An engine guides only the first ``guidance.max_tokens`` completion positions
 (``GenerationRequest.guides_at``); after that it passes ``ln=None`` (plain generation).
 
 Batched: ``guided_batch(logits, steps)`` and ``sample_batch(scores, steps)`` do this for ALL the
@@ -240,16 +240,16 @@ def combine(lp: torch.Tensor, ln: torch.Tensor | None, scale: float, space: str 
 
 def request_step(request, rows: Sequence[int], guide: bool, generator: torch.Generator | None) -> GroupStep:
     """The ``GroupStep`` of one group of a ``GenerationRequest`` (``guide``: guided this step)."""
-    return GroupStep(rows=rows, guide=guide, scale=request.guidance_scale, space=request.guidance_space,
-                     how=request.guidance_combine, alpha=request.guidance_alpha,
+    g = request.guidance
+    return GroupStep(rows=rows, guide=guide, scale=g.scale, space=g.space, how=g.combine, alpha=g.alpha,
                      temperature=request.temperature, top_p=request.top_p, min_p=request.min_p,
                      generator=generator)
 
 
 def guided_scores(request, lp: torch.Tensor, ln: torch.Tensor | None) -> torch.Tensor:
     """``combine`` with a ``GenerationRequest``'s guidance options (``ln=None``: plain)."""
-    return combine(lp, ln, request.guidance_scale, request.guidance_space, request.guidance_combine,
-                   request.guidance_alpha)
+    g = request.guidance
+    return combine(lp, ln, g.scale, g.space, g.combine, g.alpha)
 
 
 def sample(guided: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,

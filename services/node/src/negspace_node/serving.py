@@ -205,9 +205,7 @@ class NodeService:
             prompt_ids=prompt_ids, negative_ids=negative_ids,
             max_tokens=self._check_lengths(prompt_ids, negative_ids, max_tokens, prompt_param),
             temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-            guidance_scale=body.guidance_scale, guidance_space=body.guidance_space,
-            guidance_combine=body.guidance_combine, guidance_alpha=body.guidance_alpha or None,
-            guidance_max_tokens=body.guidance_max_tokens, min_p=body.min_p,
+            guidance=body.guidance.model_copy(update={"alpha": body.guidance_alpha or None}), min_p=body.min_p,
             stop=tuple(body.stop_list), n=body.n, request_id=f"{endpoint}-{id(body):x}-{time.monotonic_ns()}")
 
     async def _run(self, endpoint: str, request: GenerationRequest,
@@ -254,9 +252,7 @@ class NodeService:
 
     @staticmethod
     def guidance(request: GenerationRequest) -> GuidanceInfo:
-        return GuidanceInfo(scale=request.guidance_scale, num_negatives=len(request.negative_ids),
-                            space=request.guidance_space, combine=request.guidance_combine,
-                            alpha=request.guidance_alpha, max_tokens=request.guidance_max_tokens)
+        return GuidanceInfo.of(request.guidance, len(request.negative_ids))
 
 
 def _include_usage(body) -> bool:

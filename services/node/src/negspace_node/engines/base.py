@@ -2,7 +2,7 @@
 
 The API layer renders prompts (chat template) and tokenizes; an engine only turns token ids
 into token ids. One ``GenerationRequest`` is one positive prompt plus 0-16 negative prompts;
-with negatives and ``guidance_scale != 1`` the engine decodes them as one *group* with
+with negatives and a ``guidance.scale != 1`` the engine decodes them as one *group* with
 classifier-free guidance (see ``negspace_node.guidance`` for the exact math), otherwise it is
 plain generation.
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from negspace_contracts.errors import NegspaceError, ServiceUnavailableError
+from negspace_contracts.node import Guidance
 
 EngineState = Literal["loading", "ready", "error", "stopped"]
 FinishReason = Literal["stop", "length"]
@@ -36,11 +37,7 @@ class GenerationRequest:
     temperature: float = 1.0           # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
-    guidance_scale: float = 1.0        # 1 = no guidance
-    guidance_space: Literal["logits", "logprobs"] = "logits"
-    guidance_combine: Literal["min", "mean", "max"] = "min"    # how the negatives are combined
-    guidance_alpha: float | None = None      # plausibility restriction; None or 0 = off
-    guidance_max_tokens: int | None = None   # guide completion positions < N only; None = all
+    guidance: Guidance = Guidance()    # scale (1 = none), space, combine, alpha, interval
     min_p: float = 0.0                       # after temperature, before top-p; 0 = off
     stop: tuple[str, ...] = ()         # stop strings (not included in the output)
     n: int = 1                         # choices; 1 whenever there are negatives
@@ -49,13 +46,13 @@ class GenerationRequest:
     @property
     def guided(self) -> bool:
         """True when decoding must run the group with CFG (negatives, a scale != 1 and at least
-        one guided position: ``guidance_max_tokens == 0`` is plain generation)."""
-        return bool(self.negative_ids) and self.guidance_scale != 1.0 and self.guidance_max_tokens != 0
+        one guided position: ``guidance.max_tokens == 0`` is plain generation)."""
+        return bool(self.negative_ids) and self.guidance.scale != 1.0 and self.guidance.max_tokens != 0
 
     def guides_at(self, position: int) -> bool:
         """Whether completion position ``position`` (0-based) is decoded with guidance; past
-        ``guidance_max_tokens`` the group decodes plainly from the positive (as if s = 1)."""
-        return self.guided and (self.guidance_max_tokens is None or position < self.guidance_max_tokens)
+        ``guidance.max_tokens`` the group decodes plainly from the positive (as if s = 1)."""
+        return self.guided and self.guidance.guides_at(position)
 
 
 @dataclass

@@ -124,9 +124,9 @@ class FakeEngine(Engine):
 
     def _one(self, request: GenerationRequest, choice: int, on_text: TextSink | None = None) -> GenerationOutput:
         key = repr((request.prompt_ids, request.negative_ids if request.guided else [],
-                    request.guidance_scale if request.guided else 1.0,
-                    request.guidance_space if request.guided else "logits",
-                    (request.guidance_combine, request.guidance_alpha, request.guidance_max_tokens)
+                    request.guidance.scale if request.guided else 1.0,
+                    request.guidance.space if request.guided else "logits",
+                    (request.guidance.combine, request.guidance.alpha, request.guidance.max_tokens)
                     if request.guided else None, request.min_p,
                     request.temperature, request.top_p,
                     request.seed if request.temperature > 0 else None, choice))

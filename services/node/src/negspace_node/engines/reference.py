@@ -10,7 +10,7 @@ an engine.
 
     from negspace_node.engines.reference import reference_generate
     out = reference_generate(model, tokenizer, GenerationRequest(prompt_ids=..., negative_ids=[...],
-                                                                 guidance_scale=3.0, temperature=0))
+                                                                 guidance=Guidance(scale=3.0), temperature=0))
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def generate_batched(model, tokenizer, request: GenerationRequest, *, eos_ids=No
             g.checker.add(token)
         position += 1
         # Past the guidance interval the negatives carry nothing: their rows leave the batch too.
-        interval_over = guided and position == request.guidance_max_tokens
+        interval_over = guided and position == request.guidance.max_tokens
         still = [i for i, g in enumerate(active) if not g.checker.finished]
         if not still:
             break

@@ -489,7 +489,7 @@ class VLLMEngine(Engine):
             return self._finish(job, error=GuidanceGroupError(
                 f"guidance group {job.job_id}: vLLM finished members {sorted(set(job.active) - job.running)} "
                 f"before the positive stopped"))
-        interval = job.request.guidance_max_tokens
+        interval = job.request.guidance.max_tokens
         if interval is not None and len(job.active) > 1 and len(job.tokens[positive]) >= interval:
             # The guidance interval is over: the negatives carry nothing from here on. Abort them
             # (before the next step) so their rows and KV blocks are free; the positive goes on.

@@ -3,8 +3,8 @@
 vLLM's batch updates carry no request id, but every added row carries its ``SamplingParams``
 (``BatchUpdate.added``: index, params, prompt ids, live output ids). So every member of a guided
 group carries the whole group in ``extra_args[GROUP_KEY]``: its identity (``id``, ``role``
-0..size-1 with 0 the positive, ``size``) and everything the draw needs (scale, space, combine,
-alpha, the guidance interval ``max_tokens``, temperature, top-p, min-p and the ``seed``). The
+0..size-1 with 0 the positive, ``size``) and everything the draw needs (its ``Guidance``: scale,
+space, combine, alpha, the interval ``max_tokens``; temperature, top-p, min-p and the ``seed``). The
 logits processor rebuilds a ``GroupState`` (with its seeded generator on the logits' device)
 from the first member it sees, wherever vLLM runs it: in this process, or in each worker process
 of a tensor-parallel engine (where every rank gets the same all-gathered logits and the same
@@ -24,19 +24,17 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+from negspace_contracts.node import Guidance
 
 GROUP_KEY = "negspace_cfg"
 #: What ``extra_args[GROUP_KEY]`` must hold; ``group_args`` writes it, ``GroupState.from_args`` reads it.
-FIELDS = ("id", "role", "size", "scale", "space", "combine", "alpha", "max_tokens", "temperature", "top_p",
-          "min_p", "seed")
+FIELDS = ("id", "role", "size", "guidance", "temperature", "top_p", "min_p", "seed")
 
 
 def group_args(request, group_id: str, role: int, size: int, seed: int) -> dict:
     """``extra_args`` of one member of the group decoding ``request`` (a GenerationRequest)."""
     return {GROUP_KEY: {
-        "id": group_id, "role": role, "size": size, "scale": float(request.guidance_scale),
-        "space": request.guidance_space, "combine": request.guidance_combine,
-        "alpha": request.guidance_alpha, "max_tokens": request.guidance_max_tokens,
+        "id": group_id, "role": role, "size": size, "guidance": request.guidance.model_dump(),
         "temperature": float(request.temperature), "top_p": float(request.top_p), "min_p": float(request.min_p),
         "seed": int(seed)}}
 
@@ -47,14 +45,10 @@ class GroupState:
 
     group_id: str
     size: int                                 # 1 positive + negatives
-    scale: float
-    space: str
+    guidance: Guidance                        # scale, space, combine, alpha, interval (max_tokens)
     temperature: float
     top_p: float
     seed: int                                 # seeds the generator on the logits' device
-    combine: str = "min"                      # how the negatives are combined
-    alpha: float | None = None                # plausibility restriction (None/0 = off)
-    max_tokens: int | None = None             # guide completion positions < max_tokens only
     min_p: float = 0.0
     tokens: list[int] = field(default_factory=list)   # the token forced at each step
     error: str | None = None
@@ -63,12 +57,9 @@ class GroupState:
 
     @classmethod
     def from_args(cls, info: dict) -> GroupState:
-        return cls(group_id=str(info["id"]), size=int(info["size"]), scale=float(info["scale"]),
-                   space=str(info["space"]), temperature=float(info["temperature"]),
-                   top_p=float(info["top_p"]), seed=int(info["seed"]), combine=str(info["combine"]),
-                   alpha=None if info["alpha"] is None else float(info["alpha"]),
-                   max_tokens=None if info["max_tokens"] is None else int(info["max_tokens"]),
-                   min_p=float(info["min_p"]))
+        return cls(group_id=str(info["id"]), size=int(info["size"]),
+                   guidance=Guidance.model_validate(info["guidance"]), temperature=float(info["temperature"]),
+                   top_p=float(info["top_p"]), seed=int(info["seed"]), min_p=float(info["min_p"]))
 
     def generator_on(self, device) -> torch.Generator:
         """The group's generator on ``device`` (the logits' device), made once from ``seed``."""
@@ -81,7 +72,7 @@ class GroupState:
 
     def guides_at(self, position: int) -> bool:
         """Whether completion position ``position`` is guided (see ``GenerationRequest.guides_at``)."""
-        return self.max_tokens is None or position < self.max_tokens
+        return self.guidance.guides_at(position)
 
     def fail(self, reason: str) -> None:
         if self.error is None:                # keep the first reason

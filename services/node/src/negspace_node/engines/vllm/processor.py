@@ -84,8 +84,6 @@ class CFGLogitsProcessor(LogitsProcessor):
             raise ValueError(f"extra_args[{GROUP_KEY!r}] is malformed: {exc}") from exc
         if not 0 <= role < state.size or state.size < 2:
             raise ValueError("group role out of range (or a group of fewer than 2 members)")
-        if state.space not in ("logits", "logprobs") or state.combine not in ("min", "mean", "max"):
-            raise ValueError(f"unknown guidance space {state.space!r} or combine {state.combine!r}")
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -176,8 +174,9 @@ class CFGLogitsProcessor(LogitsProcessor):
 
     @staticmethod
     def step_of(state: GroupState, indices: list[int], position: int, device: torch.device) -> GroupStep:
-        return GroupStep(rows=indices, guide=state.guides_at(position), scale=state.scale,
-                         space=state.space, how=state.combine, alpha=state.alpha,
+        g = state.guidance
+        return GroupStep(rows=indices, guide=state.guides_at(position), scale=g.scale,
+                         space=g.space, how=g.combine, alpha=g.alpha,
                          temperature=state.temperature, top_p=state.top_p, min_p=state.min_p,
                          generator=state.generator_on(device))
 
@@ -202,7 +201,8 @@ class CFGLogitsProcessor(LogitsProcessor):
         """The former per-group path (row copied to the host, CPU draw): bench_guidance's "before"."""
         lp = logits[indices[0]]
         ln = logits[indices[1:]] if state.guides_at(position) and len(indices) > 1 else None
-        return legacy_sample(legacy_combine(lp, ln, state.scale, state.space, state.combine, state.alpha),
+        return legacy_sample(legacy_combine(lp, ln, state.guidance.scale, state.guidance.space,
+                                            state.guidance.combine, state.guidance.alpha),
                              state.temperature, state.top_p, state.generator_on("cpu"), state.min_p)
 
     @staticmethod
