@@ -36,6 +36,8 @@ from negspace_contracts.controller import (
     DenseItem,
     DenseRequest,
     DenseResponse,
+    EmbedRequest,
+    EmbedResponse,
     MapPoint,
     MetricsRequest,
     MetricsResponse,
@@ -167,6 +169,11 @@ class MockController:
         @app.get("/health")
         async def health():
             return {"status": "ok", "service": "controller"}
+
+        @app.post("/embed")
+        async def embed(req: EmbedRequest):
+            self.log.calls.append(("embed", list(req.texts)))
+            return EmbedResponse(embeddings=[text_vector(t) for t in req.texts], truncated=[False] * len(req.texts))
 
         @app.put("/collections/{name}")
         async def create(name: str):

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model, fi
 from negspace_contracts._http import Resource, ServiceClient
 from negspace_contracts.common import StrictModel
 from negspace_contracts.controller import MetricsRequest, MetricsResponse
-from negspace_contracts.node import GuidanceCombine, GuidanceSpace
+from negspace_contracts.node import Guidance, GuidanceCombine, GuidanceSpace
 from negspace_contracts.trainer import ChatRecord, Job, JobRequest, JobStatus
 
 # Run sizes, from measurements (docs/benchmarks.md): a run's instructions live in one controller
@@ -50,6 +50,12 @@ class GuidanceSchedule(StrictModel):
                                    description="Guide only the first N tokens of each attempt (a guidance "
                                                "interval); None = every token.")
 
+    def at(self, retry: int) -> Guidance:
+        """The ``Guidance`` of a slot's attempt after ``retry`` novelty retries: scale ``start + step x
+        retry``, the other options as given (the one value the node's processor receives)."""
+        return Guidance(scale=self.start + self.step * retry, space=self.space, combine=self.combine,
+                        alpha=self.alpha, max_tokens=self.max_tokens)
+
 
 class NegativesSpec(StrictModel):
     k: int = Field(3, ge=0, le=16, description="Negatives per generation (0 = none).")
@@ -61,6 +67,73 @@ class NegativesSpec(StrictModel):
         "guidance", description="guidance (the method): the node's negative prompts under CFG; prompt: the "
                                 "instructions are listed in the positive prompt, which asks for something "
                                 "different, and no CFG is used (the in-prompt history baseline).")
+    assign: Literal["shared", "sample"] = Field(
+        "shared", description="shared (the reference): every slot of a round gets the k densest instructions "
+                              "(concurrent slots get the same k); sample: each slot draws its own k from the "
+                              "densest `pool` with a per-(node, round) seed, so the nodes of one round are "
+                              "pushed away from different texts. source dense only.")
+    pool: int = Field(8, ge=2, le=100, description="assign sample: how many of the densest instructions "
+                                                   "each slot draws its k from (must exceed k).")
+
+    @model_validator(mode="after")
+    def _pool(self):
+        if self.assign == "sample":
+            if self.source != "dense":
+                raise ValueError("negatives.assign 'sample' draws from the densest instructions: it needs "
+                                 "negatives.source 'dense' (source 'random' is already a per-slot draw)")
+            if self.k > 0 and self.pool <= self.k:
+                raise ValueError(f"negatives.pool ({self.pool}) must be larger than negatives.k ({self.k}) "
+                                 "with assign 'sample', or every slot gets the same k")
+        return self
+
+
+#: The default on-topic floor of the two-sided rule: a cosine of the controller's embedder
+#: (all-MiniLM-L6-v2) between an attempt and the run's base instruction. Chosen on the study's
+#: labelled set (negspace_cli/study/calibration.jsonl, 10 bases, on/off-topic rewrites), see
+#: services/orchestrator/README.md ("The method's options"); the lead tunes it.
+ON_TOPIC_FLOOR = 0.3
+
+
+class AcceptanceSpec(StrictModel):
+    """When an attempt is accepted, and which attempt a slot keeps when its retries run out."""
+
+    rule: Literal["novel", "two-sided"] = Field(
+        "novel", description="novel (the reference): accept when the controller finds the text not too "
+                             "similar to the run's instructions; two-sided: also require it to be on topic "
+                             "(cosine to the base instruction >= on_topic_min, the controller's embedder).")
+    on_topic_min: float = Field(ON_TOPIC_FLOOR, gt=-1.0, lt=1.0, allow_inf_nan=False,
+                                description="two-sided: the floor on the cosine between the attempt and the run's "
+                                            "base instruction (controller embedder). Default ON_TOPIC_FLOOR.")
+    on_topic_retries: int = Field(3, ge=0, le=50,
+                                  description="two-sided: retries of a slot while its text is off topic (its own "
+                                              "budget, beside guidance.max_retries for too-similar texts; the "
+                                              "scale does not rise on an off-topic retry).")
+    keep: Literal["last", "best"] = Field(
+        "last", description="When a slot's retries run out: last (the reference) forces its last attempt in; "
+                            "best keeps the least similar of its on-topic attempts (with rule novel every "
+                            "attempt counts as on topic), or the most on-topic one when none is.")
+
+
+class TwoStageSpec(StrictModel):
+    """``prompting: two-stage``: an angle first, then the instruction conditioned on it."""
+
+    angle_temperature: float = Field(1.2, ge=1e-5, le=2.0, allow_inf_nan=False,
+                                     description="Sampling temperature of the angle (high: varied angles).")
+    angle_top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    angle_max_tokens: int = Field(16, ge=2, le=64, description="Token budget of the angle (a few words).")
+    avoid_used: int = Field(16, ge=0, le=64,
+                            description="List up to this many angles of the run's accepted instructions in the "
+                                        "angle prompt and ask for a new one (0 = do not list).")
+
+
+class VerbalizedSpec(StrictModel):
+    """``prompting: verbalized`` (Zhang et al. 2025, Verbalized Sampling): one request asks for
+    ``candidates`` instructions each with a probability; one is kept, drawn by those probabilities."""
+
+    candidates: int = Field(5, ge=2, le=10, description="Candidate instructions asked for in one reply.")
+    max_tokens: int | None = Field(None, ge=16, le=4096,
+                                   description="Token budget of the reply; None = max_tokens x candidates "
+                                               "(at most 4096).")
 
 
 #: ``preset: "reference"``: the seed method exactly (firstbatchxyz/cohere-aya-expedition, dria.py):
@@ -71,8 +144,9 @@ REFERENCE_PRESET: dict[str, Any] = {
     "guidance": {"start": 1.0, "step": 0.5, "max_retries": 5, "space": "logits", "combine": "min",
                  "alpha": None, "max_tokens": None},
     "similarity_threshold": 0.9, "similarity_quantile": None,
-    "negatives": {"k": 3, "knn": 5, "source": "dense", "use": "guidance"},
+    "negatives": {"k": 3, "knn": 5, "source": "dense", "use": "guidance", "assign": "shared"},
     "negative_format": "raw",
+    "acceptance": {"rule": "novel", "keep": "last"}, "prompting": "direct",
 }
 PRESETS: dict[str, dict[str, Any]] = {"reference": REFERENCE_PRESET}
 
@@ -116,6 +190,16 @@ class RunConfig(StrictModel):
                     "similarity_threshold.")
     negatives: NegativesSpec = Field(default_factory=NegativesSpec)
     use_previous_generation: bool = False
+    acceptance: AcceptanceSpec = Field(default_factory=AcceptanceSpec,
+                                       description="The acceptance rule and the attempt kept when retries run "
+                                                   "out (guided runs).")
+    prompting: Literal["direct", "two-stage", "verbalized"] = Field(
+        "direct", description="direct (the reference): one request writes the instruction; two-stage: a short "
+                              "angle within the base first (two_stage), then the instruction at `temperature` "
+                              "conditioned on it; verbalized: one request lists several candidates with "
+                              "probabilities (verbalized) and one is drawn by them with the slot's seed.")
+    two_stage: TwoStageSpec = Field(default_factory=TwoStageSpec, description="prompting two-stage only.")
+    verbalized: VerbalizedSpec = Field(default_factory=VerbalizedSpec, description="prompting verbalized only.")
     negative_format: Literal["raw", "augment", "superset", "superset-list"] = Field(
         "raw", description="raw (the reference): each dense-region instruction is a negative prompt "
                            "as it is; augment: wrapped in the augmentation prompt like the positive; "
@@ -276,7 +360,10 @@ class StatusData(EventData):
 
 
 class AttemptData(EventData):
-    """One generation, once judged (accepted or not; ``empty`` when the node returned no text)."""
+    """One generation, once judged (accepted or not; ``empty`` when the node returned no text, or a
+    verbalized reply with no parseable candidate). ``on_topic``: its cosine to the base (two-sided
+    rule); ``angle``: the two-stage angle it was written from; ``kept``: a repeat of an earlier
+    attempt's event, now forced in as the slot's best when its retries ran out (no new generation)."""
 
     event_type: ClassVar[str] = "attempt"
     node: int
@@ -293,6 +380,9 @@ class AttemptData(EventData):
     completion_tokens: int | None = None
     latency_s: float = 0.0
     node_url: str | None = None
+    on_topic: float | None = OptionalKey
+    angle: str | None = OptionalKey
+    kept: bool | None = OptionalKey
 
 
 class RoundData(EventData):

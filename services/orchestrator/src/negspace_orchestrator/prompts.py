@@ -82,6 +82,91 @@ def negative_prompts(config, existing: list[str], positive: str) -> list[str]:
     return [negative_prompt(config, t, positive) for t in existing]
 
 
+# ---- two-stage intent (prompting: two-stage) -----------------------------------------------------
+ANGLE_PROMPT = ("Base instruction: {base}\n\nName ONE specific angle for a new instruction within this base "
+                "instruction: a subtopic, setting, audience or kind of task. Answer with the angle only, in "
+                "at most six words.")
+ANGLE_USED = "\n\nAngles already used (pick a clearly different one):\n"
+WITH_ANGLE = "\n\nWrite it from this angle: "
+
+
+def angle_prompt(base: str, used: list[str]) -> str:
+    """Stage one: ask for a short angle within ``base``; with ``used``, list them and ask for a new one."""
+    prompt = ANGLE_PROMPT.format(base=base)
+    if used:
+        prompt += ANGLE_USED + "".join(f"- {' '.join(a.split())}\n" for a in used)
+    return prompt
+
+
+def clean_angle(text: str, max_words: int = 12) -> str:
+    """The angle as one short line: the first non-empty line, labels, list marks and quotes
+    stripped, at most ``max_words`` words ("" when nothing is left)."""
+    for line in text.strip().splitlines():
+        line = re.sub(r"^\s*(?:[-*#>]+|\d+[.)])\s*", "", line)
+        line = re.sub(r"^\s*[*_]*\s*angle\s*[*_]*\s*:\s*", "", line, flags=re.IGNORECASE).strip().strip("*_\"' ")
+        if line:
+            return " ".join(line.split()[:max_words]).rstrip(".,;:")
+    return ""
+
+
+def with_angle(prompt: str, angle: str) -> str:
+    """Stage two: the prompt (positive, or a superset negative) conditioned on the angle."""
+    return f"{prompt}{WITH_ANGLE}{angle}" if angle else prompt
+
+
+# ---- verbalized sampling (prompting: verbalized) ------------------------------------------------
+VERBALIZED_PROMPT = (
+    "\n\nInstead of one answer, write {k} different augmented instructions, each with the probability "
+    "(a number between 0 and 1) that you would write it. Use exactly this format, one pair per candidate "
+    "and nothing else:\nInstruction: <the instruction>\nProbability: <number>\n")
+
+
+def verbalized_prompt(positive: str, k: int) -> str:
+    """The positive prompt asking for ``k`` candidates with their probabilities (Zhang et al. 2025)."""
+    return positive + VERBALIZED_PROMPT.format(k=k)
+
+
+_VS_PAIR = re.compile(
+    r"(?:^|\n)\s*[*_#>\-\s]*(?:\d+\s*[.):]\s*)?[*_]*\s*(?:instruction|candidate)\s*(?:\d+)?\s*[*_]*\s*[:：]"
+    r"\s*[*_]*(?P<text>.+?)\s*(?:\n|\(|\[|\s[-–—]\s)\s*[*_#>\-\s]*[*_]*\s*(?:probability|prob\.?|p)\s*[*_]*\s*"
+    r"[:=：]?\s*[*_]*\s*(?P<p>\d*\.?\d+)[ \t]*(?P<pct>%?)",
+    re.IGNORECASE)
+
+
+def parse_verbalized(text: str) -> list[tuple[str, float]]:
+    """``Instruction: ... / Probability: ...`` pairs -> [(instruction, weight)], in order; pairs with
+    an empty instruction or a non-positive probability are dropped; percentages are read as such;
+    labels, numbering and quotes are stripped. [] when nothing parses (the attempt counts as empty)."""
+    out: list[tuple[str, float]] = []
+    for m in _VS_PAIR.finditer(text):
+        cand = clean_instruction(m.group("text").strip().strip("*_ "))
+        try:
+            p = float(m.group("p"))
+        except ValueError:
+            continue
+        if m.group("pct"):
+            p /= 100.0
+        if cand and p > 0:
+            out.append((cand, p))
+    return out
+
+
+def draw_verbalized(candidates: list[tuple[str, float]], seed: int) -> str:
+    """One candidate drawn with probability proportional to its stated probability, by ``seed``
+    (the slot's attempt seed: a replay draws the same one). "" for no candidates."""
+    import random
+
+    if not candidates:
+        return ""
+    total = sum(p for _, p in candidates)
+    x = random.Random(seed).random() * total
+    for cand, p in candidates:
+        x -= p
+        if x < 0:
+            return cand
+    return candidates[-1][0]
+
+
 _LABEL = re.compile(r"^\s*[*_#>\-\s]*(?:(?:base|augmented|rewritten|new|improved)\s+)?"
                     r"(?:instructions?|augmentation|augmented\s+version)\s*[*_]*\s*:\s*[*_]*\s*",
                     re.IGNORECASE)

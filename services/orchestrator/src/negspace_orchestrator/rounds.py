@@ -1,6 +1,9 @@
-"""The round algorithms: guided rounds (the method) and baselines, one (node, round) slot at a time.
+"""The round loop: guided rounds (the method) and baselines, one (node, round) slot at a time.
 
-Guided (the reference method):
+This module sequences and persists; what the method does is ``method.Method`` (the prompts, the
+negatives, the scale schedule, the acceptance rule and the attempt kept when retries run out).
+
+Guided (with the reference's options):
   round 0 (bootstrap): every logical node samples one augmentation of ``prompt + base``; each is
   stored and added to the controller.
   rounds 1..R, per node: negatives = controller ``dense(k, knn)``; generate with CFG at
@@ -8,41 +11,38 @@ Guided (the reference method):
   raise the scale by ``step`` and generate again; then store and add the result.
 Nodes of a round run concurrently (or one after another with round mode ``sequential``); the
 similarity check and the insert are one atomic controller call (``/accept``), so two nodes never
-both accept near-duplicates. Every attempt is written the moment its generation returns; a slot that already
-has an accepted row is never generated again, and the controller id of a slot's instruction is
+both accept near-duplicates. Every attempt is written the moment its generation returns, and every
+value a decision reads (the controller's verdict, the on-topic cosine) is written before the
+decision acts; a slot that already has an accepted row is never generated again, a replayed slot
+walks its stored attempts before generating, and the controller id of a slot's instruction is
 derived from (run, node, round), so a replayed insert overwrites instead of duplicating.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import random
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable
 
 from negspace_contracts.controller import PointIn
 from negspace_contracts.errors import BadRequestError, ConflictError, NegspaceError
-from negspace_contracts.node import ChatCompletionRequest, ChatMessage
+from negspace_contracts.node import ChatCompletionRequest, ChatMessage, Guidance
 from negspace_contracts.orchestrator import TERMINAL_RUN_STATUSES, AttemptData, RoundData, RunConfig
 
 from negspace_orchestrator import prompts
-from negspace_orchestrator.dependencies import Dependencies, DependencyDown
+from negspace_orchestrator.dependencies import Dependencies, DependencyDown, Generation
 from negspace_orchestrator.events import EventLog, Room
+from negspace_orchestrator.method import MAX_EMPTY_OUTPUTS, Method, Tally, cosine, derive_seed
 from negspace_orchestrator.settings import OrchestratorSettings
 from negspace_orchestrator.store import AttemptRow, RunRow, Store, point_id
 
-MAX_EMPTY_OUTPUTS = 5  # empty generations tolerated per slot before the run fails
+__all__ = ["MAX_EMPTY_OUTPUTS", "Rounds", "RunFailed", "derive_seed", "gather", "run_target", "target_for"]
+BASE_VECTORS_KEPT = 256  # base-instruction embeddings cached (one per recent run, for the two-sided rule)
 
 
 class RunFailed(Exception):
     """A problem that waiting will not fix (the message says what to change)."""
-
-
-def derive_seed(seed: int, *parts: object) -> int:
-    """A per-(node, round, attempt) seed: reproducible, so a lost attempt replays identically."""
-    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 2  # < 2**62, fits every engine's seed range
 
 
 def run_target(config: RunConfig) -> int:
@@ -96,6 +96,7 @@ class Rounds(Room):
     def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies,
                  events: EventLog) -> None:
         super().__init__(settings, store, deps, events)
+        self._base_vectors: OrderedDict[str, asyncio.Future] = OrderedDict()
 
     async def run(self, run: RunRow) -> None:
         await self.deps.controller_call(run.controller, "create collection",
@@ -172,10 +173,11 @@ class Rounds(Room):
 
     async def _judge(self, run: RunRow, a: AttemptRow, *, max_similarity: float | None,
                      is_similar: bool | None, accept: bool, empty: bool = False,
-                     inserted: bool = False) -> None:
+                     inserted: bool = False, kept: bool = False) -> None:
         """Store an attempt's verdict and its event together; an accepted one then goes to the
         controller (a restart between the two re-inserts it under the same id), unless the
-        controller already holds it (``inserted``: it was judged and inserted by one ``/accept``)."""
+        controller already holds it (``inserted``: it was judged and inserted by one ``/accept``).
+        ``kept``: an attempt judged before, now forced in as the slot's best (its event repeats)."""
         a.max_similarity, a.is_similar, a.checked = max_similarity, is_similar, True
         pid = point_id(run.id, a.node, a.round)
         with self.store.transaction():
@@ -189,7 +191,8 @@ class Rounds(Room):
                 node=a.node, round=a.round, attempt=a.attempt, scale=a.scale, negatives=len(a.negatives),
                 max_similarity=max_similarity, similar=is_similar, accepted=accept, empty=empty, text=a.text,
                 prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens,
-                latency_s=round(a.latency_s, 4), node_url=a.node_url))
+                latency_s=round(a.latency_s, 4), node_url=a.node_url, on_topic=a.on_topic, angle=a.angle,
+                kept=True if kept else None))
         self.events.notify(run.id)
         if accept and not inserted:
             await self._insert(run, a, pid)
@@ -202,56 +205,110 @@ class Rounds(Room):
                 return prev[0].text
         return cfg.base_instruction
 
-    async def _generate(self, run: RunRow, node: int, round_: int, attempt: int, *, scale: float | None,
-                        negatives: list[str]) -> AttemptRow:
+    async def _angle(self, run: RunRow, method: Method, node: int, round_: int, attempt: int,
+                     source: str) -> tuple[str, Generation]:
+        """Two-stage, stage one: a short angle within the base, sampled hot (listing the run's used
+        angles when ``two_stage.avoid_used``)."""
+        cfg = run.config
+        ts = cfg.two_stage
+        used = self.store.used_angles(run.id, ts.avoid_used) if ts.avoid_used else []
+        request = ChatCompletionRequest(
+            messages=[ChatMessage(role="user", content=method.angle_prompt(source, used))],
+            max_tokens=ts.angle_max_tokens, temperature=ts.angle_temperature, top_p=ts.angle_top_p,
+            seed=derive_seed(cfg.seed, run.mode, node, round_, attempt, "angle"))
+        gen = await self.deps.generate(node, request)
+        return prompts.clean_angle(gen.text), gen
+
+    async def _generate(self, run: RunRow, method: Method, node: int, round_: int, attempt: int, *,
+                        guidance: Guidance | None, negatives: list[str]) -> AttemptRow:
         """One attempt. ``negatives`` are the slot's chosen instructions: the node's negative prompts
         with ``negatives.use == "guidance"``, listed in the positive prompt with ``"prompt"``."""
         cfg = run.config
-        prompt = prompts.positive_prompt(prompts.augmentation_prompt(cfg.augmentation_prompt),
-                                         self._source(run, node, round_))
-        in_prompt = cfg.negatives.use == "prompt"
-        if in_prompt:
-            prompt = prompts.history_prompt(prompt, negatives)
+        source = self._source(run, node, round_)
+        angle, first = None, None
+        if cfg.prompting == "two-stage":
+            angle, first = await self._angle(run, method, node, round_, attempt, source)
         seed = derive_seed(cfg.seed, run.mode, node, round_, attempt)
-        g = cfg.guidance
         request = ChatCompletionRequest(
-            messages=[ChatMessage(role="user", content=prompt)], max_tokens=cfg.max_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, min_p=cfg.min_p, seed=seed,
-            negative_prompts=[] if in_prompt else negatives,
-            guidance_scale=scale if scale is not None else 1.0, guidance_space=g.space,
-            guidance_combine=g.combine, guidance_alpha=g.alpha, guidance_max_tokens=g.max_tokens)
+            messages=[ChatMessage(role="user", content=method.attempt_prompt(source, negatives, angle))],
+            max_tokens=method.max_tokens(), temperature=cfg.temperature, top_p=cfg.top_p, min_p=cfg.min_p,
+            seed=seed, negative_prompts=method.attempt_negatives(negatives, angle),
+            guidance=guidance or Guidance(space=cfg.guidance.space, combine=cfg.guidance.combine,
+                                          alpha=cfg.guidance.alpha, max_tokens=cfg.guidance.max_tokens))
         gen = await self.deps.generate(node, request)
-        row = AttemptRow(run_id=run.id, node=node, round=round_, attempt=attempt, scale=scale,
-                         negatives=negatives, seed=seed, text=gen.text.strip(),
-                         prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                         latency_s=gen.latency_s, node_url=gen.url, max_similarity=None, is_similar=None,
-                         checked=False, accepted=False, point_id=None, inserted=False)
+        row = AttemptRow(run_id=run.id, node=node, round=round_, attempt=attempt,
+                         scale=guidance.scale if guidance else None, negatives=negatives, seed=seed,
+                         text=method.reply_text(gen.text, seed), prompt_tokens=gen.prompt_tokens,
+                         completion_tokens=gen.completion_tokens, latency_s=gen.latency_s, node_url=gen.url,
+                         max_similarity=None, is_similar=None, checked=False, accepted=False, point_id=None,
+                         inserted=False, angle=angle)
+        if first is not None:  # the angle's cost belongs to the attempt
+            row.prompt_tokens = (row.prompt_tokens or 0) + (first.prompt_tokens or 0)
+            row.completion_tokens = (row.completion_tokens or 0) + (first.completion_tokens or 0)
+            row.latency_s += first.latency_s
         self.store.add_attempt(row)  # persisted the moment it returns
         return row
 
-    async def _choose_negatives(self, run: RunRow, node: int, round_: int) -> list[str]:
-        """The slot's negatives: the controller's densest instructions, or (``source: random``) k
-        accepted instructions of the run drawn with a per-slot seed; formatted as negative prompts
-        for guidance, kept as they are for the in-prompt history."""
+    async def _choose_negatives(self, run: RunRow, method: Method, node: int, round_: int) -> list[str]:
+        """The slot's negatives (``Method``: which ones and how they are formatted): from the
+        controller's densest instructions, or (``source: random``) from the run's accepted ones."""
         cfg = run.config
-        k = cfg.negatives.k
-        if k <= 0:
+        if cfg.negatives.k <= 0:
             return []
         if cfg.negatives.source == "random":
-            pool = sorted({a.text for a in self.store.accepted(run.id) if a.text.strip()})
-            texts = random.Random(derive_seed(cfg.seed, "random-negatives", node, round_)).sample(
-                pool, min(k, len(pool)))
+            texts = method.pick_random([a.text for a in self.store.accepted(run.id)], node, round_)
         else:
             dense = await self.deps.controller_call(
-                run.controller, "dense", lambda c: c.collections.dense(run.collection, k=k, knn=cfg.negatives.knn))
-            texts = [item.text for item in dense.items if item.text.strip()]
-        if cfg.negatives.use == "prompt":
-            return texts
-        positive = prompts.positive_prompt(prompts.augmentation_prompt(cfg.augmentation_prompt),
-                                           self._source(run, node, round_))
-        return prompts.negative_prompts(cfg, texts, positive)
+                run.controller, "dense",
+                lambda c: c.collections.dense(run.collection, k=method.dense_count(), knn=cfg.negatives.knn))
+            texts = method.pick_dense([item.text for item in dense.items], node, round_)
+        return method.format_negatives(texts, self._source(run, node, round_))
+
+    async def _on_topic(self, run: RunRow, a: AttemptRow) -> float:
+        """The attempt's cosine to the run's base instruction (the controller's embedder; the base's
+        vector is embedded once per run), persisted before any decision uses it."""
+        if a.on_topic is not None:
+            return a.on_topic
+        task = self._base_vectors.get(run.id)
+        if task is None:  # one embedding per run, shared by the slots that ask at the same moment
+            task = asyncio.ensure_future(self.deps.controller_call(
+                run.controller, "embed", lambda c: c.embed([run.config.base_instruction])))
+            self._base_vectors[run.id] = task
+            while len(self._base_vectors) > BASE_VECTORS_KEPT:
+                self._base_vectors.popitem(last=False)
+        else:
+            self._base_vectors.move_to_end(run.id)
+        try:
+            base = (await asyncio.shield(task)).embeddings[0]
+        except BaseException:
+            if task.done() and self._base_vectors.get(run.id) is task:
+                del self._base_vectors[run.id]  # a failed embedding is asked again next time
+            raise
+        got = await self.deps.controller_call(run.controller, "embed", lambda c: c.embed([a.text]))
+        a.on_topic = round(cosine(got.embeddings[0], base), 6)
+        self.store.record_on_topic(run.id, a.node, a.round, a.attempt, a.on_topic)
+        return a.on_topic
+
+    async def _check_and_insert(self, run: RunRow, a: AttemptRow, *, force: bool, kept: bool = False) -> bool:
+        """The controller's atomic similarity check and insert (``/accept``) and the verdict stored.
+        It holds the collection's write lock across both, so every check sees every instruction
+        accepted before it without a lock here. A restart between the controller's insert and
+        _judge's record replays this attempt under the same point id, which the controller leaves
+        out of its own check; a later attempt of the slot overwrites that id."""
+        cfg = run.config
+        point = self._point(run, a, point_id(run.id, a.node, a.round))
+        sim = await self.deps.controller_call(
+            run.controller, "accept",
+            lambda c: c.collections.accept(run.collection, point, k=1, threshold=cfg.similarity_threshold,
+                                           threshold_quantile=cfg.similarity_quantile, force=force))
+        await self._judge(run, a, max_similarity=sim.max_similarity, is_similar=sim.is_similar,
+                          accept=sim.accepted, inserted=sim.accepted, kept=kept)
+        return sim.accepted
 
     async def _slot(self, run: RunRow, node: int, round_: int) -> None:
+        """Sequence one slot's attempts and persist each step; ``Method`` decides everything else.
+        A replay walks the stored attempts (and their stored verdicts and on-topic cosines) first,
+        and only then generates, so it decides as the first pass did."""
         existing = self.store.slot_attempts(run.id, node, round_)
         done = [a for a in existing if a.accepted]
         if done:
@@ -259,48 +316,48 @@ class Rounds(Room):
                 await self._insert(run, done[0], done[0].point_id or point_id(run.id, node, round_))
             return
         cfg = run.config
+        method = Method(cfg)
         guided = run.mode == "guided" and round_ > 0
         negatives: list[str] = []
         if guided:
             if existing:
                 negatives = existing[0].negatives  # the retries of a slot share its negatives
             else:
-                negatives = await self._choose_negatives(run, node, round_)
-        cfg_guided = guided and cfg.negatives.use == "guidance"  # the in-prompt history has no scale
-        retries = empties = 0
+                negatives = await self._choose_negatives(run, method, node, round_)
+        cfg_guided = guided and not method.in_prompt  # the in-prompt history has no scale
+        tally = Tally()
         i = 0
         while True:
-            scale = (cfg.guidance.start + cfg.guidance.step * retries) if cfg_guided else None
+            if guided and method.exhausted(tally):  # keep: best, and a budget is spent
+                best = method.best(self.store.slot_attempts(run.id, node, round_))
+                await self._check_and_insert(run, best, force=True, kept=True)
+                return
             a = existing[i] if i < len(existing) else await self._generate(
-                run, node, round_, i, scale=scale, negatives=negatives)
+                run, method, node, round_, i, guidance=method.guidance(tally, cfg_guided), negatives=negatives)
             i += 1
             if not a.text:
-                empties += 1
+                tally.empties += 1
                 if not a.checked:
                     await self._judge(run, a, max_similarity=None, is_similar=None, accept=False, empty=True)
-                if empties > MAX_EMPTY_OUTPUTS:
-                    raise RunFailed(f"node {node} returned an empty text {empties} times in round {round_}: "
+                if tally.empties > MAX_EMPTY_OUTPUTS:
+                    what = "an unparseable verbalized reply" if cfg.prompting == "verbalized" else "an empty text"
+                    raise RunFailed(f"node {node} returned {what} {tally.empties} times in round {round_}: "
                                     "raise max_tokens or check the node's model and prompt")
                 continue
             if not guided:
                 await self._judge(run, a, max_similarity=None, is_similar=None, accept=True)
                 return
-            if a.checked and a.is_similar and retries < cfg.guidance.max_retries:
-                retries += 1  # replay: this attempt was already judged similar
+            if method.two_sided and not method.is_on_topic(await self._on_topic(run, a)):
+                tally.off_topic += 1
+                if method.force_off_topic(tally):  # keep: last, the on-topic budget is spent
+                    await self._check_and_insert(run, a, force=True)
+                    return
+                if not a.checked:
+                    await self._judge(run, a, max_similarity=None, is_similar=None, accept=False)
                 continue
-            # Check and insert are one atomic controller call (it holds the collection's write lock
-            # across both), so every check sees every instruction accepted before it without a lock
-            # here. The last retry is forced in. A restart between the controller's insert and
-            # _judge's record replays this attempt under the same point id, which the controller
-            # leaves out of its own check; a later attempt of the slot overwrites that id.
-            point = self._point(run, a, point_id(run.id, node, round_))
-            sim = await self.deps.controller_call(
-                run.controller, "accept",
-                lambda c, p=point, last=retries >= cfg.guidance.max_retries: c.collections.accept(
-                    run.collection, p, k=1, threshold=cfg.similarity_threshold,
-                    threshold_quantile=cfg.similarity_quantile, force=last))
-            await self._judge(run, a, max_similarity=sim.max_similarity, is_similar=sim.is_similar,
-                              accept=sim.accepted, inserted=sim.accepted)
-            if sim.accepted:
+            if a.checked:  # replay: judged too similar before (an accepted one ended the slot above)
+                tally.retries += 1
+                continue
+            if await self._check_and_insert(run, a, force=method.force_novel(tally)):
                 return
-            retries += 1
+            tally.retries += 1

@@ -67,6 +67,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     point_id TEXT,
     inserted INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
+    on_topic REAL,
+    angle TEXT,
     UNIQUE (run_id, node, round, attempt)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_accepted_per_slot ON attempts (run_id, node, round) WHERE accepted = 1;
@@ -159,6 +161,8 @@ class AttemptRow:
     accepted: bool
     point_id: str | None
     inserted: bool
+    on_topic: float | None = None   # cosine to the base (two-sided rule), persisted before the decision
+    angle: str | None = None        # two-stage: the angle the attempt was written from
 
 
 class Store:
@@ -180,6 +184,10 @@ class Store:
         qa_columns = {r["name"] for r in self.db.execute("PRAGMA table_info(qa)")}
         if "reason" not in qa_columns:  # a database from before rejections had reasons
             self.db.execute("ALTER TABLE qa ADD COLUMN reason TEXT")
+        attempt_columns = {r["name"] for r in self.db.execute("PRAGMA table_info(attempts)")}
+        for column in ("on_topic REAL", "angle TEXT"):  # a database from before the two-sided rule / two-stage
+            if column.split()[0] not in attempt_columns:
+                self.db.execute(f"ALTER TABLE attempts ADD COLUMN {column}")
 
     def close(self) -> None:
         self.db.close()
@@ -324,10 +332,22 @@ class Store:
         """Persist an attempt the moment its generation returns (a replay with the same key is ignored)."""
         self.db.execute(
             "INSERT OR IGNORE INTO attempts (run_id, node, round, attempt, scale, negatives, seed, text,"
-            " prompt_tokens, completion_tokens, latency_s, node_url, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " prompt_tokens, completion_tokens, latency_s, node_url, created_at, on_topic, angle)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (a.run_id, a.node, a.round, a.attempt, a.scale, json.dumps(a.negatives), a.seed, a.text,
-             a.prompt_tokens, a.completion_tokens, a.latency_s, a.node_url, time.time()))
+             a.prompt_tokens, a.completion_tokens, a.latency_s, a.node_url, time.time(), a.on_topic, a.angle))
+
+    def record_on_topic(self, run_id: str, node: int, round_: int, attempt: int, on_topic: float) -> None:
+        """The attempt's cosine to the base, stored before the two-sided rule decides on it (a replay
+        decides from the stored value, not a new embedding)."""
+        self.db.execute("UPDATE attempts SET on_topic = ? WHERE run_id = ? AND node = ? AND round = ? AND attempt = ?",
+                        (on_topic, run_id, node, round_, attempt))
+
+    def used_angles(self, run_id: str, limit: int) -> list[str]:
+        """The two-stage angles of the run's accepted instructions, most recent first."""
+        rows = self.db.execute("SELECT angle FROM attempts WHERE run_id = ? AND accepted = 1 AND angle IS NOT NULL"
+                               " AND angle != '' ORDER BY round DESC, node DESC LIMIT ?", (run_id, limit)).fetchall()
+        return [r["angle"] for r in rows]
 
     def record_check(self, run_id: str, node: int, round_: int, attempt: int,
                      max_similarity: float | None, is_similar: bool) -> None:
@@ -353,7 +373,8 @@ class Store:
                           node_url=r["node_url"], max_similarity=r["max_similarity"],
                           is_similar=None if r["is_similar"] is None else bool(r["is_similar"]),
                           checked=bool(r["checked"]), accepted=bool(r["accepted"]),
-                          point_id=r["point_id"], inserted=bool(r["inserted"]))
+                          point_id=r["point_id"], inserted=bool(r["inserted"]), on_topic=r["on_topic"],
+                          angle=r["angle"])
 
     def slot_attempts(self, run_id: str, node: int, round_: int) -> list[AttemptRow]:
         rows = self.db.execute("SELECT * FROM attempts WHERE run_id = ? AND node = ? AND round = ?"

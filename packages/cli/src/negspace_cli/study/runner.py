@@ -82,13 +82,16 @@ class StudyState:
 
 def cost_of(events: list[RunEvent], arm_uses_cfg: bool) -> dict[str, float]:
     """Compute per run from its attempt events: attempts, generated tokens and decode rows (a guided
-    attempt at scale != 1 decodes 1 + negatives rows per token), summed node latency."""
+    attempt at scale != 1 decodes 1 + negatives rows per token), summed node latency. An attempt's
+    two-stage angle is in its tokens and latency; a ``kept`` event repeats an earlier attempt's."""
     attempts = tokens = rows = 0
     latency = 0.0
     for ev in events:
         if not isinstance(ev, AttemptEvent):
             continue
         d = ev.data
+        if d.kept:  # the repeated event of an attempt kept as the slot's best: no new generation
+            continue
         attempts += 1
         n = d.completion_tokens or 0
         tokens += n
