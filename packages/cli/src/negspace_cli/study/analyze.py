@@ -36,7 +36,7 @@ from negspace_cli.study.spec import StudySpec
 
 TARGET_RATIO = 1.10
 ON_TOPIC_SLACK = 0.05
-MATCH_BASELINES = ("history", "retry-only")
+MATCH_BASELINES = ("history", "retry-only", "verbalized")  # the target: above all three
 TABLE_MEASURES = ("vendi", "on_topic_rate", "validity_rate", "quality_rate", "vendi_quality",
                   "mean_pairwise_distance", "compression_ratio", "distinct_2", "self_bleu")
 COST_MEASURES = ("attempts_per_instruction", "tokens_per_instruction", "rows_per_instruction",

@@ -14,7 +14,19 @@ Shared choices, so that arms differ in one thing at a time:
   threshold ``similarity_quantile`` = ``CALIBRATED_QUANTILE`` (retry when the new text is closer to
   its nearest neighbour than the median instruction of the run is to its own) and at most 3 retries;
 - the guided variants use the ``augment`` form of negatives, dense negatives (k 3, knn 5), scale 2.0
-  from the first attempt + 0.5 per retry, unless the arm says otherwise.
+  from the first attempt + 0.5 per retry, unless the arm says otherwise;
+- the superset variants (issue 21) are ``superset``: the ``superset`` form of negatives (the positive
+  plus one existing instruction as already written), otherwise as ``guided`` but with a flat scale
+  2.0 (step 0); each ``superset-*`` arm changes one thing of it;
+- the two-sided arms accept only texts on topic as well as novel (cosine to the base >=
+  ``ON_TOPIC_FLOOR`` in the controller's embedder, 3 on-topic retries) and keep the best attempt when
+  retries run out (``acceptance: {rule: two-sided, keep: best}``); ``retry-best`` is retry-only with
+  keep best alone, so the two parts can be told apart;
+- ``two-stage`` and ``verbalized`` change only the prompting of retry-only (k 0); ``two-stage`` also
+  writes the instruction at T 0.7 after an angle sampled at T 1.2 (the method is both);
+- ablations without negatives: every ``superset*`` arm's is ``retry-only`` (with k 0 the scale and the
+  form of negatives do nothing, and the retry settings are the same), ``two-sided-superset``'s is
+  ``two-sided``, ``two-stage-superset``'s ``two-stage``, ``verbalized-superset``'s ``verbalized``.
 """
 
 from __future__ import annotations
@@ -51,6 +63,12 @@ _RETRY = {"similarity_quantile": CALIBRATED_QUANTILE, "guidance": {"start": 1.0,
 _GUIDED = {"similarity_quantile": CALIBRATED_QUANTILE, "negative_format": "augment",
            "negatives": {"k": 3, "knn": 5, "source": "dense", "use": "guidance"},
            "guidance": {"start": 2.0, "step": 0.5, "max_retries": 3}}
+_SUPERSET = {"similarity_quantile": CALIBRATED_QUANTILE, "negative_format": "superset",
+             "negatives": {"k": 3, "knn": 5, "source": "dense", "use": "guidance"},
+             "guidance": {"start": 2.0, "step": 0.0, "max_retries": 3, "combine": "min"}}
+_TWO_SIDED = {"acceptance": {"rule": "two-sided", "on_topic_retries": 3, "keep": "best"}}
+_TWO_STAGE = {"prompting": "two-stage", "temperature": 0.7, "two_stage": {"angle_temperature": 1.2}}
+_VERBALIZED = {"prompting": "verbalized", "verbalized": {"candidates": 5}}
 
 
 def _with(base: dict[str, Any], **over: Any) -> dict[str, Any]:
@@ -106,6 +124,39 @@ _ARMS = [
     Arm("guided-s4", "guided", "as guided with scale 4.0 (+1.0 per retry)", _with(_GUIDED, guidance={"start": 4.0, "step": 1.0})),
     Arm("guided-t1.2", "guided", "as guided at T 1.2", _with(_GUIDED, temperature=1.2)),
     Arm("default", "guided", "a bare POST /runs: RunConfig's defaults as they are now", {}),
+    # ---- issue 21: negatives that push away instead of sharpening ----------------------------
+    Arm("superset", "guided", "superset negatives (the positive plus one dense instruction marked as already "
+        "written: guidance subtracts only the pull toward it), min, flat scale 2.0 (step 0), at most 3 retries; "
+        "ablation: retry-only", _SUPERSET),
+    Arm("superset-max", "guided", "as superset, negatives combined by max", _with(_SUPERSET, guidance={"combine": "max"})),
+    Arm("superset-mean", "guided", "as superset, negatives combined by mean",
+        _with(_SUPERSET, guidance={"combine": "mean"})),
+    Arm("superset-rising", "guided", "as superset, the scale rising +0.5 per retry",
+        _with(_SUPERSET, guidance={"step": 0.5})),
+    Arm("superset-list", "guided", "as superset, one negative listing all 3 instructions as already written",
+        _with(_SUPERSET, negative_format="superset-list")),
+    Arm("superset-slot", "guided", "as superset, each slot draws its own 3 of the 8 densest (per-slot seed), so "
+        "the nodes of a round are not pushed from the same texts", _with(_SUPERSET, negatives={"assign": "sample",
+                                                                                           "pool": 8})),
+    # ---- issue 21: acceptance that keeps quality ---------------------------------------------
+    Arm("retry-best", "baseline", "retry-only, keeping the least similar attempt (not the last) when retries "
+        "run out", _with(_RETRY, negatives={"k": 0}, acceptance={"keep": "best"})),
+    Arm("two-sided", "baseline", "retry-only with the two-sided rule: accept only novel AND on-topic texts "
+        "(cosine to the base >= the floor, own budget of 3), keep the best attempt; no negatives",
+        _with(_RETRY, negatives={"k": 0}, **_TWO_SIDED)),
+    Arm("two-sided-superset", "guided", "superset with the two-sided rule and keep best; ablation: two-sided",
+        _with(_SUPERSET, **_TWO_SIDED)),
+    # ---- issue 21: prompting methods ---------------------------------------------------------
+    Arm("two-stage", "baseline", "two-stage intent: an angle within the base at T 1.2 (new ones asked for), then "
+        "the instruction from it at T 0.7; retries as retry-only, no negatives",
+        _with(_RETRY, negatives={"k": 0}, **_TWO_STAGE)),
+    Arm("two-stage-superset", "guided", "two-stage with superset negatives (each carries the same angle), flat "
+        "scale 2.0; ablation: two-stage", _with(_SUPERSET, **_TWO_STAGE)),
+    Arm("verbalized", "baseline", "verbalized sampling (Zhang et al. 2025): 5 candidates with probabilities in "
+        "one reply, one drawn by them; retries as retry-only, no negatives",
+        _with(_RETRY, negatives={"k": 0}, **_VERBALIZED)),
+    Arm("verbalized-superset", "guided", "verbalized sampling with superset negatives, flat scale 2.0; "
+        "ablation: verbalized", _with(_SUPERSET, **_VERBALIZED)),
 ]
 ARMS: dict[str, Arm] = {a.name: a for a in _ARMS}
 
