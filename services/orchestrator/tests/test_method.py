@@ -320,3 +320,29 @@ def test_derive_seed_is_shared_with_rounds():
     from negspace_orchestrator import rounds
 
     assert rounds.derive_seed is derive_seed
+
+
+def test_a_database_from_before_the_new_columns_is_migrated(tmp_path):
+    import sqlite3
+
+    from negspace_orchestrator.store import Store
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL,
+        node INTEGER NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL, scale REAL,
+        negatives TEXT NOT NULL DEFAULT '[]', seed INTEGER NOT NULL, text TEXT NOT NULL, prompt_tokens INTEGER,
+        completion_tokens INTEGER, latency_s REAL NOT NULL, node_url TEXT, max_similarity REAL, is_similar INTEGER,
+        checked INTEGER NOT NULL DEFAULT 0, accepted INTEGER NOT NULL DEFAULT 0, point_id TEXT,
+        inserted INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, UNIQUE (run_id, node, round, attempt));
+        INSERT INTO attempts (run_id, node, round, attempt, seed, text, latency_s, created_at)
+        VALUES ('r', 0, 1, 0, 1, 'old text', 0.1, 0);""")
+    db.commit()
+    db.close()
+    store = Store(path)
+    (old,) = store.slot_attempts("r", 0, 1)
+    assert old.text == "old text" and old.on_topic is None and old.angle is None
+    store.record_on_topic("r", 0, 1, 0, 0.42)
+    store.add_attempt(row(1, "new"))
+    assert [a.on_topic for a in store.slot_attempts("r", 0, 1)] == [0.42, None]
+    store.close()

@@ -256,7 +256,8 @@ async def run_experiment(cfg: ExperimentConfig, orchestrator: OrchestratorClient
     accepted_scales = [(int(r["round"]), float(r["guidance_scale"])) for r in g_instr
                        if r.get("guidance_scale") is not None]
     attempt_scales = [(e.data.round, e.data.scale) for e in guided_events
-                      if isinstance(e, AttemptEvent) and e.data.scale is not None and e.data.round > 0]
+                      if isinstance(e, AttemptEvent) and e.data.scale is not None and e.data.round > 0
+                      and not e.data.kept]
     plots.guidance_scales(out / "guidance_scales.png", accepted_scales, attempt_scales or accepted_scales)
     figs["scales"] = "guidance_scales.png"
     stage_done("metrics_plots", t)
