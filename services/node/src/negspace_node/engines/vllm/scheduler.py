@@ -127,8 +127,9 @@ class GangScheduler(Scheduler):
             entry = seen.setdefault(str(info["id"]), [0, 0, int(info["size"]), False])
             entry[0] += request.request_id in scheduled
             entry[1] += 1
-            if int(info["role"]) == 0 and info.get("max_tokens") is not None:
-                entry[3] = request.num_output_tokens >= int(info["max_tokens"])
+            interval = info["guidance"].get("max_tokens")   # the group's Guidance (groups.group_args)
+            if int(info["role"]) == 0 and interval is not None:
+                entry[3] = request.num_output_tokens >= int(interval)
         for group_id, (count, running, size, past) in seen.items():
             expected = running if past else size
             if 0 < count < expected or (count and running < expected):
