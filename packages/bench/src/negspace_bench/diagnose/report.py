@@ -105,8 +105,20 @@ def plot(summary: dict, path: Path, scale: float) -> None:
     plt.close(fig)
 
 
+def _rounded(value, digits: int = 5):
+    """Floats to ``digits`` decimals, recursively (the per-step records stay readable and small)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
 def write(out: Path, summary: dict, setup: dict, units: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnose.json").write_text(json.dumps({"setup": setup, **summary, "units": units}, indent=1) + "\n")
+    body = _rounded({"setup": setup, **summary, "units": units})
+    (out / "diagnose.json").write_text(json.dumps(body, indent=1) + "\n")
     (out / "diagnose.md").write_text(markdown(summary, setup))
     plot(summary, out / "dh_per_step.png", setup["scale"])
