@@ -129,7 +129,7 @@ def _decode(model, scale: float, tokens: int = 5):
     return groups
 
 
-def test_decode_at_scale_one_is_plain_and_sharpen_lowers_entropy():
+def test_decode_at_scale_one_is_plain_and_sharpen_lowers_entropy(tmp_path):
     model = _tiny_model()
     for g in _decode(model, scale=1.0):
         assert len(g.tokens) == 5 and len(g.steps["dh"]) == 5
@@ -143,3 +143,6 @@ def test_decode_at_scale_one_is_plain_and_sharpen_lowers_entropy():
     assert summary["table"]["sharpen"]["lower"]["mean"] == 1.0
     assert set(summary["paired_vs_augment"]) == set(decode.VARIANTS) - {"augment/min"}
     assert len(summary["dh_per_step"]["raw/min"]) == 5
+    report.write(tmp_path, summary, {"scale": 2.0, "bases": [BASE]}, units)
+    assert {p.name for p in tmp_path.iterdir()} == {"diagnose.json", "diagnose.md", "dh_per_step.png"}
+    assert "| sharpen | 2 | 10 |" in (tmp_path / "diagnose.md").read_text()
