@@ -7,12 +7,13 @@ export TOKENIZERS_PARALLELISM ?= false
 export VLLM_LOGGING_LEVEL ?= WARNING
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo study bench-node bench-guidance bench-controller bench-trainer bench-eval bench-load bench-scale lint compose-check compose-up compose-down test-compose clean help
+.PHONY: setup test test-fast demo study diagnose bench-node bench-guidance bench-controller bench-trainer bench-eval bench-load bench-scale lint compose-check compose-up compose-down test-compose clean help
 
 help:
 	@echo "make demo     set up, then run the guided-vs-baseline experiment on embedded defaults"
 	@echo "make test     set up, then run every test"
 	@echo "make study    set up, then run the documented held-out study (docs/study/held-out.json; resumable)"
+	@echo "make diagnose set up, then the guidance mechanism check (sharpen or push away?) into docs/diagnose/"
 	@echo "make compose-up | compose-down | test-compose   the stack in containers (README: Docker compose)"
 	@echo "make setup    create .venv, install the pinned stack and bundled models (idempotent)"
 	@echo "make bench-node | bench-guidance | bench-controller | bench-trainer | bench-eval | bench-load | bench-scale   print + record figures in docs/benchmarks.md"
@@ -35,6 +36,13 @@ demo: setup
 STUDY ?= docs/study/held-out.json
 study: setup
 	$(VENV)/bin/negspace study --spec $(STUDY) --out docs/study/results
+
+# The guidance mechanism check (issue 21): per-step entropy, KL and mass on existing instructions,
+# positive vs guided, per negative format, on the bundled model; a few minutes on 2 cores.
+# DIAGNOSE_ARGS="--base 'Write a haiku.' --existing xs.json --model <folder>" for other prompts or models.
+DIAGNOSE_ARGS ?=
+diagnose: setup
+	$(PY) -m negspace_bench.diagnose $(DIAGNOSE_ARGS)
 
 bench-node: setup
 	$(PY) -m negspace_node.bench
