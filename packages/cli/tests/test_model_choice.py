@@ -90,6 +90,7 @@ class _FakeKnown:
 
 def _stack_with(monkeypatch, known, services=launcher.SERVICES):
     monkeypatch.setattr(negspace_models, "lookup", lambda name: known if name == "fake-model" else None)
+    monkeypatch.setattr(negspace_models, "check_model", lambda name: None)
     lines = []
     stack = launcher.Stack(launcher.StackConfig(node_model="fake-model"), services=services, echo=lines.append)
     return stack, lines
@@ -109,6 +110,14 @@ def test_a_failed_preparation_says_which_command_retries_it(monkeypatch):
     stack, _ = _stack_with(monkeypatch, _FakeKnown(error="the joined file does not match"))
     with pytest.raises(launcher.LaunchError, match="does not match.*python -m negspace_models prepare fake-model"):
         stack.prepare_node_model()
+
+
+def test_an_unknown_model_name_fails_before_anything_starts(monkeypatch, tmp_path):
+    monkeypatch.delenv("NODE_MODEL", raising=False)
+    stack = launcher.Stack(launcher.StackConfig(node_model="qwen-7b", logs_dir=tmp_path), echo=lambda m: None)
+    with pytest.raises(launcher.LaunchError, match="node model: unknown model 'qwen-7b'.*qwen2.5-coder-1.5b"):
+        stack.spawn()
+    assert all(svc.proc is None for svc in stack.services.values())
 
 
 def test_no_preparation_without_a_node(monkeypatch):

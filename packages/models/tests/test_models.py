@@ -9,6 +9,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import negspace_models
 import pytest
 from negspace_models import (
     KNOWN_MODELS,
@@ -85,6 +86,13 @@ def test_alias_resolves_to_the_prepared_folder():
     resolved = resolve_model("Qwen2.5-Coder-1.5B-Instruct")
     assert Path(resolved.path) == folder
     assert resolved.name == "Qwen2.5-Coder-1.5B-Instruct" and resolved.is_local
+
+
+def test_check_model_names_the_folder_without_preparing_it():
+    checked = negspace_models.check_model("qwen-coder-1.5b")
+    assert Path(checked.path) == qwen_model_dir() and not qwen_model_dir().exists()
+    with pytest.raises(ModelResolutionError, match="unknown model"):
+        negspace_models.check_model("qwen-7b")
 
 
 def test_unknown_name_lists_the_known_names():

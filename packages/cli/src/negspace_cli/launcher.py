@@ -208,9 +208,14 @@ class Stack:
         to the node, as before (``make setup`` prepares it)."""
         if "node" not in self.services:
             return
-        from negspace_models import ModelResolutionError, lookup
+        from negspace_models import ModelResolutionError, check_model, lookup
 
-        known = lookup(self.config.effective_node_model)
+        setting = self.config.effective_node_model
+        try:
+            check_model(setting)      # an unknown name fails here, before anything starts
+        except ModelResolutionError as exc:
+            raise LaunchError(f"node model: {exc}") from exc
+        known = lookup(setting)
         if known is None or not known.downloads or known.is_prepared():
             return
         self.echo(f"negspace: preparing the node model {known.name} once ({known.summary}); "

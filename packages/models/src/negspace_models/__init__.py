@@ -14,9 +14,9 @@ from negspace_models.catalog import (
 from negspace_models.errors import ModelResolutionError
 from negspace_models.once import prepare_once
 from negspace_models.qwen import QWEN_NAME, prepare_qwen, qwen_model_dir
-from negspace_models.resolve import ResolvedModel, main, resolve_model, served_model_name
+from negspace_models.resolve import ResolvedModel, check_model, main, resolve_model, served_model_name
 
 __all__ = ["BUNDLED_NAME", "DEFAULT_MODEL", "KNOWN_MODELS", "KnownModel", "ModelResolutionError", "QWEN_NAME",
-           "ResolvedModel", "bundled_model_dir", "canonical_name", "known_names", "lookup", "main", "models_dir",
-           "prepare_bundled", "prepare_once", "prepare_qwen", "qwen_model_dir", "resolve_model",
+           "ResolvedModel", "bundled_model_dir", "canonical_name", "check_model", "known_names", "lookup", "main",
+           "models_dir", "prepare_bundled", "prepare_once", "prepare_qwen", "qwen_model_dir", "resolve_model",
            "served_model_name"]

@@ -39,6 +39,16 @@ def resolve_model(setting: str | None) -> ResolvedModel:
     known = lookup(value)
     if known is not None:
         return ResolvedModel(path=str(known.prepare()), name=known.served_name, is_local=True)
+    return check_model(value)
+
+
+def check_model(setting: str | None) -> ResolvedModel:
+    """What ``resolve_model`` would give, without preparing anything (a known name resolves to its
+    folder, prepared or not); raises ``ModelResolutionError`` for a setting that names nothing."""
+    value = (setting or "").strip()
+    known = lookup(value)
+    if known is not None:
+        return ResolvedModel(path=str(known.folder()), name=known.served_name, is_local=True)
     expanded = Path(value).expanduser()
     if expanded.exists():
         if not expanded.is_dir() or not (expanded / "config.json").is_file():
