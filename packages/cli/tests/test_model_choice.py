@@ -156,7 +156,12 @@ def recorded(monkeypatch, tmp_path):
     return _RecordingStack.made
 
 
-def test_experiment_passes_the_model_to_the_stack_and_records_it(recorded, monkeypatch, tmp_path):
+@pytest.mark.parametrize(("flag", "node_model", "recorded_model"), [
+    (["--model", "Qwen2.5-Coder-1.5B-Instruct"], "Qwen2.5-Coder-1.5B-Instruct", "qwen2.5-coder-1.5b"),
+    ([], None, "smollm2-135m"),
+])
+def test_experiment_passes_the_model_to_the_stack_and_records_it(recorded, monkeypatch, tmp_path, flag,
+                                                                  node_model, recorded_model):
     seen = {}
 
     async def fake_experiment(cfg, url, out_root, quiet):
@@ -164,22 +169,9 @@ def test_experiment_passes_the_model_to_the_stack_and_records_it(recorded, monke
         return tmp_path
 
     monkeypatch.setattr(cli, "_experiment", fake_experiment)
-    assert cli.main(["experiment", "--base", "Write a math problem.", "--model", "Qwen2.5-Coder-1.5B-Instruct",
-                     "--skip-training", "--quiet"]) == 0
-    assert recorded[0].config.node_model == "Qwen2.5-Coder-1.5B-Instruct"
-    assert seen["cfg"].model == "qwen2.5-coder-1.5b"
-
-
-def test_experiment_records_the_default_model(recorded, monkeypatch, tmp_path):
-    seen = {}
-
-    async def fake_experiment(cfg, url, out_root, quiet):
-        seen["cfg"] = cfg
-        return tmp_path
-
-    monkeypatch.setattr(cli, "_experiment", fake_experiment)
-    assert cli.main(["experiment", "--base", "b", "--skip-training", "--quiet"]) == 0
-    assert recorded[0].config.node_model is None and seen["cfg"].model == "smollm2-135m"
+    assert cli.main(["experiment", "--base", "Write a math problem.", *flag, "--skip-training", "--quiet"]) == 0
+    assert recorded[0].config.node_model == node_model
+    assert seen["cfg"].model == recorded_model
 
 
 def test_study_runs_the_stack_on_its_specs_model(recorded, monkeypatch, tmp_path, capsys):
