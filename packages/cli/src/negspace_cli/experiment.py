@@ -37,6 +37,7 @@ from negspace_contracts.orchestrator import (
     TrainRequest,
 )
 from negspace_contracts.trainer import EvalSpec, LoraSpec, TrainingSpec
+from negspace_models import DEFAULT_MODEL
 
 from negspace_cli import analysis, plots
 from negspace_cli.follow import OutageBudget, follow_jobs, follow_run, with_qa_progress
@@ -84,6 +85,9 @@ class ExperimentConfig:
     skip_training: bool = False
     train_timeout_s: float = 3600.0
     per_round_metric: str = "semantic_diversity"
+    # The generating (node) model, as the stack was asked to load it (recorded in metrics.json);
+    # the trained and evaluated student stays the trainer's model.
+    model: str = DEFAULT_MODEL
 
     def run_config(self) -> RunConfig:
         return RunConfig(base_instruction=self.base, mode="guided", nodes=self.nodes, rounds=self.rounds,
@@ -484,7 +488,7 @@ def render_report(m: dict) -> str:
     g, b = m["metrics"]["guided"], m["metrics"]["baseline"]
     cfg = m["config"]
     lines = [f"# negspace experiment {m['experiment']}", "",
-             f"Base instruction: **{cfg['base']}**  ",
+             f"Base instruction: **{cfg['base']}**; generating model {cfg.get('model', DEFAULT_MODEL)}  ",
              f"{cfg['nodes']} nodes x {cfg['rounds']} rounds (+ bootstrap round 0), max_tokens "
              f"{cfg['max_tokens']}, seed {cfg['seed']}; guidance scale {cfg['guidance_start']} + "
              f"{cfg['guidance_step']} per retry (at most {cfg['max_retries']}) while max cosine >= "

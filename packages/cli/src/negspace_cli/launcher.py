@@ -6,6 +6,10 @@ engine processes and a trainer's worker processes belong to it), logging to
 ``LaunchError`` naming the service that failed and the tail of its log. ``Stack.stop`` sends
 SIGTERM to every group, waits a grace period, then SIGKILLs what is left.
 
+The node's model is ``StackConfig.node_model`` (``--model``), else ``NODE_MODEL``, else the bundled
+SmolLM2-135M: a known name (``python -m negspace_models list``) is prepared in the foreground before
+any service starts, with its progress on stderr, so the health wait never includes a download.
+
 Embedded defaults: the bundled models (empty model settings), the controller's embedded Qdrant (qdrant-edge-py)
 on disk under ``$NEGSPACE_HOME/qdrant``, the orchestrator's SQLite under ``$NEGSPACE_HOME``. Anything
 else is configured through each service's own environment variables (``NODE_*``,
@@ -82,6 +86,7 @@ class StackConfig:
     logs_dir: Path | None = None
     engine: str | None = None               # None: default_engine()
     node_kv_cache_gib: float | None = None  # vLLM CPU KV cache (NODE_KV_CACHE_GIB otherwise)
+    node_model: str | None = None           # known name, hub id or folder (NODE_MODEL otherwise; empty: bundled)
     data_dir: Path | None = None            # Qdrant, SQLite, exports, trainer jobs (default: $NEGSPACE_HOME)
     health_timeout_s: float = 600.0
     grace_s: float = 20.0
@@ -93,6 +98,11 @@ class StackConfig:
     def url(self, service: str) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.ports[service]}"
+
+    @property
+    def effective_node_model(self) -> str:
+        """What the node will load: ``node_model``, else the inherited ``NODE_MODEL``, else bundled."""
+        return (self.node_model or os.environ.get("NODE_MODEL") or "").strip()
 
     @property
     def resolved_logs_dir(self) -> Path:
@@ -117,6 +127,8 @@ class StackConfig:
             base += ["--engine", self.engine or default_engine()]
             if self.node_kv_cache_gib is not None:
                 base += ["--kv-cache-gib", str(self.node_kv_cache_gib)]
+            if self.node_model:
+                base += ["--model", self.node_model]
         elif service == "orchestrator":
             base += ["--node-url", self.url("node"), "--controller-url", self.url("controller"),
                      "--trainer-url", self.url("trainer")]
@@ -190,7 +202,31 @@ class Stack:
         self.stop()
 
     # -- start -------------------------------------------------------------------------------
+    def prepare_node_model(self) -> None:
+        """Prepare an optional known node model (one that downloads) once, here in the foreground,
+        so its progress shows and the node starts from a ready folder. The bundled model is left
+        to the node, as before (``make setup`` prepares it)."""
+        if "node" not in self.services:
+            return
+        from negspace_models import ModelResolutionError, check_model, lookup
+
+        setting = self.config.effective_node_model
+        try:
+            check_model(setting)      # an unknown name fails here, before anything starts
+        except ModelResolutionError as exc:
+            raise LaunchError(f"node model: {exc}") from exc
+        known = lookup(setting)
+        if known is None or not known.downloads or known.is_prepared():
+            return
+        self.echo(f"negspace: preparing the node model {known.name} once ({known.summary}); "
+                  f"later runs reuse {known.folder()}")
+        try:
+            known.prepare()
+        except ModelResolutionError as exc:
+            raise LaunchError(f"could not prepare {known.name}: {exc} (retry with `{known.setup_command}`)") from exc
+
     def spawn(self) -> None:
+        self.prepare_node_model()
         self.config.resolved_logs_dir.mkdir(parents=True, exist_ok=True)
         for svc in self.services.values():
             self._check_port_free(svc)

@@ -15,9 +15,13 @@ class NodeSettings(ServiceSettings):
     port: int = Field(8001, ge=0, le=65535)
     engine: Literal["vllm", "transformers", "fake"] | None = Field(
         None, description="Default: vllm when importable, else transformers. 'fake' is for tests only.")
-    model: str = Field("", description="Hub id or local folder; empty = bundled SmolLM2-135M-Instruct.")
+    model: str = Field("", description="A known name (python -m negspace_models list: smollm2-135m, "
+                                        "qwen2.5-coder-1.5b; prepared once on first use), a hub id or a local "
+                                        "folder; empty = bundled SmolLM2-135M-Instruct.")
     served_model_name: str | None = Field(None, description="Name in /v1/models (default: from the model).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: the checkpoint's dtype on GPU; on CPU bfloat16 when the CPU has bf16 units "
+                            "and the weights are bfloat16, else float32 (negspace_node.dtype).")
     max_model_len: int = Field(2048, ge=64, description="Context length the node serves.")
     max_num_seqs: int = Field(64, ge=1, description="vLLM: rows decoded per step (a group uses 1 + negatives).")
     max_num_batched_tokens: int | None = Field(

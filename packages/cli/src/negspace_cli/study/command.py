@@ -4,6 +4,7 @@
     negspace study --spec study.json                 # a study file (StudySpec fields)
     negspace study --base "Write a poem." --base "Write a haiku." --tune-base "Write a math problem." \\
                    --seeds 1,2,3 --arms plain-t1.0,plain-t1.4,history,guided --nodes 4 --rounds 5
+    negspace study --model qwen2.5-coder-1.5b       # on the optional 1.5B model (spec field ``model``)
     negspace study --list-arms                       # every named arm and what it is
 
 A rerun of the same command resumes the same folder (``<out>/<name>-<digest of the spec>``).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import httpx
 from negspace_contracts.errors import NegspaceError
 from negspace_contracts.orchestrator import OrchestratorClient
+from negspace_models import canonical_name
 
 from negspace_cli import launcher
 from negspace_cli.study import arms as arms_mod
@@ -70,7 +73,7 @@ def add_parser(sub, client_args, stack_args) -> argparse.ArgumentParser:
 
 def build_spec(a: argparse.Namespace) -> StudySpec:
     over = dict(seeds=a.seeds, arms=a.arms, nodes=a.nodes, rounds=a.rounds, max_tokens=a.max_tokens,
-                eval_embedder=a.eval_embedder, name=a.name)
+                eval_embedder=a.eval_embedder, name=a.name, model=a.model)
     if a.base or a.tune_base:
         over["bases"] = ([{"text": t, "split": "tune"} for t in a.tune_base or []]
                          + [{"text": t, "split": "held_out"} for t in a.base or []])
@@ -90,6 +93,12 @@ def cmd_study(a: argparse.Namespace, *, reachable, stack_config, raise_stop, err
         err(f"bad study: {exc}")
         return 2
     folder = a.out / spec.study_id()
+    # The spec decides the model a stack started here loads, so study.json names what ran.
+    env_model = os.environ.get("NODE_MODEL", "").strip()
+    if env_model and canonical_name(env_model) != spec.model:
+        print(f"negspace study: NODE_MODEL={env_model} is not used: this study runs on its spec's model "
+              f"{spec.model} (pass --model {env_model} to run it on that one)", file=sys.stderr)
+    a.model = spec.model
     print(f"negspace study: {len(spec.cells())} runs ({len(spec.bases)} bases x {len(spec.seeds)} seeds x "
           f"{len(spec.arms)} arms, {spec.per_run} instructions each) -> {folder}", file=sys.stderr)
     from negspace_cli.study import analyze  # the evaluation embedder's stack loads only here
@@ -103,7 +112,10 @@ def cmd_study(a: argparse.Namespace, *, reachable, stack_config, raise_stop, err
         return 0
     stack = None
     url = a.orchestrator_url
-    if not asyncio.run(reachable(url)):
+    if asyncio.run(reachable(url)):
+        print(f"negspace study: using the stack at {url}; its node must run {spec.model} (what study.json "
+              "records): a running stack keeps the model it was started with", file=sys.stderr)
+    else:
         if a.no_start:
             err(f"no orchestrator answers at {url} (start one with `negspace up`)")
             return 1

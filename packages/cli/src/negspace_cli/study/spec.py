@@ -2,6 +2,9 @@
 run shares. Written to ``study.json`` with every result, so a study folder says how it was made.
 
 ``study_id`` is a digest of the spec: the same command writes to the same folder and resumes it.
+``model`` (the generating node's model, a known name such as ``qwen2.5-coder-1.5b``) joins the digest
+only when it is not the default bundled model, so the folders of studies made before the field
+existed keep their ids.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from negspace_contracts.orchestrator import RunConfig
+from negspace_models import DEFAULT_MODEL, canonical_name
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from negspace_cli.study import arms as arms_mod
@@ -55,6 +59,13 @@ class StudySpec(BaseModel):
     rounds: int = Field(5, ge=0, description="Guided rounds after the bootstrap: nodes x (rounds + 1) per run.")
     max_tokens: int = Field(64, ge=1)
     eval_embedder: str = "all-mpnet-base-v2"
+    model: str = Field(DEFAULT_MODEL, description="The generating (node) model the study runs on: a known name "
+                                                  "(python -m negspace_models list), a hub id or a folder.")
+
+    @field_validator("model")
+    @classmethod
+    def _canonical_model(cls, v: str) -> str:
+        return canonical_name(v) or DEFAULT_MODEL
 
     @field_validator("seeds")
     @classmethod
@@ -89,7 +100,10 @@ class StudySpec(BaseModel):
         return RunConfig.model_validate(body)
 
     def study_id(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        body = self.model_dump(mode="json")
+        if body["model"] == DEFAULT_MODEL:     # the ids of studies made before the field existed
+            del body["model"]
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         return f"{self.name}-{digest[:10]}"
 
     def cells(self) -> list[tuple[int, int, str]]:

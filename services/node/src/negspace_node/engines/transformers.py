@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from negspace_node.dtype import resolve_dtype
 from negspace_node.engines.base import (
     Engine,
     EngineError,
@@ -41,10 +42,12 @@ class GenerationCancelled(Exception):
     """The caller went away; the worker stopped decoding for it."""
 
 
-def torch_dtype(name: str, device: str) -> torch.dtype | str:
-    """``auto``: the checkpoint's dtype on GPU, float32 on CPU (exact and faster than bf16 there)."""
+def torch_dtype(name: str, device: str, path: str = "") -> torch.dtype | str:
+    """``auto``: the checkpoint's dtype on GPU; on CPU the rule in ``negspace_node.dtype`` (bfloat16
+    with bf16 units and bf16 weights, else float32)."""
+    name = resolve_dtype(name, path, on_cpu=device == "cpu")
     if name == "auto":
-        return "auto" if device != "cpu" else torch.float32
+        return "auto"
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -54,7 +57,7 @@ def load_model(path: str, dtype: str = "auto", device: str | None = None):
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device, path))
     model.to(device).eval()
     return model, tokenizer
 

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 from negspace_contracts.errors import BadRequestError
 
+from negspace_node.dtype import resolve_dtype
 from negspace_node.engines.base import (
     Engine,
     EngineError,
@@ -131,9 +132,7 @@ def engine_args(settings, model_path: str, *, max_num_batched_tokens: int | None
     from vllm import EngineArgs
 
     cpu = _on_cpu()
-    dtype = settings.dtype
-    if dtype == "auto" and cpu:
-        dtype = "float32"       # exact, and faster than bf16 on CPUs without bf16 units
+    dtype = resolve_dtype(settings.dtype, model_path, on_cpu=cpu)   # auto on CPU: negspace_node.dtype's rule
     budget = max_num_batched_tokens or max(settings.max_model_len, 4096)
     budget = max(budget, settings.max_model_len, settings.max_num_seqs)
     kwargs = dict(
@@ -211,7 +210,8 @@ class VLLMEngine(Engine):
         try:
             self.status_detail = f"resolving model {self.settings.model or 'bundled'!r}"
             resolved = await asyncio.to_thread(resolve_model, self.settings.model)
-            self.status_detail = f"starting vLLM on {resolved.path} (dtype {self.settings.dtype})"
+            dtype = resolve_dtype(self.settings.dtype, resolved.path, on_cpu=_on_cpu())
+            self.status_detail = f"starting vLLM on {resolved.path} (dtype {self.settings.dtype}: {dtype})"
             log.info("vllm engine: %s", self.status_detail)
             # The engine thread builds vLLM AND steps it: vLLM's CPU attention checks that its
             # metadata and its kernels see the same OpenMP thread count, which is per thread.
