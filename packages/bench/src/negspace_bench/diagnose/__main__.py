@@ -83,11 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         xs = existing[base][: args.k]
         distinct: list[list[int]] = []
         groups: list[decode.Group] = []
-        positive_ids = None
         for variant in variants:
             pos_text, neg_texts = decode.prompt_texts(base, xs, variant.fmt)
             pos, negs = renderer.ids(pos_text, neg_texts)
-            positive_ids = positive_ids or pos
             rows = []
             for seq in [pos, *negs]:
                 if seq not in distinct:
