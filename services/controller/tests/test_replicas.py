@@ -164,15 +164,18 @@ def test_defaults_survive_one_lost_peer_and_are_server_only(monkeypatch):
     with pytest.raises(ValueError, match="exceeds --qdrant-replication-factor"):
         ControllerSettings(qdrant_url="http://q:6333", qdrant_replication_factor=1,
                            qdrant_write_consistency_factor=2)
-    # embedded engines: the defaults are not theirs to apply, an explicit value is refused by name
+    # embedded engines: the defaults are not theirs to apply; more than one shard or copy is
+    # refused by name, 1 (what they do anyway, and what compose's one-peer server sets) is not
     assert ControllerSettings(qdrant_path=":memory:").collection_params() == {}
-    for field, flag in (("qdrant_replication_factor", "--qdrant-replication-factor"),
-                        ("qdrant_shard_number", "--qdrant-shard-number"),
-                        ("qdrant_write_consistency_factor", "--qdrant-write-consistency-factor")):
+    for field, flag in (("qdrant_replication_factor", "--qdrant-replication-factor 2"),
+                        ("qdrant_shard_number", "--qdrant-shard-number 2"),
+                        ("qdrant_write_consistency_factor", "--qdrant-write-consistency-factor 2")):
         with pytest.raises(ValueError, match=flag):
-            ControllerSettings(qdrant_path=":memory:", **{field: 1})
+            ControllerSettings(qdrant_path=":memory:", **{"qdrant_replication_factor": 2, field: 2})
+    one = ControllerSettings(qdrant_path=":memory:", qdrant_replication_factor=1, qdrant_shard_number=1)
+    assert one.collection_params() == {}
     monkeypatch.setenv("CONTROLLER_QDRANT_REPLICATION_FACTOR", "3")
-    with pytest.raises(ValueError, match="--qdrant-replication-factor configure a Qdrant server"):
+    with pytest.raises(ValueError, match="--qdrant-replication-factor 3 configure a Qdrant server"):
         ControllerSettings(qdrant_path=":memory:")
     with pytest.raises(ValueError, match="local mode keeps one shard"):
         QdrantStore(path=":memory:", collection_params={"replication_factor": 2})

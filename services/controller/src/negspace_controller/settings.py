@@ -58,18 +58,18 @@ class ControllerSettings(ServiceSettings):
         "commits do), ~3-80 ms per write on a shared disk instead of 0.03 ms.")
     qdrant_shard_number: int | None = Field(
         None, ge=1, le=1024, description="Qdrant server: shards per new collection (unset: the server's "
-        "default, one per peer at creation). Embedded engines: refused (one shard, in-process).")
+        "default, one per peer at creation). Embedded engines: one shard (a value above 1 is refused).")
     qdrant_replication_factor: int = Field(
         2, ge=1, le=64, description="Qdrant server: copies of each shard on distinct peers, set when a "
         "collection is created. 2 (the default) keeps every collection readable and writable when one "
         "peer of the 3-peer StatefulSet is lost; 1 halves the storage and loses the collections with a "
-        "shard on a lost peer. A single-peer server (compose) keeps one copy whatever this says. "
-        "Embedded engines: refused when set (one copy, in-process).")
+        "shard on a lost peer; docker-compose.yml's one-peer server sets 1. Embedded engines: one copy, "
+        "in-process (a value above 1 is refused).")
     qdrant_write_consistency_factor: int = Field(
         1, ge=1, le=64, description="Qdrant server: copies that must confirm a write before it returns "
         "(at most --qdrant-replication-factor). 1 (the default) keeps writes going with a peer lost; "
         "equal to the replication factor, a lost peer fails the writes of its shards until it is back. "
-        "Embedded engines: refused when set.")
+        "Embedded engines: a value above 1 is refused.")
     replica_url: str | None = Field(
         None, description="This controller replica's own URL, exactly as the orchestrator lists it "
         "(--controller-url). With --replica-urls: which collections this replica owns (see --replica-urls); "
@@ -145,9 +145,11 @@ class ControllerSettings(ServiceSettings):
                              f"exceeds --qdrant-replication-factor ({self.qdrant_replication_factor}): a write "
                              "cannot wait for more copies than there are")
         if not self.qdrant_url:
-            given = [f for f in SERVER_ONLY if f in self.model_fields_set]
+            # 1 is what an embedded engine does anyway (compose sets it for its one-peer server,
+            # and the same file runs embedded); more is a promise it cannot keep
+            given = [f for f in SERVER_ONLY if f in self.model_fields_set and getattr(self, f) not in (None, 1)]
             if given:
-                flags = ", ".join("--" + f.replace("_", "-") for f in given)
+                flags = ", ".join(f"--{f.replace('_', '-')} {getattr(self, f)}" for f in given)
                 raise ValueError(f"{flags} configure a Qdrant server's collections (--qdrant-url); the "
                                  "embedded engine keeps one shard and one copy in this process")
         return self
