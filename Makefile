@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export VLLM_LOGGING_LEVEL ?= WARNING
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo study bench-node bench-guidance bench-controller bench-trainer bench-eval bench-load bench-scale lint compose-check compose-up compose-down test-compose clean help
+.PHONY: setup test test-fast demo study bench-node bench-guidance bench-controller bench-trainer bench-eval bench-load bench-scale lint compose-check compose-up compose-down test-compose compose-gpus gpu-image test-gpu-image lock-gpu clean help
 
 help:
 	@echo "make demo     set up, then run the guided-vs-baseline experiment on embedded defaults"
@@ -69,6 +69,8 @@ bench-scale: setup
 lint: setup
 	$(VENV)/bin/ruff check packages services tests
 
+NODES ?= 2
+
 compose-check:
 	docker-compose -f docker-compose.yml config -q
 
@@ -81,6 +83,23 @@ compose-up:
 # Stops and removes the containers and network (VOLUMES=1: the volumes too).
 compose-down:
 	@bash scripts/compose-down.sh
+
+# GPU nodes, one device each: writes .negspace/compose/docker-compose.gpus.yml with node-1 ..
+# node-(NODES-1) on GPUs 1 .. NODES-1 (node holds GPU 0). README "Docker compose" shows the up command.
+compose-gpus:
+	python3 deploy/compose/gpu_nodes.py $(NODES)
+
+# The GPU node image (CUDA vLLM from requirements/lock-gpu.txt), built without a GPU, and its smoke
+# test inside the container (no GPU needed). See services/node/README.md "GPU image".
+gpu-image:
+	@bash scripts/gpu-image.sh build
+
+test-gpu-image:
+	@bash scripts/gpu-image.sh test
+
+# Re-resolve requirements/lock-gpu.txt against PyPI (pip's resolver for the image's platform).
+lock-gpu:
+	@bash scripts/lock-gpu.sh
 
 # Against the running stack (make compose-up first); not part of `make test`.
 test-compose: setup
