@@ -1,7 +1,7 @@
 """Issue 15: the Kubernetes manifests under deploy/k8s validate offline (kubernetes-validate, strict,
 against the pinned Kubernetes schema) and describe the deployment the README promises: N GPU
 nodes, a Qdrant cluster in distributed mode, the controller, the orchestrator on a persistent
-volume, the trainer on a GPU, /health probes and resources everywhere, Prometheus scraping, the
+volume, the trainer without a GPU (its image has CPU torch), /health probes and resources everywhere, Prometheus scraping, the
 API token from a Secret, and only settings the services actually read."""
 
 from __future__ import annotations
