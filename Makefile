@@ -14,6 +14,7 @@ help:
 	@echo "make test     set up, then run every test"
 	@echo "make study    set up, then run the documented held-out study (docs/study/held-out.json; resumable)"
 	@echo "make compose-up | compose-down | test-compose   the stack in containers (README: Docker compose)"
+	@echo "make gpu-image | test-gpu-image | compose-gpus   the CUDA node image, its smoke test (no GPU needed), NODES=N GPU replicas"
 	@echo "make setup    create .venv, install the pinned stack and bundled models (idempotent)"
 	@echo "make bench-node | bench-guidance | bench-controller | bench-trainer | bench-eval | bench-load | bench-scale   print + record figures in docs/benchmarks.md"
 
