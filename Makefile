@@ -70,8 +70,6 @@ bench-scale: setup
 lint: setup
 	$(VENV)/bin/ruff check packages services tests
 
-NODES ?= 2
-
 compose-check:
 	docker-compose -f docker-compose.yml config -q
 
@@ -88,7 +86,7 @@ compose-down:
 # GPU nodes, one device each: writes .negspace/compose/docker-compose.gpus.yml with node-1 ..
 # node-(NODES-1) on GPUs 1 .. NODES-1 (node holds GPU 0). README "Docker compose" shows the up command.
 compose-gpus:
-	python3 deploy/compose/gpu_nodes.py $(NODES)
+	python3 deploy/compose/gpu_nodes.py $(or $(NODES),2)
 
 # The GPU node image (CUDA vLLM from requirements/lock-gpu.txt), built without a GPU, and its smoke
 # test inside the container (no GPU needed). See services/node/README.md "GPU image".
