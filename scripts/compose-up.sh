@@ -16,31 +16,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/compose-lib.sh
+SCRIPT=compose-up
 NODES=${NODES:-1}
 HEALTH_TIMEOUT_S=${HEALTH_TIMEOUT_S:-900}
 mkdir -p "$STATE_DIR"
-log() { printf '[compose-up %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
-is_root() { [ "$(id -u)" = 0 ]; }
-apt_install() {
-  is_root && command -v apt-get >/dev/null || { echo "compose-up: install $* (needs root + apt)" >&2; exit 1; }
-  log "installing $*"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >"$STATE_DIR/apt.log" 2>&1 \
-    || { apt-get update -qq >>"$STATE_DIR/apt.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >>"$STATE_DIR/apt.log" 2>&1; } \
-    || { echo "compose-up: apt-get install $* failed; see $STATE_DIR/apt.log" >&2; exit 1; }
-}
+source scripts/docker-lib.sh
 
 # 1. engine and compose ------------------------------------------------------------------------
-command -v docker >/dev/null || apt_install docker.io
-command -v docker-compose >/dev/null || apt_install docker-compose
-if ! docker info >/dev/null 2>&1; then
-  dockerd_bin=$(command -v dockerd || true)
-  [ -n "$dockerd_bin" ] && is_root || { echo "compose-up: no Docker daemon answers; start one (dockerd as root)" >&2; exit 1; }
-  log "starting dockerd (log: $STATE_DIR/dockerd.log)"
-  nohup "$dockerd_bin" >"$STATE_DIR/dockerd.log" 2>&1 &
-  echo $! > "$STATE_DIR/dockerd.pid"
-  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  docker info >/dev/null 2>&1 || { echo "compose-up: dockerd did not answer in 60 s; see $STATE_DIR/dockerd.log" >&2; exit 1; }
-fi
+ensure_engine
 
 # 2. .env with a generated token ----------------------------------------------------------------
 [ -f .env ] || { cp .env.example .env; log "wrote .env from .env.example"; }
@@ -66,36 +49,13 @@ fi
 # 3. base image -----------------------------------------------------------------------------------
 base=$(env_get NEGSPACE_BASE_IMAGE)
 if [ -z "$base" ]; then
-  if docker image inspect python:3.11-slim >/dev/null 2>&1 || timeout 120 docker pull -q python:3.11-slim >/dev/null 2>&1; then
-    base=python:3.11-slim
-  else
-    base=local/debian-python:bookworm
-    log "no registry answers: the base is $base (debootstrap)"
-  fi
+  base=$(pick_base_image)
+  [ "$base" = python:3.11-slim ] || log "no registry answers: the base is $base (debootstrap)"
   env_set NEGSPACE_BASE_IMAGE "$base"
 fi
-if [ "$base" = local/debian-python:bookworm ] && ! docker image inspect "$base" >/dev/null 2>&1; then
-  command -v debootstrap >/dev/null || apt_install debootstrap
-  # the first Debian mirror apt is configured with (deb822 .sources or one-line .list files; either
-  # may be absent, so a missing file must not stop the script under pipefail)
-  mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
-           | sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p;s/^deb \(http[^ ]*debian\) bookworm .*/\1/p' \
-           | head -n 1 || true)
-  mirror=${mirror:-http://deb.debian.org/debian}
-  root=$(mktemp -d "${TMPDIR:-/tmp}/negspace-rootfs.XXXXXX")
-  log "debootstrap bookworm from $mirror (~40 s)"
-  t0=$(date +%s)
-  nice -n 10 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$root" "$mirror" \
-    >"$STATE_DIR/debootstrap.log" 2>&1 || { echo "compose-up: debootstrap failed; see $STATE_DIR/debootstrap.log" >&2; exit 1; }
-  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* \
-         "$root"/usr/share/man/* "$root"/usr/share/locale/*
-  tar -C "$root" -c . | docker import -c 'ENV LANG=C.UTF-8' -c 'CMD ["/bin/bash"]' - "$base" >/dev/null
-  rm -rf "$root"
-  log "built $base in $(( $(date +%s) - t0 )) s"
-fi
+ensure_base_image "$base"
 
 # 4. torch and pip's CA bundle for the build ----------------------------------------------------
-pip_conf() { python3 -m pip config get "global.$1" 2>/dev/null || true; }
 grep -q '^NEGSPACE_TORCH_INDEX_URL=' .env || env_set NEGSPACE_TORCH_INDEX_URL https://download.pytorch.org/whl/cpu
 torch_index=$(env_get NEGSPACE_TORCH_INDEX_URL)
 if [ -n "$torch_index" ] && ! reachable "$torch_index/"; then
@@ -110,11 +70,7 @@ if [ -z "$(env_get NEGSPACE_TORCH_INDEX_URL)" ] && ! ls deploy/compose/local/tor
   [ -n "$found" ] || { echo "compose-up: no PyTorch index and no torch-2.13.0+cpu wheel in pip's find-links" >&2; exit 1; }
   cp "$found" deploy/compose/local/
 fi
-cert=${PIP_CERT:-$(pip_conf cert)}
-if [ -n "$cert" ] && [ -f "$cert" ] && ! cmp -s "$cert" deploy/compose/local/ca.crt; then
-  cp "$cert" deploy/compose/local/ca.crt
-  log "pip's CA bundle ($cert) goes into the images' pip.conf"
-fi
+stage_pip_ca
 
 # 5. build, one image at a time -------------------------------------------------------------------
 if [ -z "${NO_BUILD:-}" ]; then

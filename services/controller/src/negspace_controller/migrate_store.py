@@ -45,7 +45,7 @@ def migrate(folder: str | Path, backup: str | Path | None = None,
         for name in src.names():
             started = time.monotonic()
             dim, embedder = src.dimension(name)
-            dst.create(name, dim, embedder)  # type: ignore[arg-type]  (None: recorded as unknown)
+            dst.create(name, dim, embedder, src.owner(name))  # type: ignore[arg-type]  (None: recorded as unknown)
             keys, vecs, payloads = [], [], []
             for key, vec, payload in src.scan(name, with_vectors=True, batch=BATCH):
                 keys.append(key)

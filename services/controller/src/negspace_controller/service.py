@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from negspace_contracts.controller import (
     PointIn,
     SimilarResponse,
     UpsertPointsResponse,
+    controller_for,
 )
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 
@@ -69,8 +70,14 @@ class Controller:
     def __init__(self, embedder: Embedder, store: Store, *, knn_capacity: int = 32,
                  snapshot_dir: str | Path | None = None,
                  observe: Callable[[str, float], None] | None = None, index_mode: str = "exact",
-                 approx_candidates: int | None = None, index_mmap: bool | None = None) -> None:
+                 approx_candidates: int | None = None, index_mmap: bool | None = None,
+                 replica: str | None = None, replicas: Sequence[str] = ()) -> None:
         self.embedder = embedder
+        # Which collections this replica serves: see ``owner``. No replicas: it serves them all.
+        self.replica = replica
+        self.replicas = list(replicas)
+        if self.replicas and replica not in self.replicas:
+            raise ValueError(f"replica {replica!r} is not one of the replicas {self.replicas}")
         if index_mode not in ("exact", "approximate"):
             raise ValueError(f"index_mode must be 'exact' or 'approximate', not {index_mode!r}")
         self.index_mode = index_mode
@@ -102,7 +109,7 @@ class Controller:
                     embed_backend=self.embedder.backend, qdrant=self.store.where,
                     qdrant_engine=self.store.engine, collections={name: len(c.index) for name, c in self._cols.items()},
                     knn_capacity=self.knn_capacity, index_mode=self.index_mode,
-                    blas_threads=self.blas_threads)
+                    blas_threads=self.blas_threads, replica=self.replica, replicas=len(self.replicas) or 1)
 
     async def qdrant_problem(self) -> str | None:
         """None when Qdrant answers, else why not. One short probe is shared by concurrent
@@ -115,6 +122,31 @@ class Controller:
         except ServiceUnavailableError as exc:
             return exc.message
         return None
+
+    # ------------------------------------------------------------------ ownership
+    def owner(self, name: str, recorded: str | None) -> str | None:
+        """The replica that serves collection ``name``: the one recorded when it was created (the
+        replica the orchestrator sent the PUT to: its rendezvous pick, or the replica of the run's
+        family), else, for a collection made before owners were recorded, the orchestrator's own
+        rendezvous rule (``controller_for``) over ``replicas``. None: no replicas configured, this
+        controller serves every collection."""
+        if not self.replicas:
+            return None
+        return recorded or controller_for(name, self.replicas)
+
+    def _check_owner(self, name: str) -> None:
+        """Refuse (409) a collection another replica owns, BEFORE anything of it is loaded: only its
+        owner ever holds it in memory, and the owner receives all of its writes, so no replica
+        answers from a copy that misses writes."""
+        if not self.replicas:
+            return
+        owner = self.owner(name, self.store.owner(name))
+        if owner != self.replica:
+            raise ConflictError(
+                f"collection {name!r} belongs to controller replica {owner}, not to this one ({self.replica}); "
+                f"send its calls to {owner} (the orchestrator records each run's replica). This replica "
+                "does not load it, so that no answer comes from a copy that misses the owner's writes",
+                param="name")
 
     # ------------------------------------------------------------------ collections
     async def _get(self, name: str) -> _Collection:
@@ -129,6 +161,7 @@ class Controller:
                 if not await asyncio.to_thread(self.store.exists, name):
                     raise NotFoundError(f"collection {name!r} does not exist; create it with PUT "
                                         f"/collections/{name}", param="name")
+                await asyncio.to_thread(self._check_owner, name)
                 col = await asyncio.to_thread(self._load, name)
                 self._cols[name] = col
         return col
@@ -253,7 +286,8 @@ class Controller:
             created = False
             if not await asyncio.to_thread(self.store.exists, name):
                 self._drop_snapshot(name)
-                await asyncio.to_thread(self.store.create, name, self.embedder.dimension, self.embedder.name)
+                await asyncio.to_thread(self.store.create, name, self.embedder.dimension, self.embedder.name,
+                                        self.replica)
                 index = self._new_index(self.embedder.dimension, name=name)
                 index.journal = self._journal(name)
                 if index.journal is not None and isinstance(index, ApproxDensityIndex):
@@ -279,9 +313,11 @@ class Controller:
             self._cols.pop(name, None)
 
     async def warm_up(self, max_wait_s: float = 30.0) -> None:
-        """Load every existing collection (start-up), so the first request does not pay for it.
-        While Qdrant is unreachable it retries (backing off to ``max_wait_s``); requests meanwhile
-        get a 503 naming Qdrant and /health says why."""
+        """Load every existing collection this replica owns (start-up), so the first request does
+        not pay for it; drop what it holds of the others (an in-memory copy, its index log and
+        arrays: left from before, when every replica loaded every collection, or from another
+        replica set). While Qdrant is unreachable it retries (backing off to ``max_wait_s``);
+        requests meanwhile get a 503 naming Qdrant and /health says why."""
         wait = 1.0
         while True:
             try:
@@ -291,11 +327,31 @@ class Controller:
                 log.warning("start-up: %s; trying again in %.0f s", exc.message, wait)
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, max_wait_s)
+        others = []
         for name in names:
             try:
+                if self.replicas:
+                    owner = self.owner(name, await asyncio.to_thread(self.store.owner, name))
+                    if owner != self.replica:
+                        others.append(name)
+                        self.release(name)
+                        continue
                 await self._get(name)
             except Exception as exc:  # one bad collection must not stop the others
                 log.warning("collection %s not loaded: %s", name, exc)
+        if others:
+            log.info("start-up: %d collections belong to other replicas and are not loaded here (%s%s)",
+                     len(others), ", ".join(others[:5]), ", ..." if len(others) > 5 else "")
+
+    def release(self, name: str) -> None:
+        """Forget this replica's copy of a collection it does not own: the in-memory index and its
+        index log and arrays (Qdrant keeps the points; the owner's copy is the one kept current)."""
+        col = self._cols.pop(name, None)
+        j = col.index.journal if col is not None else self._journal(name)
+        if j is not None and (col is not None or j.has_files()):
+            log.info("collection %s: dropping this replica's copy (it belongs to another replica)", name)
+            j.drop()
+        self._remove_arrays(name)
 
     # ------------------------------------------------------------------ points
     @staticmethod

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from negspace_servekit.home import negspace_home
-from negspace_servekit.settings import ServiceSettings
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from negspace_servekit.settings import ServiceSettings, split_commas
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+# Server-only collection settings: refused, naming the flag, when the store is embedded.
+SERVER_ONLY = ("qdrant_shard_number", "qdrant_replication_factor", "qdrant_write_consistency_factor")
 
 
 class ControllerSettings(ServiceSettings):
@@ -53,6 +56,32 @@ class ControllerSettings(ServiceSettings):
         "Every write is in edge's WAL when it returns (a killed process loses nothing); an OS crash or "
         "power cut can lose the last interval. 0: flush after every write (as local mode's sqlite "
         "commits do), ~3-80 ms per write on a shared disk instead of 0.03 ms.")
+    qdrant_shard_number: int | None = Field(
+        None, ge=1, le=1024, description="Qdrant server: shards per new collection (unset: the server's "
+        "default, one per peer at creation). Embedded engines: one shard (a value above 1 is refused).")
+    qdrant_replication_factor: int = Field(
+        2, ge=1, le=64, description="Qdrant server: copies of each shard on distinct peers, set when a "
+        "collection is created. 2 (the default) keeps every collection readable and writable when one "
+        "peer of the 3-peer StatefulSet is lost; 1 halves the storage and loses the collections with a "
+        "shard on a lost peer; docker-compose.yml's one-peer server sets 1. Embedded engines: one copy, "
+        "in-process (a value above 1 is refused).")
+    qdrant_write_consistency_factor: int = Field(
+        1, ge=1, le=64, description="Qdrant server: copies that must confirm a write before it returns "
+        "(at most --qdrant-replication-factor). 1 (the default) keeps writes going with a peer lost; "
+        "equal to the replication factor, a lost peer fails the writes of its shards until it is back. "
+        "Embedded engines: a value above 1 is refused.")
+    replica_url: str | None = Field(
+        None, description="This controller replica's own URL, exactly as the orchestrator lists it "
+        "(--controller-url). With --replica-urls: which collections this replica owns (see --replica-urls); "
+        "recorded as the owner of every collection it creates.")
+    replica_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Every controller replica's URL, the orchestrator's "
+        "--controller-url list (comma-separated). A replica loads at start-up and serves only the "
+        "collections it owns: the owner recorded when the collection was created, else (collections made "
+        "before owners were recorded) the one the orchestrator's rendezvous rule "
+        "(negspace_contracts.controller.controller_for) picks over this list. A request for another "
+        "replica's collection is a 409 naming the owner, so no answer comes from a copy that misses the "
+        "owner's writes. Unset: a single controller that owns every collection.")
     qdrant_path: str | None = Field(None, description="Folder of the embedded engine (default "
                                     "$NEGSPACE_HOME/qdrant); ':memory:' keeps nothing (edge: a temporary "
                                     "folder removed at shutdown; local: in memory).")
@@ -85,6 +114,55 @@ class ControllerSettings(ServiceSettings):
         "(even after a kill) replays instead of rebuilding (default: <qdrant-path>-index, or "
         "$NEGSPACE_HOME/controller-index with --qdrant-url; none with ':memory:'); 'off' always "
         "rebuilds from Qdrant (O(n^2 d)).")
+
+    @field_validator("replica_urls", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        return split_commas(v)
+
+    @field_validator("replica_urls", mode="after")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:  # the orchestrator's normalisation: no trailing slash
+        urls = [u.strip().rstrip("/") for u in v if u.strip()]
+        dups = sorted({u for u in urls if urls.count(u) > 1})
+        if dups:
+            raise ValueError(f"--replica-urls lists {', '.join(dups)} more than once")
+        return urls
+
+    @field_validator("replica_url", mode="after")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return v.strip().rstrip("/") or None if v else None
+
+    @model_validator(mode="after")
+    def _replicas_and_qdrant(self):
+        if self.replica_urls and self.replica_url not in self.replica_urls:
+            raise ValueError(f"--replica-url ({self.replica_url or 'unset'}) must be one of --replica-urls "
+                             f"({', '.join(self.replica_urls)}): each replica names itself as the "
+                             "orchestrator's --controller-url does")
+        if self.qdrant_write_consistency_factor > self.qdrant_replication_factor:
+            raise ValueError(f"--qdrant-write-consistency-factor ({self.qdrant_write_consistency_factor}) "
+                             f"exceeds --qdrant-replication-factor ({self.qdrant_replication_factor}): a write "
+                             "cannot wait for more copies than there are")
+        if not self.qdrant_url:
+            # 1 is what an embedded engine does anyway (compose sets it for its one-peer server,
+            # and the same file runs embedded); more is a promise it cannot keep
+            given = [f for f in SERVER_ONLY if f in self.model_fields_set and getattr(self, f) not in (None, 1)]
+            if given:
+                flags = ", ".join(f"--{f.replace('_', '-')} {getattr(self, f)}" for f in given)
+                raise ValueError(f"{flags} configure a Qdrant server's collections (--qdrant-url); the "
+                                 "embedded engine keeps one shard and one copy in this process")
+        return self
+
+    def collection_params(self) -> dict[str, int]:
+        """What a Qdrant server's collections are created with (embedded engines: nothing)."""
+        if not self.qdrant_url:
+            return {}
+        params = {"replication_factor": self.qdrant_replication_factor,
+                  "write_consistency_factor": self.qdrant_write_consistency_factor}
+        if self.qdrant_shard_number is not None:
+            params["shard_number"] = self.qdrant_shard_number
+        return params
 
     def resolved_snapshot_dir(self) -> str | None:
         if self.index_snapshots:

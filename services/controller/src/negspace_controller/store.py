@@ -94,7 +94,8 @@ class Store(Protocol):
     def names(self) -> list[str]: ...
     def exists(self, name: str) -> bool: ...
     def dimension(self, name: str) -> tuple[int, str | None]: ...
-    def create(self, name: str, dimension: int, embedder: str) -> None: ...
+    def create(self, name: str, dimension: int, embedder: str, owner: str | None = None) -> None: ...
+    def owner(self, name: str) -> str | None: ...
     def drop(self, name: str) -> None: ...
     def count(self, name: str) -> int: ...
     def upsert(self, name: str, keys: list[Hashable], vectors: np.ndarray, payloads: list[dict]) -> None: ...
@@ -143,8 +144,14 @@ class FaultState:
 class QdrantStore(FaultState):
     def __init__(self, *, url: str | None = None, path: str | None = None, api_key: str | None = None,
                  prefix: str = "negspace_", timeout: float = 30.0,
-                 probe_timeout: float = PROBE_TIMEOUT_S) -> None:
+                 probe_timeout: float = PROBE_TIMEOUT_S,
+                 collection_params: Mapping[str, int] | None = None) -> None:
         self.remote = bool(url)
+        if collection_params and not url:
+            raise ValueError(f"{', '.join(collection_params)} configure a Qdrant server's collections; "
+                             "local mode keeps one shard and one copy in this process")
+        # shard_number / replication_factor / write_consistency_factor of every new collection
+        self.collection_params = dict(collection_params or {})
         self.engine = "server" if url else "local"
         self.timeout = float(timeout)
         self._probe: QdrantClient | None = None
@@ -267,10 +274,16 @@ class QdrantStore(FaultState):
         meta = getattr(info.config, "metadata", None) or {}
         return int(size), meta.get("embedder")
 
-    def create(self, name: str, dimension: int, embedder: str) -> None:
+    def create(self, name: str, dimension: int, embedder: str, owner: str | None = None) -> None:
+        meta = {"embedder": embedder} | ({"owner": owner} if owner else {})
         self._call(f"creating collection {self.qname(name)!r}", lambda c: c.create_collection(
             self.qname(name), vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
-            metadata={"embedder": embedder}))
+            metadata=meta, **self.collection_params))
+
+    def owner(self, name: str) -> str | None:
+        """The controller replica recorded as the collection's owner at creation (None: not recorded)."""
+        info = self._call(f"reading collection {self.qname(name)!r}", lambda c: c.get_collection(self.qname(name)))
+        return (getattr(info.config, "metadata", None) or {}).get("owner")
 
     def drop(self, name: str) -> None:
         self._call(f"deleting collection {self.qname(name)!r}", lambda c: c.delete_collection(self.qname(name)))

@@ -304,7 +304,14 @@ class EdgeStore(FaultState):
             raise self._missing(name, "reading its vector size")
         return int(meta["dimension"]), meta.get("embedder")
 
-    def create(self, name: str, dimension: int, embedder: str) -> None:
+    def owner(self, name: str) -> str | None:
+        """The controller replica recorded as the collection's owner at creation (None: not recorded)."""
+        meta = self._meta(name)
+        if meta is None:
+            raise self._missing(name, "reading its owner")
+        return meta.get("owner")
+
+    def create(self, name: str, dimension: int, embedder: str, owner: str | None = None) -> None:
         what = f"creating collection {self.qname(name)!r}"
         self._check_space(what)
         with self._registry:
@@ -320,8 +327,9 @@ class EdgeStore(FaultState):
                     vectors=qe.EdgeVectorParams(size=int(dimension), distance=qe.Distance.Cosine)))
                 try:
                     shard.flush()
-                    _write_json_atomic(folder / META_FILE, {"format": FORMAT, "dimension": int(dimension),
-                                                            "embedder": embedder, "engine": "qdrant-edge"})
+                    meta = {"format": FORMAT, "dimension": int(dimension), "embedder": embedder,
+                            "engine": "qdrant-edge"} | ({"owner": owner} if owner else {})
+                    _write_json_atomic(folder / META_FILE, meta)
                 except BaseException:
                     shard.close()
                     raise

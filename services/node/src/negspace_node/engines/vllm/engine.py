@@ -35,8 +35,10 @@ Concurrent requests share every step (continuous batching); nothing is serialize
 GPU: the same code runs with the CUDA ``vllm`` package; ``VLLM_USE_V2_MODEL_RUNNER=0`` is set
 before vLLM is imported because the V2 model runner has a different logits-processor interface.
 With ``tensor_parallel_size > 1`` the model runners (and the processor) live in vLLM's worker
-processes; the engine core (scheduler) stays in this process. ``check_supported`` refuses at
-start-up what guidance cannot run on (see the README's GPU section).
+processes; the engine core (scheduler) stays in this process. ``check_installed_vllm`` and
+``check_supported`` refuse at start-up, by name, what guidance cannot run on: a vLLM without the V1
+runner or without the VLLM_USE_V2_MODEL_RUNNER=0 opt-out, no device, and the configurations below
+(see the README's GPU section).
 """
 
 from __future__ import annotations
@@ -100,13 +102,64 @@ def configure_environment() -> None:
         os.environ[name] = value
 
 
+#: Where vLLM keeps each model runner's logits-processor interface. The node's processor is a V1
+#: one; vLLM 0.32 has both runners and VLLM_USE_V2_MODEL_RUNNER=0 picks V1 (node README table).
+V1_PROCESSOR_INTERFACE = "vllm.v1.sample.logits_processor"
+V2_PROCESSOR_INTERFACE = "vllm.v1.worker.gpu.sample.logits_processor.interface"
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def runner_problem(*, has_v1: bool, has_v2: bool, knows_opt_out: bool, version: str) -> str | None:
+    """Why the installed vLLM cannot run the node's V1 processor, or None."""
+    if not has_v1:
+        return (f"vLLM {version} has no V1 logits-processor interface ({V1_PROCESSOR_INTERFACE}), the only "
+                "one the guidance processor implements; install vllm 0.32.* (requirements/lock-gpu.txt)")
+    if has_v2 and not knows_opt_out:
+        return (f"vLLM {version} has the V2 model runner's logits-processor interface "
+                f"({V2_PROCESSOR_INTERFACE}) and no longer reads VLLM_USE_V2_MODEL_RUNNER=0, the setting "
+                "the node needs to keep vLLM on the V1 runner its guidance processor implements; install "
+                "vllm 0.32.* (requirements/lock-gpu.txt; node README, 'vLLM versions')")
+    return None
+
+
+def check_installed_vllm() -> None:
+    """Refuse at start-up, by name, what would otherwise fail obscurely inside vLLM: a vLLM whose
+    runner cannot take the V1 processor (``runner_problem``), or no device to run on (the CUDA
+    build on a machine without a visible NVIDIA GPU). Call after ``configure_environment``."""
+    import vllm
+    import vllm.envs as envs
+
+    version = getattr(vllm, "__version__", "?")
+    problem = runner_problem(has_v1=_has_module(V1_PROCESSOR_INTERFACE), has_v2=_has_module(V2_PROCESSOR_INTERFACE),
+                             knows_opt_out="VLLM_USE_V2_MODEL_RUNNER" in getattr(envs, "environment_variables", {}),
+                             version=version)
+    if problem:
+        raise UnsupportedConfigError(problem)
+    from vllm.platforms import current_platform
+
+    if current_platform.is_unspecified():
+        raise UnsupportedConfigError(
+            f"no device for vLLM {version}: this is the CUDA build and no NVIDIA GPU is visible to this "
+            "process. Give the container a GPU (docker run --gpus all; compose reserves one per node; "
+            "Kubernetes: nvidia.com/gpu), or run a CPU node (the vllm-cpu image, or NODE_ENGINE=transformers)")
+
+
 def check_supported(vllm_config) -> None:
     """Refuse, before any model is loaded, a vLLM configuration guidance cannot run on."""
     parallel = vllm_config.parallel_config
     problems = []
     if vllm_config.use_v2_model_runner:
-        problems.append("vLLM would run its V2 model runner (HiSparse attention or watermarking force it), "
-                        "whose logits-processor interface the guidance processor does not implement")
+        problems.append("vLLM would run its V2 model runner despite VLLM_USE_V2_MODEL_RUNNER=0 (HiSparse "
+                        "attention or watermarking force it), whose logits-processor interface the guidance "
+                        "processor does not implement")
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding is on (vLLM runs no custom logits processor with it)")
     if parallel.pipeline_parallel_size > 1 or parallel.data_parallel_size > 1:
@@ -222,6 +275,9 @@ class VLLMEngine(Engine):
             self._thread.start()
             await built
             self.state, self.status_detail = "ready", None
+        except UnsupportedConfigError as exc:  # a refusal that names its reason: no traceback
+            log.error("vllm engine refused to start: %s", exc)
+            self.fail(f"vLLM refused: {exc}")
         except Exception as exc:  # noqa: BLE001 - the reason goes to /health
             log.exception("vllm engine failed to start")
             self.fail(f"could not start vLLM on {self.settings.model or 'bundled'!r}: {type(exc).__name__}: {exc}")
@@ -237,6 +293,7 @@ class VLLMEngine(Engine):
 
     def _build(self, path: str) -> None:
         configure_environment()
+        check_installed_vllm()
         from transformers import AutoTokenizer, GenerationConfig
         from vllm.v1.engine.llm_engine import LLMEngine
 
