@@ -78,8 +78,9 @@ def _stack_config(a: argparse.Namespace) -> launcher.StackConfig:
                                 health_timeout_s=a.health_timeout, grace_s=a.grace)
 
 
-class _Stop(Exception):
-    pass
+class _Stop(KeyboardInterrupt):
+    """SIGTERM while a command holds a stack: handled like Ctrl-C (the stack stops, the command
+    says how to resume) instead of a traceback."""
 
 
 def _raise_stop(signum, frame):
