@@ -150,6 +150,9 @@ _ARMS = [
     Arm("two-stage", "baseline", "two-stage intent: an angle within the base at T 1.2 (new ones asked for), then "
         "the instruction from it at T 0.7; retries as retry-only, no negatives",
         _with(_RETRY, negatives={"k": 0}, **_TWO_STAGE)),
+    Arm("two-stage-cool", "baseline", "two-stage with the angle at T 1.0, top-p 0.9 (on the 1.5B pilot, T 1.2 with "
+        "top-p 1.0 gave some word-salad angles); no negatives", _with(_RETRY, negatives={"k": 0}, **_with(
+            _TWO_STAGE, two_stage={"angle_temperature": 1.0, "angle_top_p": 0.9}))),
     Arm("two-stage-superset", "guided", "two-stage with superset negatives (each carries the same angle), flat "
         "scale 2.0; ablation: two-stage", _with(_SUPERSET, **_TWO_STAGE)),
     Arm("verbalized", "baseline", "verbalized sampling (Zhang et al. 2025): 5 candidates with probabilities in "
