@@ -282,6 +282,8 @@ async def test_two_stage_samples_an_angle_then_the_instruction_conditioned_on_it
         events = await _attempt_events(h, rid)
         assert all(e.angle and e.angle.startswith("topic") for e in events)
         assert all(a.angle for a in h.orch.store.attempts(rid))
+        insts = await h.client.runs.instructions(rid)  # a data user sees what each was written from
+        assert len(insts) == 6 and all(i.angle and i.angle.startswith("topic") for i in insts)
 
 
 def verbalized_script(req: ChatCompletionRequest) -> str:

@@ -304,6 +304,10 @@ class Instruction(StrictModel):
     guidance_scale: float | None
     attempt: int
     max_similarity: float | None
+    angle: str | None = Field(None, exclude_if=lambda v: v is None,
+                              description="prompting two-stage: the angle the instruction was written from.")
+    on_topic: float | None = Field(None, exclude_if=lambda v: v is None,
+                                   description="acceptance two-sided: the controller-embedder cosine to the base.")
 
 
 def _is_none(value: object) -> bool:

@@ -406,7 +406,7 @@ class Store:
     def _instruction(a: AttemptRow, guided: bool) -> Instruction:
         return Instruction(id=a.point_id or "", node=a.node, round=a.round, text=a.text,
                            guidance_scale=a.scale if guided else None, attempt=a.attempt,
-                           max_similarity=a.max_similarity)
+                           max_similarity=a.max_similarity, angle=a.angle, on_topic=a.on_topic)
 
     def instructions(self, run_id: str) -> list[Instruction]:
         guided = self._is_guided(run_id)
