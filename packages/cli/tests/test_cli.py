@@ -144,3 +144,29 @@ def test_export_parquet_and_push_to_hub_up_to_the_upload(patched, fake_state, ca
     assert [(c[0], c[1], c[3]) for c in calls] == [("create", "me/x", "hf_secret"), ("upload", "me/x", "hf_secret")]
     assert calls[0][2]["repo_type"] == "dataset" and calls[0][2]["private"] is True
     assert calls[1][2]["folder_path"] == str(out2) and (out2 / "README.md").is_file()
+
+
+def test_sigterm_stops_a_study_like_ctrl_c_with_the_resume_hint(monkeypatch, tmp_path, capsys):
+    """SIGTERM while a study generates: exit 130 with how to resume (it was a traceback)."""
+    import asyncio
+    import os
+    import signal
+
+    from negspace_cli.study import command as study_command
+
+    async def reachable(url):
+        return True  # a stack "is running": nothing is started
+
+    async def generate(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the study")
+
+    monkeypatch.setattr(cli, "_reachable", reachable)
+    monkeypatch.setattr(study_command, "_generate", generate)
+    before = signal.getsignal(signal.SIGTERM)
+    code = cli.main(["study", "--base", "Write a poem.", "--arms", "plain-t1.0", "--seeds", "1",
+                     "--out", str(tmp_path), "--orchestrator-url", "http://127.0.0.1:9"])
+    assert code == 130
+    assert "interrupted (rerun the same command to resume)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
