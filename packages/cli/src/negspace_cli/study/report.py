@@ -27,9 +27,10 @@ def _ci(d: dict[str, Any] | None, digits: int = 3, key: str = "estimate") -> str
 
 def _headline(res: dict[str, Any]) -> list[str]:
     arms, comps = res.get("arms", {}), res.get("comparisons", {})
-    lines = ["| arm | kind | Vendi | on-topic | valid | Vendi / plain curve | on-topic - plain T1.0 | "
-             "Vendi / history | Vendi / retry-only | decode rows / instr. | target |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| arm | kind | Vendi | on-topic | valid | Vendi of on-topic + valid | Vendi / plain curve | "
+             "on-topic - plain T1.0 | Vendi / history | Vendi / retry-only | Vendi / verbalized | "
+             "decode rows / instr. | node s / instr. | target |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     order = sorted(arms, key=lambda a: (arms[a]["kind"] != "plain", -(arms[a]["vendi"]["mean"] or 0)))
     for a in order:
         row, comp = arms[a], comps.get(a, {})
@@ -38,12 +39,15 @@ def _headline(res: dict[str, Any]) -> list[str]:
         vp = comp.get("vs_plain_t1.0", {}).get("on_topic_diff")
         vh = comp.get("vs_history", {}).get("vendi_ratio")
         vr = comp.get("vs_retry-only", {}).get("vendi_ratio")
+        vv = comp.get("vs_verbalized", {}).get("vendi_ratio")
+        node_s = row.get("node_seconds_per_instruction", {}).get("mean")
         tgt = comp.get("target")
         target = "n/a" if not tgt else ("**met**" if tgt["met"] else "no")
         lines.append(f"| `{a}` | {row['kind']} | {_ci(row['vendi'], 2, 'mean')} | {_ci(row['on_topic_rate'], 2, 'mean')} "
-                     f"| {_f(row['validity_rate']['mean'], 2)} | {ratio} | {_ci(vp, 3) if vp else '-'} "
-                     f"| {_ci(vh) if vh else '-'} | {_ci(vr) if vr else '-'} "
-                     f"| {_f(row['rows_per_instruction']['mean'], 0)} | {target} |")
+                     f"| {_f(row['validity_rate']['mean'], 2)} | {_ci(row.get('vendi_quality'), 2, 'mean')} "
+                     f"| {ratio} | {_ci(vp, 3) if vp else '-'} "
+                     f"| {_ci(vh) if vh else '-'} | {_ci(vr) if vr else '-'} | {_ci(vv) if vv else '-'} "
+                     f"| {_f(row['rows_per_instruction']['mean'], 0)} | {_f(node_s, 1)} | {target} |")
     return lines
 
 
