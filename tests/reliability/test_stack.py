@@ -122,11 +122,18 @@ async def check_experiment(out: Path, orch, ctl, trainer_jobs: dict, *, nodes: i
         info = await ctl.collections.get(run["collection"])
         assert info.count == target, (label, info.count)
         assert m["metrics"][label]["n"] == target
-        # Q/A: one record per converted instruction, no instruction converted twice
+        # Q/A: one record per converted instruction, no instruction converted twice. Counted by
+        # instruction id from the run's qa events: two instructions may rightly get the same
+        # question from the 135M model ("What is the answer to this riddle?" twice, seen in a
+        # fresh-clone run), so the question text is no proxy for the instruction.
         qa = rows(out / "qa" / f"{label}.jsonl")
         assert len(qa) == m["qa"][label]["converted"] > 0
-        questions = Counter(r["messages"][0]["content"] for r in qa)
-        assert max(questions.values()) == 1
+        verdicts = [e.data if isinstance(e.data, dict) else e.data.model_dump()
+                    async for e in orch.runs.events(run["id"]) if e.type == "qa"]
+        per_instruction = Counter(v["instruction_id"] for v in verdicts)
+        assert len(per_instruction) == m["qa"][label]["total"] == target, (label, per_instruction)
+        assert max(per_instruction.values()) == 1, (label, per_instruction)
+        assert sum(v["status"] == "converted" for v in verdicts) == len(qa)
         # one training job per run, and it succeeded
         job = trainer_jobs[f"negspace-run-{run['id']}"]
         assert job.status == "succeeded", (label, job.status, job.error)
