@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from negspace_contracts.controller import PointIn
 from negspace_contracts.errors import NotFoundError
-from negspace_controller import metrics as M
+from negspace_controller import diversity as M
 from negspace_controller.embedder import FakeEmbedder
 from scipy.spatial import ConvexHull
 

@@ -1,5 +1,5 @@
 """``POST /compare``: two collections' points, read from the store, measured on one footing by
-``metrics.compare`` (one PCA basis fitted on both; per-collection and per-group metrics; the 2-D map)."""
+``diversity.compare`` (one PCA basis fitted on both; per-collection and per-group metrics; the 2-D map)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from negspace_contracts.controller import (
     MetricsResponse,
 )
 
-from negspace_controller import metrics as diversity
+from negspace_controller import diversity
 from negspace_controller.service import Controller
 from negspace_controller.store import SEQ_KEY, TEXT_KEY, to_qdrant_id
 

@@ -36,7 +36,7 @@ from negspace_contracts.controller import (
 )
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 
-from negspace_controller import metrics as diversity
+from negspace_controller import diversity
 from negspace_controller import threads
 from negspace_controller.ann import ApproxDensityIndex
 from negspace_controller.batching import BatchingEncoder
