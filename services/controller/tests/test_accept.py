@@ -9,10 +9,10 @@ import pytest
 from negspace_contracts.controller import PointIn
 from negspace_contracts.errors import BadRequestError
 from negspace_controller.batching import BatchingEncoder
-from negspace_controller.embedder import FakeEmbedder
+from negspace_controller.testing import HashingFakeEmbedder
 
 
-class CountingEmbedder(FakeEmbedder):
+class CountingEmbedder(HashingFakeEmbedder):
     def __init__(self) -> None:
         super().__init__(dimension=32, max_tokens=12)
         self.calls: list[list[str]] = []
@@ -74,7 +74,7 @@ async def test_concurrent_accepts_see_each_other(engine):
 
 
 async def test_batching_encoder_equals_direct_encode():
-    emb = FakeEmbedder(dimension=16, query_instruction="Find similar")
+    emb = HashingFakeEmbedder(dimension=16, query_instruction="Find similar")
     enc = BatchingEncoder(emb, max_batch=4)
     texts = [f"text number {i}" for i in range(10)]
     (a, ta), (b, tb) = await asyncio.gather(enc.encode(texts[:3]), enc.encode(texts, query=True))

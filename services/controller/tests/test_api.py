@@ -1,4 +1,4 @@
-"""The HTTP API through the typed client and raw requests, with the hashing FakeEmbedder.
+"""The HTTP API through the typed client and raw requests, with the hashing HashingFakeEmbedder.
 
 The index logic is checked against brute force in test_index.py; here: wiring, idempotence,
 restarts on disk, and every bad input answered with a clear 4xx.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from negspace_contracts.controller import MetricsRequest, PointIn
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
-from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.settings import ControllerSettings
+from negspace_controller.testing import HashingFakeEmbedder
 
 TEXTS = [
     "Write a math problem about apples.", "Write a math problem about pears.",
@@ -25,7 +25,7 @@ TEXTS = [
 
 
 def fake(**kw):
-    return FakeEmbedder(dimension=32, max_tokens=12, **kw)
+    return HashingFakeEmbedder(dimension=32, max_tokens=12, **kw)
 
 
 def points(texts, start=0, **payload):
@@ -231,7 +231,7 @@ async def test_collection_from_another_embedder_conflicts(tmp_path, run_app, eng
     settings = ControllerSettings(qdrant_path=str(tmp_path / "q"), qdrant_engine=engine)
     async with run_app(settings, embedder=fake()) as (_, client, _raw):
         await client.collections.create("c")
-    async with run_app(settings, embedder=FakeEmbedder(dimension=16)) as (_, client, _raw):
+    async with run_app(settings, embedder=HashingFakeEmbedder(dimension=16)) as (_, client, _raw):
         with pytest.raises(ConflictError, match="32-dimensional"):
             await client.collections.get("c")
 

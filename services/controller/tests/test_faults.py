@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from negspace_contracts.controller import MetricsRequest, PointIn
 from negspace_contracts.errors import ServiceUnavailableError, is_retryable
-from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.settings import ControllerSettings
 from negspace_controller.store import QdrantStore
 from negspace_controller.store_edge import EdgeStore
+from negspace_controller.testing import HashingFakeEmbedder
 from negspace_servekit.testing import free_port
 from qdrant_client.http.exceptions import ResponseHandlingException
 
@@ -46,7 +46,7 @@ QDRANT_ROUTES = [
 
 
 def fake():
-    return FakeEmbedder(dimension=32)
+    return HashingFakeEmbedder(dimension=32)
 
 
 class StandIn:

@@ -9,11 +9,11 @@ import pytest
 from negspace_contracts.controller import PointIn, controller_for
 from negspace_contracts.errors import ConflictError
 from negspace_controller.app import build_store
-from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.service import Controller
 from negspace_controller.settings import ControllerSettings
 from negspace_controller.store import QdrantStore
 from negspace_controller.store_edge import EdgeStore
+from negspace_controller.testing import HashingFakeEmbedder
 
 A, B = "http://controller-0.controller-headless:8002", "http://controller-1.controller-headless:8002"
 REPLICAS = [A, B]
@@ -33,7 +33,7 @@ def store(request, tmp_path):
 
 
 def replica(store, me: str | None, tmp_path, replicas=REPLICAS) -> Controller:
-    return Controller(FakeEmbedder(dimension=16), store, knn_capacity=4,
+    return Controller(HashingFakeEmbedder(dimension=16), store, knn_capacity=4,
                       snapshot_dir=tmp_path / {A: "index-a", B: "index-b", None: "index-single"}[me],
                       replica=me, replicas=replicas if me else ())
 
@@ -101,7 +101,7 @@ async def test_a_replica_drops_its_copy_of_what_it_no_longer_owns(store, tmp_pat
     """Before routing, every replica loaded every collection and kept an index log of each: B's
     log of A's collection stops receiving writes the moment A takes them. At start-up B drops it."""
     (name,) = names_owned_by(A, REPLICAS)
-    old_b = Controller(FakeEmbedder(dimension=16), store, knn_capacity=4, snapshot_dir=tmp_path / "index-b")
+    old_b = Controller(HashingFakeEmbedder(dimension=16), store, knn_capacity=4, snapshot_dir=tmp_path / "index-b")
     await old_b.create(name)
     await write(old_b, name, 0, 4)
     old_b.save_snapshots()

@@ -23,11 +23,11 @@ from negspace_contracts.controller import MetricsRequest, PointIn
 from negspace_contracts.errors import ConflictError, NotFoundError, ServiceUnavailableError
 from negspace_controller import store_edge
 from negspace_controller.app import build_store
-from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.migrate_store import migrate
 from negspace_controller.settings import ControllerSettings
 from negspace_controller.store import QdrantStore, Store
 from negspace_controller.store_edge import EdgeStore, choose_engine
+from negspace_controller.testing import HashingFakeEmbedder
 
 ENGINES = ["local", "edge"]
 DIM = 8
@@ -473,14 +473,14 @@ async def test_build_store_and_health_name_the_engine(tmp_path, run_app):
         st = build_store(settings)
         assert st.engine == engine and type(st) is (QdrantStore if engine == "local" else EdgeStore)
         st.close()
-        async with run_app(settings, embedder=FakeEmbedder(dimension=DIM)) as (_app, client, raw):
+        async with run_app(settings, embedder=HashingFakeEmbedder(dimension=DIM)) as (_app, client, raw):
             if count:
                 assert (await client.collections.get("run")).count == count
             h = (await raw.get("/health")).json()
             assert h["status"] == "ok" and h["info"]["qdrant_engine"] == engine, h
     # an explicit engine that contradicts the folder: start-up fails, /health says why
     async with run_app(ControllerSettings(qdrant_path=str(tmp_path / "old"), qdrant_engine="edge"),
-                       embedder=FakeEmbedder(dimension=DIM)) as (_app, _client, raw):
+                       embedder=HashingFakeEmbedder(dimension=DIM)) as (_app, _client, raw):
         h = await raw.get("/health")
         assert h.status_code == 503 and "migrate_store" in h.json()["detail"], h.text
     settings = ControllerSettings(qdrant_url="http://127.0.0.1:1", qdrant_engine="edge")
@@ -500,7 +500,7 @@ async def test_migrate_local_mode_folder_to_edge(tmp_path, run_app):
     settings = ControllerSettings(qdrant_path=str(path))
     texts = [f"write a {w} problem about {x}" for w in ("math", "logic", "poem") for x in ("apples", "sea", "cats")]
     async with run_app(ControllerSettings(qdrant_path=str(path), qdrant_engine="local"),
-                       embedder=FakeEmbedder(dimension=DIM)) as (app, client, _raw):
+                       embedder=HashingFakeEmbedder(dimension=DIM)) as (app, client, _raw):
         await client.collections.create("run")
         await client.collections.upsert("run", [PointIn(id=i, text=t, payload={"round": i % 2})
                                                 for i, t in enumerate(texts)])
@@ -523,7 +523,7 @@ async def test_migrate_local_mode_folder_to_edge(tmp_path, run_app):
     assert "delete it once" in said[-1] and store_edge.is_local_mode_folder(tmp_path / "qdrant.local-mode")
     with pytest.raises(ValueError, match="does not hold"):
         migrate(path)
-    async with run_app(settings, embedder=FakeEmbedder(dimension=DIM)) as (app, client, raw):
+    async with run_app(settings, embedder=HashingFakeEmbedder(dimension=DIM)) as (app, client, raw):
         assert (await client.collections.get("run")).count == len(texts) + 1
         assert app.state.controller.store.engine == "edge"
         assert app.state.controller.from_snapshot == {"run"}  # the lists were not rebuilt

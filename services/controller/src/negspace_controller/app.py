@@ -14,7 +14,8 @@ from prometheus_client import Gauge, Histogram
 
 from negspace_controller import __version__, threads
 from negspace_controller.api import collections, comparisons, embeddings
-from negspace_controller.embedder import Embedder, build_embedder
+from negspace_controller.embedder import build_embedder
+from negspace_controller.embedding import Embedder
 from negspace_controller.service import Controller
 from negspace_controller.settings import ControllerSettings
 from negspace_controller.store import QdrantStore, Store

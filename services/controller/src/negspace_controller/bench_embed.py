@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from negspace_controller.embedder import SentenceTransformerEmbedder
+from negspace_controller.st_embed import SentenceTransformerEmbedder
 
 VERBS = ["Write a math problem", "Write a short poem", "Ask a question", "Tell a story", "Explain",
          "Give three tips", "Summarise the history", "Describe a recipe"]

@@ -36,11 +36,10 @@ from negspace_contracts.controller import (
 )
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 
-from negspace_controller import diversity
-from negspace_controller import threads
+from negspace_controller import diversity, threads
 from negspace_controller.ann import ApproxDensityIndex
 from negspace_controller.batching import BatchingEncoder
-from negspace_controller.embedder import Embedder
+from negspace_controller.embedding import Embedder
 from negspace_controller.index import DensityIndex
 from negspace_controller.journal import Journal, JournalCorrupt, covered_seqs, dangling_rows, replay, state_of
 from negspace_controller.store import RESERVED_KEYS, SEQ_KEY, TEXT_KEY, Store, to_key
