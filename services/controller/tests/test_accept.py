@@ -54,11 +54,11 @@ async def test_concurrent_accepts_see_each_other(engine):
     """64 concurrent identical texts through one collection: exactly one is accepted (the check and
     the insert are one critical section), and the model ran in a few batches, not 64 calls."""
     from negspace_controller.service import Controller
-    from negspace_controller.store import QdrantStore
     from negspace_controller.store_edge import EdgeStore
+    from negspace_controller.store_qdrant import LocalStore
 
     emb = CountingEmbedder()
-    store = QdrantStore(path=":memory:") if engine == "local" else EdgeStore(":memory:")
+    store = LocalStore(":memory:") if engine == "local" else EdgeStore(":memory:")
     ctl = Controller(emb, store)
     await ctl.create("run")
     from negspace_contracts.controller import AcceptRequest

@@ -27,8 +27,9 @@ import pytest
 from negspace_contracts.controller import PointIn
 from negspace_controller.index import DensityIndex
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import SEQ_KEY, TEXT_KEY, QdrantStore, to_key
+from negspace_controller.store import SEQ_KEY, TEXT_KEY, to_key
 from negspace_controller.store_edge import EdgeStore
+from negspace_controller.store_qdrant import LocalStore
 from negspace_controller.testing import HashingFakeEmbedder
 from negspace_servekit.testing import free_port
 
@@ -93,7 +94,7 @@ def started():
 
 def brute_force_densities(path: str, engine: str, name: str, knn: int) -> dict:
     """Densities from what Qdrant holds on disk, through the index's independent O(n^2) path."""
-    store = QdrantStore(path=path, prefix="") if engine == "local" else EdgeStore(path, prefix="")
+    store = LocalStore(path, prefix="") if engine == "local" else EdgeStore(path, prefix="")
     try:
         keys, vecs, texts, seqs = [], [], [], []
         for key, vec, payload in store.scan(name, with_vectors=True, batch=1024):

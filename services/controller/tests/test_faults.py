@@ -22,8 +22,8 @@ import pytest
 from negspace_contracts.controller import MetricsRequest, PointIn
 from negspace_contracts.errors import ServiceUnavailableError, is_retryable
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import QdrantStore
 from negspace_controller.store_edge import EdgeStore
+from negspace_controller.store_qdrant import LocalStore
 from negspace_controller.testing import HashingFakeEmbedder
 from negspace_servekit.testing import free_port
 from qdrant_client.http.exceptions import ResponseHandlingException
@@ -207,7 +207,7 @@ class FlakyClient:
         return call
 
 
-def check_index_matches_qdrant(app, store: QdrantStore, name: str) -> None:
+def check_index_matches_qdrant(app, store: LocalStore, name: str) -> None:
     """The in-memory index holds exactly Qdrant's points, and /dense's lists equal brute force."""
     index = app.state.controller._cols[name].index
     held = {k: (p["text"], p["_seq"]) for k, _v, p in store.scan(name)}
@@ -230,7 +230,7 @@ def flaky_store(engine: str):
     Edge is in-process, so "down" is an engine IO error on every call and "applied-then-timeout"
     a write the engine applied whose call then failed (as when a later chunk of it fails)."""
     if engine == "local":
-        store = QdrantStore(path=":memory:")
+        store = LocalStore(":memory:")
         flaky = FlakyClient(store.client)
         store.client = flaky
 

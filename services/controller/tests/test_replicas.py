@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 from negspace_contracts.controller import PointIn, controller_for
 from negspace_contracts.errors import ConflictError
-from negspace_controller.app import build_store
 from negspace_controller.service import Controller
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import QdrantStore
 from negspace_controller.store_edge import EdgeStore
+from negspace_controller.store_qdrant import LocalStore
+from negspace_controller.stores import build_store
 from negspace_controller.testing import HashingFakeEmbedder
 
 A, B = "http://controller-0.controller-headless:8002", "http://controller-1.controller-headless:8002"
@@ -27,7 +27,7 @@ def names_owned_by(url: str, urls: list[str], n: int = 1) -> list[str]:
 
 @pytest.fixture(params=["local", "edge"])
 def store(request, tmp_path):
-    s = QdrantStore(path=":memory:") if request.param == "local" else EdgeStore(str(tmp_path / "q"))
+    s = LocalStore(":memory:") if request.param == "local" else EdgeStore(str(tmp_path / "q"))
     yield s
     s.close()
 
@@ -178,4 +178,4 @@ def test_defaults_survive_one_lost_peer_and_are_server_only(monkeypatch):
     with pytest.raises(ValueError, match="--qdrant-replication-factor 3 configure a Qdrant server"):
         ControllerSettings(qdrant_path=":memory:")
     with pytest.raises(ValueError, match="local mode keeps one shard"):
-        QdrantStore(path=":memory:", collection_params={"replication_factor": 2})
+        LocalStore(":memory:", collection_params={"replication_factor": 2})

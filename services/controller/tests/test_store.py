@@ -1,4 +1,4 @@
-"""The store layer against both embedded engines: qdrant-client local mode (``QdrantStore``) and
+"""The store layer against both embedded engines: qdrant-client local mode (``LocalStore``) and
 qdrant-edge-py (``EdgeStore``), the same expectations for both; then what only edge has to prove:
 a SIGKILL right after an upsert returns loses nothing, restarts keep points and metadata, one
 process per folder, engine/disk faults are 503s naming the folder, a local-mode folder is detected
@@ -22,11 +22,12 @@ import pytest
 from negspace_contracts.controller import MetricsRequest, PointIn
 from negspace_contracts.errors import ConflictError, NotFoundError, ServiceUnavailableError
 from negspace_controller import store_edge
-from negspace_controller.app import build_store
 from negspace_controller.migrate_store import migrate
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import QdrantStore, Store
-from negspace_controller.store_edge import EdgeStore, choose_engine
+from negspace_controller.store import Store
+from negspace_controller.store_edge import EdgeStore
+from negspace_controller.store_qdrant import LocalStore
+from negspace_controller.stores import build_store, choose_engine
 from negspace_controller.testing import HashingFakeEmbedder
 
 ENGINES = ["local", "edge"]
@@ -35,7 +36,7 @@ DIM = 8
 
 def open_store(engine: str, path, **kw):
     if engine == "local":
-        return QdrantStore(path=str(path), **kw)
+        return LocalStore(str(path), **kw)
     return EdgeStore(str(path), **kw)
 
 
@@ -66,7 +67,7 @@ def payloads(n: int, **extra) -> list[dict]:
 
 def test_both_classes_have_the_whole_interface(tmp_path):
     members = [m for m in dir(Store) if not m.startswith("_")] + list(Store.__annotations__)
-    for s in (QdrantStore(path=":memory:"), EdgeStore(":memory:")):
+    for s in (LocalStore(":memory:"), EdgeStore(":memory:")):
         try:
             missing = [m for m in members if not hasattr(s, m)]
             assert not missing, (type(s).__name__, missing)
@@ -435,7 +436,7 @@ def test_edge_engine_and_os_errors_are_mapped_in_one_place(tmp_path):
 # ---------------------------------------------------------------------------------------------- engine choice
 
 def local_folder(path, n: int = 5):
-    s = QdrantStore(path=str(path))
+    s = LocalStore(str(path))
     s.create("run", DIM, "fake-8")
     s.upsert("run", list(range(n)), unit(n), payloads(n))
     s.close()
@@ -471,7 +472,7 @@ async def test_build_store_and_health_name_the_engine(tmp_path, run_app):
     for path, engine, count in ((tmp_path / "old", "local", 5), (tmp_path / "new", "edge", 0)):
         settings = ControllerSettings(qdrant_path=str(path), index_snapshots="off")
         st = build_store(settings)
-        assert st.engine == engine and type(st) is (QdrantStore if engine == "local" else EdgeStore)
+        assert st.engine == engine and type(st) is (LocalStore if engine == "local" else EdgeStore)
         st.close()
         async with run_app(settings, embedder=HashingFakeEmbedder(dimension=DIM)) as (_app, client, raw):
             if count:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 from negspace_servekit import create_app as servekit_app
@@ -18,30 +17,11 @@ from negspace_controller.embedder import build_embedder
 from negspace_controller.embedding import Embedder
 from negspace_controller.service import Controller
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import QdrantStore, Store
-from negspace_controller.store_edge import EdgeStore, choose_engine
+from negspace_controller.store import Store
+from negspace_controller.stores import build_store
 
 log = logging.getLogger("negspace.controller")
 SERVICE = "controller"
-
-
-def build_store(settings: ControllerSettings) -> Store:
-    """A Qdrant server with --qdrant-url; else the embedded engine ``choose_engine`` picks for
-    the folder (edge, or local mode for a folder that already holds a local-mode store)."""
-    if settings.qdrant_url:
-        if settings.qdrant_engine:
-            log.info("--qdrant-engine %s is ignored: --qdrant-url %s is a Qdrant server",
-                     settings.qdrant_engine, settings.qdrant_url)
-        return QdrantStore(url=settings.qdrant_url, api_key=settings.qdrant_api_key,
-                           prefix=settings.collection_prefix, timeout=settings.qdrant_timeout_s,
-                           collection_params=settings.collection_params())
-    path = settings.resolved_qdrant_path()
-    engine = choose_engine(path, settings.qdrant_engine)
-    if engine == "edge":
-        return EdgeStore(path, prefix=settings.collection_prefix, flush_interval_s=settings.qdrant_flush_interval_s)
-    if path != ":memory:":
-        Path(path).mkdir(parents=True, exist_ok=True)
-    return QdrantStore(path=path, prefix=settings.collection_prefix)
 
 
 def create_app(settings: ControllerSettings | None = None, embedder: Embedder | None = None,
