@@ -53,7 +53,7 @@ async def test_accept_checks_then_inserts_atomically_and_matches_similar(run_app
 async def test_concurrent_accepts_see_each_other(engine):
     """64 concurrent identical texts through one collection: exactly one is accepted (the check and
     the insert are one critical section), and the model ran in a few batches, not 64 calls."""
-    from negspace_controller.service import Controller
+    from negspace_controller.serving import Controller
     from negspace_controller.store_edge import EdgeStore
     from negspace_controller.store_qdrant import LocalStore
 

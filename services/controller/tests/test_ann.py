@@ -83,15 +83,15 @@ async def test_approximate_mode_through_the_service_survives_a_restart(tmp_path,
         await client.collections.create("run")
         await client.collections.upsert("run", pts)
         await client.collections.delete_points("run", [5, 6])
-        index = app.state.controller._cols["run"].index
+        index = app.state.controller.collections.loaded["run"].index
         assert isinstance(index, ApproxDensityIndex)
         want = await client.collections.dense("run", k=20, knn=5)
     assert list((tmp_path / "q-index").glob("negspace_run.graph-*")), "the HNSW graph is saved at shutdown"
     async with run_app(settings, embedder=HashingFakeEmbedder()) as (app, client, _):
         got = await client.collections.dense("run", k=20, knn=5)
         assert [i.id for i in got.items] == [i.id for i in want.items]
-        assert app.state.controller.from_snapshot == {"run"}
-        index = app.state.controller._cols["run"].index
+        assert app.state.controller.collections.from_snapshot == {"run"}
+        index = app.state.controller.collections.loaded["run"].index
         assert index.ann.size == len(index) == 298
 
 
@@ -136,7 +136,7 @@ async def test_the_service_maps_approximate_indexes_and_removes_their_files(tmp_
         await client.collections.create("run")
         await client.collections.create("other")
         await client.collections.upsert("run", pts)
-        index = app.state.controller._cols["run"].index
+        index = app.state.controller.collections.loaded["run"].index
         assert isinstance(index._vec, np.memmap)
         assert index.storage_dir.parent == arrays and index.storage_dir.name.startswith("negspace_run.")
         want = await client.collections.dense("run", k=10, knn=5)
@@ -146,13 +146,13 @@ async def test_the_service_maps_approximate_indexes_and_removes_their_files(tmp_
         got = await client.collections.dense("run", k=10, knn=5)  # reloaded into a fresh folder
         assert [i.id for i in got.items] == [i.id for i in want.items]
         folders = list(arrays.iterdir())
-        assert len(folders) == 1 and folders[0] == app.state.controller._cols["run"].index.storage_dir
+        assert len(folders) == 1 and folders[0] == app.state.controller.collections.loaded["run"].index.storage_dir
     # exact mode keeps its arrays in memory unless asked
     exact = ControllerSettings(qdrant_path=str(tmp_path / "e"), knn_capacity=8)
     async with run_app(exact, embedder=HashingFakeEmbedder()) as (app, client, _):
         await client.collections.create("run")
         await client.collections.upsert("run", pts[:20])
-        assert not isinstance(app.state.controller._cols["run"].index._vec, np.memmap)
+        assert not isinstance(app.state.controller.collections.loaded["run"].index._vec, np.memmap)
     async with run_app(exact.model_copy(update={"index_mmap": True}), embedder=HashingFakeEmbedder()) as (app, client, _):
         await client.collections.upsert("run", pts[:30])
-        assert isinstance(app.state.controller._cols["run"].index._vec, np.memmap)
+        assert isinstance(app.state.controller.collections.loaded["run"].index._vec, np.memmap)

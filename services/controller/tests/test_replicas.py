@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from negspace_contracts.controller import PointIn, controller_for
 from negspace_contracts.errors import ConflictError
-from negspace_controller.service import Controller
+from negspace_controller.serving import Controller
 from negspace_controller.settings import ControllerSettings
 from negspace_controller.store_edge import EdgeStore
 from negspace_controller.store_qdrant import LocalStore
@@ -105,11 +105,11 @@ async def test_a_replica_drops_its_copy_of_what_it_no_longer_owns(store, tmp_pat
     await old_b.create(name)
     await write(old_b, name, 0, 4)
     old_b.save_snapshots()
-    journal = old_b._journal(name)
+    journal = old_b.collections._journal(name)
     assert journal.has_files()
 
     b = replica(store, B, tmp_path)
-    assert b.snapshot_dir == tmp_path / "index-b"
+    assert b.collections.snapshot_dir == tmp_path / "index-b"
     await b.warm_up()
     assert b.health_info()["collections"] == {} and not journal.has_files()
     a = replica(store, A, tmp_path)

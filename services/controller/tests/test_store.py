@@ -527,7 +527,7 @@ async def test_migrate_local_mode_folder_to_edge(tmp_path, run_app):
     async with run_app(settings, embedder=HashingFakeEmbedder(dimension=DIM)) as (app, client, raw):
         assert (await client.collections.get("run")).count == len(texts) + 1
         assert app.state.controller.store.engine == "edge"
-        assert app.state.controller.from_snapshot == {"run"}  # the lists were not rebuilt
+        assert app.state.controller.collections.from_snapshot == {"run"}  # the lists were not rebuilt
         again = await client.collections.dense("run", k=5, knn=3)
         assert [i.id for i in again.items] == [i.id for i in dense.items]
         np.testing.assert_allclose([i.density for i in again.items], [i.density for i in dense.items], rtol=1e-5)
