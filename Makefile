@@ -73,7 +73,7 @@ bench-guidance: setup
 # (insert/dense p50, restart after SIGKILL, RSS). LARGE_ARGS="--large-size 200000" for a shorter run.
 LARGE_ARGS ?=
 bench-controller: setup
-	$(PY) -m negspace_controller.bench --large --large-args "$(LARGE_ARGS)"
+	$(PY) -m negspace_bench.controller.latency --large --large-args "$(LARGE_ARGS)"
 
 bench-trainer: setup
 	$(PY) -m negspace_trainer.bench
