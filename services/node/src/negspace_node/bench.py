@@ -55,11 +55,11 @@ def bench_reference(tokens: int, negatives: int):
     """Naive loop and transformers engine, float32, generating exactly ``tokens`` tokens."""
     import torch
     from negspace_contracts.node import Guidance
+    from negspace_models import resolve_model
 
     from negspace_node.engines.base import GenerationRequest
     from negspace_node.engines.reference import reference_generate
     from negspace_node.engines.transformers import generate_batched, load_model
-    from negspace_node.models import resolve_model
 
     # One torch thread, as vLLM's CPU worker uses for serving: the same compute for both, and no
     # OpenMP spin-wait collapse on a shared 2-core machine (seen: 2 threads were ~10x slower).
