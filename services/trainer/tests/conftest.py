@@ -38,7 +38,7 @@ class Service:
 
     @property
     def runner(self):
-        return self.app.state.runner
+        return self.app.state.trainer.runner
 
 
 @pytest.fixture

@@ -127,7 +127,7 @@ async def test_graceful_stop_mid_job_requeues_it(tmp_path, monkeypatch):
             if (await client.jobs.get(job_id)).progress.step == 1:
                 break
             await asyncio.sleep(0.05)
-        pid = app.state.runner.store.row(job_id)["pid"]
+        pid = app.state.trainer.runner.store.row(job_id)["pid"]
         assert pid and _alive(pid)
     finally:
         await client.aclose()
