@@ -4,8 +4,9 @@
     async with serving(app), asgi_client(app) as http:
         await http.post("/v1/completions", json={"prompt": "hi"})
 
-``serving`` runs the app's lifespan (httpx's ASGITransport does not) and waits until the
-engine finished starting; a FakeEngine is ready without it.
+``serving`` is ``negspace_servekit.testing.lifespan`` (httpx's ASGITransport does not run the
+lifespan) that also waits until the engine finished starting; a FakeEngine is ready without it.
+``asgi_client`` is servekit's, addressed as ``http://node``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import json
 import time
 
 import httpx
+from negspace_servekit import testing as servekit_testing
 
 
 @contextlib.asynccontextmanager
 async def serving(app):
-    async with app.router.lifespan_context(app):
+    async with servekit_testing.lifespan(app):
         task = app.state.engine_task
         if task is not None:
             await task
@@ -28,7 +30,7 @@ async def serving(app):
 
 
 def asgi_client(app, base_url: str = "http://node") -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url, timeout=120)
+    return servekit_testing.asgi_client(app, base_url)
 
 
 async def raw_post(app, path: str, body: dict, *, disconnect_when) -> tuple[int | None, float]:
