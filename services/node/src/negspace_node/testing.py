@@ -63,6 +63,42 @@ async def raw_post(app, path: str, body: dict, *, disconnect_when) -> tuple[int 
     return status, time.monotonic()
 
 
+def count_decode_steps(monkeypatch) -> list[int]:
+    """Count the transformers engine's decode steps: each ``sample_batch`` call appends a 1 to the
+    list returned (``len(steps)`` is the steps taken so far)."""
+    import negspace_node.engines.transformers as module
+
+    steps: list[int] = []
+    real_sample = module.sample_batch
+    monkeypatch.setattr(module, "sample_batch", lambda *a: steps.append(1) or real_sample(*a))
+    return steps
+
+
+def processor_forced_tokens(params, steps) -> list[list[int]]:
+    """Run a fresh ``CFGLogitsProcessor`` over rows added with ``params`` (one ``SamplingParams`` a
+    row) and the logits of each of ``steps``; returns the token each row was forced to, per step
+    (each appended to its row's output, as vLLM does). Every row must be forced (one finite entry)."""
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from negspace_node.engines.vllm.processor import CFGLogitsProcessor
+
+    outs: list[list[int]] = [[] for _ in params]
+    proc = CFGLogitsProcessor()
+    proc.update_state(BatchUpdate(batch_size=len(params), removed=[], moved=[],
+                                  added=[(i, p, [1], outs[i]) for i, p in enumerate(params)]))
+    forced = []
+    for logits in steps:
+        tokens = []
+        for row in proc.apply(logits.clone()):
+            finite = row.isfinite().nonzero().flatten().tolist()
+            assert len(finite) == 1, f"a row the processor did not force ({len(finite)} finite entries)"
+            tokens.append(finite[0])
+        for out, token in zip(outs, tokens, strict=True):
+            out.append(token)
+        forced.append(tokens)
+    return forced
+
+
 def chat_ids(tokenizer, text: str) -> list[int]:
     """A user turn rendered with the chat template, generation prompt appended (as the API does)."""
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
