@@ -1,4 +1,4 @@
-"""``/jobs``: create (idempotent with a key), list, follow and cancel jobs; their logs and artifacts."""
+"""``/jobs``: create (idempotent with a key), list and follow jobs, their logs and artifacts; cancel."""
 
 from __future__ import annotations
 
@@ -40,11 +40,6 @@ async def get_job(job_id: str, trainer: TrainerDep) -> Job:
     return trainer.get(job_id)
 
 
-@router.post("/{job_id}/cancel", response_model=Job)
-async def cancel_job(job_id: str, trainer: TrainerDep) -> Job:
-    return await trainer.cancel(job_id)
-
-
 @router.get("/{job_id}/logs", response_class=PlainTextResponse)
 async def job_logs(job_id: str, trainer: TrainerDep,
                    tail: Annotated[int | None, Query(ge=1, le=100_000)] = None) -> PlainTextResponse:
@@ -54,3 +49,8 @@ async def job_logs(job_id: str, trainer: TrainerDep,
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)
 async def job_artifacts(job_id: str, trainer: TrainerDep) -> ArtifactList:
     return trainer.artifacts(job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=Job)
+async def cancel_job(job_id: str, trainer: TrainerDep) -> Job:
+    return await trainer.cancel(job_id)
