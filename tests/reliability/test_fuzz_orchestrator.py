@@ -37,6 +37,7 @@ from negspace_node.settings import NodeSettings
 from negspace_orchestrator.app import create_app
 from negspace_orchestrator.dependencies import Dependencies
 from negspace_orchestrator.settings import OrchestratorSettings
+from negspace_servekit.testing import lifespan
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import response_schema_conformance
@@ -89,7 +90,7 @@ _orch_lifespan = APP.router.lifespan_context
 @contextlib.asynccontextmanager
 async def _with_controller(app):
     # The controller app's own lifespan (it builds its Controller there) around the orchestrator's.
-    async with CTL_APP.router.lifespan_context(CTL_APP), _orch_lifespan(app):
+    async with lifespan(CTL_APP), _orch_lifespan(app):
         yield
 
 
