@@ -29,6 +29,7 @@ from negspace_contracts.orchestrator import (
     Instruction,
     RunConfig,
 )
+from negspace_contracts.trainer import ChatRecord
 
 from negspace_orchestrator import __version__
 from negspace_orchestrator.dependencies import Dependencies
@@ -62,8 +63,8 @@ def instruction_rows(instructions: list[Instruction]) -> list[dict[str, Any]]:
              "scale": i.guidance_scale, "similarity": i.max_similarity} for i in instructions]
 
 
-def qa_rows(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+def qa_rows(records: list[ChatRecord]) -> list[dict[str, Any]]:
+    return [r.model_dump(mode="json") for r in records]
 
 
 def _features():
@@ -311,8 +312,8 @@ class Exports:
         writer = await asyncio.to_thread(ExportWriter, out_dir, fmt)
         for batch in self.store.iter_instructions(run.id, batch=EXPORT_BATCH):
             await asyncio.to_thread(writer.add, "instructions", instruction_rows(batch))
-        for pairs in self.store.iter_qa_records(run.id, batch=EXPORT_BATCH):
-            await asyncio.to_thread(writer.add, "qa", qa_rows(pairs))
+        for records in self.store.iter_qa_records(run.id, batch=EXPORT_BATCH):
+            await asyncio.to_thread(writer.add, "qa", qa_rows(records))
         return await asyncio.to_thread(writer.finish, info)
 
     async def to_folder(self, run: RunRow, req: ExportRequest) -> ExportResult:

@@ -21,7 +21,7 @@ from pathlib import Path
 from negspace_contracts.errors import BadRequestError, ConflictError, ServiceUnavailableError
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage
 from negspace_contracts.orchestrator import QAData, QARequest, QAResult
-from negspace_contracts.trainer import ChatRecord, ChatTurn
+from negspace_contracts.trainer import ChatRecord
 
 from negspace_orchestrator import prompts
 from negspace_orchestrator.dependencies import DependencyDown, Generation
@@ -31,11 +31,6 @@ from negspace_orchestrator.rounds import derive_seed, gather
 from negspace_orchestrator.store import RunRow, Store
 
 Generate = Callable[[int, ChatCompletionRequest], Awaitable[Generation]]  # (logical node, request)
-
-
-def chat_record(question: str, answer: str) -> ChatRecord:
-    return ChatRecord(messages=[ChatTurn(role="user", content=question),
-                                ChatTurn(role="assistant", content=answer)])
 
 
 class QAConverter:
@@ -122,7 +117,7 @@ class QAConverter:
 
         await gather([one(a) for a in todo])
         converted, rejected = store.qa_counts(run.id)
-        records = [chat_record(q, a) for q, a in store.qa_records(run.id)]
+        records = store.qa_records(run.id)
         try:
             jsonl_path, dataset_path = await asyncio.to_thread(export, records, out_dir)
         except OSError as exc:
