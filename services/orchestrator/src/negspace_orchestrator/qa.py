@@ -24,10 +24,11 @@ from negspace_contracts.orchestrator import QAData, QARequest, QAResult
 from negspace_contracts.trainer import ChatRecord
 
 from negspace_orchestrator import prompts
-from negspace_orchestrator.dependencies import DependencyDown, Generation
+from negspace_orchestrator.dependencies import Generation
+from negspace_orchestrator.errors import DependencyDown
 from negspace_orchestrator.events import EventLog
 from negspace_orchestrator.export import qa_export_dir
-from negspace_orchestrator.rounds import derive_seed, gather
+from negspace_orchestrator.fanout import derive_seed, gather
 from negspace_orchestrator.store import RunRow, Store
 
 Generate = Callable[[int, ChatCompletionRequest], Awaitable[Generation]]  # (logical node, request)

@@ -28,7 +28,8 @@ from negspace_contracts.orchestrator import (
 )
 from negspace_contracts.trainer import ChatRecord, Job
 
-from negspace_orchestrator.dependencies import Dependencies, DependencyDown
+from negspace_orchestrator.dependencies import Dependencies
+from negspace_orchestrator.errors import DependencyDown
 from negspace_orchestrator.events import EventLog
 from negspace_orchestrator.export import Exports
 from negspace_orchestrator.qa import QAConverter

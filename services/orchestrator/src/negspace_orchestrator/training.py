@@ -25,8 +25,9 @@ from negspace_contracts.trainer import (
 )
 
 from negspace_orchestrator.dependencies import Dependencies
-from negspace_orchestrator.events import EventLog, Room
+from negspace_orchestrator.events import EventLog
 from negspace_orchestrator.settings import OrchestratorSettings
+from negspace_orchestrator.shared import SharedState
 from negspace_orchestrator.store import Store
 
 log = logging.getLogger("negspace.orchestrator")
@@ -54,7 +55,7 @@ def _as_ours(exc: NegspaceError) -> NegspaceError:
     return exc
 
 
-class Training(Room):
+class Training(SharedState):
     """``train``/``status`` for the routes; ``start``/``stop`` follow the jobs across restarts."""
 
     def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies,
