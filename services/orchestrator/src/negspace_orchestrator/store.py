@@ -105,8 +105,6 @@ CREATE INDEX IF NOT EXISTS runs_by_creation ON runs (created_at, id);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at, id);
 """
 
-ACTIVE = ("queued", "running")
-
 
 def point_id(run_id: str, node: int, round_: int) -> str:
     """The controller id of the instruction accepted for (node, round): the same on every replay."""
