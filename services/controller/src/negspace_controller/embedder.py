@@ -7,9 +7,8 @@ from __future__ import annotations
 from negspace_controller.embedding import Embedder
 from negspace_controller.testing import HashingFakeEmbedder
 
-FakeEmbedder = HashingFakeEmbedder  # the name other layers' tests import
 
-__all__ = ["Embedder", "FakeEmbedder", "HashingFakeEmbedder", "build_embedder"]
+__all__ = ["Embedder", "HashingFakeEmbedder", "build_embedder"]
 
 
 def build_embedder(setting: str, **kw) -> Embedder:
