@@ -56,31 +56,34 @@ DIAGNOSE_ARGS ?=
 diagnose: setup
 	$(PY) -m negspace_bench.diagnose $(DIAGNOSE_ARGS)
 
+# The node's and the trainer's benchmarks live in packages/bench (negspace_bench.node, .trainer).
+# The node's engines against the naive reference loop, and under concurrency.
 bench-node: setup
-	$(PY) -m negspace_node.bench
+	$(PY) -m negspace_bench.node.bench
 
 # float32 vs bfloat16 on the vLLM CPU engine, per model (what --dtype auto picks); needs `make model-qwen`
 # for the default model list, else DTYPE_ARGS="--models smollm2-135m".
 DTYPE_ARGS ?=
 bench-dtype: setup
-	$(PY) -m negspace_node.bench_dtype $(DTYPE_ARGS)
+	$(PY) -m negspace_bench.node.bench_dtype $(DTYPE_ARGS)
 
 # The guidance logits processor per decode step: per-group host path vs one batched pass.
 bench-guidance: setup
-	$(PY) -m negspace_node.bench_guidance
+	$(PY) -m negspace_bench.node.bench_guidance
 
 # Exact index at 10^3-10^4, then approximate mode: overlap with exact at 10^5, 10^6 synthetic points
 # (insert/dense p50, restart after SIGKILL, RSS). LARGE_ARGS="--large-size 200000" for a shorter run.
 LARGE_ARGS ?=
 bench-controller: setup
-	$(PY) -m negspace_controller.bench --large --large-args "$(LARGE_ARGS)"
+	$(PY) -m negspace_bench.controller.latency --large --large-args "$(LARGE_ARGS)"
 
+# LoRA vs full fine-tuning on the bundled model: tokens/s and peak memory.
 bench-trainer: setup
-	$(PY) -m negspace_trainer.bench
+	$(PY) -m negspace_bench.trainer.bench
 
 # Does the eval task see what the data teaches? Correct vs corrupted answers, same budget.
 bench-eval: setup
-	$(PY) -m negspace_trainer.bench_eval
+	$(PY) -m negspace_bench.trainer.bench_eval
 
 # The whole stack as local processes under concurrent runs: throughput and p50/p99 latencies.
 bench-load: setup

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import pytest
-from negspace_servekit.testing import free_ports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.vllm]
 
@@ -39,24 +38,13 @@ def distinct(texts: list[str], n: int) -> float:  # the controller's definition 
     return len(set(grams)) / len(grams)
 
 
-def test_tiny_experiment_through_every_stage(tmp_path, monkeypatch, capsys):
-    from negspace_cli import __main__ as cli
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("NEGSPACE_ORCHESTRATOR_URL", raising=False)
-    ports = dict(zip(("orchestrator", "node", "controller", "trainer"), free_ports(4), strict=True))
-    out_root = tmp_path / "runs"
+def test_tiny_experiment_through_every_stage(local_stack, capsys):
+    out_root = local_stack.out
     args = ["experiment", "--base", "Write a math problem.", "--nodes", "2", "--rounds", "1",
             "--max-tokens", "32", "--guidance-start", "2.0", "--qa-max-tokens", "96", "--train-steps", "2", "--eval-limit", "2",
-            "--engine", "vllm", "--kv-cache-gib", "1", "--quiet", "--out", str(out_root),
-            "--data-dir", str(tmp_path / "data"), "--logs", str(tmp_path / "logs"),
-            "--orchestrator-url", f"http://127.0.0.1:{ports['orchestrator']}"]
-    for svc, port in ports.items():
-        args += [f"--{svc}-port", str(port)]
-    rc = cli.main(args)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                     for p in sorted((tmp_path / "logs").glob("*.log")))
-    assert rc == 0, f"{capsys.readouterr().err[-4000:]}\n{logs}"
+            "--engine", "vllm", "--kv-cache-gib", "1", "--quiet", *local_stack.flags]
+    rc = local_stack.main(args)
+    assert rc == 0, f"{capsys.readouterr().err[-4000:]}\n{local_stack.logs()}"
 
     (exp,) = list(out_root.iterdir())
     for name in ("guided.jsonl", "baseline.jsonl", "qa/guided.jsonl", "qa/baseline.jsonl", "metrics.json",

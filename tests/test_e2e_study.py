@@ -8,30 +8,19 @@ import json
 import math
 
 import pytest
-from negspace_servekit.testing import free_ports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.vllm]
 
 
-def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
-    from negspace_cli import __main__ as cli
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("NEGSPACE_ORCHESTRATOR_URL", raising=False)
-    ports = dict(zip(("orchestrator", "node", "controller", "trainer"), free_ports(4), strict=True))
-    out_root = tmp_path / "runs"
+def test_tiny_study_end_to_end_and_resume(local_stack, capsys):
+    out_root = local_stack.out
     args = ["study", "--base", "Write a poem.", "--tune-base", "Write a math problem.", "--seeds", "1",
             "--arms", "plain-t0.7,plain-t1.2,retry-only,guided", "--nodes", "2", "--rounds", "1",
             "--max-tokens", "24", "--parallel", "2", "--n-boot", "200", "--engine", "vllm", "--kv-cache-gib", "1",
-            "--quiet", "--out", str(out_root), "--data-dir", str(tmp_path / "data"), "--logs", str(tmp_path / "logs"),
-            "--orchestrator-url", f"http://127.0.0.1:{ports['orchestrator']}"]
-    for svc, port in ports.items():
-        args += [f"--{svc}-port", str(port)]
-    rc = cli.main(args)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                     for p in sorted((tmp_path / "logs").glob("*.log")))
+            "--quiet", *local_stack.flags]
+    rc = local_stack.main(args)
     first = capsys.readouterr().err
-    assert rc == 0, f"{first[-4000:]}\n{logs}"
+    assert rc == 0, f"{first[-4000:]}\n{local_stack.logs()}"
     assert "starting the local stack" in first
 
     (folder,) = list(out_root.iterdir())
@@ -57,7 +46,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
         assert (folder / name).stat().st_size > 0
 
     # the same command again: every run exists, so no stack starts and nothing is generated
-    rc = cli.main(args)
+    rc = local_stack.main(args)
     err = capsys.readouterr().err
     assert rc == 0, err[-3000:]
     assert "every run is generated" in err and "starting the local stack" not in err

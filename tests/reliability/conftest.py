@@ -1,7 +1,7 @@
 """Shared fixtures of the reliability tests (importlib mode: helpers live here as fixtures).
 
 ``running``: ``async with running(app) as client`` runs a real app's lifespan and gives an httpx
-client bound to it in-process.
+client bound to it in-process (``negspace_servekit.testing.in_process``).
 
 ``fuzz_record``: a module-scoped recorder of what the fuzzed app answered, per operation and
 generation mode (positive = valid by the schema, negative = deliberately invalid); the table is
@@ -10,12 +10,12 @@ printed when the module ends (run pytest with ``-s`` to see it; docs/reliability
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 from collections import Counter
 
-import httpx
 import pytest
+from negspace_servekit.testing import in_process
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -43,11 +43,4 @@ def fuzz_record(request):
 
 @pytest.fixture
 def running():
-    @contextlib.asynccontextmanager
-    async def run(app):
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc",
-                                         timeout=30) as client:
-                yield client
-
-    return run
+    return functools.partial(in_process, base_url="http://svc", timeout=30)

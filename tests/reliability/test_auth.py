@@ -22,11 +22,11 @@ def _node(tmp_path, **kw):
 
 def _controller(tmp_path, **kw):
     from negspace_controller.app import create_app
-    from negspace_controller.embedder import FakeEmbedder
+    from negspace_controller.testing import HashingFakeEmbedder
     from negspace_controller.settings import ControllerSettings
 
     return create_app(ControllerSettings(qdrant_path=":memory:", index_snapshots="off", **kw),
-                      embedder=FakeEmbedder(dimension=16))
+                      embedder=HashingFakeEmbedder(dimension=16))
 
 
 def _orchestrator(tmp_path, **kw):

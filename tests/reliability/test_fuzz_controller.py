@@ -1,4 +1,4 @@
-"""Schema fuzzing of the controller's real app: Qdrant ":memory:" and the hashing FakeEmbedder
+"""Schema fuzzing of the controller's real app: Qdrant ":memory:" and the hashing HashingFakeEmbedder
 (the API plumbing, the index, the store and the metrics are the real ones; only the encoder is
 replaced, so the fuzz set stays fast on 2 cores).
 
@@ -14,14 +14,14 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from negspace_controller.app import create_app
-from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.settings import ControllerSettings
+from negspace_controller.testing import HashingFakeEmbedder
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 APP = create_app(ControllerSettings(qdrant_path=":memory:", index_snapshots="off"),
-                 embedder=FakeEmbedder(dimension=32, max_tokens=16))
+                 embedder=HashingFakeEmbedder(dimension=32, max_tokens=16))
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 FUZZ = settings(max_examples=30, deadline=5000, derandomize=True, database=None,

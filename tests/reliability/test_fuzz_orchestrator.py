@@ -1,5 +1,5 @@
 """Schema fuzzing of the orchestrator's real app, with its dependencies in-process: the real node
-app (FakeEngine), the real controller app (Qdrant ":memory:", FakeEmbedder) and a FakeTrainer
+app (FakeEngine), the real controller app (Qdrant ":memory:", HashingFakeEmbedder) and a FakeTrainer
 (the trainer's job endpoints, answering from the contract models; no training).
 
 Two passes: every operation with generated run ids (unknown ids: the 404 paths), then the
@@ -28,15 +28,16 @@ from hypothesis import HealthCheck, settings
 from negspace_contracts.errors import NotFoundError
 from negspace_contracts.trainer import Job, JobCreated, JobRequest
 from negspace_controller.app import create_app as controller_app
-from negspace_controller.embedder import FakeEmbedder
+from negspace_controller.testing import HashingFakeEmbedder
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import QdrantStore
+from negspace_controller.store_qdrant import LocalStore
 from negspace_node.app import create_app as node_app
 from negspace_node.engines.fake import FakeEngine
 from negspace_node.settings import NodeSettings
 from negspace_orchestrator.app import create_app
 from negspace_orchestrator.dependencies import Dependencies
 from negspace_orchestrator.settings import OrchestratorSettings
+from negspace_servekit.testing import lifespan
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import response_schema_conformance
@@ -74,7 +75,7 @@ def fake_trainer() -> FastAPI:
 # request, so the in-memory Qdrant store is injected (it outlives the controller's restarts, as
 # a real Qdrant would) and the dependency clients are never closed by the lifespan.
 CTL_APP = controller_app(ControllerSettings(qdrant_path=":memory:", index_snapshots="off"),
-                         embedder=FakeEmbedder(dimension=32), store=QdrantStore(path=":memory:"))
+                         embedder=HashingFakeEmbedder(dimension=32), store=LocalStore(":memory:"))
 SETTINGS = OrchestratorSettings(db=TMP / "orchestrator.db", data_dir=TMP / "exports", node_url=[NODE],
                                 controller_url=CONTROLLER, trainer_url=TRAINER, retry_attempts=2,
                                 retry_backoff_s=0.0, retry_max_backoff_s=0.0, health_interval_s=1.0)
@@ -89,7 +90,7 @@ _orch_lifespan = APP.router.lifespan_context
 @contextlib.asynccontextmanager
 async def _with_controller(app):
     # The controller app's own lifespan (it builds its Controller there) around the orchestrator's.
-    async with CTL_APP.router.lifespan_context(CTL_APP), _orch_lifespan(app):
+    async with lifespan(CTL_APP), _orch_lifespan(app):
         yield
 
 

@@ -30,11 +30,11 @@ def node_app(**kw):
 
 def controller_app(**kw):
     from negspace_controller.app import create_app
-    from negspace_controller.embedder import FakeEmbedder
+    from negspace_controller.testing import HashingFakeEmbedder
     from negspace_controller.settings import ControllerSettings
 
     return create_app(ControllerSettings(qdrant_path=":memory:", index_snapshots="off", **kw),
-                      embedder=FakeEmbedder(dimension=16))
+                      embedder=HashingFakeEmbedder(dimension=16))
 
 
 def orchestrator_app(tmp_path, **kw):

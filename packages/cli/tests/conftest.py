@@ -237,9 +237,12 @@ def fake_orchestrator(state: FakeState) -> FastAPI:
                              attempts=run.progress.attempts, qa_total=len(state.instructions[rid]),
                              qa_converted=len(state.qa.get(rid, [])), qa_rejections=dict(state.qa_rejections),
                              model="fake-model", embedder="fake-embedder", license=license)
-        qa_rows = [r.model_dump(mode="json") for r in state.qa.get(rid, [])]
+        qa_rows = ex.qa_rows(state.qa.get(rid, []))
         with tempfile.TemporaryDirectory() as tmp:
-            ex.write(Path(tmp), format, info, ex.instruction_rows(state.instructions[rid]), qa_rows)
+            writer = ex.ExportWriter(Path(tmp), format)
+            writer.add("instructions", ex.instruction_rows(state.instructions[rid]))
+            writer.add("qa", qa_rows)
+            writer.finish(info)
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w") as tar:
                 for f in sorted(Path(tmp).rglob("*")):

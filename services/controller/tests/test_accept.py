@@ -9,10 +9,10 @@ import pytest
 from negspace_contracts.controller import PointIn
 from negspace_contracts.errors import BadRequestError
 from negspace_controller.batching import BatchingEncoder
-from negspace_controller.embedder import FakeEmbedder
+from negspace_controller.testing import HashingFakeEmbedder
 
 
-class CountingEmbedder(FakeEmbedder):
+class CountingEmbedder(HashingFakeEmbedder):
     def __init__(self) -> None:
         super().__init__(dimension=32, max_tokens=12)
         self.calls: list[list[str]] = []
@@ -53,12 +53,12 @@ async def test_accept_checks_then_inserts_atomically_and_matches_similar(run_app
 async def test_concurrent_accepts_see_each_other(engine):
     """64 concurrent identical texts through one collection: exactly one is accepted (the check and
     the insert are one critical section), and the model ran in a few batches, not 64 calls."""
-    from negspace_controller.service import Controller
-    from negspace_controller.store import QdrantStore
+    from negspace_controller.serving import Controller
     from negspace_controller.store_edge import EdgeStore
+    from negspace_controller.store_qdrant import LocalStore
 
     emb = CountingEmbedder()
-    store = QdrantStore(path=":memory:") if engine == "local" else EdgeStore(":memory:")
+    store = LocalStore(":memory:") if engine == "local" else EdgeStore(":memory:")
     ctl = Controller(emb, store)
     await ctl.create("run")
     from negspace_contracts.controller import AcceptRequest
@@ -74,7 +74,7 @@ async def test_concurrent_accepts_see_each_other(engine):
 
 
 async def test_batching_encoder_equals_direct_encode():
-    emb = FakeEmbedder(dimension=16, query_instruction="Find similar")
+    emb = HashingFakeEmbedder(dimension=16, query_instruction="Find similar")
     enc = BatchingEncoder(emb, max_batch=4)
     texts = [f"text number {i}" for i in range(10)]
     (a, ta), (b, tb) = await asyncio.gather(enc.encode(texts[:3]), enc.encode(texts, query=True))

@@ -71,27 +71,27 @@ def test_approximate_load_builds_lists_from_the_graph():
 
 async def test_approximate_mode_through_the_service_survives_a_restart(tmp_path, run_app):
     from negspace_contracts.controller import PointIn
-    from negspace_controller.embedder import FakeEmbedder
     from negspace_controller.settings import ControllerSettings
+    from negspace_controller.testing import HashingFakeEmbedder
 
     settings = ControllerSettings(qdrant_path=str(tmp_path / "q"), index_mode="approximate", approx_candidates=16,
                                   knn_capacity=8)
     rng = np.random.default_rng(7)
     words = ["apple", "pear", "sea", "sky", "math", "poem", "red", "blue", "cat", "dog", "river", "code"]
     pts = [PointIn(id=i, text=" ".join(rng.choice(words, size=5)) + f" {i}") for i in range(300)]
-    async with run_app(settings, embedder=FakeEmbedder()) as (app, client, _):
+    async with run_app(settings, embedder=HashingFakeEmbedder()) as (app, client, _):
         await client.collections.create("run")
         await client.collections.upsert("run", pts)
         await client.collections.delete_points("run", [5, 6])
-        index = app.state.controller._cols["run"].index
+        index = app.state.controller.collections.loaded["run"].index
         assert isinstance(index, ApproxDensityIndex)
         want = await client.collections.dense("run", k=20, knn=5)
     assert list((tmp_path / "q-index").glob("negspace_run.graph-*")), "the HNSW graph is saved at shutdown"
-    async with run_app(settings, embedder=FakeEmbedder()) as (app, client, _):
+    async with run_app(settings, embedder=HashingFakeEmbedder()) as (app, client, _):
         got = await client.collections.dense("run", k=20, knn=5)
         assert [i.id for i in got.items] == [i.id for i in want.items]
-        assert app.state.controller.from_snapshot == {"run"}
-        index = app.state.controller._cols["run"].index
+        assert app.state.controller.collections.from_snapshot == {"run"}
+        index = app.state.controller.collections.loaded["run"].index
         assert index.ann.size == len(index) == 298
 
 
@@ -125,34 +125,34 @@ def test_memory_mapped_arrays_give_the_same_index_and_grow_in_place(tmp_path, cl
 
 async def test_the_service_maps_approximate_indexes_and_removes_their_files(tmp_path, run_app):
     from negspace_contracts.controller import PointIn
-    from negspace_controller.embedder import FakeEmbedder
     from negspace_controller.settings import ControllerSettings
+    from negspace_controller.testing import HashingFakeEmbedder
 
     settings = ControllerSettings(qdrant_path=str(tmp_path / "q"), index_mode="approximate", approx_candidates=16,
                                   knn_capacity=8)
     arrays = tmp_path / "q-index" / "arrays"
     pts = [PointIn(id=i, text=f"point number {i} about {i % 7}") for i in range(200)]
-    async with run_app(settings, embedder=FakeEmbedder()) as (app, client, _):
+    async with run_app(settings, embedder=HashingFakeEmbedder()) as (app, client, _):
         await client.collections.create("run")
         await client.collections.create("other")
         await client.collections.upsert("run", pts)
-        index = app.state.controller._cols["run"].index
+        index = app.state.controller.collections.loaded["run"].index
         assert isinstance(index._vec, np.memmap)
         assert index.storage_dir.parent == arrays and index.storage_dir.name.startswith("negspace_run.")
         want = await client.collections.dense("run", k=10, knn=5)
         await client.collections.delete("other")
         assert sorted(p.name.split(".")[0] for p in arrays.iterdir()) == ["negspace_run"]
-    async with run_app(settings, embedder=FakeEmbedder()) as (app, client, _):
+    async with run_app(settings, embedder=HashingFakeEmbedder()) as (app, client, _):
         got = await client.collections.dense("run", k=10, knn=5)  # reloaded into a fresh folder
         assert [i.id for i in got.items] == [i.id for i in want.items]
         folders = list(arrays.iterdir())
-        assert len(folders) == 1 and folders[0] == app.state.controller._cols["run"].index.storage_dir
+        assert len(folders) == 1 and folders[0] == app.state.controller.collections.loaded["run"].index.storage_dir
     # exact mode keeps its arrays in memory unless asked
     exact = ControllerSettings(qdrant_path=str(tmp_path / "e"), knn_capacity=8)
-    async with run_app(exact, embedder=FakeEmbedder()) as (app, client, _):
+    async with run_app(exact, embedder=HashingFakeEmbedder()) as (app, client, _):
         await client.collections.create("run")
         await client.collections.upsert("run", pts[:20])
-        assert not isinstance(app.state.controller._cols["run"].index._vec, np.memmap)
-    async with run_app(exact.model_copy(update={"index_mmap": True}), embedder=FakeEmbedder()) as (app, client, _):
+        assert not isinstance(app.state.controller.collections.loaded["run"].index._vec, np.memmap)
+    async with run_app(exact.model_copy(update={"index_mmap": True}), embedder=HashingFakeEmbedder()) as (app, client, _):
         await client.collections.upsert("run", pts[:30])
-        assert isinstance(app.state.controller._cols["run"].index._vec, np.memmap)
+        assert isinstance(app.state.controller.collections.loaded["run"].index._vec, np.memmap)

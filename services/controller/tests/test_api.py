@@ -1,4 +1,4 @@
-"""The HTTP API through the typed client and raw requests, with the hashing FakeEmbedder.
+"""The HTTP API through the typed client and raw requests, with the hashing HashingFakeEmbedder.
 
 The index logic is checked against brute force in test_index.py; here: wiring, idempotence,
 restarts on disk, and every bad input answered with a clear 4xx.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from negspace_contracts.controller import MetricsRequest, PointIn
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
-from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.settings import ControllerSettings
+from negspace_controller.testing import HashingFakeEmbedder
 
 TEXTS = [
     "Write a math problem about apples.", "Write a math problem about pears.",
@@ -25,7 +25,7 @@ TEXTS = [
 
 
 def fake(**kw):
-    return FakeEmbedder(dimension=32, max_tokens=12, **kw)
+    return HashingFakeEmbedder(dimension=32, max_tokens=12, **kw)
 
 
 def points(texts, start=0, **payload):
@@ -49,7 +49,7 @@ async def test_lifecycle_similar_dense_metrics_and_embed(run_app):
         far = await client.collections.similar("run-1", "zebra quantum violin", k=2, threshold=0.99)
         assert not far.is_similar and far.max_similarity < 0.99 and far.threshold == 0.99
         # a calibrated bar: the quantile of the collection's own nearest-neighbour similarities
-        index = app.state.controller._cols["run-1"].index
+        index = app.state.controller.collections.loaded["run-1"].index
         bar = index.nn_similarity_quantile(0.5)
         cal = await client.collections.similar("run-1", "zebra quantum violin", k=1, threshold=0.01,
                                                threshold_quantile=0.5)
@@ -57,7 +57,7 @@ async def test_lifecycle_similar_dense_metrics_and_embed(run_app):
         assert (await client.collections.similar("run-1", TEXTS[3], k=1, threshold_quantile=0.5)).is_similar
 
         dense = await client.collections.dense("run-1", k=3, knn=2)
-        index = app.state.controller._cols["run-1"].index
+        index = app.state.controller.collections.loaded["run-1"].index
         want = index.dense_bruteforce(3, 2)
         assert [i.id for i in dense.items] == [h.key for h in want]
         np.testing.assert_allclose([i.density for i in dense.items], [h.density for h in want], rtol=1e-5)
@@ -91,7 +91,7 @@ async def test_idempotent_upserts_replacements_and_deletes(run_app):
         uid = uuid.uuid4()
         batch = points(TEXTS) + [PointIn(id=uid, text="a uuid point", payload={"node": 2})]
         await client.collections.upsert("c", batch)
-        index = app.state.controller._cols["c"].index
+        index = app.state.controller.collections.loaded["c"].index
         before = {k: index.neighbours(k) for k in index.keys}
         dense_before = await client.collections.dense("c", k=5, knn=3)
         await client.collections.upsert("c", batch)  # re-sent: nothing changes
@@ -125,14 +125,14 @@ async def test_on_disk_store_survives_restart(tmp_path, run_app, engine):
         await client.collections.upsert("run", points(texts, run="x"))
         await client.collections.delete_points("run", [3, 4])
         await client.collections.upsert("run", [PointIn(id=10, text="replaced text")])
-        idx = app.state.controller._cols["run"].index
+        idx = app.state.controller.collections.loaded["run"].index
         nb = {k: idx.neighbours(k) for k in idx.keys}
         seqs = {k: idx.seq_of(k) for k in idx.keys}
         dense = {knn: await client.collections.dense("run", k=10, knn=knn) for knn in (1, 5, 32)}
         info = await client.collections.get("run")
     async with run_app(settings, embedder=fake()) as (app, client, raw):
         assert await client.collections.get("run") == info
-        idx = app.state.controller._cols["run"].index
+        idx = app.state.controller.collections.loaded["run"].index
         assert {k: idx.seq_of(k) for k in idx.keys} == seqs  # insertion sequence kept in payloads
         for k, lst in nb.items():
             got = idx.neighbours(k)
@@ -144,7 +144,7 @@ async def test_on_disk_store_survives_restart(tmp_path, run_app, engine):
             assert [i.id for i in got.items] == [i.id for i in want.items]
             np.testing.assert_allclose([i.density for i in got.items], [i.density for i in want.items],
                                        rtol=1e-5)
-        assert app.state.controller.from_snapshot == {"run"}  # no O(n^2) rebuild needed
+        assert app.state.controller.collections.from_snapshot == {"run"}  # no O(n^2) rebuild needed
     # without the snapshot (crash, or 'off'), and with a corrupt one: rebuilt from Qdrant, same answers
     snaps = sorted((tmp_path / "qdrant-index").glob("negspace_run.snap-*.npz"))
     assert snaps, "no snapshot written at shutdown"
@@ -157,15 +157,15 @@ async def test_on_disk_store_survives_restart(tmp_path, run_app, engine):
                 assert [i.id for i in got.items] == [i.id for i in want.items]
                 np.testing.assert_allclose([i.density for i in got.items],
                                            [i.density for i in want.items], rtol=1e-5)
-            assert app.state.controller.from_snapshot == set()
+            assert app.state.controller.collections.from_snapshot == set()
     async with run_app(settings, embedder=fake()) as (app, client, raw):
         await client.collections.get("run")  # waits for the collection to load
-        assert app.state.controller.from_snapshot == {"run"}  # rewritten at the last shutdown
+        assert app.state.controller.collections.from_snapshot == {"run"}  # rewritten at the last shutdown
         await client.collections.upsert("run", [PointIn(id=1000, text="after restart")])
         assert (await client.collections.get("run")).count == info.count + 1
     async with run_app(settings, embedder=fake()) as (app, client, raw):
         assert (await client.collections.get("run")).count == info.count + 1
-        idx = app.state.controller._cols["run"].index
+        idx = app.state.controller.collections.loaded["run"].index
         got = await client.collections.dense("run", k=10, knn=5)
         assert [i.id for i in got.items] == [h.key for h in idx.dense_bruteforce(10, 5)]
         await client.collections.delete("run")
@@ -231,7 +231,7 @@ async def test_collection_from_another_embedder_conflicts(tmp_path, run_app, eng
     settings = ControllerSettings(qdrant_path=str(tmp_path / "q"), qdrant_engine=engine)
     async with run_app(settings, embedder=fake()) as (_, client, _raw):
         await client.collections.create("c")
-    async with run_app(settings, embedder=FakeEmbedder(dimension=16)) as (_, client, _raw):
+    async with run_app(settings, embedder=HashingFakeEmbedder(dimension=16)) as (_, client, _raw):
         with pytest.raises(ConflictError, match="32-dimensional"):
             await client.collections.get("c")
 

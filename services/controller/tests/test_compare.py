@@ -1,5 +1,5 @@
 """``POST /compare``: two collections on one PCA basis fitted on their union, checked against the
-definitions computed here from the same embeddings (hashing FakeEmbedder, real Qdrant local mode)."""
+definitions computed here from the same embeddings (hashing HashingFakeEmbedder, real Qdrant local mode)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from negspace_contracts.controller import PointIn
 from negspace_contracts.errors import NotFoundError
-from negspace_controller import metrics as M
-from negspace_controller.embedder import FakeEmbedder
+from negspace_controller import diversity as M
+from negspace_controller.testing import HashingFakeEmbedder
 from scipy.spatial import ConvexHull
 
 A = ["Write a math problem about apples.", "Write a math problem about pears.", "Compose a haiku about the sea.",
@@ -34,7 +34,7 @@ async def fill(client, name, texts, rounds):
 
 
 async def test_one_basis_on_both_collections_per_round_metrics_and_the_map(run_app):
-    async with run_app(embedder=FakeEmbedder(dimension=32)) as (_app, client, _raw):
+    async with run_app(embedder=HashingFakeEmbedder(dimension=32)) as (_app, client, _raw):
         rounds_a, rounds_b = [0, 0, 1, 1, 2, 2, 2, 2], [0, 0, 1, 1, 1, 1, 2, 2]
         await fill(client, "guided", A, rounds_a)
         await fill(client, "baseline", B, rounds_b)
@@ -70,7 +70,7 @@ async def test_one_basis_on_both_collections_per_round_metrics_and_the_map(run_a
 
 
 async def test_too_few_points_fall_back_to_each_sets_own_basis_and_say_why(run_app):
-    async with run_app(embedder=FakeEmbedder(dimension=32)) as (_app, client, raw):
+    async with run_app(embedder=HashingFakeEmbedder(dimension=32)) as (_app, client, raw):
         await fill(client, "a", A[:1], [0])
         await fill(client, "b", B[:2], [0, 0])
         got = await client.compare("a", "b")

@@ -25,11 +25,12 @@ import httpx
 import numpy as np
 import pytest
 from negspace_contracts.controller import PointIn
-from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.index import DensityIndex
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import SEQ_KEY, TEXT_KEY, QdrantStore, to_key
+from negspace_controller.store import SEQ_KEY, TEXT_KEY, to_key
 from negspace_controller.store_edge import EdgeStore
+from negspace_controller.store_qdrant import LocalStore
+from negspace_controller.testing import HashingFakeEmbedder
 from negspace_servekit.testing import free_port
 
 BATCH = 64
@@ -93,7 +94,7 @@ def started():
 
 def brute_force_densities(path: str, engine: str, name: str, knn: int) -> dict:
     """Densities from what Qdrant holds on disk, through the index's independent O(n^2) path."""
-    store = QdrantStore(path=path, prefix="") if engine == "local" else EdgeStore(path, prefix="")
+    store = LocalStore(path, prefix="") if engine == "local" else EdgeStore(path, prefix="")
     try:
         keys, vecs, texts, seqs = [], [], [], []
         for key, vec, payload in store.scan(name, with_vectors=True, batch=1024):
@@ -116,7 +117,7 @@ def test_sigkill_during_upserts_then_restart_and_replay(tmp_path, started, run_a
 
     async def clean_run() -> None:  # in-process (the same embedder as --embedder fake), closed cleanly
         async with run_app(ControllerSettings(qdrant_path=qdrant, qdrant_engine=engine),
-                           embedder=FakeEmbedder()) as (_, client, _r):
+                           embedder=HashingFakeEmbedder()) as (_, client, _r):
             await client.collections.create("run")
             for i in range(2):
                 await client.collections.upsert("run", [PointIn(**p) for p in batch(i)])

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from negspace_contracts.controller import MetricsRequest, PointIn
 from negspace_contracts.errors import ServiceUnavailableError, is_retryable
-from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import QdrantStore
 from negspace_controller.store_edge import EdgeStore
+from negspace_controller.store_qdrant import LocalStore
+from negspace_controller.testing import HashingFakeEmbedder
 from negspace_servekit.testing import free_port
 from qdrant_client.http.exceptions import ResponseHandlingException
 
@@ -46,7 +46,7 @@ QDRANT_ROUTES = [
 
 
 def fake():
-    return FakeEmbedder(dimension=32)
+    return HashingFakeEmbedder(dimension=32)
 
 
 class StandIn:
@@ -207,9 +207,9 @@ class FlakyClient:
         return call
 
 
-def check_index_matches_qdrant(app, store: QdrantStore, name: str) -> None:
+def check_index_matches_qdrant(app, store: LocalStore, name: str) -> None:
     """The in-memory index holds exactly Qdrant's points, and /dense's lists equal brute force."""
-    index = app.state.controller._cols[name].index
+    index = app.state.controller.collections.loaded[name].index
     held = {k: (p["text"], p["_seq"]) for k, _v, p in store.scan(name)}
     assert {k: (index.texts[index.row_of[k]], index.seq_of(k)) for k in index.keys} == held
     assert len(set(index.seq_of(k) for k in index.keys)) == len(index)
@@ -230,7 +230,7 @@ def flaky_store(engine: str):
     Edge is in-process, so "down" is an engine IO error on every call and "applied-then-timeout"
     a write the engine applied whose call then failed (as when a later chunk of it fails)."""
     if engine == "local":
-        store = QdrantStore(path=":memory:")
+        store = LocalStore(":memory:")
         flaky = FlakyClient(store.client)
         store.client = flaky
 
@@ -284,7 +284,7 @@ async def test_write_with_unknown_outcome_is_reconciled_and_replay_adds_nothing(
                 await client.collections.upsert("c", batch)
             set_mode(None)
             assert store.count("c") == len(TEXTS)
-            assert len(app.state.controller._cols["c"].index) == 5
+            assert len(app.state.controller.collections.loaded["c"].index) == 5
 
             # Qdrant down: writes and Qdrant-backed reads are 503; in-memory reads still answer
             set_mode("down")
@@ -317,7 +317,7 @@ async def test_write_with_unknown_outcome_is_reconciled_and_replay_adds_nothing(
                 await client.collections.upsert("c", [PointIn(id=200, text="never stored")])
             set_mode(None)
             await client.collections.upsert("c", [PointIn(id=201, text="stored")])
-            assert 200 not in app.state.controller._cols["c"].index
+            assert 200 not in app.state.controller.collections.loaded["c"].index
             assert (await client.collections.get("c")).count == store.count("c")
             check_index_matches_qdrant(app, store, "c")
 
@@ -326,7 +326,7 @@ async def test_write_with_unknown_outcome_is_reconciled_and_replay_adds_nothing(
             set_mode("down")
             await assert_503(raw, "DELETE", "/collections/c", None, refused)
             set_mode(None)
-            assert "c" not in app.state.controller._cols
+            assert "c" not in app.state.controller.collections.loaded
             assert (await client.collections.get("c")).count == store.count("c")
             check_index_matches_qdrant(app, store, "c")
     finally:

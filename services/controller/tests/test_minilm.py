@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from negspace_contracts.controller import PointIn
-from negspace_controller.embedder import SentenceTransformerEmbedder
 from negspace_controller.index import DensityIndex
 from negspace_controller.settings import ControllerSettings
+from negspace_controller.st_embed import SentenceTransformerEmbedder
 
 pytestmark = pytest.mark.slow
 

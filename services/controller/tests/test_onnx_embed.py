@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from negspace_contracts.controller import PointIn
 from negspace_controller import onnx_embed
-from negspace_controller.embedder import SentenceTransformerEmbedder, bundled_model_path
+from negspace_controller.embedding import bundled_model_path
 from negspace_controller.onnx_embed import OnnxEncoder, OnnxUnsupported, unsupported_reason
 from negspace_controller.settings import ControllerSettings
+from negspace_controller.st_embed import SentenceTransformerEmbedder
 
 TEXTS = ["", "   ", "héllo wörld — 你好, мир 🚀 naïve café", "Write a math problem about apples.",
          "word " * 254, "word " * 255, "word " * 400, "A", "Tell a story about a lost dog on a rainy day."] \

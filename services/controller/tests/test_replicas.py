@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 from negspace_contracts.controller import PointIn, controller_for
 from negspace_contracts.errors import ConflictError
-from negspace_controller.app import build_store
-from negspace_controller.embedder import FakeEmbedder
-from negspace_controller.service import Controller
+from negspace_controller.serving import Controller
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import QdrantStore
 from negspace_controller.store_edge import EdgeStore
+from negspace_controller.store_qdrant import LocalStore
+from negspace_controller.stores import build_store
+from negspace_controller.testing import HashingFakeEmbedder
 
 A, B = "http://controller-0.controller-headless:8002", "http://controller-1.controller-headless:8002"
 REPLICAS = [A, B]
@@ -27,13 +27,13 @@ def names_owned_by(url: str, urls: list[str], n: int = 1) -> list[str]:
 
 @pytest.fixture(params=["local", "edge"])
 def store(request, tmp_path):
-    s = QdrantStore(path=":memory:") if request.param == "local" else EdgeStore(str(tmp_path / "q"))
+    s = LocalStore(":memory:") if request.param == "local" else EdgeStore(str(tmp_path / "q"))
     yield s
     s.close()
 
 
 def replica(store, me: str | None, tmp_path, replicas=REPLICAS) -> Controller:
-    return Controller(FakeEmbedder(dimension=16), store, knn_capacity=4,
+    return Controller(HashingFakeEmbedder(dimension=16), store, knn_capacity=4,
                       snapshot_dir=tmp_path / {A: "index-a", B: "index-b", None: "index-single"}[me],
                       replica=me, replicas=replicas if me else ())
 
@@ -101,15 +101,15 @@ async def test_a_replica_drops_its_copy_of_what_it_no_longer_owns(store, tmp_pat
     """Before routing, every replica loaded every collection and kept an index log of each: B's
     log of A's collection stops receiving writes the moment A takes them. At start-up B drops it."""
     (name,) = names_owned_by(A, REPLICAS)
-    old_b = Controller(FakeEmbedder(dimension=16), store, knn_capacity=4, snapshot_dir=tmp_path / "index-b")
+    old_b = Controller(HashingFakeEmbedder(dimension=16), store, knn_capacity=4, snapshot_dir=tmp_path / "index-b")
     await old_b.create(name)
     await write(old_b, name, 0, 4)
     old_b.save_snapshots()
-    journal = old_b._journal(name)
+    journal = old_b.collections._journal(name)
     assert journal.has_files()
 
     b = replica(store, B, tmp_path)
-    assert b.snapshot_dir == tmp_path / "index-b"
+    assert b.collections.snapshot_dir == tmp_path / "index-b"
     await b.warm_up()
     assert b.health_info()["collections"] == {} and not journal.has_files()
     a = replica(store, A, tmp_path)
@@ -178,4 +178,4 @@ def test_defaults_survive_one_lost_peer_and_are_server_only(monkeypatch):
     with pytest.raises(ValueError, match="--qdrant-replication-factor 3 configure a Qdrant server"):
         ControllerSettings(qdrant_path=":memory:")
     with pytest.raises(ValueError, match="local mode keeps one shard"):
-        QdrantStore(path=":memory:", collection_params={"replication_factor": 2})
+        LocalStore(":memory:", collection_params={"replication_factor": 2})

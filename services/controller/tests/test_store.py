@@ -1,4 +1,4 @@
-"""The store layer against both embedded engines: qdrant-client local mode (``QdrantStore``) and
+"""The store layer against both embedded engines: qdrant-client local mode (``LocalStore``) and
 qdrant-edge-py (``EdgeStore``), the same expectations for both; then what only edge has to prove:
 a SIGKILL right after an upsert returns loses nothing, restarts keep points and metadata, one
 process per folder, engine/disk faults are 503s naming the folder, a local-mode folder is detected
@@ -22,12 +22,13 @@ import pytest
 from negspace_contracts.controller import MetricsRequest, PointIn
 from negspace_contracts.errors import ConflictError, NotFoundError, ServiceUnavailableError
 from negspace_controller import store_edge
-from negspace_controller.app import build_store
-from negspace_controller.embedder import FakeEmbedder
 from negspace_controller.migrate_store import migrate
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import QdrantStore, Store
-from negspace_controller.store_edge import EdgeStore, choose_engine
+from negspace_controller.store import Store
+from negspace_controller.store_edge import EdgeStore
+from negspace_controller.store_qdrant import LocalStore
+from negspace_controller.stores import build_store, choose_engine
+from negspace_controller.testing import HashingFakeEmbedder
 
 ENGINES = ["local", "edge"]
 DIM = 8
@@ -35,7 +36,7 @@ DIM = 8
 
 def open_store(engine: str, path, **kw):
     if engine == "local":
-        return QdrantStore(path=str(path), **kw)
+        return LocalStore(str(path), **kw)
     return EdgeStore(str(path), **kw)
 
 
@@ -66,7 +67,7 @@ def payloads(n: int, **extra) -> list[dict]:
 
 def test_both_classes_have_the_whole_interface(tmp_path):
     members = [m for m in dir(Store) if not m.startswith("_")] + list(Store.__annotations__)
-    for s in (QdrantStore(path=":memory:"), EdgeStore(":memory:")):
+    for s in (LocalStore(":memory:"), EdgeStore(":memory:")):
         try:
             missing = [m for m in members if not hasattr(s, m)]
             assert not missing, (type(s).__name__, missing)
@@ -435,7 +436,7 @@ def test_edge_engine_and_os_errors_are_mapped_in_one_place(tmp_path):
 # ---------------------------------------------------------------------------------------------- engine choice
 
 def local_folder(path, n: int = 5):
-    s = QdrantStore(path=str(path))
+    s = LocalStore(str(path))
     s.create("run", DIM, "fake-8")
     s.upsert("run", list(range(n)), unit(n), payloads(n))
     s.close()
@@ -471,16 +472,16 @@ async def test_build_store_and_health_name_the_engine(tmp_path, run_app):
     for path, engine, count in ((tmp_path / "old", "local", 5), (tmp_path / "new", "edge", 0)):
         settings = ControllerSettings(qdrant_path=str(path), index_snapshots="off")
         st = build_store(settings)
-        assert st.engine == engine and type(st) is (QdrantStore if engine == "local" else EdgeStore)
+        assert st.engine == engine and type(st) is (LocalStore if engine == "local" else EdgeStore)
         st.close()
-        async with run_app(settings, embedder=FakeEmbedder(dimension=DIM)) as (_app, client, raw):
+        async with run_app(settings, embedder=HashingFakeEmbedder(dimension=DIM)) as (_app, client, raw):
             if count:
                 assert (await client.collections.get("run")).count == count
             h = (await raw.get("/health")).json()
             assert h["status"] == "ok" and h["info"]["qdrant_engine"] == engine, h
     # an explicit engine that contradicts the folder: start-up fails, /health says why
     async with run_app(ControllerSettings(qdrant_path=str(tmp_path / "old"), qdrant_engine="edge"),
-                       embedder=FakeEmbedder(dimension=DIM)) as (_app, _client, raw):
+                       embedder=HashingFakeEmbedder(dimension=DIM)) as (_app, _client, raw):
         h = await raw.get("/health")
         assert h.status_code == 503 and "migrate_store" in h.json()["detail"], h.text
     settings = ControllerSettings(qdrant_url="http://127.0.0.1:1", qdrant_engine="edge")
@@ -500,7 +501,7 @@ async def test_migrate_local_mode_folder_to_edge(tmp_path, run_app):
     settings = ControllerSettings(qdrant_path=str(path))
     texts = [f"write a {w} problem about {x}" for w in ("math", "logic", "poem") for x in ("apples", "sea", "cats")]
     async with run_app(ControllerSettings(qdrant_path=str(path), qdrant_engine="local"),
-                       embedder=FakeEmbedder(dimension=DIM)) as (app, client, _raw):
+                       embedder=HashingFakeEmbedder(dimension=DIM)) as (app, client, _raw):
         await client.collections.create("run")
         await client.collections.upsert("run", [PointIn(id=i, text=t, payload={"round": i % 2})
                                                 for i, t in enumerate(texts)])
@@ -523,10 +524,10 @@ async def test_migrate_local_mode_folder_to_edge(tmp_path, run_app):
     assert "delete it once" in said[-1] and store_edge.is_local_mode_folder(tmp_path / "qdrant.local-mode")
     with pytest.raises(ValueError, match="does not hold"):
         migrate(path)
-    async with run_app(settings, embedder=FakeEmbedder(dimension=DIM)) as (app, client, raw):
+    async with run_app(settings, embedder=HashingFakeEmbedder(dimension=DIM)) as (app, client, raw):
         assert (await client.collections.get("run")).count == len(texts) + 1
         assert app.state.controller.store.engine == "edge"
-        assert app.state.controller.from_snapshot == {"run"}  # the lists were not rebuilt
+        assert app.state.controller.collections.from_snapshot == {"run"}  # the lists were not rebuilt
         again = await client.collections.dense("run", k=5, knn=3)
         assert [i.id for i in again.items] == [i.id for i in dense.items]
         np.testing.assert_allclose([i.density for i in again.items], [i.density for i in dense.items], rtol=1e-5)

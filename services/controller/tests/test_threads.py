@@ -15,18 +15,17 @@ import pytest
 
 SCRIPT = """
 import asyncio, json, sys
-import httpx
 from threadpoolctl import threadpool_info
 from negspace_controller.app import create_app
-from negspace_controller.embedder import FakeEmbedder
+from negspace_controller.testing import HashingFakeEmbedder
 from negspace_controller.settings import ControllerSettings
+from negspace_servekit.testing import in_process
 
 async def main():
     kw = json.loads(sys.argv[1])
-    app = create_app(ControllerSettings(qdrant_path=":memory:", **kw), embedder=FakeEmbedder())
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as c:
-            health = (await c.get("/health")).json()["info"]
+    app = create_app(ControllerSettings(qdrant_path=":memory:", **kw), embedder=HashingFakeEmbedder())
+    async with in_process(app, "http://c") as c:
+        health = (await c.get("/health")).json()["info"]
     blas = sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
     print(json.dumps({"health": health["blas_threads"], "blas": blas}))
 

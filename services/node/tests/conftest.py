@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def smol():
+    from negspace_models import resolve_model
     from negspace_node.engines.transformers import load_model
-    from negspace_node.models import resolve_model
 
     return load_model(resolve_model("").path, "float32", device="cpu")

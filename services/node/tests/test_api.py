@@ -12,6 +12,7 @@ from negspace_node.app import create_app
 from negspace_node.engines.fake import FAKE_MODEL_NAME, FakeEngine
 from negspace_node.settings import NodeSettings
 from negspace_node.testing import asgi_client, serving
+from negspace_servekit.testing import lifespan
 
 CTX = 256
 HI = [{"role": "user", "content": "Write a question about rivers."}]
@@ -236,7 +237,7 @@ async def test_unexpected_engine_exception_is_a_503_not_a_500():
 async def test_health_while_loading_then_ready_and_failed_start():
     engine = FakeEngine(max_model_len=CTX, start_delay=0.2)
     app, _ = make(engine)
-    async with app.router.lifespan_context(app), asgi_client(app) as client:
+    async with lifespan(app), asgi_client(app) as client:
         loading = await client.get("/health")
         assert loading.status_code == 503 and loading.json()["status"] == "loading"
         assert (await client.post("/v1/completions", json={"prompt": "x"})).status_code == 503

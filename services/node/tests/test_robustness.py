@@ -23,7 +23,7 @@ from negspace_node.app import create_app
 from negspace_node.engines.fake import FakeEngine
 from negspace_node.engines.transformers import TransformersEngine
 from negspace_node.settings import NodeSettings
-from negspace_node.testing import asgi_client, raw_post, serving
+from negspace_node.testing import asgi_client, count_decode_steps, raw_post, serving
 
 HI = [{"role": "user", "content": "Write a question about rivers."}]
 NEGS = ["Write a question about lakes.", "Write a question about the sea."]
@@ -186,12 +186,8 @@ async def test_a_model_that_breaks_mid_request_kills_the_engine_loudly(real_app,
 
 @pytest.mark.slow
 async def test_an_abandoned_request_stops_consuming_steps(real_app, monkeypatch):
-    import negspace_node.engines.transformers as module
-
     app, engine = real_app
-    steps = []
-    real_sample = module.sample_batch
-    monkeypatch.setattr(module, "sample_batch", lambda *a: steps.append(1) or real_sample(*a))
+    steps = count_decode_steps(monkeypatch)
     async with serving(app):
         await engine.start()
         engine._eos = frozenset()                # would decode 400 tokens unless aborted

@@ -21,7 +21,7 @@ from negspace_node.app import create_app
 from negspace_node.engines.fake import FakeEngine
 from negspace_node.engines.transformers import TransformersEngine
 from negspace_node.settings import NodeSettings
-from negspace_node.testing import asgi_client, raw_post, serving
+from negspace_node.testing import asgi_client, count_decode_steps, raw_post, serving
 
 HI = [{"role": "user", "content": "Write a question about rivers."}]
 NEGS = ["Write a question about lakes.", "Write a question about the sea."]
@@ -222,11 +222,8 @@ async def test_openai_client_raises_an_error_event_as_api_error(real, monkeypatc
 
 @pytest.mark.slow
 async def test_leaving_mid_stream_stops_the_groups_decoding(real, monkeypatch):
-    import negspace_node.engines.transformers as module
     app, engine = real
-    steps = []
-    real_sample = module.sample_batch
-    monkeypatch.setattr(module, "sample_batch", lambda *a: steps.append(1) or real_sample(*a))
+    steps = count_decode_steps(monkeypatch)
     engine._eos = frozenset()                # would decode 400 tokens unless aborted
     status, _ = await raw_post(app, "/v1/chat/completions",
                                {"messages": HI, "negative_prompts": NEGS, "guidance_scale": 2, "stream": True,

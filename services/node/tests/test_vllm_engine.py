@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 from negspace_node.testing import require_vllm  # noqa: E402
@@ -294,36 +295,50 @@ def test_requests_that_could_never_be_admitted_are_refused_at_once(engine, ids, 
     assert engine._jobs == {}
 
 
+def run_without_eos(engine, go):
+    """``run(go())`` with the engine never stopping on EOS (restored after): ``(its result, seconds)``."""
+    eos, engine._eos = engine._eos, frozenset()
+    try:
+        started = time.monotonic()
+        return run(go()), time.monotonic() - started
+    finally:
+        engine._eos = eos
+
+
+async def settled_steps(engine) -> int:
+    """The engine's step count 0.5 s after a group was abandoned; 1 s later, for
+    ``assert_group_left`` to check that it has not moved since."""
+    await asyncio.sleep(0.5)
+    steps = engine.steps
+    await asyncio.sleep(1.0)
+    return steps
+
+
+def assert_group_left(engine, steps: int) -> None:
+    assert engine.steps == steps                        # nothing decodes for the abandoned group
+    assert engine._jobs == {} and not engine._llm.has_unfinished_requests()
+
+
 def test_a_request_past_its_deadline_is_aborted_and_stops_consuming_steps(engine):
     """Through the API: a guided request that cannot finish in --request-timeout-s answers 503
     deadline_exceeded, and its group leaves vLLM (no unfinished requests, no more steps)."""
-    import time
 
     from negspace_node.app import create_app
     from negspace_node.testing import asgi_client
 
     app = create_app(NodeSettings(engine="vllm", max_model_len=512, request_timeout_s=1.0), engine=engine)
-    eos, engine._eos = engine._eos, frozenset()        # never stops on its own
 
     async def go():
         async with asgi_client(app) as client:
             r = await client.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": POSITIVE}], "negative_prompts": NEGATIVES[:2],
                 "guidance_scale": 3.0, "max_tokens": 400, "temperature": 0})
-            await asyncio.sleep(0.5)
-            steps = engine.steps
-            await asyncio.sleep(1.0)
-            return r, steps
+            return r, await settled_steps(engine)
 
-    try:
-        started = time.monotonic()
-        r, steps = run(go())
-    finally:
-        engine._eos = eos
+    (r, steps), seconds = run_without_eos(engine, go)
     assert r.status_code == 503 and r.json()["error"]["type"] == "deadline_exceeded", r.text
-    assert time.monotonic() - started < 10
-    assert engine.steps == steps                        # nothing decodes for the abandoned group
-    assert engine._jobs == {} and not engine._llm.has_unfinished_requests()
+    assert seconds < 10
+    assert_group_left(engine, steps)
     assert engine.state == "ready"
 
 
@@ -428,13 +443,11 @@ def test_streaming_through_the_openai_client_equals_the_plain_reply(engine):
 def test_leaving_mid_stream_aborts_the_whole_group(engine):
     """A client that disconnects in the middle of a guided stream: the group's members leave
     vLLM (no unfinished requests, no more steps), the engine serves on."""
-    import time
 
     from negspace_node.app import create_app
     from negspace_node.testing import raw_post
 
     app = create_app(NodeSettings(engine="vllm", max_model_len=512), engine=engine)
-    eos, engine._eos = engine._eos, frozenset()        # never stops on its own
     start = engine.steps
 
     async def go():
@@ -442,19 +455,11 @@ def test_leaving_mid_stream_aborts_the_whole_group(engine):
             "messages": [{"role": "user", "content": POSITIVE}], "negative_prompts": NEGATIVES[:3],
             "guidance_scale": 3.0, "max_tokens": 400, "temperature": 0, "stream": True},
             disconnect_when=lambda: engine.steps - start >= 5)
-        await asyncio.sleep(0.5)
-        steps = engine.steps
-        await asyncio.sleep(1.0)
-        return status, steps
+        return status, await settled_steps(engine)
 
-    try:
-        started = time.monotonic()
-        status, steps = run(go())
-    finally:
-        engine._eos = eos
-    assert status == 200 and time.monotonic() - started < 30
-    assert engine.steps == steps                        # nothing decodes for the abandoned group
-    assert engine._jobs == {} and not engine._llm.has_unfinished_requests()
+    (status, steps), seconds = run_without_eos(engine, go)
+    assert status == 200 and seconds < 30
+    assert_group_left(engine, steps)
     assert run(engine.generate(GenerationRequest(prompt_ids=[1, 2, 3], max_tokens=2)))[0].token_ids
 
 

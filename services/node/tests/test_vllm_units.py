@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from negspace_node.testing import require_vllm  # noqa: E402
+from negspace_node.testing import processor_forced_tokens, require_vllm  # noqa: E402
 
 require_vllm()
 
@@ -186,36 +186,15 @@ def test_a_processor_in_another_process_draws_from_the_params_alone(tmp_path):
     (tmp_path / "in.pkl").write_bytes(pickle.dumps((params, steps)))
     script = """
 import pickle, sys, json
-from vllm.v1.sample.logits_processor import BatchUpdate
-from negspace_node.engines.vllm.processor import CFGLogitsProcessor
+from negspace_node.testing import processor_forced_tokens
 params, steps = pickle.load(open(sys.argv[1], "rb"))
-outs = [[] for _ in params]
-proc = CFGLogitsProcessor()
-proc.update_state(BatchUpdate(batch_size=len(params), removed=[], moved=[],
-                              added=[(i, p, [1], outs[i]) for i, p in enumerate(params)]))
-forced = []
-for logits in steps:
-    out = proc.apply(logits.clone())
-    tokens = [int(row.isfinite().nonzero().flatten()[0]) for row in out]
-    for o, t in zip(outs, tokens):
-        o.append(t)
-    forced.append(tokens)
-print(json.dumps(forced))
+print(json.dumps(processor_forced_tokens(params, steps)))
 """
     child = subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pkl")], capture_output=True,
                            text=True, timeout=300)
     assert child.returncode == 0, child.stderr[-2000:]
     theirs = json.loads(child.stdout.strip().splitlines()[-1])
-    outs = [[] for _ in params]
-    proc = CFGLogitsProcessor()
-    proc.update_state(BatchUpdate(batch_size=len(params), removed=[], moved=[],
-                                  added=[(i, p, [1], outs[i]) for i, p in enumerate(params)]))
-    mine = []
-    for logits in steps:
-        tokens = [forced_token(row) for row in proc.apply(logits.clone())]
-        for o, t in zip(outs, tokens, strict=True):
-            o.append(t)
-        mine.append(tokens)
+    mine = processor_forced_tokens(params, steps)
     assert theirs == mine
     assert all(len(set(step[:3])) == 1 and len(set(step[3:])) == 1 for step in mine)   # each group agrees
 

@@ -60,7 +60,7 @@ from negspace_contracts.trainer import Job, JobCreated, JobList, JobRequest
 from negspace_orchestrator.app import create_app
 from negspace_orchestrator.dependencies import Dependencies
 from negspace_orchestrator.settings import OrchestratorSettings
-from negspace_servekit.testing import free_port
+from negspace_servekit.testing import free_port, lifespan
 
 VOCAB = [f"w{i}" for i in range(400)]
 
@@ -427,7 +427,7 @@ async def harness(tmp_path, *, n_urls: int = 1, script=default_script, node_dela
     transports[TRAINER_URL] = httpx.ASGITransport(trainer.app)
     deps = Dependencies(settings, transports=transports)
     app = create_app(settings, deps=deps)
-    async with app.router.lifespan_context(app):
+    async with lifespan(app):
         client = OrchestratorClient("http://orchestrator", transport=httpx.ASGITransport(app))
         try:
             yield Harness(log, nodes, controller, trainer, settings, client, app, controllers)

@@ -13,9 +13,8 @@ import time
 import warnings
 from collections import Counter
 
-import httpx
 from negspace_contracts.orchestrator import OrchestratorClient, RunConfig
-from negspace_servekit.testing import free_port
+from negspace_servekit.testing import free_port, wait_healthy
 
 from .conftest import CallLog, MockController, MockNode, ThreadServer  # noqa: TID252
 
@@ -163,22 +162,6 @@ def _start_orchestrator(port: int, db, node_url: str, controller_url: str, home)
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-async def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient() as c:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"orchestrator exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if (await c.get(f"{url}/health")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("orchestrator did not become healthy")
-            await asyncio.sleep(0.1)
-
-
 async def test_orchestrator_killed_mid_run_resumes_without_loss_or_duplicates(tmp_path):
     log = CallLog()
     node, controller = MockNode(log, delay=0.15), MockController(log)
@@ -188,7 +171,7 @@ async def test_orchestrator_killed_mid_run_resumes_without_loss_or_duplicates(tm
         url = f"http://127.0.0.1:{port}"
         proc = _start_orchestrator(port, db, ns.url, cs.url, tmp_path)
         try:
-            await _wait_healthy(url, proc)
+            await wait_healthy(url, proc, describe=lambda: proc.stderr.read().decode()[-2000:], poll_s=0.1)
             async with OrchestratorClient(url) as client:
                 rid = (await client.runs.create(cfg(nodes=3, rounds=4))).id
                 while (await client.runs.get(rid)).progress.accepted < 5:
@@ -199,7 +182,7 @@ async def test_orchestrator_killed_mid_run_resumes_without_loss_or_duplicates(tm
             await asyncio.sleep(0.3)  # in-flight generations finish on the node, unseen
 
             proc = _start_orchestrator(port, db, ns.url, cs.url, tmp_path)
-            await _wait_healthy(url, proc)
+            await wait_healthy(url, proc, describe=lambda: proc.stderr.read().decode()[-2000:], poll_s=0.1)
             async with OrchestratorClient(url) as client:
                 deadline = time.monotonic() + 60
                 while (run := await client.runs.get(rid)).status != "completed":

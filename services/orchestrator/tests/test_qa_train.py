@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -253,7 +254,10 @@ async def test_a_retried_train_request_after_a_503_gets_the_first_job(make_harne
         assert trainer.jobs[again.id][0].idempotency_key != trainer.jobs[job.id][0].idempotency_key
 
 
-async def test_a_retry_with_other_settings_adopts_the_lost_job(make_harness):
+@asynccontextmanager
+async def lost_job(make_harness):
+    """A trained run whose LoRA request the trainer took while its answers were lost (three timeouts):
+    yields the harness, the trainer, the run and the lost job's id."""
     trainer = MockTrainer()
     async with make_harness(script=script, trainer=trainer, train_poll_s=3600) as h:
         rid = await trained_run(h)
@@ -261,6 +265,11 @@ async def test_a_retry_with_other_settings_adopts_the_lost_job(make_harness):
         with pytest.raises(ServiceUnavailableError):
             await h.client.runs.train(rid, TrainRequest(method="lora"))
         (lost_id,) = trainer.jobs
+        yield h, trainer, rid, lost_id
+
+
+async def test_a_retry_with_other_settings_adopts_the_lost_job(make_harness):
+    async with lost_job(make_harness) as (h, trainer, rid, lost_id):
         trainer.jobs[lost_id] = (trainer.jobs[lost_id][0], -5)  # still running for a few polls
         with pytest.raises(ConflictError) as ei:  # not a second job: the first one is the run's
             await h.client.runs.train(rid, TrainRequest(method="full"))
@@ -272,13 +281,7 @@ async def test_a_retry_with_other_settings_adopts_the_lost_job(make_harness):
 
 
 async def test_a_retry_with_other_settings_after_the_lost_job_finished_creates_one(make_harness):
-    trainer = MockTrainer()
-    async with make_harness(script=script, trainer=trainer, train_poll_s=3600) as h:
-        rid = await trained_run(h)
-        trainer.lose_answers = [lost_answer("timeout")] * 3
-        with pytest.raises(ServiceUnavailableError):
-            await h.client.runs.train(rid, TrainRequest(method="lora"))
-        (lost_id,) = trainer.jobs
+    async with lost_job(make_harness) as (h, trainer, rid, lost_id):
         trainer.jobs[lost_id] = (trainer.jobs[lost_id][0], 5)  # it has succeeded meanwhile
         job = await h.client.runs.train(rid, TrainRequest(method="full"))
         assert job.id != lost_id and trainer.jobs[job.id][0].method == "full" and len(trainer.jobs) == 2

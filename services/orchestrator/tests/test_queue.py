@@ -71,13 +71,19 @@ async def test_a_full_queue_is_a_429_with_retry_after_and_a_slot_frees_on_cancel
         assert [(await h.client.runs.get(x)).status for x in (b, c, d)] == ["running", "cancelled", "queued"]
 
 
+async def paused_and_queued(h) -> tuple[str, str]:
+    """With the nodes down and one slot: run ``a`` pauses, run ``b`` waits in the queue."""
+    for n in h.nodes:
+        n.down = True
+    a = (await h.client.runs.create(cfg())).id
+    b = (await h.client.runs.create(cfg())).id
+    await h.wait(a, statuses=("paused",))
+    return a, b
+
+
 async def test_a_paused_run_gives_its_slot_back_and_requeues_in_creation_order(make_harness):
     async with make_harness(max_active_runs=1, health_interval_s=0.05) as h:
-        for n in h.nodes:
-            n.down = True
-        a = (await h.client.runs.create(cfg())).id
-        b = (await h.client.runs.create(cfg())).id
-        await h.wait(a, statuses=("paused",))
+        a, b = await paused_and_queued(h)
         # a's slot is free, but the node is down: b is held in the queue instead of starting only to
         # pause in turn, and /health says why
         await asyncio.sleep(0.3)
@@ -96,11 +102,7 @@ async def test_a_paused_run_gives_its_slot_back_and_requeues_in_creation_order(m
 
 async def test_a_resume_by_request_releases_the_held_queue_at_once(make_harness):
     async with make_harness(max_active_runs=1, health_interval_s=60) as h:
-        for n in h.nodes:
-            n.down = True
-        a = (await h.client.runs.create(cfg())).id
-        b = (await h.client.runs.create(cfg())).id
-        await h.wait(a, statuses=("paused",))
+        a, b = await paused_and_queued(h)
         for n in h.nodes:
             n.down = False  # back, but the health loop will not look for a minute
         await h.client.runs.resume(a)  # the operator says: try now

@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from negspace_contracts.orchestrator import OrchestratorClient, QARequest, RunConfig
-from negspace_servekit.testing import free_port
+from negspace_servekit.testing import free_port, wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.vllm]
 
@@ -50,22 +49,6 @@ class Proc:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.log.close()
-
-
-async def wait_healthy(url: str, proc: Proc, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=5) as c:
-        while True:
-            if proc.proc.poll() is not None:
-                raise AssertionError(f"{proc.name} exited with {proc.proc.returncode}\n{proc.tail()}")
-            try:
-                if (await c.get(f"{url}/health")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{proc.name} not healthy after {timeout}s\n{proc.tail()}")
-            await asyncio.sleep(0.5)
 
 
 async def wait_run(client: OrchestratorClient, run_id: str, procs: list[Proc], timeout: float):
@@ -99,9 +82,9 @@ async def test_real_services_guided_baseline_metrics_and_qa(tmp_path):
                                      "--db", str(tmp_path / "orch.db"), "--data-dir", str(tmp_path / "exports")],
                     tmp_path, env)
         procs.append(orch)
-        await wait_healthy(f"http://127.0.0.1:{ctl_port}", ctl, 300)
-        await wait_healthy(f"http://127.0.0.1:{node_port}", node, 600)
-        await wait_healthy(f"http://127.0.0.1:{orch_port}", orch, 60)
+        await wait_healthy(f"http://127.0.0.1:{ctl_port}", ctl.proc, timeout=300, describe=ctl.tail, poll_s=0.5)
+        await wait_healthy(f"http://127.0.0.1:{node_port}", node.proc, timeout=600, describe=node.tail, poll_s=0.5)
+        await wait_healthy(f"http://127.0.0.1:{orch_port}", orch.proc, timeout=60, describe=orch.tail, poll_s=0.5)
 
         async with OrchestratorClient(f"http://127.0.0.1:{orch_port}", timeout=600) as client:
             guided = (await client.runs.create(RunConfig(

@@ -9,6 +9,7 @@ import pytest
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError
 from negspace_contracts.node import ChatCompletionRequest
 from negspace_contracts.orchestrator import MAX_NODES, GuidanceSchedule, NegativesSpec, RunConfig
+from negspace_servekit.testing import lifespan
 
 
 def cfg(**kw) -> RunConfig:
@@ -312,16 +313,16 @@ async def test_guided_run_against_the_real_node_api_with_its_fake_engine(make_ha
 
 
 async def test_guided_run_and_baseline_against_the_real_node_and_controller_apps(make_harness):
-    """Both real APIs in-process (node: FakeEngine; controller: FakeEmbedder, Qdrant in memory)."""
+    """Both real APIs in-process (node: FakeEngine; controller: HashingFakeEmbedder, Qdrant in memory)."""
     from negspace_controller.app import create_app as controller_app
-    from negspace_controller.embedder import FakeEmbedder
+    from negspace_controller.testing import HashingFakeEmbedder
     from negspace_controller.settings import ControllerSettings
     from negspace_node.app import create_app as node_app
     from negspace_node.engines.fake import FakeEngine
     from negspace_node.settings import NodeSettings
 
-    ctl = controller_app(ControllerSettings(qdrant_path=":memory:"), embedder=FakeEmbedder())
-    async with ctl.router.lifespan_context(ctl), make_harness(
+    ctl = controller_app(ControllerSettings(qdrant_path=":memory:"), embedder=HashingFakeEmbedder())
+    async with lifespan(ctl), make_harness(
             node_apps=[node_app(NodeSettings(), engine=FakeEngine())], controller_app=ctl) as h:
         gid = (await h.client.runs.create(cfg(nodes=3, rounds=2, max_tokens=24))).id
         run = await h.wait(gid)

@@ -209,16 +209,12 @@ async def test_unknown_eval_task_fails_naming_local_tasks(service, wait_job):
 
 
 @pytest.mark.slow
-async def test_cancel_while_training_stops_the_worker(service):
+async def test_cancel_while_training_stops_the_worker(service, wait_training):
     """Cancel mid-training (the worker has loaded the model and taken steps), not just mid-start."""
     svc = await service()
     created = await svc.client.jobs.create(request(training={"max_steps": 500, "batch_size": 2,
                                                              "max_length": 64}))
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 300
-    while (job := await svc.client.jobs.get(created.id)).progress.step < 1:
-        assert job.status in ("queued", "running") and loop.time() < end, job
-        await asyncio.sleep(0.2)
+    await wait_training(svc.client, created.id)
     pid = svc.runner.store.row(created.id)["pid"]
     job = await svc.client.jobs.cancel(created.id)
     assert job.status == "cancelled" and 1 <= job.progress.step < 500, job

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import pytest
 from negspace_contracts.errors import BadRequestError, ConflictError
 from negspace_contracts.trainer import JobRequest, TrainerClient
+from negspace_servekit.testing import in_process
 from negspace_trainer.app import create_app
 from negspace_trainer.settings import TrainerSettings
 from negspace_trainer.store import JobStore
@@ -101,9 +101,8 @@ async def test_keys_survive_a_trainer_restart(tmp_path):
 
     async def once(req: JobRequest, key: str):
         app = create_app(settings, start_worker=False)
-        async with app.router.lifespan_context(app):
-            async with TrainerClient("http://trainer", transport=httpx.ASGITransport(app=app)) as client:
-                return await client.jobs.create(req, idempotency_key=key), (await client.jobs.list()).jobs
+        async with in_process(app, "http://trainer", client=TrainerClient) as client:
+            return await client.jobs.create(req, idempotency_key=key), (await client.jobs.list()).jobs
 
     first, _ = await once(request(), "survives")
     again, jobs = await once(request(), "survives")  # a new app (and process state) on the same workdir

@@ -59,7 +59,7 @@ def _stat(path: Path) -> list[str] | None:
         return None
 
 
-async def test_real_job_survives_a_trainer_crash(service, wait_job):
+async def test_real_job_survives_a_trainer_crash(service, wait_job, wait_training):
     """The trainer dies mid-training (its job loop gone without a shutdown, its real worker left
     running): a new trainer on the same workdir ends that worker and runs the job again, to
     success, as attempt 2, with one job in its list."""
@@ -67,11 +67,7 @@ async def test_real_job_survives_a_trainer_crash(service, wait_job):
     created = await first.client.jobs.create(JobRequest.model_validate({
         "dataset": {"records": _records()[:8]},
         "training": {"max_steps": 3, "batch_size": 2, "max_length": 64}}))
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 300
-    while (job := await first.client.jobs.get(created.id)).progress.step < 1:
-        assert job.status in ("queued", "running") and loop.time() < end, job
-        await asyncio.sleep(0.2)
+    await wait_training(first.client, created.id)
     pid = first.runner.store.row(created.id)["pid"]
     state = Path(f"/proc/{pid}/stat")
     started = _stat(state)[19]  # the process's start time: tells it from a later process given its pid

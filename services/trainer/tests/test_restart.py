@@ -11,10 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 from negspace_contracts.errors import RateLimitError
 from negspace_contracts.trainer import JobRequest, TrainerClient
+from negspace_servekit.testing import in_process
 from negspace_trainer.app import create_app
 from negspace_trainer.settings import TrainerSettings
 from negspace_trainer.store import JobStore
@@ -114,32 +114,28 @@ async def test_graceful_stop_mid_job_requeues_it(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_WORKER_GATE", str(gate))
     settings = TrainerSettings(workdir=tmp_path / "trainer", poll_interval_s=0.1, cancel_grace_s=2)
 
-    async def started():
+    def started():
         app = create_app(settings, worker_command=FAKE_CMD)
-        ctx = app.router.lifespan_context(app)
-        await ctx.__aenter__()
-        return app, ctx, TrainerClient("http://trainer", transport=httpx.ASGITransport(app=app))
+        return app, in_process(app, "http://trainer", client=TrainerClient)
 
-    app, ctx, client = await started()
-    try:
+    app, running = started()
+    async with running as client:
         job_id = (await client.jobs.create(request())).id
         for _ in range(200):  # until the worker has started and taken its first step
             if (await client.jobs.get(job_id)).progress.step == 1:
                 break
             await asyncio.sleep(0.05)
-        pid = app.state.runner.store.row(job_id)["pid"]
+        pid = app.state.trainer.runner.store.row(job_id)["pid"]
         assert pid and _alive(pid)
-    finally:
-        await client.aclose()
-        await ctx.__aexit__(None, None, None)  # graceful shutdown, the worker still waiting at the gate
+    # the block has shut the app down gracefully, the worker still waiting at the gate
     assert not _alive(pid)
     store = JobStore(settings.resolved_workdir / "jobs.sqlite")
     job = store.get(job_id)
     store.close()
     assert (job.status, job.attempt, job.progress.step, job.losses) == ("queued", 2, 0, [])
     gate.touch()
-    app, ctx, client = await started()
-    try:
+    app, running = started()
+    async with running as client:
         for _ in range(400):
             job = await client.jobs.get(job_id)
             if job.status != "queued" and job.status != "running":
@@ -149,9 +145,6 @@ async def test_graceful_stop_mid_job_requeues_it(tmp_path, monkeypatch):
         log = await client.jobs.logs(job_id)
         assert "attempt 1 of 3 interrupted: the trainer service shut down while it ran" in log
         assert len((await client.jobs.list()).jobs) == 1
-    finally:
-        await client.aclose()
-        await ctx.__aexit__(None, None, None)
 
 
 async def test_cancel_then_stop_stays_cancelled(service, wait_job, tmp_path, monkeypatch):
@@ -171,16 +164,11 @@ async def test_lifespan_starts_twice_in_one_app(tmp_path):
     'Duplicated timeseries in CollectorRegistry'."""
     app = create_app(TrainerSettings(workdir=tmp_path / "trainer"), start_worker=False)
     for round_ in (1, 2):
-        ctx = app.router.lifespan_context(app)
-        await ctx.__aenter__()
-        try:
-            async with TrainerClient("http://t", transport=httpx.ASGITransport(app=app)) as client:
-                await client.jobs.create(request())
-                assert len((await client.jobs.list()).jobs) == round_  # the same store, reopened
-                metrics = (await client._http.get("/metrics")).text
-                assert "negspace_trainer_jobs_queued " + f"{float(round_)}" in metrics
-        finally:
-            await ctx.__aexit__(None, None, None)
+        async with in_process(app, "http://t", client=TrainerClient) as client:
+            await client.jobs.create(request())
+            assert len((await client.jobs.list()).jobs) == round_  # the same store, reopened
+            metrics = (await client._http.get("/metrics")).text
+            assert "negspace_trainer_jobs_queued " + f"{float(round_)}" in metrics
 
 
 async def test_queue_limit_is_429_with_retry_after(service):

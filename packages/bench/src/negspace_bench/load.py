@@ -1,7 +1,7 @@
 """``python -m negspace_bench.load`` (``make bench-load``): one stack under concurrent load.
 
 Starts the four services as local processes (``negspace_cli.launcher``: vLLM node with the bundled
-model, controller with MiniLM and Qdrant local mode, orchestrator, trainer; bearer auth on) in a
+model, controller with MiniLM and Qdrant's embedded engine (edge, the default), orchestrator, trainer; bearer auth on) in a
 temporary data folder, then measures, in one run:
 
 1. **Generation**: 1 guided run alone, then ``--runs`` guided runs at once, then their equal-size
@@ -209,7 +209,7 @@ def markdown(res: dict, a: argparse.Namespace, started: str, rss: dict[str, dict
     lines = [
         "## Load (`make bench-load`)", "",
         f"{started}. One stack of local processes (vLLM node on CPU with the bundled SmolLM2-135M, "
-        "controller with MiniLM + Qdrant local mode, orchestrator, trainer idle), bearer auth on, "
+        "controller with MiniLM + Qdrant's embedded engine (edge), orchestrator, trainer idle), bearer auth on, "
         f"all on this machine's cores. Runs: {a.nodes} nodes x {a.rounds} rounds (+ bootstrap), "
         f"max_tokens {a.max_tokens}, guidance 2.0 + 0.5 per retry (2 retries), augment negatives.", "",
         "| phase | runs at once | instructions | attempts | wall (s) | instructions/s | tokens/s | "

@@ -7,7 +7,6 @@ four services.
 """
 
 from negspace_servekit.app import create_app, health_response
-from negspace_servekit.home import negspace_home
 from negspace_servekit.settings import ServiceSettings, parse_settings
 
-__all__ = ["ServiceSettings", "create_app", "health_response", "negspace_home", "parse_settings"]
+__all__ = ["ServiceSettings", "create_app", "health_response", "parse_settings"]

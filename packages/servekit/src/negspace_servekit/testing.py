@@ -48,10 +48,15 @@ def asgi_client(app, base_url: str = "http://service", timeout: float = 120) -> 
 
 
 @contextlib.asynccontextmanager
-async def in_process(app, base_url: str = "http://service"):
-    """The app with its lifespan running and a raw client on it: ``async with in_process(app) as http``."""
-    async with lifespan(app), asgi_client(app, base_url) as http:
-        yield http
+async def in_process(app, base_url: str = "http://service", *, client=None, timeout: float = 120):
+    """The app with its lifespan running and a client on it: ``async with in_process(app) as http``
+    gives a raw httpx client; ``client=TrainerClient`` (any typed client of ``negspace_contracts``,
+    called as ``client(base_url, transport=...)``) gives that client instead."""
+    async with lifespan(app):
+        http = (client(base_url, transport=httpx.ASGITransport(app=app)) if client is not None
+                else asgi_client(app, base_url, timeout))
+        async with http:
+            yield http
 
 
 # --- real processes --------------------------------------------------------------------------

@@ -5,42 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 from negspace_servekit import create_app as servekit_app
-from negspace_servekit import health_response
 from prometheus_client import Gauge, Histogram
 
 from negspace_controller import __version__, threads
-from negspace_controller.api import collections, comparisons, embeddings
-from negspace_controller.embedder import Embedder, build_embedder
-from negspace_controller.service import Controller
+from negspace_controller.api import collections_router, comparisons_router, embeddings_router, health_router
+from negspace_controller.api.health import SERVICE
+from negspace_controller.embedder import build_embedder
+from negspace_controller.embedding import Embedder
+from negspace_controller.serving import Controller
 from negspace_controller.settings import ControllerSettings
-from negspace_controller.store import QdrantStore, Store
-from negspace_controller.store_edge import EdgeStore, choose_engine
+from negspace_controller.store import Store
+from negspace_controller.stores import build_store
 
 log = logging.getLogger("negspace.controller")
-SERVICE = "controller"
-
-
-def build_store(settings: ControllerSettings) -> Store:
-    """A Qdrant server with --qdrant-url; else the embedded engine ``choose_engine`` picks for
-    the folder (edge, or local mode for a folder that already holds a local-mode store)."""
-    if settings.qdrant_url:
-        if settings.qdrant_engine:
-            log.info("--qdrant-engine %s is ignored: --qdrant-url %s is a Qdrant server",
-                     settings.qdrant_engine, settings.qdrant_url)
-        return QdrantStore(url=settings.qdrant_url, api_key=settings.qdrant_api_key,
-                           prefix=settings.collection_prefix, timeout=settings.qdrant_timeout_s,
-                           collection_params=settings.collection_params())
-    path = settings.resolved_qdrant_path()
-    engine = choose_engine(path, settings.qdrant_engine)
-    if engine == "edge":
-        return EdgeStore(path, prefix=settings.collection_prefix, flush_interval_s=settings.qdrant_flush_interval_s)
-    if path != ":memory:":
-        Path(path).mkdir(parents=True, exist_ok=True)
-    return QdrantStore(path=path, prefix=settings.collection_prefix)
 
 
 def create_app(settings: ControllerSettings | None = None, embedder: Embedder | None = None,
@@ -95,31 +75,14 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
     app = servekit_app(service=SERVICE, settings=settings, title="negspace controller", lifespan=lifespan,
                        version=__version__,
                        description="Embeddings in Qdrant, exact dense-region samples, diversity metrics.")
-    app.include_router(collections)
-    app.include_router(embeddings)
-    app.include_router(comparisons)
+    for router in (collections_router, embeddings_router, comparisons_router, health_router):
+        app.include_router(router)
 
     stages = Histogram("negspace_controller_stage_seconds", "Time per stage of the write path (embed_batch: one "
                        "model call for every waiting request; lock_wait, check, qdrant_write, index_add)",
                        ["stage"], registry=app.state.metrics_registry,
                        buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30))
-    points = Gauge("negspace_controller_points", "Points held in memory per collection", ["collection"],
-                   registry=app.state.metrics_registry)
-
-    @app.get("/health", include_in_schema=False)
-    async def health():
-        controller = getattr(app.state, "controller", None)
-        if controller is None:
-            err = getattr(app.state, "load_error", None)
-            return health_response(SERVICE, "error" if err else "loading", err)
-        info = controller.health_info()
-        for name, size in info["collections"].items():
-            points.labels(name).set(size)
-        problem = await controller.qdrant_problem()
-        if problem is not None:
-            return health_response(SERVICE, "error", f"{problem}. Routes that need Qdrant answer 503 "
-                                   "until it is back; /similar and /dense on loaded collections still "
-                                   "answer from memory", qdrant_status="down", **info)
-        return health_response(SERVICE, "ok", qdrant_status="ok", **info)
+    app.state.points_gauge = Gauge("negspace_controller_points", "Points held in memory per collection",
+                                   ["collection"], registry=app.state.metrics_registry)
 
     return app

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from negspace_controller.embedder import Embedder
+from negspace_controller.embedding import Embedder
 
 
 class BatchingEncoder:

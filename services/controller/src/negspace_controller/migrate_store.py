@@ -20,8 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from negspace_controller.store import QdrantStore
-from negspace_controller.store_edge import EdgeStore, is_local_mode_folder
+from negspace_controller.store import is_local_mode_folder
+from negspace_controller.store_edge import EdgeStore
+from negspace_controller.store_qdrant import LocalStore
 
 BATCH = 2048
 
@@ -35,12 +36,12 @@ def migrate(folder: str | Path, backup: str | Path | None = None,
         raise ValueError(f"{folder} does not hold a qdrant-client local-mode store (no meta.json)")
     if backup.exists():
         raise ValueError(f"{backup} exists: move it away or pass another --backup")
-    QdrantStore(path=str(folder), prefix="").close()  # in use by a running controller? (RuntimeError)
+    LocalStore(str(folder), prefix="").close()  # in use by a running controller? (RuntimeError)
     os.replace(folder, backup)
     src = dst = None
     counts: dict[str, int] = {}
     try:
-        src = QdrantStore(path=str(backup), prefix="")
+        src = LocalStore(str(backup), prefix="")
         dst = EdgeStore(str(folder), prefix="", flush_interval_s=None)  # close flushes
         for name in src.names():
             started = time.monotonic()

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from negspace_controller.embedding import resolve_model
+
 log = logging.getLogger("negspace.controller")
 
 # Modules after the Transformer that only read what it and preprocess produce (token_embeddings,
@@ -255,6 +257,17 @@ class OnnxEncoder:
         return out if out is not None else np.zeros((0, 0), np.float32)
 
 
+def encoder_for(st, name: str, cache_root: Path | None = None) -> OnnxEncoder | None:
+    """``st`` on ONNX Runtime, or None (it stays on torch) with the one log line that says why."""
+    try:
+        return OnnxEncoder(st, name, cache_root)
+    except ImportError as exc:
+        log.warning("embedder %s: torch, not onnx: %s (pip install onnxruntime onnx)", name, exc)
+    except OnnxUnsupported as exc:
+        log.warning("embedder %s: torch, not onnx: %s", name, exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``prepare [MODEL]``: export (or check) MODEL's ONNX graph, so the controller's first start
     does not pay it. Prints the file as its last line; a model that cannot use ONNX is reported
@@ -264,13 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", nargs="?", default="", help="embedder setting (default: the bundled MiniLM)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from negspace_controller.embedder import SentenceTransformerEmbedder
+    from sentence_transformers import SentenceTransformer
 
-    emb = SentenceTransformerEmbedder(args.model, backend="onnx", device="cpu")
-    if emb.backend != "onnx":
-        print(f"{emb.name}: uses torch (see above)")
+    source, name = resolve_model(args.model)
+    log.info("loading embedder %s", source)
+    onnx = encoder_for(SentenceTransformer(source, device="cpu"), name)
+    if onnx is None:
+        print(f"{name}: uses torch (see above)")
         return 0
-    print(emb.onnx.path)
+    print(onnx.path)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from negspace_servekit.home import negspace_home
+from negspace_contracts.common import negspace_home
 from negspace_servekit.settings import ServiceSettings, split_commas
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict

@@ -2,8 +2,8 @@
 
 Why: qdrant-client's local mode (pure Python + SQLite, an fsynced commit per write) costs 1-48 ms
 per 1-point upsert at 20,000 points depending on the disk's contention, and 1-2 s to reopen or
-read back every point; edge costs 0.03 ms, 0.05 s and 0.3 s (``bench_engines``; the controller
-README has the table). Same interface as ``QdrantStore`` (``store.Store``).
+read back every point; edge costs 0.03 ms, 0.05 s and 0.3 s (``negspace_bench.controller.engines``; the controller
+README has the table). The same interface as the qdrant-client engines (``store.Store``).
 
 Layout: ``<path>/<prefix><name>/`` per collection holds ``shard/`` (the edge shard: segments,
 WAL, edge_config.json) and ``collection.json`` (vector size, embedder), written atomically
@@ -39,7 +39,7 @@ gives no written promise and ``close`` must not race a call, so every call on a 
 shard's lock (one per collection; a scan holds it per batch, not between batches). One upsert's
 chunks are not interleaved with another's.
 
-Filters: ``where`` has ``store.payload_filter``'s semantics (None = is null, a non-integer float
+Filters: ``where`` has ``store_qdrant.payload_filter``'s semantics (None = is null, a non-integer float
 = that exact number, other numbers and strings = match). edge 0.9's ``MatchValue`` takes a Python
 bool as the integer 1 and then matches nothing, so bool conditions are checked here on the
 scanned payloads instead (same result: the payload value, or a list holding it, is that bool).
@@ -66,12 +66,19 @@ import qdrant_edge as qe
 from negspace_contracts.errors import ConflictError, NotFoundError, ServiceUnavailableError
 from qdrant_edge import EdgeShard
 
-from negspace_controller.store import RETRY_AFTER_S, FaultState, to_key, to_qdrant_id
+from negspace_controller.store import (
+    EDGE_META_FILE,
+    RETRY_AFTER_S,
+    FaultState,
+    is_local_mode_folder,
+    to_key,
+    to_qdrant_id,
+)
 
 log = logging.getLogger("negspace.controller")
 T = TypeVar("T")
 
-META_FILE = "collection.json"
+META_FILE = EDGE_META_FILE
 SHARD_DIR = "shard"
 LOCK_FILE = ".edge.lock"
 DROPPED_MARK = ".dropped-"
@@ -79,23 +86,6 @@ FLUSH_INTERVAL_S = 5.0
 MIN_FREE_BYTES = 64 * 2**20
 CHUNK = 512
 FORMAT = 1
-
-
-def is_local_mode_folder(path: str | Path) -> bool:
-    """Whether ``path`` holds a qdrant-client local-mode store (its ``meta.json`` lists the
-    collections; an edge folder never has one: collection names cannot contain '.')."""
-    meta = Path(path) / "meta.json"
-    if not meta.is_file():
-        return False
-    try:
-        return "collections" in json.loads(meta.read_text())
-    except (OSError, ValueError):
-        return True  # a meta.json we cannot read is not ours either: do not write beside it
-
-
-def is_edge_folder(path: str | Path) -> bool:
-    """Whether ``path`` holds edge collections (an empty edge folder holds nothing to hide)."""
-    return any(Path(path).glob(f"*/{META_FILE}"))
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -457,28 +447,3 @@ class EdgeStore(FaultState):
             self._lock_file.close()  # releases the flock
             if self._temporary:
                 shutil.rmtree(self.path, ignore_errors=True)
-
-
-def choose_engine(path: str, requested: str | None) -> str:
-    """Which embedded engine opens ``path``: ``requested`` when given and it fits the folder, else
-    what the folder holds (a qdrant-client local-mode store keeps local mode, with one log line
-    on how to migrate; an empty or new folder gets edge). A request that contradicts what the
-    folder holds is refused: opening it would hide the collections it has."""
-    if requested not in (None, "edge", "local"):
-        raise ValueError(f"qdrant engine must be 'edge' or 'local', not {requested!r}")
-    if path == ":memory:":
-        return requested or "edge"
-    if is_local_mode_folder(path):
-        if requested == "edge":
-            raise ValueError(f"--qdrant-engine edge: {path} holds a qdrant-client local-mode store. Migrate it "
-                             f"first (python -m negspace_controller.migrate_store {path}), or run with "
-                             "--qdrant-engine local")
-        if requested is None:
-            log.warning("%s holds a qdrant-client local-mode store: opening it in local mode (slow: ~50 ms "
-                        "per write at 20k points). To move it to the edge engine, stop the controller and "
-                        "run: python -m negspace_controller.migrate_store %s", path, path)
-        return "local"
-    if requested == "local" and is_edge_folder(path):
-        raise ValueError(f"--qdrant-engine local: {path} holds edge collections, which local mode cannot "
-                         "read; run with --qdrant-engine edge (the default) or use another --qdrant-path")
-    return requested or "edge"

@@ -25,7 +25,7 @@ groups of a decoding step in one tensor pass on the logits' device (no per-group
 own seeded generator on the device. ``combine`` and ``sample`` are the same code for one group
 (G = 1), so the transformers engine, the reference loop and the vLLM processor agree exactly.
 ``legacy_combine`` / ``legacy_sample`` are the former per-group host path, kept only for
-``negspace_node.bench_guidance``'s before/after comparison.
+``negspace_bench.node.bench_guidance``'s before/after comparison.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
     async with serving(app), asgi_client(app) as http:
         await http.post("/v1/completions", json={"prompt": "hi"})
 
-``serving`` runs the app's lifespan (httpx's ASGITransport does not) and waits until the
-engine finished starting; a FakeEngine is ready without it.
+``serving`` is ``negspace_servekit.testing.lifespan`` (httpx's ASGITransport does not run the
+lifespan) that also waits until the engine finished starting; a FakeEngine is ready without it.
+``asgi_client`` is servekit's, addressed as ``http://node``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import json
 import time
 
 import httpx
+from negspace_servekit import testing as servekit_testing
 
 
 @contextlib.asynccontextmanager
 async def serving(app):
-    async with app.router.lifespan_context(app):
+    async with servekit_testing.lifespan(app):
         task = app.state.engine_task
         if task is not None:
             await task
@@ -28,7 +30,7 @@ async def serving(app):
 
 
 def asgi_client(app, base_url: str = "http://node") -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url, timeout=120)
+    return servekit_testing.asgi_client(app, base_url)
 
 
 async def raw_post(app, path: str, body: dict, *, disconnect_when) -> tuple[int | None, float]:
@@ -59,6 +61,42 @@ async def raw_post(app, path: str, body: dict, *, disconnect_when) -> tuple[int 
 
     await app(scope, receive, send)
     return status, time.monotonic()
+
+
+def count_decode_steps(monkeypatch) -> list[int]:
+    """Count the transformers engine's decode steps: each ``sample_batch`` call appends a 1 to the
+    list returned (``len(steps)`` is the steps taken so far)."""
+    import negspace_node.engines.transformers as module
+
+    steps: list[int] = []
+    real_sample = module.sample_batch
+    monkeypatch.setattr(module, "sample_batch", lambda *a: steps.append(1) or real_sample(*a))
+    return steps
+
+
+def processor_forced_tokens(params, steps) -> list[list[int]]:
+    """Run a fresh ``CFGLogitsProcessor`` over rows added with ``params`` (one ``SamplingParams`` a
+    row) and the logits of each of ``steps``; returns the token each row was forced to, per step
+    (each appended to its row's output, as vLLM does). Every row must be forced (one finite entry)."""
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from negspace_node.engines.vllm.processor import CFGLogitsProcessor
+
+    outs: list[list[int]] = [[] for _ in params]
+    proc = CFGLogitsProcessor()
+    proc.update_state(BatchUpdate(batch_size=len(params), removed=[], moved=[],
+                                  added=[(i, p, [1], outs[i]) for i, p in enumerate(params)]))
+    forced = []
+    for logits in steps:
+        tokens = []
+        for row in proc.apply(logits.clone()):
+            finite = row.isfinite().nonzero().flatten().tolist()
+            assert len(finite) == 1, f"a row the processor did not force ({len(finite)} finite entries)"
+            tokens.append(finite[0])
+        for out, token in zip(outs, tokens, strict=True):
+            out.append(token)
+        forced.append(tokens)
+    return forced
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:

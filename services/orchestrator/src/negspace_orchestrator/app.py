@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from negspace_servekit import create_app as servekit_app
 
-from negspace_orchestrator.api import datasets_router, health_router, runs_router, train_router
+from negspace_orchestrator.api import datasets, health, runs, train
 from negspace_orchestrator.dependencies import Dependencies
 from negspace_orchestrator.serving import Orchestrator
 from negspace_orchestrator.settings import OrchestratorSettings
@@ -44,6 +44,6 @@ def create_app(settings: OrchestratorSettings, deps: Dependencies | None = None)
     app = servekit_app(service=SERVICE, settings=settings, title="negspace orchestrator",
                        description="Guided and baseline instruction generation runs, Q/A conversion, "
                                    "training hand-off.", lifespan=lifespan)
-    for router in (runs_router, datasets_router, train_router, health_router):
-        app.include_router(router)
+    for routes in (runs, datasets, train, health):
+        app.include_router(routes.router)
     return app

@@ -26,20 +26,11 @@ from negspace_contracts.errors import NegspaceError, ServerError, is_retryable
 from negspace_contracts.node import ChatCompletionRequest, ChatCompletionResponse, NodeClient
 from negspace_contracts.trainer import TrainerClient
 
+from negspace_orchestrator.errors import DependencyDown
 from negspace_orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger("negspace.orchestrator")
 T = TypeVar("T")
-
-
-class DependencyDown(Exception):
-    """A dependency stayed down for the whole retry budget; the run is paused with this reason."""
-
-    def __init__(self, service: str, reason: str, *, controller: str | None = None) -> None:
-        super().__init__(f"{service} unavailable: {reason}")
-        self.service = service
-        self.reason = reason
-        self.controller = controller  # the controller replica's URL, when that is what is down
 
 
 def not_configured(url: str, configured: list[str]) -> str:

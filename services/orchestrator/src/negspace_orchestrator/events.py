@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from negspace_contracts.orchestrator import RunEventData
 
 from negspace_orchestrator.store import Store
-
-if TYPE_CHECKING:
-    from negspace_orchestrator.dependencies import Dependencies
-    from negspace_orchestrator.settings import OrchestratorSettings
 
 
 class EventLog:
@@ -37,13 +33,3 @@ class EventLog:
         """The run's status (the store writes its ``status`` event in the same transaction)."""
         self.store.set_status(run_id, status, **kw)
         self.notify(run_id)
-
-
-class Room:
-    """What each room of the orchestrator is given: settings, the store, the dependencies, the event log."""
-
-    def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies, events: EventLog) -> None:
-        self.settings = settings
-        self.store = store
-        self.deps = deps
-        self.events = events

@@ -1,11 +1,13 @@
-"""Exports: a run's datasets as files others can load, in a folder confined to the data folder: ``hf`` (a ``datasets.load_from_disk`` folder),
-``parquet`` or ``jsonl``, each with a ``README.md`` dataset card whose YAML header the Hugging
+"""Exports: a run's datasets as files others can load, in a folder confined to the data folder:
+``hf`` (a ``datasets.load_from_disk`` folder), ``parquet`` or ``jsonl``, one writer per format in
+``WRITERS`` (where a new format goes), each with a ``README.md`` dataset card whose YAML header the Hugging
 Face Hub understands (configs and their data files, license, task categories) and whose body
 says how the data was made: the method, the full run config, the model and embedder, the seeds,
 the diversity metrics, the counts and the Q/A rejection reasons, the negspace version.
 
 Two configs (``datasets`` splits in the ``hf`` format): ``instructions`` (text, node, round,
-attempt, scale, similarity) and ``qa`` (chat ``messages``).
+attempt, scale, similarity) and ``qa`` (chat ``messages``). The Q/A conversion's folder
+(``qa.jsonl`` and ``dataset/``) is written by the same writers (``write_qa_folder``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import json
 import tarfile
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from negspace_contracts.orchestrator import (
     Instruction,
     RunConfig,
 )
+from negspace_contracts.trainer import ChatRecord
 
 from negspace_orchestrator import __version__
 from negspace_orchestrator.dependencies import Dependencies
@@ -62,8 +65,8 @@ def instruction_rows(instructions: list[Instruction]) -> list[dict[str, Any]]:
              "scale": i.guidance_scale, "similarity": i.max_similarity} for i in instructions]
 
 
-def qa_rows(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+def qa_rows(records: list[ChatRecord]) -> list[dict[str, Any]]:
+    return [r.model_dump(mode="json") for r in records]
 
 
 def _features():
@@ -87,11 +90,7 @@ def _size_category(n: int) -> str:
 
 def data_files(fmt: str) -> dict[str, str]:
     """Each config's data files, relative to the export folder (what the card's YAML names)."""
-    if fmt == "hf":
-        return {c: f"{c}/data-*.arrow" for c in CONFIGS}
-    if fmt == "parquet":
-        return {c: f"{c}.parquet" for c in CONFIGS}
-    return {c: f"{c}.jsonl" for c in CONFIGS}
+    return {c: WRITERS[fmt].data_file(c) for c in CONFIGS}
 
 
 def card(info: ExportInfo, fmt: str, n_instructions: int, n_qa: int) -> str:
@@ -150,73 +149,162 @@ def parse_card(text: str) -> dict[str, Any]:
     return yaml.safe_load(text[4:text.index("\n---\n", 4)])
 
 
-class ExportWriter:
-    """Writes an export a batch of rows at a time, at flat memory: ``add`` appends rows to a
-    config's file as they come (jsonl lines, or parquet row groups); ``finish`` writes the card
-    and, for ``hf``, turns the parquet files into a ``save_to_disk`` folder through memory-mapped
-    Arrow (``datasets`` never holds the rows in memory). A config that got no rows is left out
-    (``datasets`` cannot load an empty saved split back)."""
+# ---- the formats: one writer per format, in WRITERS ------------------------------------------
+# A new export format is a writer class here (``data_file``, ``add``, ``close``, ``counts``), its
+# entry in WRITERS, and its name in ``negspace_contracts.orchestrator.ExportFormat`` (the wire).
+class _FilePerConfig:
+    """A writer with one file per config under ``out_dir``, opened when its first rows come."""
 
-    def __init__(self, out_dir: Path, fmt: str) -> None:
-        if fmt not in EXPORT_FORMATS:
-            raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}")
-        self.out_dir, self.fmt = out_dir, fmt
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.counts = dict.fromkeys(CONFIGS, 0)
-        self._tmp = tempfile.TemporaryDirectory(prefix="negspace-export-") if fmt == "hf" else None
+    suffix = ""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.counts: dict[str, int] = {}
         self._files: dict[str, Any] = {}
 
-    def _path(self, config: str) -> Path:
-        if self._tmp is not None:
-            return Path(self._tmp.name) / f"{config}.parquet"
-        return self.out_dir / f"{config}.{'jsonl' if self.fmt == 'jsonl' else 'parquet'}"
+    @classmethod
+    def data_file(cls, config: str) -> str:
+        return f"{config}.{cls.suffix}"
 
     def add(self, config: str, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        self.counts[config] += len(rows)
-        if self.fmt == "jsonl":
-            f = self._files.get(config) or self._files.setdefault(config, self._path(config).open("w", encoding="utf-8"))
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            return
-        import pyarrow as pa
+        if config not in self._files:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._files[config] = self._open(config)
+        self.counts[config] = self.counts.get(config, 0) + len(rows)
+        self._write(self._files[config], config, rows)
+
+    def _open(self, config: str) -> Any:
+        raise NotImplementedError
+
+    def _write(self, f: Any, config: str, rows: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+
+class JsonlWriter(_FilePerConfig):
+    """``<config>.jsonl``: one JSON object a line, appended as rows come; each file is written under
+    a temporary name and moved into place on ``close``."""
+
+    suffix = "jsonl"
+
+    def _open(self, config: str) -> Any:
+        return (self.out_dir / f"{self.data_file(config)}.tmp").open("w", encoding="utf-8")
+
+    def _write(self, f: Any, config: str, rows: list[dict[str, Any]]) -> None:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    def close(self) -> None:
+        for config, f in self._files.items():
+            f.close()
+            Path(f.name).replace(self.out_dir / self.data_file(config))
+
+
+class ParquetWriter(_FilePerConfig):
+    """``<config>.parquet``: one row group per batch, with the ``datasets`` features in its schema."""
+
+    suffix = "parquet"
+
+    def _open(self, config: str) -> Any:
         import pyarrow.parquet as pq
 
-        schema = _features()[config].arrow_schema   # carries the datasets features in its metadata
-        if config not in self._files:
-            self._files[config] = pq.ParquetWriter(str(self._path(config)), schema)
-        self._files[config].write_table(pa.Table.from_pylist(rows, schema=schema))
+        return pq.ParquetWriter(str(self.out_dir / self.data_file(config)), _features()[config].arrow_schema)
+
+    def _write(self, f: Any, config: str, rows: list[dict[str, Any]]) -> None:
+        import pyarrow as pa
+
+        f.write_table(pa.Table.from_pylist(rows, schema=f.schema))   # carries the datasets features
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
+class HFWriter:
+    """A ``datasets.load_from_disk`` folder: the rows go to parquet files in a temporary folder, which
+    ``close`` turns into a ``save_to_disk`` folder through memory-mapped Arrow (``datasets`` never
+    holds the rows in memory): a ``DatasetDict`` with one split per config, or with ``splits=False``
+    the one config as a plain ``Dataset`` (the Q/A folder's ``dataset/``)."""
+
+    def __init__(self, out_dir: Path, *, splits: bool = True) -> None:
+        self.out_dir, self.splits = out_dir, splits
+        self._tmp = tempfile.TemporaryDirectory(prefix="negspace-export-")
+        self._parquet = ParquetWriter(Path(self._tmp.name))
+        self.counts = self._parquet.counts
+
+    @staticmethod
+    def data_file(config: str) -> str:
+        return f"{config}/data-*.arrow"
+
+    def add(self, config: str, rows: list[dict[str, Any]]) -> None:
+        self._parquet.add(config, rows)
+
+    def close(self) -> None:
+        try:
+            self._parquet.close()
+            if not self.counts:
+                return
+            import datasets
+
+            feats = _features()
+            sets = {c: datasets.Dataset.from_parquet(str(self._parquet.out_dir / self._parquet.data_file(c)),
+                                                     features=feats[c], cache_dir=str(Path(self._tmp.name) / "cache"))
+                    for c in CONFIGS if self.counts.get(c)}
+            if self.splits:
+                datasets.DatasetDict(sets).save_to_disk(str(self.out_dir))
+            else:
+                (one,) = sets.values()
+                one.save_to_disk(str(self.out_dir))
+        finally:
+            self._tmp.cleanup()
+
+
+WRITERS: dict[str, type[JsonlWriter | ParquetWriter | HFWriter]] = {
+    "hf": HFWriter, "parquet": ParquetWriter, "jsonl": JsonlWriter}
+assert tuple(WRITERS) == EXPORT_FORMATS, "every wire format has its writer"
+
+
+class ExportWriter:
+    """One export, at flat memory: ``add`` hands a config's rows to the format's writer as they come;
+    ``finish`` closes it and writes the card. A config that got no rows is left out (``datasets``
+    cannot load an empty saved split back)."""
+
+    def __init__(self, out_dir: Path, fmt: str) -> None:
+        if fmt not in WRITERS:
+            raise ValueError(f"format must be one of {', '.join(WRITERS)}")
+        self.out_dir, self.fmt = out_dir, fmt
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = WRITERS[fmt](out_dir)
+
+    def add(self, config: str, rows: list[dict[str, Any]]) -> None:
+        self.writer.add(config, rows)
 
     def finish(self, info: ExportInfo) -> list[Path]:
         """Close the files, write the card; return the files written."""
-        for f in self._files.values():
-            f.close()
-        try:
-            if not any(self.counts.values()):
-                raise ValueError("nothing to export: the run has no instructions")
-            if self._tmp is not None:
-                import datasets
-
-                feats = _features()
-                sets = {c: datasets.Dataset.from_parquet(str(self._path(c)), features=feats[c],
-                                                         cache_dir=str(Path(self._tmp.name) / "cache"))
-                        for c in CONFIGS if self.counts[c]}
-                datasets.DatasetDict(sets).save_to_disk(str(self.out_dir))
-            (self.out_dir / "README.md").write_text(card(info, self.fmt, self.counts["instructions"],
-                                                         self.counts["qa"]))
-        finally:
-            if self._tmp is not None:
-                self._tmp.cleanup()
+        self.writer.close()
+        counts = self.writer.counts
+        if not any(counts.values()):
+            raise ValueError("nothing to export: the run has no instructions")
+        (self.out_dir / "README.md").write_text(card(info, self.fmt, counts.get("instructions", 0),
+                                                     counts.get("qa", 0)))
         return sorted(p for p in self.out_dir.rglob("*") if p.is_file())
 
 
-def write(out_dir: Path, fmt: str, info: ExportInfo, instructions: list[dict[str, Any]],
-          qa: list[dict[str, Any]]) -> list[Path]:
-    """Write the export into ``out_dir`` (made if missing) from rows at hand; return the files."""
-    writer = ExportWriter(out_dir, fmt)
-    writer.add("instructions", instructions)
-    writer.add("qa", qa)
-    return writer.finish(info)
+async def write_qa_folder(out_dir: Path, batches: Iterator[list[ChatRecord]]) -> tuple[Path, Path | None]:
+    """The Q/A conversion's folder: ``qa.jsonl`` and a ``datasets.load_from_disk`` folder ``dataset/``
+    (none without records), written by the ``jsonl`` and ``hf`` writers. The batches are read on the
+    loop (the store's connection), the files written off it."""
+    jsonl, hf = JsonlWriter(out_dir), HFWriter(out_dir / "dataset", splits=False)
+    for batch in batches:
+        rows = qa_rows(batch)
+        for w in (jsonl, hf):
+            await asyncio.to_thread(w.add, "qa", rows)
+    for w in (jsonl, hf):
+        await asyncio.to_thread(w.close)
+    path = out_dir / jsonl.data_file("qa")
+    if not jsonl.counts:
+        await asyncio.to_thread(path.write_text, "")  # no record converted: the file is there, empty
+    return path, hf.out_dir if hf.counts else None
 
 
 # ---- the export folder ------------------------------------------------------------------------
@@ -311,8 +399,8 @@ class Exports:
         writer = await asyncio.to_thread(ExportWriter, out_dir, fmt)
         for batch in self.store.iter_instructions(run.id, batch=EXPORT_BATCH):
             await asyncio.to_thread(writer.add, "instructions", instruction_rows(batch))
-        for pairs in self.store.iter_qa_records(run.id, batch=EXPORT_BATCH):
-            await asyncio.to_thread(writer.add, "qa", qa_rows(pairs))
+        for records in self.store.iter_qa_records(run.id, batch=EXPORT_BATCH):
+            await asyncio.to_thread(writer.add, "qa", qa_rows(records))
         return await asyncio.to_thread(writer.finish, info)
 
     async def to_folder(self, run: RunRow, req: ExportRequest) -> ExportResult:

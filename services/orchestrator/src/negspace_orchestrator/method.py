@@ -18,7 +18,6 @@ it is tested without services and a replayed slot decides exactly as the first t
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -27,16 +26,11 @@ from negspace_contracts.node import Guidance
 from negspace_contracts.orchestrator import RunConfig
 
 from negspace_orchestrator import prompts
+from negspace_orchestrator.fanout import derive_seed
 from negspace_orchestrator.store import AttemptRow
 
 MAX_EMPTY_OUTPUTS = 5  # empty (or unparseable) generations tolerated per slot before the run fails
 SUPERSET_FORMATS = ("superset", "superset-list")
-
-
-def derive_seed(seed: int, *parts: object) -> int:
-    """A per-(node, round, attempt) seed: reproducible, so a lost attempt replays identically."""
-    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 2  # < 2**62, fits every engine's seed range
 
 
 def cosine(a: list[float], b: list[float]) -> float:

@@ -14,28 +14,22 @@ after an interruption continues where the first stopped.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from negspace_contracts.errors import BadRequestError, ConflictError, ServiceUnavailableError
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage
 from negspace_contracts.orchestrator import QAData, QARequest, QAResult
-from negspace_contracts.trainer import ChatRecord, ChatTurn
 
 from negspace_orchestrator import prompts
-from negspace_orchestrator.dependencies import DependencyDown, Generation
+from negspace_orchestrator.dependencies import Generation
+from negspace_orchestrator.errors import DependencyDown
 from negspace_orchestrator.events import EventLog
-from negspace_orchestrator.export import qa_export_dir
-from negspace_orchestrator.rounds import derive_seed, gather
+from negspace_orchestrator.export import EXPORT_BATCH, qa_export_dir, write_qa_folder
+from negspace_orchestrator.fanout import derive_seed, gather
 from negspace_orchestrator.store import RunRow, Store
 
 Generate = Callable[[int, ChatCompletionRequest], Awaitable[Generation]]  # (logical node, request)
-
-
-def chat_record(question: str, answer: str) -> ChatRecord:
-    return ChatRecord(messages=[ChatTurn(role="user", content=question),
-                                ChatTurn(role="assistant", content=answer)])
 
 
 class QAConverter:
@@ -122,9 +116,8 @@ class QAConverter:
 
         await gather([one(a) for a in todo])
         converted, rejected = store.qa_counts(run.id)
-        records = [chat_record(q, a) for q, a in store.qa_records(run.id)]
         try:
-            jsonl_path, dataset_path = await asyncio.to_thread(export, records, out_dir)
+            jsonl_path, dataset_path = await write_qa_folder(out_dir, store.iter_qa_records(run.id, EXPORT_BATCH))
         except OSError as exc:
             raise BadRequestError(f"cannot write the Q/A export to {str(out_dir)!r}: {exc.strerror or exc}; the "
                                   "conversion is stored: POST again with a writable export_dir",
@@ -134,21 +127,3 @@ class QAConverter:
                         consistency=checks if request.self_consistency else None, jsonl_path=str(jsonl_path),
                         dataset_path=str(dataset_path) if dataset_path else None)
 
-
-def export(records: list[ChatRecord], out_dir: Path) -> tuple[Path, Path | None]:
-    """Write ``qa.jsonl`` and a Hugging Face ``datasets`` folder (``dataset/``) under ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jsonl = out_dir / "qa.jsonl"
-    tmp = jsonl.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r.model_dump(mode="json"), ensure_ascii=False) + "\n")
-    tmp.replace(jsonl)
-    if not records:
-        return jsonl, None
-    import datasets  # heavy (pyarrow): imported only when a dataset is written
-
-    ds = datasets.Dataset.from_list([r.model_dump(mode="json") for r in records])
-    folder = out_dir / "dataset"
-    ds.save_to_disk(str(folder))
-    return jsonl, folder

@@ -23,26 +23,23 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable
 
 from negspace_contracts.controller import PointIn
-from negspace_contracts.errors import BadRequestError, ConflictError, NegspaceError
+from negspace_contracts.errors import BadRequestError, ConflictError
 from negspace_contracts.node import ChatCompletionRequest, ChatMessage, Guidance
 from negspace_contracts.orchestrator import TERMINAL_RUN_STATUSES, AttemptData, RoundData, RunConfig
 
 from negspace_orchestrator import prompts
-from negspace_orchestrator.dependencies import Dependencies, DependencyDown, Generation
-from negspace_orchestrator.events import EventLog, Room
-from negspace_orchestrator.method import MAX_EMPTY_OUTPUTS, Method, Tally, cosine, derive_seed
+from negspace_orchestrator.dependencies import Dependencies, Generation
+from negspace_orchestrator.errors import RunFailed
+from negspace_orchestrator.events import EventLog
+from negspace_orchestrator.fanout import derive_seed, gather
+from negspace_orchestrator.method import MAX_EMPTY_OUTPUTS, Method, Tally, cosine
 from negspace_orchestrator.settings import OrchestratorSettings
+from negspace_orchestrator.shared import SharedState
 from negspace_orchestrator.store import AttemptRow, RunRow, Store, point_id
 
-__all__ = ["MAX_EMPTY_OUTPUTS", "Rounds", "RunFailed", "derive_seed", "gather", "run_target", "target_for"]
 BASE_VECTORS_KEPT = 256  # base-instruction embeddings cached (one per recent run, for the two-sided rule)
-
-
-class RunFailed(Exception):
-    """A problem that waiting will not fix (the message says what to change)."""
 
 
 def run_target(config: RunConfig) -> int:
@@ -71,26 +68,7 @@ def target_for(store: Store, config: RunConfig) -> int:
     return match.target
 
 
-async def gather(coros: list[Awaitable[None]]) -> None:
-    """Run slot coroutines together; the first failure cancels the others and is re-raised
-    (a dependency outage first, so the run pauses rather than fails)."""
-    first: BaseException | None = None
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for c in coros:
-                tg.create_task(c)
-    # Raised after the try, not inside except*: Python < 3.11.4 (Debian bookworm's 3.11.2, the
-    # containers' base) wraps an exception raised in an except* clause in an ExceptionGroup
-    # (gh-103590), which the scheduler took for a crash and failed the run.
-    except* DependencyDown as eg:
-        first = eg.exceptions[0]
-    except* (RunFailed, NegspaceError) as eg:
-        first = first or eg.exceptions[0]
-    if first is not None:
-        raise first from None
-
-
-class Rounds(Room):
+class Rounds(SharedState):
     """Runs one run's rounds to the end (``run``); the scheduler decides when and what a failure means."""
 
     def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies,

@@ -11,10 +11,12 @@ import uuid
 from negspace_contracts.errors import BadRequestError, ConflictError, NegspaceError, RateLimitError
 from negspace_contracts.orchestrator import Run, RunConfig, RunProgress
 
-from negspace_orchestrator.dependencies import Dependencies, DependencyDown, not_configured
-from negspace_orchestrator.events import EventLog, Room
-from negspace_orchestrator.rounds import Rounds, RunFailed
+from negspace_orchestrator.dependencies import Dependencies, not_configured
+from negspace_orchestrator.errors import DependencyDown, RunFailed
+from negspace_orchestrator.events import EventLog
+from negspace_orchestrator.rounds import Rounds
 from negspace_orchestrator.settings import OrchestratorSettings
+from negspace_orchestrator.shared import SharedState
 from negspace_orchestrator.store import RunRow, Store
 
 log = logging.getLogger("negspace.orchestrator")
@@ -30,7 +32,7 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-class Scheduler(Room):
+class Scheduler(SharedState):
     """Owns the driver tasks and the queue.
 
     At most ``--max-active-runs`` drivers are live. A run is ``running`` from the moment its driver

@@ -4,12 +4,19 @@ the requests (runs, metrics, event streams, Q/A, exports, training)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 from negspace_contracts.controller import CollectionComparison, MetricsRequest, MetricsResponse
 from negspace_contracts.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 from negspace_contracts.orchestrator import (
     TERMINAL_RUN_STATUSES,
+    ExportRequest,
+    ExportResult,
+    Instruction,
+    QARequest,
+    QAResult,
     RoundPoint,
     Run,
     RunComparison,
@@ -17,9 +24,12 @@ from negspace_contracts.orchestrator import (
     RunDiversity,
     RunList,
     RunStatus,
+    TrainRequest,
 )
+from negspace_contracts.trainer import ChatRecord, Job
 
-from negspace_orchestrator.dependencies import Dependencies, DependencyDown
+from negspace_orchestrator.dependencies import Dependencies
+from negspace_orchestrator.errors import DependencyDown
 from negspace_orchestrator.events import EventLog
 from negspace_orchestrator.export import Exports
 from negspace_orchestrator.qa import QAConverter
@@ -30,6 +40,8 @@ from negspace_orchestrator.store import RunRow, Store
 from negspace_orchestrator.training import Training
 
 KEEPALIVE_S = 15.0  # a comment line on an idle event stream, so proxies keep it open
+
+Batches = Callable[[int], Iterator[list]]  # rows ``n`` at a time, read from the store as they are streamed
 
 
 class Orchestrator:
@@ -100,6 +112,15 @@ class Orchestrator:
             self.scheduler.resume(run_id)
         return self.get_run(run_id)
 
+    def instructions(self, run_id: str) -> Batches:
+        """The run's accepted instructions in batches (404 now, the rows as they are streamed)."""
+        self.run_or_404(run_id)
+
+        def batches(n: int) -> Iterator[list[Instruction]]:
+            return self.store.iter_instructions(run_id, n)
+
+        return batches
+
     async def metrics(self, run_id: str, request: MetricsRequest) -> MetricsResponse:
         """Diversity metrics of the run's accepted instructions (its own controller collection)."""
         run = self.run_or_404(run_id)
@@ -141,6 +162,35 @@ class Orchestrator:
 
         return RunComparison(run=side(runs[0], got.a), other=side(runs[1], got.b), pca_basis=got.pca_basis,
                              notes=got.notes)
+
+    # ---- Q/A, exports, training ----------------------------------------------------------------
+    async def convert_qa(self, run_id: str, request: QARequest) -> QAResult:
+        return await self.qa.convert(self.run_or_404(run_id), request)
+
+    def qa_records(self, run_id: str) -> Batches:
+        """The run's Q/A records in batches (404 and 409 now, the records as they are streamed)."""
+        self.run_or_404(run_id)
+        if not self.store.has_qa_records(run_id):
+            raise ConflictError(f"run {run_id} has no Q/A records: POST /runs/{run_id}/qa first")
+
+        def batches(n: int) -> Iterator[list[ChatRecord]]:
+            return self.store.iter_qa_records(run_id, n)
+
+        return batches
+
+    async def export(self, run_id: str, request: ExportRequest) -> ExportResult:
+        return await self.exports.to_folder(self.run_or_404(run_id), request)
+
+    async def export_archive(self, run_id: str, fmt: str, license: str) -> tuple[Path, tempfile.TemporaryDirectory]:
+        return await self.exports.to_archive(self.run_or_404(run_id), fmt, license)
+
+    async def train(self, run_id: str, request: TrainRequest | None, seed: int | None) -> Job:
+        seen = self.run_or_404(run_id).train_job_id  # the run's job when the request came (see Training.train)
+        return await self.training.train(run_id, request, seed, seen)
+
+    async def train_status(self, run_id: str, seed: int | None) -> Job:
+        self.run_or_404(run_id)
+        return await self.training.status(run_id, seed)
 
     async def event_stream(self, run_id: str, after: int) -> AsyncIterator[str]:
         """Server-sent events after ``after`` until the run ended and every event was sent."""

@@ -28,6 +28,7 @@ from negspace_contracts.orchestrator import (
     RunEventData,
     StatusData,
 )
+from negspace_contracts.trainer import ChatRecord, ChatTurn
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -103,8 +104,6 @@ CREATE TABLE IF NOT EXISTS seed_train_jobs (
 CREATE INDEX IF NOT EXISTS runs_by_creation ON runs (created_at, id);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at, id);
 """
-
-ACTIVE = ("queued", "running")
 
 
 def point_id(run_id: str, node: int, round_: int) -> str:
@@ -484,12 +483,13 @@ class Store:
                                (run_id,)).fetchall()
         return {r["reason"]: int(r["n"]) for r in rows}
 
-    def qa_records(self, run_id: str) -> list[tuple[str, str]]:
+    def qa_records(self, run_id: str) -> list[ChatRecord]:
         """Converted pairs in instruction order (round, node)."""
-        return [pair for batch in self.iter_qa_records(run_id, batch=10_000) for pair in batch]
+        return [record for batch in self.iter_qa_records(run_id, batch=10_000) for record in batch]
 
-    def iter_qa_records(self, run_id: str, batch: int = 500) -> Iterator[list[tuple[str, str]]]:
-        """Converted pairs in instruction order, ``batch`` per query (keyset on (round, node))."""
+    def iter_qa_records(self, run_id: str, batch: int = 500) -> Iterator[list[ChatRecord]]:
+        """Converted pairs in instruction order, ``batch`` per query (keyset on (round, node)), each
+        as the chat record the trainer and the exports take (the user's question, the assistant's answer)."""
         r, n = -1, -1
         while True:
             rows = self.db.execute(
@@ -499,7 +499,8 @@ class Store:
                 " ORDER BY a.round, a.node LIMIT ?", (run_id, r, r, n, batch)).fetchall()
             if not rows:
                 return
-            yield [(row["question"], row["answer"]) for row in rows]
+            yield [ChatRecord(messages=[ChatTurn(role="user", content=row["question"]),
+                                        ChatTurn(role="assistant", content=row["answer"])]) for row in rows]
             r, n = rows[-1]["round"], rows[-1]["node"]
 
     def has_qa_records(self, run_id: str) -> bool:

@@ -15,12 +15,19 @@ from negspace_contracts.errors import (
     is_retryable,
 )
 from negspace_contracts.orchestrator import LOST_JOB, TRAIN_FIELDS, TrainData, TrainEvent, TrainRequest
-from negspace_contracts.trainer import TERMINAL_JOB_STATUSES, DatasetSpec, Job, JobRequest, TrainerClient
+from negspace_contracts.trainer import (
+    TERMINAL_JOB_STATUSES,
+    ChatRecord,
+    DatasetSpec,
+    Job,
+    JobRequest,
+    TrainerClient,
+)
 
 from negspace_orchestrator.dependencies import Dependencies
-from negspace_orchestrator.events import EventLog, Room
-from negspace_orchestrator.qa import chat_record
+from negspace_orchestrator.events import EventLog
 from negspace_orchestrator.settings import OrchestratorSettings
+from negspace_orchestrator.shared import SharedState
 from negspace_orchestrator.store import Store
 
 log = logging.getLogger("negspace.orchestrator")
@@ -48,7 +55,7 @@ def _as_ours(exc: NegspaceError) -> NegspaceError:
     return exc
 
 
-class Training(Room):
+class Training(SharedState):
     """``train``/``status`` for the routes; ``start``/``stop`` follow the jobs across restarts."""
 
     def __init__(self, settings: OrchestratorSettings, store: Store, deps: Dependencies,
@@ -103,12 +110,12 @@ class Training(Room):
             raise ConflictError(f"run {run_id} got training job {run.train_job_id} from a concurrent POST "
                                 f"/runs/{run_id}/train; follow it with GET /runs/{run_id}/train")
         trainer = self.trainer()
-        pairs = self.store.qa_records(run_id)
-        if not pairs:
+        records = self.store.qa_records(run_id)
+        if not records:
             raise ConflictError(f"run {run_id} has no Q/A records: POST /runs/{run_id}/qa first")
         req = request or TrainRequest()
         if seed is not None:
-            return await self._train_seed(trainer, run_id, pairs, req, seed)
+            return await self._train_seed(trainer, run_id, records, req, seed)
         if run.train_job_id:
             try:
                 async with trainer_errors():
@@ -117,7 +124,7 @@ class Training(Room):
                 current = None
             if current is not None and current.status not in TERMINAL_JOB_STATUSES:
                 raise ConflictError(f"run {run_id} already has training job {current.id} ({current.status})")
-        job_request = self._job_request(req, pairs, name=f"negspace-run-{run_id}")
+        job_request = self._job_request(req, records, name=f"negspace-run-{run_id}")
         created = await self._create_job(trainer, run_id, job_request)
         try:
             async with trainer_errors():
@@ -128,17 +135,18 @@ class Training(Room):
         return job
 
     @staticmethod
-    def _job_request(req: TrainRequest, pairs: list[tuple[str, str]], *, name: str) -> JobRequest:
-        return JobRequest(dataset=DatasetSpec(records=[chat_record(q, a) for q, a in pairs]), name=name,
+    def _job_request(req: TrainRequest, records: list[ChatRecord], *, name: str) -> JobRequest:
+        return JobRequest(dataset=DatasetSpec(records=records), name=name,
                           **{k: getattr(req, k) for k in TRAIN_FIELDS})
 
-    async def _train_seed(self, trainer: TrainerClient, run_id: str, pairs, req: TrainRequest, seed: int) -> Job:
+    async def _train_seed(self, trainer: TrainerClient, run_id: str, records: list[ChatRecord], req: TrainRequest,
+                          seed: int) -> Job:
         """The run's job for ``seed``: created once (a stored idempotency key, sent with every try),
         then answered as the trainer reports it, however often the request is repeated."""
         key, job_id = self.store.seed_train_key(run_id, seed)
         if job_id is None:
             seeded = req.model_copy(update={"training": req.training.model_copy(update={"seed": seed})})
-            job_request = self._job_request(seeded, pairs, name=f"negspace-run-{run_id}-seed-{seed}")
+            job_request = self._job_request(seeded, records, name=f"negspace-run-{run_id}-seed-{seed}")
             async with trainer_errors():
                 created = await trainer.jobs.create(job_request, idempotency_key=key)
             job_id = created.id

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from negspace_servekit.home import negspace_home
+from negspace_contracts.common import negspace_home
 from negspace_servekit.settings import ServiceSettings, split_commas
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict

@@ -48,9 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from negspace_contracts.orchestrator import RunConfig
+    from negspace_models import resolve_model
     from negspace_node.engines.stopping import eos_token_ids
     from negspace_node.engines.transformers import TransformersEngine, _pad_id, load_model
-    from negspace_node.models import resolve_model
     from negspace_node.settings import NodeSettings
 
     if args.threads:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from negspace_models import resolve_model, served_model_name
 
 from negspace_node.dtype import resolve_dtype
 from negspace_node.engines.base import (
@@ -33,7 +34,6 @@ from negspace_node.engines.base import (
 )
 from negspace_node.engines.stopping import StopChecker, eos_token_ids
 from negspace_node.guidance import guided_batch, make_generator, request_step, sample_batch
-from negspace_node.models import resolve_model, served_model_name
 
 log = logging.getLogger("negspace.node")
 

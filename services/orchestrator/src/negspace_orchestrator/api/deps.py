@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 
-from negspace_orchestrator.serving import Orchestrator
+from negspace_orchestrator.serving import Batches, Orchestrator
 
 NDJSON_BATCH = 500  # rows per store query while streaming instructions or Q/A records
 NDJSON = {200: {"content": {"application/x-ndjson": {}}}}
@@ -23,7 +22,7 @@ def get_orch(request: Request) -> Orchestrator:
 Orch = Annotated[Orchestrator, Depends(get_orch)]
 
 
-def ndjson(batches: Callable[[int], Iterator[list[BaseModel]]]) -> StreamingResponse:
+def ndjson(batches: Batches) -> StreamingResponse:
     """Stream ``batches(NDJSON_BATCH)`` one JSON object a line, letting the drivers run between batches."""
 
     async def lines() -> AsyncIterator[str]:

@@ -18,8 +18,7 @@ from negspace_contracts.orchestrator import (
     RunStatus,
 )
 
-from negspace_orchestrator.api import deps
-from negspace_orchestrator.api.deps import NDJSON, Orch
+from negspace_orchestrator.api.deps import NDJSON, Orch, ndjson
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
@@ -55,8 +54,7 @@ async def resume_run(run_id: str, orch: Orch) -> Run:
 
 @router.get("/{run_id}/instructions", response_class=Response, responses=NDJSON)
 async def instructions(run_id: str, orch: Orch) -> Response:
-    orch.run_or_404(run_id)
-    return deps.ndjson(lambda n: orch.store.iter_instructions(run_id, n))
+    return ndjson(orch.instructions(run_id))
 
 
 @router.get("/{run_id}/metrics", response_model=MetricsResponse)

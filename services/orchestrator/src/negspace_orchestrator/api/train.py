@@ -19,11 +19,9 @@ SeedParam = Annotated[int | None, Query(ge=0, description="A training seed: one 
 
 @router.post("/{run_id}/train", status_code=201, response_model=Job)
 async def train(run_id: str, orch: Orch, request: TrainRequest | None = None, seed: SeedParam = None) -> Job:
-    seen = orch.run_or_404(run_id).train_job_id
-    return await orch.training.train(run_id, request, seed, seen)
+    return await orch.train(run_id, request, seed)
 
 
 @router.get("/{run_id}/train", response_model=Job)
 async def train_status(run_id: str, orch: Orch, seed: SeedParam = None) -> Job:
-    orch.run_or_404(run_id)
-    return await orch.training.status(run_id, seed)
+    return await orch.train_status(run_id, seed)

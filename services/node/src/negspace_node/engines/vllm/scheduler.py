@@ -55,10 +55,6 @@ class GangScheduler(Scheduler):
         tokens = min(request.num_prompt_tokens + request.max_tokens, self._max_len)
         return _cdiv(tokens, self.block_size) * self._kv_groups
 
-    @property
-    def capacity_blocks(self) -> int:
-        return self._capacity_blocks
-
     def _units(self, requests):
         """Consecutive admission units: a whole group (in order of first member) or one request."""
         units: list[list] = []

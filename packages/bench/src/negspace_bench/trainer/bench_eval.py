@@ -1,4 +1,4 @@
-"""``python -m negspace_trainer.bench_eval`` (``make bench-eval``): does the evaluation see what
+"""``python -m negspace_bench.trainer.bench_eval`` (``make bench-eval``): does the evaluation see what
 the data teaches? The same math word problems (generated like ``negspace_mathmc``'s, from another
 seed, so none is a test item) are fine-tuned once with their correct answers and once with
 corrupted ones (each answer replaced by the wrong-operation result), at the same budget; both
@@ -27,7 +27,6 @@ from pathlib import Path
 
 from negspace_contracts.trainer import JobRequest
 from negspace_servekit.benchdoc import machine_line, publish
-
 from negspace_trainer.local_tasks import TASKS_DIR
 
 TASK = "negspace_mathmc"
@@ -99,7 +98,7 @@ def _score(res: dict, which: str) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m negspace_trainer.bench_eval", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m negspace_bench.trainer.bench_eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=160, help="training problems (the same for both adapters)")
     p.add_argument("--steps", type=int, default=120, help="LoRA optimizer steps per adapter")

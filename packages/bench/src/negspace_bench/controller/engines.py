@@ -1,6 +1,6 @@
-"""``python -m negspace_controller.bench_engines``: the two embedded Qdrant engines, side by side.
+"""``python -m negspace_bench.controller.engines``: the two embedded Qdrant engines, side by side.
 
-Through the controller's own store classes, so it measures what ships: ``QdrantStore`` on
+Through the controller's own store classes, so it measures what ships: ``LocalStore`` on
 qdrant-client's local mode (``QdrantClient(path=...)``, pure Python + NumPy + SQLite) against
 ``EdgeStore`` on ``qdrant-edge-py`` (Qdrant's Rust engine in-process, one shard per collection,
 SIGKILL-safe on return, flushed every 5 s). Synthetic random unit vectors (d = 384) with a payload
@@ -43,12 +43,12 @@ def _rss() -> float:
 
 
 def _open(engine: str, folder: Path):
-    from negspace_controller.store import QdrantStore
     from negspace_controller.store_edge import EdgeStore
+    from negspace_controller.store_qdrant import LocalStore
 
     if engine == "qdrant-client local":
         folder.mkdir(parents=True, exist_ok=True)
-        store = QdrantStore(path=str(folder))
+        store = LocalStore(str(folder))
     else:
         store = EdgeStore(str(folder))
     if not store.exists(NAME):
@@ -114,8 +114,8 @@ def one(engine: str, n: int, ops: int, folder: Path) -> dict:
 def render(rows: list[dict]) -> str:
     from negspace_servekit.benchdoc import machine_line
 
-    lines = ["## Controller: embedded Qdrant engines (`python -m negspace_controller.bench_engines`)", "",
-             f"{machine_line()}; shared machine. Through the controller's store classes (`QdrantStore` on "
+    lines = ["## Controller: embedded Qdrant engines (`python -m negspace_bench.controller.engines`)", "",
+             f"{machine_line()}; shared machine. Through the controller's store classes (`LocalStore` on "
              "local mode, `EdgeStore` on qdrant-edge-py). Synthetic random unit vectors, d = 384, payloads "
              "like the orchestrator's; each engine in its own process on a local folder.", "",
              "| engine | n | bulk load (points/s) | 1-point upsert p50 / p99 (ms) | upsert + flush p50 (ms) "
@@ -132,7 +132,7 @@ def render(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m negspace_controller.bench_engines", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m negspace_bench.controller.engines", description=__doc__)
     p.add_argument("--sizes", default="100000")
     p.add_argument("--ops", type=int, default=200)
     p.add_argument("--engines", default="qdrant-client local,qdrant-edge-py")
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         for engine in a.engines.split(","):
             tmp = Path(tempfile.mkdtemp(prefix="negspace-bench-engines-"))
             try:
-                r = subprocess.run([sys.executable, "-m", "negspace_controller.bench_engines", "--ops", str(a.ops),
+                r = subprocess.run([sys.executable, "-m", "negspace_bench.controller.engines", "--ops", str(a.ops),
                                     "--one", json.dumps([engine, n, str(tmp / "db")])],
                                    stdout=subprocess.PIPE, text=True, check=True)
                 rows.append(json.loads(r.stdout.strip().splitlines()[-1]))

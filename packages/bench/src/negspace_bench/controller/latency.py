@@ -1,4 +1,4 @@
-"""``python -m negspace_controller.bench`` (``make bench-controller``): index and service latency.
+"""``python -m negspace_bench.controller.latency`` (``make bench-controller``): index and service latency.
 
 Precomputed random unit embeddings (d = 384, MiniLM's size) so the embedder does not dominate.
 At each n: build the index (an O(n^2 d) rebuild: every neighbour list from scratch), then
@@ -17,10 +17,9 @@ import time
 
 import numpy as np
 from negspace_contracts.controller import PointIn
-
 from negspace_controller.index import DensityIndex
-from negspace_controller.service import Controller
-from negspace_controller.store import QdrantStore
+from negspace_controller.serving import Controller
+from negspace_controller.store_qdrant import LocalStore
 
 DIM = 384
 
@@ -108,7 +107,7 @@ class _Precomputed:
 async def _bench_service(n: int, ops: int, seed: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     x = unit(rng, n + ops)
-    store = QdrantStore(path=":memory:")
+    store = LocalStore(":memory:")
     ctl = Controller(_Precomputed(x), store, knn_capacity=32)  # type: ignore[arg-type]
     await ctl.create("bench")
     log(f"service n={n}: loading points through Controller.upsert (batches of 512)...")
@@ -173,12 +172,12 @@ def render(rows: list[dict], svc: list[dict], ops: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m negspace_controller.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m negspace_bench.controller.latency", description=__doc__)
     p.add_argument("--sizes", default="1000,10000", help="exact-index rows (the 10^5 exact build is the "
                    "overlap row's reference)")
-    p.add_argument("--large", action="store_true", help="then run negspace_controller.bench_large (approximate "
+    p.add_argument("--large", action="store_true", help="then run negspace_bench.controller.large (approximate "
                    "mode: overlap with exact at 10^5, 10^6 points, restart after SIGKILL; its own section)")
-    p.add_argument("--large-args", default="", help="arguments for bench_large, e.g. '--large-size 200000'")
+    p.add_argument("--large-args", default="", help="arguments for negspace_bench.controller.large, e.g. '--large-size 200000'")
     p.add_argument("--service-sizes", default="1000,10000")
     p.add_argument("--ops", type=int, default=200)
     p.add_argument("--brute-reps", type=int, default=3, help="brute-force runs at n < 100k (1 run at 100k "
@@ -194,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
     publish("controller", text, record=not args.no_record)
     if args.large:
-        from negspace_controller import bench_large
+        from negspace_bench.controller import large
 
-        return bench_large.main(args.large_args.split() + (["--no-record"] if args.no_record else []))
+        return large.main(args.large_args.split() + (["--no-record"] if args.no_record else []))
     return 0
 
 

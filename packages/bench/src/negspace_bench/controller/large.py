@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from negspace_controller.ann import ApproxDensityIndex
 from negspace_controller.index import DensityIndex
 from negspace_controller.journal import Journal, covered_seqs, dangling_rows, replay, state_of
@@ -179,7 +178,7 @@ def scale(n: int, ops: int, seed: int = 13, data: str = "clustered") -> dict:
     # the crash: a child continues from the log, inserting; killed mid-stream
     start = n + ops
     log(f"scale n={n}: child recovers and streams inserts; SIGKILL after ~500 of them")
-    script = ("import sys, negspace_controller.bench_large as b; "
+    script = ("import sys, negspace_bench.controller.large as b; "
               "b.child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))")
     proc = subprocess.Popen([sys.executable, "-c", script, "stream", str(tmp / "index"), str(vec_file), str(start),
                              str(seed)], stdout=subprocess.PIPE, text=True)
@@ -262,7 +261,7 @@ def render(ovs: list[dict], sc: dict | None, ops: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m negspace_controller.bench_large", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m negspace_bench.controller.large", description=__doc__)
     p.add_argument("--overlap-size", type=int, default=100_000)
     p.add_argument("--random-overlap-size", type=int, default=20_000, help="the same on isotropic vectors")
     p.add_argument("--large-size", type=int, default=1_000_000)
@@ -280,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.random_overlap_size:
         ovs.append(overlap(a.random_overlap_size, data="random"))
     if ovs:
-        text = "\n".join(["## Controller: approximate mode against exact (`python -m negspace_controller.bench_large`)",
+        text = "\n".join(["## Controller: approximate mode against exact (`python -m negspace_bench.controller.large`)",
                           "", head.format(os.getloadavg()[0])] + render(ovs, None, a.ops))
         publish("controller-overlap", text, record=not a.no_record)
     if a.large_size:
         sc = scale(a.large_size, a.ops, data=a.large_data)
-        text = "\n".join(["## Controller at scale: approximate mode (`python -m negspace_controller.bench_large`)",
+        text = "\n".join(["## Controller at scale: approximate mode (`python -m negspace_bench.controller.large`)",
                           "", head.format(os.getloadavg()[0])] + render([], sc, a.ops))
         publish("controller-scale", text, record=not a.no_record)
     return 0

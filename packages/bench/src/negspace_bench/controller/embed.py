@@ -1,4 +1,4 @@
-"""``python -m negspace_controller.bench_embed``: texts/s of the real embedder, torch vs ONNX Runtime.
+"""``python -m negspace_bench.controller.embed``: texts/s of the real embedder, torch vs ONNX Runtime.
 
 Through ``SentenceTransformerEmbedder.encode`` (what the controller calls: the truncation-length
 tokenisation, the model, the normalisation), on instruction-like texts of 10-30 tokens, at each
@@ -13,8 +13,7 @@ import os
 import time
 
 import numpy as np
-
-from negspace_controller.embedder import SentenceTransformerEmbedder
+from negspace_controller.st_embed import SentenceTransformerEmbedder
 
 VERBS = ["Write a math problem", "Write a short poem", "Ask a question", "Tell a story", "Explain",
          "Give three tips", "Summarise the history", "Describe a recipe"]
@@ -40,7 +39,7 @@ def rate(emb: SentenceTransformerEmbedder, pool: list[str], batch: int, seconds:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m negspace_controller.bench_embed")
+    p = argparse.ArgumentParser(prog="python -m negspace_bench.controller.embed")
     p.add_argument("--model", default="", help="embedder setting (default: the bundled MiniLM)")
     p.add_argument("--batches", default="1,6,16,64")
     p.add_argument("--rounds", type=int, default=3)

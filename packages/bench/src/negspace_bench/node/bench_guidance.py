@@ -1,6 +1,6 @@
 """Guidance-processor benchmark: time per decode step, per-group host path vs one batched pass.
 
-    python -m negspace_node.bench_guidance            (make bench-guidance)
+    python -m negspace_bench.node.bench_guidance            (make bench-guidance)
 
 Runs the real vLLM V1 logits processor (``CFGLogitsProcessor.apply``, as vLLM calls it once per
 step) on synthetic float32 logits: every row belongs to a guided group of 4 (a positive and 3
@@ -33,11 +33,10 @@ GROUP = 4
 def _setup(rows: int, vocab: int, temperature: float, top_p: float, tag: str, device: str = "cpu"):
     import torch
     from negspace_contracts.node import Guidance
-    from vllm.v1.sample.logits_processor import BatchUpdate
-
     from negspace_node.engines.base import GenerationRequest
     from negspace_node.engines.vllm.groups import group_args
     from negspace_node.engines.vllm.processor import CFGLogitsProcessor
+    from vllm.v1.sample.logits_processor import BatchUpdate
 
     class _Params:            # what the processor reads from SamplingParams: extra_args only
         def __init__(self, extra):
@@ -96,7 +95,6 @@ def run_kernel(min_s: float, max_reps: int, device: str) -> list[dict]:
     processor calls, ``sample_batch(guided_batch(...))``, on synthetic logits; without the
     processor's bookkeeping and its force step, so a lower bound on the processor's time."""
     import torch
-
     from negspace_node.guidance import GroupStep, guided_batch, make_generator, sample_batch
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
@@ -165,7 +163,7 @@ def render(results: list[dict], device: str = "cpu") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m negspace_node.bench_guidance",
+    parser = argparse.ArgumentParser(prog="python -m negspace_bench.node.bench_guidance",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time at least this long per cell")
     parser.add_argument("--max-reps", type=int, default=20)

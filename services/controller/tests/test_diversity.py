@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from negspace_controller import metrics as M
+from negspace_controller import diversity as M
 from scipy.spatial import ConvexHull
 
 

@@ -1,7 +1,7 @@
 """Which dtype the node's ``auto`` should pick on CPU: the vLLM engine in float32 vs bfloat16.
 
-    python -m negspace_node.bench_dtype                       (make bench-dtype)
-    python -m negspace_node.bench_dtype --models smollm2-135m --dtypes float32,bfloat16
+    python -m negspace_bench.node.bench_dtype                       (make bench-dtype)
+    python -m negspace_bench.node.bench_dtype --models smollm2-135m --dtypes float32,bfloat16
 
 For each model x dtype, in its own process (one vLLM engine per process, started and stopped;
 ``--passes 2`` measures each model's dtypes twice in A-B-B-A order, against drifting load):
@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from negspace_node.bench import NEGATIVE_TEXTS, TOPICS, _chat
+from negspace_bench.node.bench import NEGATIVE_TEXTS, TOPICS, _chat
 
 
 async def measure(model: str, dtype: str, tokens: int, guided_tokens: int, repeats: int, kv_gib: float) -> dict:
@@ -87,18 +87,17 @@ def render(rows: list[dict], flags: list[str], tokens: int, guided_tokens: int, 
     for r in rows:
         by_dtype.setdefault(r["dtype"], []).append(r)
     if "bfloat16" in by_dtype and "float32" in by_dtype:
-        def mean(dtype: str, key: str) -> float:
-            return sum(r[key] for r in by_dtype[dtype]) / len(by_dtype[dtype])
+        def ratio(key: str) -> float:  # bfloat16's mean over float32's, each over its passes
+            return (sum(r[key] for r in by_dtype["bfloat16"]) / len(by_dtype["bfloat16"])
+                    / (sum(r[key] for r in by_dtype["float32"]) / len(by_dtype["float32"])))
 
-        lines.append(f"- {rows[0]['model']}: bfloat16 / float32 = "
-                     f"{mean('bfloat16', 'plain16') / mean('float32', 'plain16'):.2f}x plain, "
-                     f"{mean('bfloat16', 'guided4x3') / mean('float32', 'guided4x3'):.2f}x guided "
-                     f"(means over {len(by_dtype['float32'])} pass(es)).")
+        lines.append(f"- {rows[0]['model']}: bfloat16 / float32 = {ratio('plain16'):.2f}x plain, "
+                     f"{ratio('guided4x3'):.2f}x guided (means over {len(by_dtype['float32'])} pass(es)).")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m negspace_node.bench_dtype", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m negspace_bench.node.bench_dtype", description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="smollm2-135m,qwen2.5-coder-1.5b")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--tokens", type=int, default=64)
@@ -118,16 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
-    from negspace_servekit.benchdoc import log, publish
-
     from negspace_node.dtype import cpu_bf16_flags
+    from negspace_servekit.benchdoc import log, publish
 
     for model in args.models.split(","):
         rows = []
         dtypes = args.dtypes.split(",")
         for dtype in [d for p in range(args.passes) for d in (dtypes if p % 2 == 0 else dtypes[::-1])]:
             log(f"{model} {dtype} ...")
-            cmd = [sys.executable, "-m", "negspace_node.bench_dtype", "--one", model, dtype, "--tokens",
+            cmd = [sys.executable, "-m", "negspace_bench.node.bench_dtype", "--one", model, dtype, "--tokens",
                    str(args.tokens), "--guided-tokens", str(args.guided_tokens), "--repeats", str(args.repeats),
                    "--kv-cache-gib", str(args.kv_cache_gib)]
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)    # the engine's log stays visible

@@ -1,6 +1,6 @@
 """Node benchmark: the vLLM engine's plain vs guided speed, concurrency, and the naive loop.
 
-    python -m negspace_node.bench            (make bench-node)
+    python -m negspace_bench.node.bench            (make bench-node)
 
 On the bundled SmolLM2-135M-Instruct (float32), every request generates exactly ``--tokens``
 tokens (end-of-sequence is ignored: the engines' stop checkers get no EOS ids and vLLM's
@@ -55,11 +55,10 @@ def bench_reference(tokens: int, negatives: int):
     """Naive loop and transformers engine, float32, generating exactly ``tokens`` tokens."""
     import torch
     from negspace_contracts.node import Guidance
-
+    from negspace_models import resolve_model
     from negspace_node.engines.base import GenerationRequest
     from negspace_node.engines.reference import reference_generate
     from negspace_node.engines.transformers import generate_batched, load_model
-    from negspace_node.models import resolve_model
 
     # One torch thread, as vLLM's CPU worker uses for serving: the same compute for both, and no
     # OpenMP spin-wait collapse on a shared 2-core machine (seen: 2 threads were ~10x slower).
@@ -84,7 +83,6 @@ def bench_reference(tokens: int, negatives: int):
 
 async def bench_vllm(tokens: int, kv_gib: float, concurrency_tokens: int):
     from negspace_contracts.node import Guidance
-
     from negspace_node.engines.base import GenerationRequest
     from negspace_node.engines.vllm.engine import VLLMEngine
     from negspace_node.settings import NodeSettings
@@ -199,7 +197,7 @@ def render(ref: dict, v: dict, tokens: int) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m negspace_node.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m negspace_bench.node.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=128, help="tokens per request (fixed, EOS ignored)")
     parser.add_argument("--concurrency-tokens", type=int, default=32,
                         help="tokens per request in the 1/4/8-concurrent measurements")

@@ -1,6 +1,6 @@
 """Diversity metrics of a set of texts and their embeddings: a pure module, usable offline.
 
-    python -m negspace_controller.metrics data.jsonl [--field text] [--embedder MODEL]
+    python -m negspace_controller.diversity data.jsonl [--field text] [--embedder MODEL]
         [--save-pca basis.json | --pca basis.json]
 
 Definitions (embeddings are L2-normalised first; cosine similarity = dot product):
@@ -241,7 +241,7 @@ def _read_jsonl(path: str, fld: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m negspace_controller.metrics", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m negspace_controller.diversity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("jsonl")
     p.add_argument("--field", default="text")

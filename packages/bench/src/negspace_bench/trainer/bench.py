@@ -1,4 +1,4 @@
-"""``python -m negspace_trainer.bench`` (``make bench-trainer``): LoRA vs full fine-tuning on the
+"""``python -m negspace_bench.trainer.bench`` (``make bench-trainer``): LoRA vs full fine-tuning on the
 bundled model on this machine: training throughput (non-padding tokens/s, TRL's ``num_tokens``
 over the train runtime) and peak memory (worker RSS; GPU peak on a GPU). Each method runs in its
 own worker process (the same ``negspace_trainer.worker`` jobs use) so peaks do not mix.
@@ -16,7 +16,6 @@ from pathlib import Path
 
 from negspace_contracts.trainer import JobRequest
 from negspace_servekit.benchdoc import machine_line, publish
-
 from negspace_trainer.local_tasks import TASKS_DIR
 
 
@@ -46,7 +45,7 @@ def run_one(method: str, steps: int, batch_size: int, max_length: int, base_mode
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m negspace_trainer.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m negspace_bench.trainer.bench", description=__doc__)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
