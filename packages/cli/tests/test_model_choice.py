@@ -18,9 +18,9 @@ from negspace_cli.study.spec import StudySpec, default_spec, load_spec
 
 
 def _old_study_id(spec: StudySpec) -> str:
-    """The digest as it was computed before the ``model`` field existed."""
+    """The digest as it was computed before the ``model`` and ``dtype`` fields existed."""
     body = spec.model_dump(mode="json")
-    del body["model"]
+    del body["model"], body["dtype"]
     return f"{spec.name}-{hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]}"
 
 
@@ -49,6 +49,47 @@ def test_committed_study_folders_keep_their_ids():
         assert spec.study_id() == folder.name
 
 
+def test_a_dtype_is_recorded_and_changes_the_id_only_when_set():
+    assert default_spec().dtype is None
+    f32 = default_spec(dtype="float32")
+    assert f32.model_dump(mode="json")["dtype"] == "float32"
+    assert f32.study_id() != default_spec().study_id() != default_spec(dtype="auto").study_id()
+    with pytest.raises(ValueError, match="dtype"):
+        default_spec(dtype="int4")
+
+
+def test_the_spec_dtype_decides_the_stack_a_study_starts(monkeypatch, tmp_path, capsys):
+    """What cmd_study hands the launcher: the spec's dtype over --dtype / NODE_DTYPE (said on stderr)."""
+    seen = {}
+
+    class StackThatStopsAtStart:
+        def __init__(self, config, services):
+            seen["dtype"], seen["node"] = config.node_dtype, config.command("node")
+            self.urls = {"orchestrator": "http://127.0.0.1:1"}
+
+        def start(self):
+            raise launcher.LaunchError("stop here")
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(study_command.launcher, "Stack", StackThatStopsAtStart)
+    monkeypatch.setenv("NODE_DTYPE", "bfloat16")
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"bases": ["Write a poem."], "seeds": [1], "arms": ["plain-t1.0"],
+                                "dtype": "float32"}))
+    a = cli.build_parser().parse_args(["study", "--spec", str(path), "--out", str(tmp_path)])
+
+    async def unreachable(url):
+        return False
+
+    rc = study_command.cmd_study(a, reachable=unreachable, stack_config=cli._stack_config,
+                                 raise_stop=lambda *x: None, err=lambda m: None)
+    assert rc == 1 and seen["dtype"] == "float32"
+    assert seen["node"][seen["node"].index("--dtype") + 1] == "float32"
+    assert "dtype bfloat16 is not used" in capsys.readouterr().err
+
+
 def test_a_spec_file_may_name_the_model(tmp_path):
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"bases": ["Write a poem."], "seeds": [1], "arms": ["plain-t1.0"],
@@ -66,6 +107,14 @@ def test_the_node_command_carries_the_model_only_when_chosen(monkeypatch):
     monkeypatch.setenv("NODE_MODEL", "qwen-coder-1.5b")
     assert launcher.StackConfig().effective_node_model == "qwen-coder-1.5b"
     assert launcher.StackConfig(node_model="smollm2-135m").effective_node_model == "smollm2-135m"
+
+
+def test_the_node_command_carries_the_dtype_only_when_chosen():
+    node = launcher.StackConfig(engine="vllm", node_dtype="float32").command("node")
+    assert node[node.index("--dtype") + 1] == "float32"
+    assert "--dtype" not in launcher.StackConfig(engine="vllm").command("node")   # NODE_DTYPE is inherited
+    for svc in ("controller", "orchestrator", "trainer"):
+        assert "--dtype" not in launcher.StackConfig(node_dtype="float32").command(svc)
 
 
 class _FakeKnown:

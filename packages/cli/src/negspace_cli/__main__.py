@@ -64,6 +64,9 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
                    help="node: the generating model, a known name (`python -m negspace_models list`: "
                         "smollm2-135m, the default, or qwen2.5-coder-1.5b, prepared once on first use), a hub id "
                         "or a local folder (default: NODE_MODEL, else the bundled smollm2-135m)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                   help="node: the weights' dtype (default: NODE_DTYPE, else auto: bfloat16 on CPUs with bf16 units "
+                        "for bf16 checkpoints, else float32)")
     g.add_argument("--logs", type=Path, default=None, help="log folder (default $NEGSPACE_HOME/logs)")
     g.add_argument("--data-dir", type=Path, default=None,
                    help="Qdrant, SQLite, exports and trainer jobs here (default: each service's, under $NEGSPACE_HOME)")
@@ -74,7 +77,7 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
 def _stack_config(a: argparse.Namespace) -> launcher.StackConfig:
     return launcher.StackConfig(host=a.host, ports={s: getattr(a, f"{s}_port") for s in launcher.SERVICES},
                                 logs_dir=a.logs, data_dir=a.data_dir, engine=a.engine, node_kv_cache_gib=a.kv_cache_gib,
-                                node_model=a.model,
+                                node_model=a.model, node_dtype=a.dtype,
                                 health_timeout_s=a.health_timeout, grace_s=a.grace)
 
 
@@ -151,6 +154,8 @@ def _up_background(a: argparse.Namespace, pidfile: Path) -> int:
         argv += ["--kv-cache-gib", str(a.kv_cache_gib)]
     if a.model:
         argv += ["--model", a.model]
+    if a.dtype:
+        argv += ["--dtype", a.dtype]
     if a.data_dir is not None:
         argv += ["--data-dir", str(a.data_dir.resolve())]
     logs = a.logs or launcher.negspace_home() / "logs"

@@ -87,6 +87,7 @@ class StackConfig:
     engine: str | None = None               # None: default_engine()
     node_kv_cache_gib: float | None = None  # vLLM CPU KV cache (NODE_KV_CACHE_GIB otherwise)
     node_model: str | None = None           # known name, hub id or folder (NODE_MODEL otherwise; empty: bundled)
+    node_dtype: str | None = None           # auto | float32 | bfloat16 | float16 (NODE_DTYPE otherwise; auto)
     data_dir: Path | None = None            # Qdrant, SQLite, exports, trainer jobs (default: $NEGSPACE_HOME)
     health_timeout_s: float = 600.0
     grace_s: float = 20.0
@@ -129,6 +130,8 @@ class StackConfig:
                 base += ["--kv-cache-gib", str(self.node_kv_cache_gib)]
             if self.node_model:
                 base += ["--model", self.node_model]
+            if self.node_dtype:
+                base += ["--dtype", self.node_dtype]
         elif service == "orchestrator":
             base += ["--node-url", self.url("node"), "--controller-url", self.url("controller"),
                      "--trainer-url", self.url("trainer")]

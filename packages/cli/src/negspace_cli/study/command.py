@@ -99,6 +99,12 @@ def cmd_study(a: argparse.Namespace, *, reachable, stack_config, raise_stop, err
         print(f"negspace study: NODE_MODEL={env_model} is not used: this study runs on its spec's model "
               f"{spec.model} (pass --model {env_model} to run it on that one)", file=sys.stderr)
     a.model = spec.model
+    if spec.dtype is not None:
+        asked = a.dtype or os.environ.get("NODE_DTYPE", "").strip()
+        if asked and asked != spec.dtype:
+            print(f"negspace study: dtype {asked} is not used: this study's spec says dtype {spec.dtype}",
+                  file=sys.stderr)
+        a.dtype = spec.dtype
     print(f"negspace study: {len(spec.cells())} runs ({len(spec.bases)} bases x {len(spec.seeds)} seeds x "
           f"{len(spec.arms)} arms, {spec.per_run} instructions each) -> {folder}", file=sys.stderr)
     from negspace_cli.study import analyze  # the evaluation embedder's stack loads only here
@@ -113,8 +119,9 @@ def cmd_study(a: argparse.Namespace, *, reachable, stack_config, raise_stop, err
     stack = None
     url = a.orchestrator_url
     if asyncio.run(reachable(url)):
-        print(f"negspace study: using the stack at {url}; its node must run {spec.model} (what study.json "
-              "records): a running stack keeps the model it was started with", file=sys.stderr)
+        print(f"negspace study: using the stack at {url}; its node must run {spec.model}"
+              + (f" in {spec.dtype}" if spec.dtype else "") + " (what study.json records): a running stack "
+              "keeps the model and dtype it was started with", file=sys.stderr)
     else:
         if a.no_start:
             err(f"no orchestrator answers at {url} (start one with `negspace up`)")

@@ -62,6 +62,11 @@ class StudySpec(BaseModel):
     model: str = Field(DEFAULT_MODEL, description="The generating (node) model the study runs on: a known name "
                                                   "(python -m negspace_models list), a hub id or a folder.")
 
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="The node's weights dtype for a stack the study starts (None: --dtype, else NODE_DTYPE, "
+                          "else auto). Set it to reproduce a study across machines: auto is bfloat16 on CPUs with "
+                          "bf16 units and float32 elsewhere.")
+
     @field_validator("model")
     @classmethod
     def _canonical_model(cls, v: str) -> str:
@@ -103,6 +108,8 @@ class StudySpec(BaseModel):
         body = self.model_dump(mode="json")
         if body["model"] == DEFAULT_MODEL:     # the ids of studies made before the field existed
             del body["model"]
+        if body["dtype"] is None:              # likewise
+            del body["dtype"]
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         return f"{self.name}-{digest[:10]}"
 
