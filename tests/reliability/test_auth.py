@@ -22,8 +22,8 @@ def _node(tmp_path, **kw):
 
 def _controller(tmp_path, **kw):
     from negspace_controller.app import create_app
-    from negspace_controller.testing import HashingFakeEmbedder
     from negspace_controller.settings import ControllerSettings
+    from negspace_controller.testing import HashingFakeEmbedder
 
     return create_app(ControllerSettings(qdrant_path=":memory:", index_snapshots="off", **kw),
                       embedder=HashingFakeEmbedder(dimension=16))

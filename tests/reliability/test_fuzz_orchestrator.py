@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, settings
 from negspace_contracts.errors import NotFoundError
 from negspace_contracts.trainer import Job, JobCreated, JobRequest
 from negspace_controller.app import create_app as controller_app
-from negspace_controller.testing import HashingFakeEmbedder
 from negspace_controller.settings import ControllerSettings
 from negspace_controller.store_qdrant import LocalStore
+from negspace_controller.testing import HashingFakeEmbedder
 from negspace_node.app import create_app as node_app
 from negspace_node.engines.fake import FakeEngine
 from negspace_node.settings import NodeSettings

@@ -30,8 +30,8 @@ def node_app(**kw):
 
 def controller_app(**kw):
     from negspace_controller.app import create_app
-    from negspace_controller.testing import HashingFakeEmbedder
     from negspace_controller.settings import ControllerSettings
+    from negspace_controller.testing import HashingFakeEmbedder
 
     return create_app(ControllerSettings(qdrant_path=":memory:", index_snapshots="off", **kw),
                       embedder=HashingFakeEmbedder(dimension=16))

@@ -315,8 +315,8 @@ async def test_guided_run_against_the_real_node_api_with_its_fake_engine(make_ha
 async def test_guided_run_and_baseline_against_the_real_node_and_controller_apps(make_harness):
     """Both real APIs in-process (node: FakeEngine; controller: HashingFakeEmbedder, Qdrant in memory)."""
     from negspace_controller.app import create_app as controller_app
-    from negspace_controller.testing import HashingFakeEmbedder
     from negspace_controller.settings import ControllerSettings
+    from negspace_controller.testing import HashingFakeEmbedder
     from negspace_node.app import create_app as node_app
     from negspace_node.engines.fake import FakeEngine
     from negspace_node.settings import NodeSettings

@@ -7,7 +7,6 @@ from __future__ import annotations
 from negspace_controller.embedding import Embedder
 from negspace_controller.testing import HashingFakeEmbedder
 
-
 __all__ = ["Embedder", "HashingFakeEmbedder", "build_embedder"]
 
 
