@@ -21,7 +21,7 @@ from negspace_node.app import create_app
 from negspace_node.engines.fake import FakeEngine
 from negspace_node.engines.transformers import TransformersEngine
 from negspace_node.settings import NodeSettings
-from negspace_node.testing import asgi_client, count_decode_steps, raw_post, serving
+from negspace_node.testing import asgi_client, count_decode_steps, leave_after_three_steps, raw_post, serving
 
 HI = [{"role": "user", "content": "Write a question about rivers."}]
 NEGS = ["Write a question about lakes.", "Write a question about the sea."]
@@ -224,13 +224,6 @@ async def test_openai_client_raises_an_error_event_as_api_error(real, monkeypatc
 async def test_leaving_mid_stream_stops_the_groups_decoding(real, monkeypatch):
     app, engine = real
     steps = count_decode_steps(monkeypatch)
-    engine._eos = frozenset()                # would decode 400 tokens unless aborted
-    status, _ = await raw_post(app, "/v1/chat/completions",
-                               {"messages": HI, "negative_prompts": NEGS, "guidance_scale": 2, "stream": True,
-                                "max_tokens": 400, "temperature": 0},
-                               disconnect_when=lambda: len(steps) >= 3)
+    status = await leave_after_three_steps(app, engine, steps, {"messages": HI, "negative_prompts": NEGS,
+                                                                "guidance_scale": 2, "stream": True})
     assert status == 200
-    at_disconnect = len(steps)
-    await asyncio.sleep(1.0)
-    assert len(steps) - at_disconnect <= 3       # it stopped at its next step, not after 400
-    assert engine.queue_depth() == 0 and app.state.node.in_flight == 0

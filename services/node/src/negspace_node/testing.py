@@ -74,6 +74,20 @@ def count_decode_steps(monkeypatch) -> list[int]:
     return steps
 
 
+async def leave_after_three_steps(app, engine, steps: list[int], body: dict) -> int:
+    """POST ``body`` (400 tokens, EOS off, so it would decode 400 steps) and leave once the
+    transformers engine took 3 decode steps (``steps`` from ``count_decode_steps``); checks that it
+    stopped at its next step and left nothing queued or in flight. Returns the status the app sent."""
+    engine._eos = frozenset()                # would decode 400 tokens unless aborted
+    status, _ = await raw_post(app, "/v1/chat/completions", {**body, "max_tokens": 400, "temperature": 0},
+                               disconnect_when=lambda: len(steps) >= 3)
+    at_disconnect = len(steps)
+    await asyncio.sleep(1.0)
+    assert len(steps) - at_disconnect <= 3       # it stopped at its next step, not after 400
+    assert engine.queue_depth() == 0 and app.state.node.in_flight == 0
+    return status
+
+
 def processor_forced_tokens(params, steps) -> list[list[int]]:
     """Run a fresh ``CFGLogitsProcessor`` over rows added with ``params`` (one ``SamplingParams`` a
     row) and the logits of each of ``steps``; returns the token each row was forced to, per step
