@@ -262,20 +262,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(enc: OnnxEncoder, source: Path, name: str) -> Path | None:
+def write_manifest(enc: OnnxEncoder, source: Path, name: str) -> Path:
     """The serving manifest (``onnx_serve``) beside ``enc``'s graph for the model folder
-    ``source``, unless one for the same folder and versions is there; None when it is. Written
-    only when the tokenizer rebuilt from it gives sentence-transformers' own features and lengths
-    (else ValueError: later starts then load torch, as before)."""
+    ``source``. Written again at every start through here (~50 ms): such a start means the one
+    there did not serve. Only when the tokenizer rebuilt from it gives sentence-transformers' own
+    features and lengths (else ValueError: later starts then load torch, as before)."""
     folder = enc.path.parent
-    key = source_key(source)
     target = folder / MANIFEST_FILE
-    try:
-        old = json.loads(target.read_text())
-        if (old.get("manifest"), old.get("source_key"), old.get("name")) == (MANIFEST_VERSION, key, name):
-            return None
-    except (OSError, ValueError):
-        pass
     spec, tok_json = tokenizer_spec(enc)
     rebuilt = ManifestTokenizer(spec, tok_json)
     for texts in (enc.probe_texts + list(CHECK_TEXTS), list(CHECK_TEXTS)):
@@ -290,7 +283,7 @@ def write_manifest(enc: OnnxEncoder, source: Path, name: str) -> Path | None:
                for m in enc.st._modules.values()]  # for the reader: pooling and normalisation run in the graph
     tok_bytes = tok_json.encode()
     manifest = {
-        "manifest": MANIFEST_VERSION, "source_key": key, "name": name, "source": str(source),
+        "manifest": MANIFEST_VERSION, "source_key": source_key(source), "name": name, "source": str(source),
         "key_packages": list(KEY_PACKAGES), "versions": package_versions(),
         "dimension": sentence_embedding_dimension(enc.st), "max_tokens": int(enc.st.max_seq_length),
         "truncate_dim": enc.truncate_dim, "tokenizer": spec, "tokenizer_sha256": hashlib.sha256(tok_bytes).hexdigest(),
@@ -319,8 +312,7 @@ def encoder_for(st, name: str, cache_root: Path | None = None, source: str | Non
     if source and Path(source).is_dir():
         try:
             written = write_manifest(enc, Path(source), name)
-            if written:
-                log.info("embedder %s: wrote the serving manifest %s (the next start needs no torch)", name, written)
+            log.info("embedder %s: wrote the serving manifest %s (the next start needs no torch)", name, written)
         except Exception as exc:
             log.warning("embedder %s: no serving manifest (starts keep loading torch): %s: %s", name,
                         type(exc).__name__, exc)

@@ -302,10 +302,10 @@ def manifest_embedder(setting: str, *, device: str | None = None, onnx_dir: Path
 
 
 def _why_not(source: str, device: str | None) -> str | None:
+    if not Path(source).is_dir():
+        return f"{source} is a hub id (a manifest is keyed by a model folder's files)"
     if device not in (None, "cpu"):
         return f"device {device} (ONNX Runtime is used on CPU only)"
     if device is None and (acc := accelerator()):
         return f"{acc} is present and --device is unset (sentence-transformers picks the device)"
-    if not Path(source).is_dir():
-        return f"{source} is a hub id (a manifest is keyed by a model folder's files)"
     return None
