@@ -46,7 +46,8 @@ class ControllerSettings(ServiceSettings):
         "package and ONNX Runtime, without importing torch or sentence-transformers (seconds faster). "
         "The probe texts are checked at every start; no manifest for this folder's files and these "
         "package versions, or any mismatch, starts through sentence-transformers as before (one log "
-        "line why), which writes the manifest again. false: always start through sentence-transformers.")
+        "line why), which writes the manifest again. --no-embed-manifest (CONTROLLER_EMBED_MANIFEST=false): "
+        "always start through sentence-transformers.")
     qdrant_url: str | None = Field(None, description="Qdrant server URL; without it, an embedded engine "
                                    "(--qdrant-engine) keeps the points in --qdrant-path.")
     qdrant_engine: Literal["edge", "local"] | None = Field(
