@@ -139,6 +139,15 @@ def exports(monkeypatch):
     return calls
 
 
+def encode_both(fast, slow, texts, batch_size, monkeypatch):
+    """(vectors, flags) of ``fast`` then of ``slow``, both at ``batch_size``; 384-dim float32 rows."""
+    for emb in (fast, slow):
+        monkeypatch.setattr(emb, "batch_size", batch_size)
+    (got, got_trunc), (want, want_trunc) = fast.encode(texts), slow.encode(texts)
+    assert got.shape == want.shape == (len(texts), 384) and got.dtype == np.float32
+    return got, got_trunc, want, want_trunc
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 5, 64])
 def test_onnx_vectors_and_truncation_equal_torch(torch_emb, onnx_emb, batch_size, monkeypatch):
@@ -146,11 +155,7 @@ def test_onnx_vectors_and_truncation_equal_torch(torch_emb, onnx_emb, batch_size
     assert (onnx_emb.name, onnx_emb.dimension, onnx_emb.max_tokens) == ("all-MiniLM-L6-v2", 384, 256)
     lengths = [len(ids) for ids in torch_emb.model.tokenizer(TEXTS, truncation=False)["input_ids"]]
     assert (lengths[4], lengths[5]) == (256, 257)  # the boundary: 256 tokens fit, 257 do not
-    for emb in (torch_emb, onnx_emb):
-        monkeypatch.setattr(emb, "batch_size", batch_size)
-    got, got_trunc = onnx_emb.encode(TEXTS)
-    want, want_trunc = torch_emb.encode(TEXTS)
-    assert got.shape == want.shape == (len(TEXTS), 384) and got.dtype == np.float32
+    got, got_trunc, want, want_trunc = encode_both(onnx_emb, torch_emb, TEXTS, batch_size, monkeypatch)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert got_trunc == want_trunc and [i for i, t in enumerate(got_trunc) if t] == [5, 6]
     single = np.stack([onnx_emb.encode([t])[0][0] for t in TEXTS[:6]])  # batch composition does not matter
@@ -365,11 +370,7 @@ def test_manifest_embedder_equals_the_torch_tokenised_onnx_encoder(manifest_emb,
     assert (manifest_emb.name, manifest_emb.dimension, manifest_emb.max_tokens, manifest_emb.backend) == \
         (onnx_emb.name, onnx_emb.dimension, onnx_emb.max_tokens, "onnx")
     texts = TEXTS + MORE_TEXTS
-    for emb in (manifest_emb, onnx_emb):
-        monkeypatch.setattr(emb, "batch_size", batch_size)
-    got, got_trunc = manifest_emb.encode(texts)
-    want, want_trunc = onnx_emb.encode(texts)
-    assert got.shape == want.shape == (len(texts), 384) and got.dtype == np.float32
+    got, got_trunc, want, want_trunc = encode_both(manifest_emb, onnx_emb, texts, batch_size, monkeypatch)
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert got_trunc == want_trunc and sum(got_trunc) == 4  # 255 and 400 words, 60 x Japanese, 400 x "xy"
     features = manifest_emb.onnx.tokenizer.features(texts)  # one padded batch, as preprocess pads it
