@@ -4,7 +4,13 @@ file is corrupt or wrong, and torch (one log line) for pipelines it does not sup
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -12,9 +18,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from negspace_contracts.controller import PointIn
-from negspace_controller import onnx_embed
+from negspace_controller import onnx_embed, onnx_serve
+from negspace_controller.embedder import build_embedder
 from negspace_controller.embedding import bundled_model_path
 from negspace_controller.onnx_embed import OnnxEncoder, OnnxUnsupported, unsupported_reason
+from negspace_controller.onnx_serve import ManifestEmbedder, manifest_embedder, source_key
 from negspace_controller.settings import ControllerSettings
 from negspace_controller.st_embed import SentenceTransformerEmbedder
 
@@ -54,6 +62,47 @@ def test_backend_setting(monkeypatch):
         ControllerSettings()
 
 
+def test_manifest_setting(monkeypatch):
+    assert ControllerSettings().embed_manifest is True
+    monkeypatch.setenv("CONTROLLER_EMBED_MANIFEST", "false")
+    assert ControllerSettings().embed_manifest is False
+
+
+def test_manifest_start_declines_hub_ids_and_other_devices(tmp_path, caplog):
+    """Without a model folder or on another device there is nothing to start from: one info line
+    each, nothing loaded, nothing written."""
+    with caplog.at_level(logging.INFO, "negspace.controller"):
+        assert manifest_embedder("sentence-transformers/all-MiniLM-L6-v2", onnx_dir=tmp_path) is None
+        assert manifest_embedder("", device="cuda", onnx_dir=tmp_path) is None
+        assert manifest_embedder("", device="cpu", onnx_dir=tmp_path) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and all("starting through sentence-transformers" in line for line in lines), lines
+    assert "hub id" in lines[0] and "device cuda" in lines[1] and "no serving manifest" in lines[2]
+    assert all(r.levelno == logging.INFO for r in caplog.records) and list(tmp_path.iterdir()) == []
+
+
+def test_source_key_follows_the_folder_files_and_the_versions(tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    (folder / "1_Pooling").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"w" * (onnx_serve.HASHED_BELOW + 1))
+    key = source_key(folder)
+    assert key == source_key(folder)
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x").write_text("hub bookkeeping")
+    assert source_key(folder) == key
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": false}')
+    changed = source_key(folder)
+    assert changed != key
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert source_key(folder) != changed
+    changed = source_key(folder)
+    monkeypatch.setattr(onnx_serve, "package_versions", lambda: {"onnxruntime": "0.0"})
+    assert source_key(folder) != changed
+
+
 async def test_health_says_which_backend_runs_the_embedder(run_app):
     async with run_app(ControllerSettings(embedder="fake", qdrant_path=":memory:")) as (_, _client, raw):
         assert (await raw.get("/health")).json()["info"]["embed_backend"] == "none"
@@ -90,6 +139,15 @@ def exports(monkeypatch):
     return calls
 
 
+def encode_both(fast, slow, texts, batch_size, monkeypatch):
+    """(vectors, flags) of ``fast`` then of ``slow``, both at ``batch_size``; 384-dim float32 rows."""
+    for emb in (fast, slow):
+        monkeypatch.setattr(emb, "batch_size", batch_size)
+    (got, got_trunc), (want, want_trunc) = fast.encode(texts), slow.encode(texts)
+    assert got.shape == want.shape == (len(texts), 384) and got.dtype == np.float32
+    return got, got_trunc, want, want_trunc
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 5, 64])
 def test_onnx_vectors_and_truncation_equal_torch(torch_emb, onnx_emb, batch_size, monkeypatch):
@@ -97,11 +155,7 @@ def test_onnx_vectors_and_truncation_equal_torch(torch_emb, onnx_emb, batch_size
     assert (onnx_emb.name, onnx_emb.dimension, onnx_emb.max_tokens) == ("all-MiniLM-L6-v2", 384, 256)
     lengths = [len(ids) for ids in torch_emb.model.tokenizer(TEXTS, truncation=False)["input_ids"]]
     assert (lengths[4], lengths[5]) == (256, 257)  # the boundary: 256 tokens fit, 257 do not
-    for emb in (torch_emb, onnx_emb):
-        monkeypatch.setattr(emb, "batch_size", batch_size)
-    got, got_trunc = onnx_emb.encode(TEXTS)
-    want, want_trunc = torch_emb.encode(TEXTS)
-    assert got.shape == want.shape == (len(TEXTS), 384) and got.dtype == np.float32
+    got, got_trunc, want, want_trunc = encode_both(onnx_emb, torch_emb, TEXTS, batch_size, monkeypatch)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert got_trunc == want_trunc and [i for i, t in enumerate(got_trunc) if t] == [5, 6]
     single = np.stack([onnx_emb.encode([t])[0][0] for t in TEXTS[:6]])  # batch composition does not matter
@@ -293,3 +347,140 @@ async def test_controller_uses_onnx_by_default_and_setup_prepare_reuses_it(onnx_
     assert onnx_embed.main(["prepare"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(onnx_emb.onnx.path)
     assert exports == []
+
+
+# ---- the serving manifest: the ONNX start without torch ----
+
+MORE_TEXTS = ["HELLO [SEP] World [MASK]", "\t\n tabs  and\u00a0nbsp\u200b", "e\u0301 vs \u00e9", "日本語のテキスト。" * 60,
+              "Ünïcödé ß ﬁ ½ ①", "x" * 3000, "xy " * 400, "Mixed CASE Words, Numbers 12345 and punctuation?!"]
+
+
+@pytest.fixture(scope="module")
+def manifest_emb(onnx_emb, home):
+    return manifest_embedder("", device="cpu", onnx_dir=home / "models" / "onnx", batch_size=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_manifest_embedder_equals_the_torch_tokenised_onnx_encoder(manifest_emb, onnx_emb, batch_size, monkeypatch):
+    """The start without torch serves the vectors and flags of the sentence-transformers-tokenised
+    ONNX path (the collections stored so far depend on them): empty, unicode, special-token
+    strings, texts past max_seq_length, batches of mixed lengths."""
+    assert isinstance(manifest_emb, ManifestEmbedder) and manifest_emb.onnx.path == onnx_emb.onnx.path
+    assert (manifest_emb.name, manifest_emb.dimension, manifest_emb.max_tokens, manifest_emb.backend) == \
+        (onnx_emb.name, onnx_emb.dimension, onnx_emb.max_tokens, "onnx")
+    texts = TEXTS + MORE_TEXTS
+    got, got_trunc, want, want_trunc = encode_both(manifest_emb, onnx_emb, texts, batch_size, monkeypatch)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got_trunc == want_trunc and sum(got_trunc) == 4  # 255 and 400 words, 60 x Japanese, 400 x "xy"
+    features = manifest_emb.onnx.tokenizer.features(texts)  # one padded batch, as preprocess pads it
+    st_features = onnx_emb.model.preprocess(texts)
+    assert sorted(features) == ["attention_mask", "input_ids", "token_type_ids"]
+    for name, ids in features.items():
+        np.testing.assert_array_equal(ids, st_features[name].numpy())
+    for emb in (manifest_emb, onnx_emb):
+        monkeypatch.setattr(emb, "query_instruction", "Find similar instructions")
+    np.testing.assert_allclose(manifest_emb.encode(texts[2:5], query=True)[0],
+                               onnx_emb.encode(texts[2:5], query=True)[0], atol=1e-6)
+
+
+START_WITHOUT_TORCH = """
+import asyncio, json, logging, sys
+logging.basicConfig(level=logging.INFO)
+from negspace_controller.app import create_app
+from negspace_controller.settings import ControllerSettings
+from negspace_servekit.testing import asgi_client, lifespan
+
+async def main():
+    app = create_app(ControllerSettings(qdrant_path=":memory:"))
+    async with lifespan(app), asgi_client(app) as client:
+        health = (await client.get("/health")).json()
+        embedded = (await client.post("/embed", json={"texts": json.loads(sys.argv[1])})).json()
+    print(json.dumps({"health": health, "embedded": embedded,
+                      "loaded": sorted(m for m in ("torch", "sentence_transformers", "transformers") if m in sys.modules)}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_controller_with_onnx_starts_without_torch(onnx_emb, home):
+    """create_app + lifespan with the defaults (ONNX, the bundled model), in a fresh process so this
+    one's imports do not count: torch, sentence-transformers and transformers stay unimported, and
+    /embed answers the torch-tokenised ONNX path's vectors."""
+    texts = [t for t in TEXTS + MORE_TEXTS if t.strip()]
+    env = {k: v for k, v in os.environ.items() if k != "NEGSPACE_API_TOKEN"} | {
+        "NEGSPACE_HOME": str(home), "HF_HUB_OFFLINE": "1", "CONTROLLER_DEVICE": "cpu", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run([sys.executable, "-c", START_WITHOUT_TORCH, json.dumps(texts)], env=env, text=True,
+                         capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == [], out.stderr
+    assert result["health"]["info"]["embed_backend"] == "onnx"
+    assert "from its serving manifest, without torch" in out.stderr
+    want, want_trunc = onnx_emb.encode(texts)
+    np.testing.assert_allclose(np.asarray(result["embedded"]["embeddings"], np.float32), want, atol=1e-6)
+    assert result["embedded"]["truncated"] == want_trunc
+
+
+def damage_manifest(folder, damage: str) -> None:
+    manifest, tok = folder / onnx_serve.MANIFEST_FILE, folder / onnx_serve.TOKENIZER_FILE
+    if damage == "missing":
+        manifest.unlink()
+    elif damage == "not-json":
+        manifest.write_text(manifest.read_text()[:100])
+    elif damage == "wrong-vectors":
+        m = json.loads(manifest.read_text())
+        m["probe"]["vectors"][1] = [-x for x in m["probe"]["vectors"][1]]
+        manifest.write_text(json.dumps(m))
+    elif damage == "tokenizer-file":  # edited after the manifest was written
+        tok.write_text(tok.read_text().replace('"[UNK]"', '"[UNKNOWN]"', 1))
+    else:  # another tokenizer, its hash recorded: only the probe texts' token ids tell
+        data = json.loads(tok.read_text())
+        assert data["normalizer"]["lowercase"] is True
+        data["normalizer"]["lowercase"] = False
+        tok.write_text(json.dumps(data, ensure_ascii=False))
+        m = json.loads(manifest.read_text())
+        m["tokenizer_sha256"] = hashlib.sha256(tok.read_bytes()).hexdigest()
+        manifest.write_text(json.dumps(m))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("damage", "why", "level"), [
+    ("missing", "no serving manifest", logging.INFO),
+    ("not-json", "no serving manifest", logging.INFO),
+    ("wrong-vectors", "probe vectors differ from torch's", logging.WARNING),
+    ("tokenizer-file", "is not the file the manifest was written with", logging.WARNING),
+    ("tokenizer-ids", "token ids differ", logging.WARNING),
+])
+def test_missing_or_damaged_manifest_starts_through_torch_correctly(damage, why, level, onnx_emb, tmp_path,
+                                                                    exports, caplog):
+    """A copy of the cached export with its manifest damaged: the start goes through
+    sentence-transformers (one line why, the cached graph reused), serves the same vectors, and
+    writes the manifest again, so the next start is without torch."""
+    folder = tmp_path / "onnx" / onnx_emb.onnx.path.parent.name
+    shutil.copytree(onnx_emb.onnx.path.parent, folder)
+    damage_manifest(folder, damage)
+    with caplog.at_level(logging.INFO, "negspace.controller"):
+        emb = build_embedder("", backend="onnx", device="cpu", onnx_dir=tmp_path / "onnx", batch_size=16)
+    assert isinstance(emb, SentenceTransformerEmbedder) and emb.backend == "onnx" and exports == []
+    assert emb.onnx.path == folder / "model.onnx"
+    lines = [r for r in caplog.records if "starting through sentence-transformers" in r.getMessage()]
+    assert len(lines) == 1 and why in lines[0].getMessage() and lines[0].levelno == level, \
+        [r.getMessage() for r in caplog.records]
+    assert any("wrote the serving manifest" in r.getMessage() for r in caplog.records)
+    want, want_trunc = onnx_emb.encode(TEXTS)
+    got, got_trunc = emb.encode(TEXTS)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got_trunc == want_trunc
+    again = manifest_embedder("", device="cpu", onnx_dir=tmp_path / "onnx", batch_size=16)
+    assert isinstance(again, ManifestEmbedder)
+    np.testing.assert_allclose(again.encode(TEXTS)[0], want, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_manifest_setting_off_starts_through_torch(onnx_emb, home, caplog):
+    with caplog.at_level(logging.INFO, "negspace.controller"):
+        emb = build_embedder("", backend="onnx", device="cpu", manifest=False, onnx_dir=home / "models" / "onnx")
+    assert isinstance(emb, SentenceTransformerEmbedder) and emb.backend == "onnx"
+    assert not any("starting through" in r.getMessage() for r in caplog.records)

@@ -41,6 +41,7 @@ def create_app(settings: ControllerSettings | None = None, embedder: Embedder | 
                 emb = await asyncio.to_thread(build_embedder, settings.embedder,
                                               batch_size=settings.embed_batch_size, device=settings.device,
                                               backend=settings.embed_backend,
+                                              manifest=settings.embed_manifest,
                                               query_instruction=settings.query_instruction,
                                               query_template=settings.query_template)
             elif settings.query_instruction and not emb.query_instruction:

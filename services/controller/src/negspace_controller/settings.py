@@ -37,7 +37,17 @@ class ControllerSettings(ServiceSettings):
         "embedder name, hence existing collections, do not change. A device other than cpu, another "
         "pipeline (e.g. WeightedLayerPooling, LayerNorm, a Router) or an export that fails or does "
         "not match uses torch, with one log line saying why: same vectors, only slower, so it never "
-        "stops a start. torch: always torch.")
+        "stops a start. torch: always torch. A start that exported or checked the graph also writes a "
+        "serving manifest beside it (see --embed-manifest).")
+    embed_manifest: bool = Field(
+        True, description="With --embed-backend onnx on CPU and a model folder (the bundled one "
+        "included): start from the serving manifest beside the exported graph (the tokenizer file, "
+        "truncation, prompt, probe texts with their token ids and torch's vectors), with the tokenizers "
+        "package and ONNX Runtime, without importing torch or sentence-transformers (seconds faster). "
+        "The probe texts are checked at every start; no manifest for this folder's files and these "
+        "package versions, or any mismatch, starts through sentence-transformers as before (one log "
+        "line why), which writes the manifest again. --no-embed-manifest (CONTROLLER_EMBED_MANIFEST=false): "
+        "always start through sentence-transformers.")
     qdrant_url: str | None = Field(None, description="Qdrant server URL; without it, an embedded engine "
                                    "(--qdrant-engine) keeps the points in --qdrant-path.")
     qdrant_engine: Literal["edge", "local"] | None = Field(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from negspace_controller.embedding import Embedder, resolve_model
+from negspace_controller.embedding import Embedder, resolve_model, sentence_embedding_dimension, token_lengths
 
 log = logging.getLogger("negspace.controller")
 
@@ -29,12 +29,11 @@ class SentenceTransformerEmbedder(Embedder):
 
         if backend not in ("torch", "onnx"):
             raise ValueError(f"embedder backend must be torch or onnx, not {backend!r}")
-        source, self.name = resolve_model(model)
-        log.info("loading embedder %s", source)
-        self.model = SentenceTransformer(source, device=device)
+        self.source, self.name = resolve_model(model)
+        log.info("loading embedder %s", self.source)
+        self.model = SentenceTransformer(self.source, device=device)
         self.batch_size = batch_size
-        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dimension = int(dim())
+        self.dimension = sentence_embedding_dimension(self.model)
         self.max_tokens = int(self.model.max_seq_length)
         self.backend = "torch"
         self.onnx = self._onnx(onnx_dir) if backend == "onnx" else None
@@ -46,7 +45,7 @@ class SentenceTransformerEmbedder(Embedder):
             return None
         from negspace_controller.onnx_embed import encoder_for
 
-        onnx = encoder_for(self.model, self.name, cache_root)
+        onnx = encoder_for(self.model, self.name, cache_root, source=self.source)
         if onnx is None:
             return None
         self.backend = "onnx"
@@ -55,8 +54,7 @@ class SentenceTransformerEmbedder(Embedder):
         return onnx
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
-        lengths = [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True,
-                                                             truncation=False)["input_ids"]]
+        lengths = token_lengths(self.model.tokenizer, texts)
         if self.onnx is not None:
             vecs = self.onnx.encode(texts, self.batch_size)
         else:
