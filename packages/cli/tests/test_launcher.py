@@ -249,3 +249,50 @@ def test_background_up_then_down(standins):
     assert not (standins / "home" / launcher.PID_FILE_NAME).exists()
     # nothing to stop is not an error
     assert _cli(["down"]).wait(timeout=30) == 0
+
+
+class _RecordingStack:
+    def __init__(self, events: list, fail: Exception | None = None):
+        self.events, self.fail = events, fail
+
+    def start(self):
+        self.events.append("start")
+        if self.fail is not None:
+            raise self.fail
+
+    def stop(self):
+        self.events.append("stop")
+
+
+class _Oops(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize(("raised", "code", "said"), [
+    (None, 0, []),
+    (_Oops("bad run"), 1, ["err: bad run"]),
+    (KeyboardInterrupt(), 130, ["err: stopped, rerun"]),
+])
+def test_run_on_stack_starts_runs_and_always_stops_saying_why_first(raised, code, said):
+    events: list = []
+
+    def work():
+        events.append("work")
+        if raised is not None:
+            raise raised
+
+    before = signal.getsignal(signal.SIGTERM)
+    got = launcher.run_on_stack(_RecordingStack(events), work, on_sigterm=lambda *a: None, errors=(_Oops,),
+                                err=lambda m: events.append(f"err: {m}"), interrupted="stopped, rerun")
+    assert got == code
+    assert events == ["start", "work", *said, "stop"]          # the message before the (slow) stop
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_run_on_stack_reports_a_failed_start_and_lets_other_errors_through():
+    events: list = []
+    assert launcher.run_on_stack(_RecordingStack(events, launcher.LaunchError("node died")), lambda: None,
+                                 on_sigterm=lambda *a: None, errors=(), err=events.append) == 1
+    assert events == ["start", "node died", "stop"]
+    with pytest.raises(ValueError):
+        launcher.run_on_stack(None, lambda: int("x"), on_sigterm=lambda *a: None, errors=(), err=events.append)

