@@ -18,9 +18,9 @@ from negspace_cli.study.spec import StudySpec, default_spec, load_spec
 
 
 def _old_study_id(spec: StudySpec) -> str:
-    """The digest as it was computed before the ``model`` and ``dtype`` fields existed."""
+    """The digest as it was computed before the ``model``, ``dtype`` and ``reuse`` fields existed."""
     body = spec.model_dump(mode="json")
-    del body["model"], body["dtype"]
+    del body["model"], body["dtype"], body["reuse"]
     return f"{spec.name}-{hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]}"
 
 

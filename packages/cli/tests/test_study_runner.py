@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from negspace_cli.study.runner import StudyError, StudyState, cost_of, load_results, run_cells
+from negspace_cli.study.runner import StudyError, StudyState, cost_of, load_results, reuse_cells, run_cells
 from negspace_cli.study.spec import StudySpec, cell_key, default_spec
 from negspace_contracts.orchestrator import AttemptData, AttemptEvent, RoundData, RoundEvent
 
@@ -89,3 +89,71 @@ def test_cost_counts_decode_rows_of_guided_attempts_only():
     assert cost_of(events, True) == {"attempts": 3, "generated_tokens": 30, "decode_rows": 10 + 10 + 40,
                                      "node_seconds": 1.5}
     assert cost_of(events, False)["decode_rows"] == 30
+
+
+async def test_reuse_takes_the_same_runs_from_another_study_and_nothing_else(orch, fake_state, tmp_path):
+    """A study that adds arms to another takes that study's finished runs of the same base, seed, arm
+    and run config (copied, with where they came from), and generates only the rest."""
+    first = small_spec(name="first", arms=["plain-t1.0", "guided"])
+    await run_cells(first, orch, tmp_path / first.study_id(), quiet=True)
+    assert len(fake_state.runs) == 8
+    # the bases in another order, one arm more, one seed more; "guided" matches only where configs do
+    second = small_spec(name="second", bases=[{"text": "Write a math problem."}, {"text": "Write a poem.", "split": "tune"}],
+                        seeds=[1, 2, 3], arms=["plain-t1.0", "guided", "history"], reuse=[first.study_id()])
+    folder = tmp_path / second.study_id()
+    taken = reuse_cells(second, folder)
+    assert sorted(taken) == sorted(cell_key(b, s, a) for b in (0, 1) for s in (1, 2) for a in ("plain-t1.0", "guided"))
+    moved = json.loads((folder / "cells" / f"{cell_key(0, 2, 'guided')}.json").read_text())
+    source = json.loads((tmp_path / first.study_id() / "cells" / f"{cell_key(1, 2, 'guided')}.json").read_text())
+    assert moved["run_id"] == source["run_id"] and moved["texts"] == source["texts"]
+    assert moved["base"] == 0 and moved["base_text"] == "Write a math problem." and moved["split"] == "held_out"
+    assert moved["reused_from"] == f"{first.study_id()}/{cell_key(1, 2, 'guided')}"
+    state = json.loads((folder / "study.json").read_text())
+    assert state["cells"][cell_key(0, 2, "guided")]["reused_from"] == moved["reused_from"]
+    await run_cells(second, orch, folder, quiet=True)
+    assert len(fake_state.runs) == 8 + len(second.cells()) - 8       # only what was missing
+    assert reuse_cells(second, folder) == []                           # nothing left to take
+
+
+def test_reuse_refuses_other_configs_models_and_missing_folders(tmp_path):
+    first = small_spec(name="first", arms=["plain-t1.0"])
+    folder = tmp_path / first.study_id()
+    StudyState.open(folder, first).save()
+    cell = {"key": cell_key(0, 1, "plain-t1.0"), "base": 0, "base_text": "Write a poem.", "seed": 1,
+            "arm": "plain-t1.0", "run_id": "r1", "texts": [],
+            "config": first.run_config(first.resolved_arms()[0], "Write a poem.", 1).model_dump(mode="json")}
+    (folder / "cells").mkdir()
+    (folder / "cells" / f"{cell['key']}.json").write_text(json.dumps(cell))
+    # another size: the same arm name but not the same run
+    bigger = small_spec(name="b", arms=["plain-t1.0"], rounds=2, reuse=[first.study_id()])
+    assert reuse_cells(bigger, tmp_path / bigger.study_id()) == []
+    # another model: nothing is taken
+    other = small_spec(name="o", arms=["plain-t1.0"], model="qwen2.5-coder-1.5b", reuse=[first.study_id()])
+    assert reuse_cells(other, tmp_path / other.study_id()) == []
+    same = small_spec(name="s", arms=["plain-t1.0"], reuse=[first.study_id()])
+    assert reuse_cells(same, tmp_path / same.study_id()) == [cell_key(0, 1, "plain-t1.0")]
+    with pytest.raises(StudyError, match="does not exist"):
+        reuse_cells(small_spec(name="m", reuse=["nope-123"]), tmp_path / "m")
+
+
+def test_reuse_is_not_part_of_the_study_id():
+    """Naming where runs may come from does not change which runs the study is: the folder stays."""
+    assert small_spec(reuse=["x-1"]).study_id() == small_spec().study_id()
+
+
+async def test_a_run_a_reused_study_started_is_followed_not_made_again(orch, fake_state, tmp_path):
+    """A reused study's run that has no cell file yet (it was still going when that study stopped) is
+    followed by this study when the orchestrator shows the same config: nothing is generated twice."""
+    first = small_spec(name="first", arms=["plain-t1.0", "guided"], seeds=[1])
+    await run_cells(first, orch, tmp_path / first.study_id(), quiet=True)
+    gone = tmp_path / first.study_id() / "cells" / f"{cell_key(0, 1, 'guided')}.json"
+    run_id = json.loads(gone.read_text())["run_id"]
+    gone.unlink()                                   # as if that study stopped before the run finished
+    second = small_spec(name="second", arms=["plain-t1.0", "guided"], seeds=[1], reuse=[first.study_id()])
+    folder = tmp_path / second.study_id()
+    assert reuse_cells(second, folder) and len(fake_state.runs) == 4
+    await run_cells(second, orch, folder, quiet=True)
+    assert len(fake_state.runs) == 4                # followed, not created
+    cell = json.loads((folder / "cells" / f"{cell_key(0, 1, 'guided')}.json").read_text())
+    assert cell["run_id"] == run_id
+    assert json.loads((folder / "study.json").read_text())["cells"][cell_key(0, 1, "guided")]["adopted"] is True

@@ -126,6 +126,27 @@ def test_two_stage_prompts():
     assert raw.attempt_negatives(["X"], "geometry") == ["X"]
 
 
+def test_two_stage_topic_wording():
+    """The second wording asks for a topic (not an angle), in English, and tells stage two to write the
+    instruction rather than what it asks for; the first wording's text is untouched (committed runs)."""
+    p = prompts.angle_prompt(BASE, ["Ratios", "train\nschedules"], "topic")
+    assert BASE in p and "topic" in p and "angle" not in p.lower() and "English" in p
+    assert "Topics already used" in p and p.endswith("- Ratios\n- train schedules\n")
+    assert prompts.clean_angle("**Topic:** Ratios in recipes.", wording="topic") == "Ratios in recipes"
+    assert prompts.clean_angle("Topic: x", wording="angle") == "Topic: x"          # the first wording keeps its rule
+    m = Method(cfg(prompting="two-stage", negative_format="superset", negatives=NegativesSpec(k=1),
+                   two_stage=TwoStageSpec(prompt="topic")))
+    pos = m.attempt_prompt(BASE, ["X"], "ratios")
+    assert pos.startswith(m.positive(BASE) + "\n\nThe augmented instruction must be about this topic: ratios\n")
+    assert "do not write what it asks for" in pos and "from this angle" not in pos
+    (neg,) = m.attempt_negatives(m.format_negatives(["X"], BASE), "ratios")
+    assert neg.startswith(m.positive(BASE)) and neg.endswith(pos[len(m.positive(BASE)):])  # positive + X + topic
+    assert m.angle_prompt(BASE, []) == prompts.angle_prompt(BASE, [], "topic")
+    assert Method(cfg(prompting="two-stage")).angle_prompt(BASE, []) == prompts.ANGLE_PROMPT.format(base=BASE)
+    with pytest.raises(ValueError):
+        TwoStageSpec(prompt="focus")
+
+
 def test_verbalized_prompt_parse_and_draw():
     p = prompts.verbalized_prompt("POS", 4)
     assert p.startswith("POS") and "4 different" in p and "Probability:" in p
@@ -284,6 +305,20 @@ async def test_two_stage_samples_an_angle_then_the_instruction_conditioned_on_it
         assert all(a.angle for a in h.orch.store.attempts(rid))
         insts = await h.client.runs.instructions(rid)  # a data user sees what each was written from
         assert len(insts) == 6 and all(i.angle and i.angle.startswith("topic") for i in insts)
+
+
+async def test_two_stage_topic_wording_reaches_the_node(make_harness):
+    async with make_harness(script=two_stage_script) as h:
+        rid = (await h.client.runs.create(cfg(prompting="two-stage", negatives=NegativesSpec(k=0),
+                                              two_stage=TwoStageSpec(prompt="topic", avoid_used=4)))).id
+        assert (await h.wait(rid)).status == "completed"
+        reqs = [r for n in h.nodes for r in n.requests]
+        stage1 = [r for r in reqs if r.messages[0].content.startswith("Base instruction:")]
+        stage2 = [r for r in reqs if not r.messages[0].content.startswith("Base instruction:")]
+        assert len(stage1) == len(stage2) == 6
+        assert all("Suggest ONE specific topic" in r.messages[0].content for r in stage1)
+        assert any("Topics already used" in r.messages[0].content for r in stage1)
+        assert all("must be about this topic: Angle: topic" in r.messages[0].content for r in stage2)
 
 
 def verbalized_script(req: ChatCompletionRequest) -> str:

@@ -124,6 +124,13 @@ class TwoStageSpec(StrictModel):
     avoid_used: int = Field(16, ge=0, le=64,
                             description="List up to this many angles of the run's accepted instructions in the "
                                         "angle prompt and ask for a new one (0 = do not list).")
+    prompt: Literal["angle", "topic"] = Field(
+        "angle", description="Wording of both stages. 'angle' (the first, kept so committed runs keep their "
+                             "meaning): 'Name ONE specific angle ...' then 'Write it from this angle: A'. "
+                             "'topic': asks for a topic in English, then 'The augmented instruction must be "
+                             "about this topic: A', and says to write the instruction, not what it asks for "
+                             "(on the 1.5B the first wording read 'angle' geometrically on a poem base and "
+                             "wrote the questions themselves on a question base).")
 
 
 class VerbalizedSpec(StrictModel):

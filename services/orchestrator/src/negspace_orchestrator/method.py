@@ -69,7 +69,7 @@ class Method:
         """What every attempt adds after the slot's prompt: the two-stage angle, then the verbalized
         request (applied to the positive and to superset negatives alike)."""
         if angle:
-            prompt = prompts.with_angle(prompt, angle)
+            prompt = prompts.with_angle(prompt, angle, self.cfg.two_stage.prompt)
         if self.cfg.prompting == "verbalized":
             prompt = prompts.verbalized_prompt(prompt, self.cfg.verbalized.candidates)
         return prompt
@@ -96,7 +96,7 @@ class Method:
         return self.cfg.max_tokens
 
     def angle_prompt(self, source: str, used: list[str]) -> str:
-        return prompts.angle_prompt(source, used)
+        return prompts.angle_prompt(source, used, self.cfg.two_stage.prompt)
 
     def reply_text(self, text: str, seed: int) -> str:
         """The instruction an attempt produced: the reply itself, or (verbalized) one candidate drawn

@@ -90,28 +90,48 @@ ANGLE_USED = "\n\nAngles already used (pick a clearly different one):\n"
 WITH_ANGLE = "\n\nWrite it from this angle: "
 
 
-def angle_prompt(base: str, used: list[str]) -> str:
-    """Stage one: ask for a short angle within ``base``; with ``used``, list them and ask for a new one."""
-    prompt = ANGLE_PROMPT.format(base=base)
+#: ``two_stage.prompt: topic``, the second wording: a topic rather than an "angle" (read
+#: geometrically on a poem base by the 1.5B), asked for in English (the hot first wording gave
+#: mixed-script angles), and stage two says the reply is the instruction, not what it asks for (on
+#: "Write a question about ..." the first wording got the questions themselves).
+TOPIC_PROMPT = ("Base instruction: {base}\n\nSuggest ONE specific topic that a new, more specific version of "
+                "this instruction could be about: a subtopic, setting or audience. Answer in English with the "
+                "topic only, in at most six words.")
+TOPIC_USED = "\n\nTopics already used (suggest a clearly different one):\n"
+WITH_TOPIC = ("\n\nThe augmented instruction must be about this topic: {topic}\nWrite the instruction itself, "
+              "asking for the same kind of thing as the base instruction; do not write what it asks for.")
+
+_STAGE_ONE = {"angle": (ANGLE_PROMPT, ANGLE_USED), "topic": (TOPIC_PROMPT, TOPIC_USED)}
+
+
+def angle_prompt(base: str, used: list[str], wording: str = "angle") -> str:
+    """Stage one: ask for a short angle (``wording`` ``topic``: a topic) within ``base``; with
+    ``used``, list them and ask for a new one."""
+    head, used_head = _STAGE_ONE[wording]
+    prompt = head.format(base=base)
     if used:
-        prompt += ANGLE_USED + "".join(f"- {' '.join(a.split())}\n" for a in used)
+        prompt += used_head + "".join(f"- {' '.join(a.split())}\n" for a in used)
     return prompt
 
 
-def clean_angle(text: str, max_words: int = 12) -> str:
+def clean_angle(text: str, max_words: int = 12, wording: str = "angle") -> str:
     """The angle as one short line: the first non-empty line, labels, list marks and quotes
     stripped, at most ``max_words`` words ("" when nothing is left)."""
     for line in text.strip().splitlines():
         line = re.sub(r"^\s*(?:[-*#>]+|\d+[.)])\s*", "", line)
-        line = re.sub(r"^\s*[*_]*\s*angle\s*[*_]*\s*:\s*", "", line, flags=re.IGNORECASE).strip().strip("*_\"' ")
+        line = re.sub(rf"^\s*[*_]*\s*{wording}\s*[*_]*\s*:\s*", "", line, flags=re.IGNORECASE).strip().strip("*_\"' ")
         if line:
             return " ".join(line.split()[:max_words]).rstrip(".,;:")
     return ""
 
 
-def with_angle(prompt: str, angle: str) -> str:
+def with_angle(prompt: str, angle: str, wording: str = "angle") -> str:
     """Stage two: the prompt (positive, or a superset negative) conditioned on the angle."""
-    return f"{prompt}{WITH_ANGLE}{angle}" if angle else prompt
+    if not angle:
+        return prompt
+    if wording == "topic":
+        return prompt + WITH_TOPIC.format(topic=angle)
+    return f"{prompt}{WITH_ANGLE}{angle}"
 
 
 # ---- verbalized sampling (prompting: verbalized) ------------------------------------------------

@@ -195,7 +195,7 @@ class Rounds(SharedState):
             max_tokens=ts.angle_max_tokens, temperature=ts.angle_temperature, top_p=ts.angle_top_p,
             seed=derive_seed(cfg.seed, run.mode, node, round_, attempt, "angle"))
         gen = await self.deps.generate(node, request)
-        return prompts.clean_angle(gen.text), gen
+        return prompts.clean_angle(gen.text, wording=ts.prompt), gen
 
     async def _generate(self, run: RunRow, method: Method, node: int, round_: int, attempt: int, *,
                         guidance: Guidance | None, negatives: list[str]) -> AttemptRow:

@@ -26,7 +26,8 @@ Shared choices, so that arms differ in one thing at a time:
   writes the instruction at T 0.7 after an angle sampled at T 1.2 (the method is both);
 - ablations without negatives: every ``superset*`` arm's is ``retry-only`` (with k 0 the scale and the
   form of negatives do nothing, and the retry settings are the same), ``two-sided-superset``'s is
-  ``two-sided``, ``two-stage-superset``'s ``two-stage``, ``verbalized-superset``'s ``verbalized``.
+  ``two-sided``, ``two-stage-superset``'s ``two-stage``, ``two-stage-topic-superset``'s
+  ``two-stage-topic``, ``verbalized-superset``'s ``verbalized``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ _SUPERSET = {"similarity_quantile": CALIBRATED_QUANTILE, "negative_format": "sup
 _TWO_SIDED = {"acceptance": {"rule": "two-sided", "on_topic_retries": 3, "keep": "best"}}
 _TWO_STAGE = {"prompting": "two-stage", "temperature": 0.7, "two_stage": {"angle_temperature": 1.2}}
 _VERBALIZED = {"prompting": "verbalized", "verbalized": {"candidates": 5}}
+#: The second two-stage wording (prompts.TOPIC_PROMPT) with the cooler first stage of two-stage-cool.
+_TWO_STAGE_TOPIC = {"prompting": "two-stage", "temperature": 0.7,
+                    "two_stage": {"angle_temperature": 1.0, "angle_top_p": 0.9, "prompt": "topic"}}
 
 
 def _with(base: dict[str, Any], **over: Any) -> dict[str, Any]:
@@ -155,6 +159,11 @@ _ARMS = [
             _TWO_STAGE, two_stage={"angle_temperature": 1.0, "angle_top_p": 0.9}))),
     Arm("two-stage-superset", "guided", "two-stage with superset negatives (each carries the same angle), flat "
         "scale 2.0; ablation: two-stage", _with(_SUPERSET, **_TWO_STAGE)),
+    Arm("two-stage-topic", "baseline", "two-stage, second wording (a topic in English, then 'the augmented "
+        "instruction must be about this topic ... not what it asks for'), topic at T 1.0, top-p 0.9, instruction "
+        "at T 0.7; no negatives", _with(_RETRY, negatives={"k": 0}, **_TWO_STAGE_TOPIC)),
+    Arm("two-stage-topic-superset", "guided", "two-stage-topic with superset negatives (each carries the same "
+        "topic), flat scale 2.0; ablation: two-stage-topic", _with(_SUPERSET, **_TWO_STAGE_TOPIC)),
     Arm("verbalized", "baseline", "verbalized sampling (Zhang et al. 2025): 5 candidates with probabilities in "
         "one reply, one drawn by them; retries as retry-only, no negatives",
         _with(_RETRY, negatives={"k": 0}, **_VERBALIZED)),

@@ -25,7 +25,7 @@ from negspace_models import canonical_name
 
 from negspace_cli import launcher
 from negspace_cli.study import arms as arms_mod
-from negspace_cli.study.runner import StudyError, run_cells
+from negspace_cli.study.runner import StudyError, reuse_cells, run_cells
 from negspace_cli.study.spec import DEFAULT_ARMS, DEFAULT_SEEDS, StudySpec, cell_key, default_spec, load_spec
 
 CALL_TIMEOUT_S = 600.0
@@ -84,7 +84,8 @@ def build_spec(a: argparse.Namespace) -> StudySpec:
 def cmd_study(a: argparse.Namespace, *, reachable, stack_config, raise_stop, err) -> int:
     if a.list_arms:
         for arm in arms_mod.ARMS.values():
-            print(f"{arm.name:22s} {arm.kind:9s} {arm.doc}")
+            width = max(len(name) for name in arms_mod.ARMS)
+            print(f"{arm.name:{width}s} {arm.kind:9s} {arm.doc}")
         return 0
     try:
         spec = build_spec(a)
@@ -108,6 +109,11 @@ def cmd_study(a: argparse.Namespace, *, reachable, stack_config, raise_stop, err
           f"{len(spec.arms)} arms, {spec.per_run} instructions each) -> {folder}", file=sys.stderr)
     from negspace_cli.study import analyze  # the evaluation embedder's stack loads only here
 
+    try:
+        reuse_cells(spec, folder)
+    except StudyError as exc:
+        err(str(exc))
+        return 2
     missing = [c for c in spec.cells() if not (folder / "cells" / f"{cell_key(*c)}.json").exists()]
     if a.analyze_only or not missing:
         if not missing:

@@ -24,6 +24,7 @@ from negspace_contracts.orchestrator import (
     AttemptEvent,
     OrchestratorClient,
     Run,
+    RunConfig,
     RunEvent,
 )
 
@@ -67,7 +68,7 @@ class StudyState:
         if path.exists():
             data = json.loads(path.read_text())
             stored = StudySpec.model_validate(data["spec"])
-            if stored.model_dump() != spec.model_dump():
+            if stored.model_dump(exclude={"reuse"}) != spec.model_dump(exclude={"reuse"}):
                 raise StudyError(f"{path} holds another study (its spec differs); use another --out or --name")
             return cls(path, spec, data.get("cells", {}))
         return cls(path, spec, {})
@@ -78,6 +79,85 @@ class StudyState:
         if extra:
             data.update(extra)
         write_json(self.path, data)
+
+
+def reuse_cells(spec: StudySpec, folder: Path) -> list[str]:
+    """Take the finished runs of the studies in ``spec.reuse`` (folders beside ``folder``) for this
+    study's missing cells: same base text, seed and arm, the same run config (compared after both
+    are read as today's ``RunConfig``, so a field added since with its default still matches) on the
+    same model and dtype. The cell file is copied with this study's key and base index and says
+    where it came from (``reused_from``); nothing is generated. Returns the keys taken."""
+    if not spec.reuse:
+        return []
+    arms = {a.name: a for a in spec.resolved_arms()}
+    missing = {cell_key(*c): c for c in spec.cells() if not (folder / "cells" / f"{cell_key(*c)}.json").exists()}
+    taken: list[str] = []
+    state: StudyState | None = None
+    for source_id in spec.reuse:
+        source = folder.parent / source_id
+        if source.resolve() == folder.resolve():
+            continue
+        meta = source / "study.json"
+        if not meta.exists():
+            raise StudyError(f"reuse: {meta} does not exist (name a study folder beside {folder})")
+        other = StudySpec.model_validate(json.loads(meta.read_text())["spec"])
+        if other.model != spec.model or other.dtype != spec.dtype:
+            _log(f"negspace study: reuse: {source_id} ran on {other.model}/{other.dtype or 'default dtype'}, "
+                 f"this study on {spec.model}/{spec.dtype or 'default dtype'}: none of its runs is taken")
+            continue
+        for path in sorted((source / "cells").glob("*.json")):
+            cell = json.loads(path.read_text())
+            match = next((k for k, (b, seed, arm) in missing.items()
+                          if arm == cell.get("arm") and seed == cell.get("seed")
+                          and spec.bases[b].text == cell.get("base_text")), None)
+            if match is None:
+                continue
+            b, seed, arm = missing[match]
+            want = spec.run_config(arms[arm], spec.bases[b].text, seed)
+            try:
+                same = RunConfig.model_validate(cell["config"]) == want
+            except ValueError:
+                same = False
+            if not same:
+                continue
+            cell.update(key=match, base=b, split=spec.bases[b].split,
+                        reused_from=cell.get("reused_from") or f"{source_id}/{cell['key']}")
+            write_json(folder / "cells" / f"{match}.json", cell)
+            if state is None:
+                state = StudyState.open(folder, spec)
+            state.cells[match] = {"base": b, "seed": seed, "arm": arm, "failed_runs": [], "run_id": cell["run_id"],
+                                  "status": "completed", "reused_from": cell["reused_from"]}
+            del missing[match]
+            taken.append(match)
+    if state is not None:
+        state.save()
+    if taken:
+        _log(f"negspace study: took {len(taken)} finished runs from {', '.join(spec.reuse)} (same base, seed, arm "
+             "and run config; cells say reused_from)")
+    return taken
+
+
+def unfinished_elsewhere(spec: StudySpec, folder: Path) -> dict[str, str]:
+    """Runs the studies in ``spec.reuse`` started and have not finished (no cell file yet), by this
+    study's key (same base text, seed and arm): ``run_cells`` follows such a run instead of creating
+    another, once the orchestrator shows it has the same run config."""
+    out: dict[str, str] = {}
+    wanted = {(spec.bases[b].text, seed, arm): cell_key(b, seed, arm) for b, seed, arm in spec.cells()}
+    for source_id in spec.reuse:
+        meta = folder.parent / source_id / "study.json"
+        if not meta.exists() or meta.parent.resolve() == folder.resolve():
+            continue
+        data = json.loads(meta.read_text())
+        other = StudySpec.model_validate(data["spec"])
+        if other.model != spec.model or other.dtype != spec.dtype:
+            continue
+        for key, c in data.get("cells", {}).items():
+            if not c.get("run_id") or (meta.parent / "cells" / f"{key}.json").exists():
+                continue
+            mine = wanted.get((other.bases[c["base"]].text, c["seed"], c["arm"]))
+            if mine:
+                out.setdefault(mine, c["run_id"])
+    return out
 
 
 def cost_of(events: list[RunEvent], arm_uses_cfg: bool) -> dict[str, float]:
@@ -131,6 +211,7 @@ async def run_cells(spec: StudySpec, client: OrchestratorClient, folder: Path, *
         todo = todo[:max_cells]
     done_before = len(spec.cells()) - len([c for c in spec.cells()
                                            if not (folder / "cells" / f"{cell_key(*c)}.json").exists()])
+    elsewhere = unfinished_elsewhere(spec, folder)
     bar = make_bar(len(spec.cells()), f"study {spec.study_id()}", "run", disable=quiet)
     bar.update(done_before)
     sem = asyncio.Semaphore(max(1, parallel))
@@ -149,7 +230,19 @@ async def run_cells(spec: StudySpec, client: OrchestratorClient, folder: Path, *
         async with sem:
             cell = state.cells.setdefault(key, {"base": b, "seed": seed, "arm": arm_name, "failed_runs": []})
             run_id = cell.get("run_id")
+            cfg = spec.run_config(arm, spec.bases[b].text, seed)
             run = None
+            if not run_id and key in elsewhere:     # a reused study's run still going: follow it
+                try:
+                    other = await client.runs.get(elsewhere[key])
+                    if RunConfig.model_validate(other.config.model_dump(mode="json")) == cfg:
+                        run_id = other.id
+                        _log(f"negspace study: {key}: following run {run_id} of a reused study")
+                        async with lock:
+                            cell.update(run_id=run_id, status="running", adopted=True)
+                            state.save()
+                except NegspaceError:
+                    pass
             if run_id:
                 try:
                     run = await client.runs.get(run_id)
@@ -160,7 +253,6 @@ async def run_cells(spec: StudySpec, client: OrchestratorClient, folder: Path, *
                 cell["failed_runs"].append({"run_id": run_id, "error": run.error})
                 run_id = None
             if run_id is None:
-                cfg = spec.run_config(arm, spec.bases[b].text, seed)
                 t0 = time.time()
                 created = await client.runs.create(cfg)
                 run_id = created.id

@@ -67,6 +67,13 @@ class StudySpec(BaseModel):
                           "else auto). Set it to reproduce a study across machines: auto is bfloat16 on CPUs with "
                           "bf16 units and float32 elsewhere.")
 
+    reuse: list[str] = Field(
+        default_factory=list,
+        description="Study folders (ids, beside this study's folder) whose finished runs this study takes "
+                    "instead of generating them again: a cell is taken when that study ran the same base, seed "
+                    "and arm with the same run config on the same model and dtype. Not part of the study id "
+                    "(a taken run is the run this study would make), so adding it keeps a study's folder.")
+
     @field_validator("model")
     @classmethod
     def _canonical_model(cls, v: str) -> str:
@@ -110,6 +117,7 @@ class StudySpec(BaseModel):
             del body["model"]
         if body["dtype"] is None:              # likewise
             del body["dtype"]
+        del body["reuse"]                      # where runs come from, not what they are
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         return f"{self.name}-{digest[:10]}"
 
