@@ -32,9 +32,9 @@ def texts_for(arm: str, seed: int, n: int) -> list[str]:
     """Hot plain arms draw from a wide vocabulary and drift off topic; 'wide' is diverse AND on topic."""
     rng = random.Random(f"{arm}-{seed}")
     spread = {"plain-t0.7": 3, "plain-t1.0": 6, "plain-t1.4": 10, "guided": 3, "wide": 10, "history": 4,
-              "retry-only": 5}[arm]
+              "retry-only": 5, "wide-prompt": 10}[arm]
     off_rate = {"plain-t0.7": 0.0, "plain-t1.0": 0.2, "plain-t1.4": 0.6, "guided": 0.2, "wide": 0.2,
-                "history": 0.2, "retry-only": 0.2}[arm]
+                "history": 0.2, "retry-only": 0.2, "wide-prompt": 0.2}[arm]
     out = []
     for i in range(n):
         words = rng.sample(OFF, 2) if rng.random() < off_rate else ["write", "a", "poem", rng.choice(TOPIC)]
@@ -43,14 +43,14 @@ def texts_for(arm: str, seed: int, n: int) -> list[str]:
     return out
 
 
-@pytest.fixture
-def study(tmp_path):
+def make_study(folder, arms=("plain-t0.7", "plain-t1.0", "plain-t1.4", "guided", "history", "retry-only", "wide"),
+               custom=None):
+    custom = custom or {"wide": {"kind": "guided", "doc": "synthetic: diverse and on topic", "config": {}}}
     spec = StudySpec.model_validate(dict(
         name="t", bases=[{"text": "Write a poem.", "split": "held_out"}, {"text": "Write a poem about cats.",
                                                                           "split": "held_out"}],
-        seeds=[1, 2, 3], arms=["plain-t0.7", "plain-t1.0", "plain-t1.4", "guided", "history", "retry-only", "wide"],
-        custom_arms={"wide": {"kind": "guided", "doc": "synthetic: diverse and on topic", "config": {}}},
-        nodes=4, rounds=2))
+        seeds=[1, 2, 3], arms=list(arms), custom_arms=custom, nodes=4, rounds=2))
+    tmp_path = folder
     for b, s, a in spec.cells():
         texts = texts_for(a, s * 10 + b, spec.per_run)
         write_json(tmp_path / "cells" / f"{cell_key(b, s, a)}.json", {
@@ -60,6 +60,11 @@ def study(tmp_path):
             "cost": {"attempts": spec.per_run, "generated_tokens": 10 * spec.per_run,
                      "decode_rows": 10 * spec.per_run, "node_seconds": 1.0, "wall_seconds": 2.0}})
     return spec, tmp_path
+
+
+@pytest.fixture
+def study(tmp_path):
+    return make_study(tmp_path)
 
 
 def test_analysis_writes_every_number_and_the_report(study):
@@ -75,7 +80,7 @@ def test_analysis_writes_every_number_and_the_report(study):
     assert set(comp) == {"guided", "history", "retry-only", "wide"}
     r = comp["wide"]["ratio_to_curve"]
     assert r["estimate"] > 1.0 and r["ci_low"] <= r["estimate"] <= r["ci_high"]
-    # the target's checks are reported one by one, and a baseline can never "meet" it
+    # the target's checks are reported one by one
     assert set(comp["wide"]["target"]["checks"]) >= {"ratio_ge_1.10", "ratio_ci_above_1", "beats_history",
                                                       "beats_retry-only", "on_topic_within_0.05_of_plain_t1.0"}
     assert comp["history"]["target"]["met"] is False
@@ -96,3 +101,33 @@ def test_a_case_missing_an_arm_is_left_out_of_the_paired_comparison(study):
     analyze_mod.analyze(folder, spec, n_boot=100, quiet=True, evaluator=Evaluator.from_encoder(bow, name="bow"))
     held = json.loads((folder / "study.json").read_text())["results"]["held_out"]
     assert held["n_cases"] == 5 and "b0-s1" not in held["cases"]
+
+
+def test_the_cfg_part_is_measured_against_its_ablation_and_a_winner_without_cfg_is_named(tmp_path, monkeypatch):
+    """A CFG arm is compared with its ablation without negatives (the CFG part's contribution), and
+    an arm without CFG can meet the target: the verdict then says it uses none."""
+    from negspace_cli.study import arms as arms_mod
+
+    monkeypatch.setitem(arms_mod.ABLATIONS, "wide", "retry-only")
+    spec, folder = make_study(tmp_path, arms=("plain-t0.7", "plain-t1.0", "plain-t1.4", "history", "retry-only",
+                                              "wide", "wide-prompt"),
+                              custom={"wide": {"kind": "guided", "doc": "synthetic CFG arm", "config": {}},
+                                      "wide-prompt": {"kind": "baseline", "doc": "synthetic prompt method",
+                                                      "config": {}}})
+    report = analyze_mod.analyze(folder, spec, n_boot=300, quiet=True,
+                                 evaluator=Evaluator.from_encoder(bow, name="bow-test"))
+    comp = json.loads((folder / "study.json").read_text())["results"]["held_out"]["comparisons"]
+    ab = comp["wide"]["vs_ablation"]
+    assert ab["arm"] == "retry-only" and ab["vendi_ratio"]["estimate"] > 1.0
+    assert "vs_ablation" not in comp["wide-prompt"] and comp["wide-prompt"]["target"]["uses_cfg"] is False
+    assert comp["wide"]["target"]["uses_cfg"] is True
+    text = report.read_text()
+    assert "Vendi / its ablation (the CFG part)" in text and "(`retry-only`)" in text
+    # how the verdict names a winner
+    from negspace_cli.study.report import _winner
+
+    assert _winner("wide-prompt", comp["wide-prompt"]).startswith("`wide-prompt` (no CFG")
+    assert "CFG contributes: Vendi / `retry-only`" in _winner("wide", comp["wide"])   # its CI is above 1 here
+    flat = {**comp["wide"], "vs_ablation": {**ab, "vendi_ratio": {"estimate": 1.01, "ci_low": 0.9, "ci_high": 1.1}}}
+    assert "CFG is not shown to contribute" in _winner("wide", flat)
+    assert "its ablation was not run" in _winner("wide", {k: v for k, v in comp["wide"].items() if k != "vs_ablation"})

@@ -45,3 +45,22 @@ def test_issue_21_arms_differ_from_their_neighbours_in_what_they_name():
         if ARMS[name].kind == "guided":
             ablation = ARMS[name].doc.split("ablation: ")[-1] if "ablation: " in ARMS[name].doc else "retry-only"
             assert ablation in ARMS and config(ablation).negatives.k == 0, name
+
+
+def test_each_ablation_is_its_arm_without_negatives():
+    """An arm's ablation makes the same run but for the negatives (and what only they use: their
+    form and the guidance scale), so 'arm / ablation' is the CFG part's contribution."""
+    from negspace_cli.study import arms as arms_mod
+    from negspace_contracts.orchestrator import RunConfig
+
+    def body(name):
+        cfg = RunConfig.model_validate({**arms_mod.ARMS[name].config, "base_instruction": "Write a poem.", "seed": 1})
+        d = cfg.model_dump(mode="json")
+        for k in ("negatives", "negative_format", "guidance"):
+            d.pop(k)
+        return d
+
+    assert arms_mod.ABLATIONS["two-stage-topic-superset"] == "two-stage-topic"
+    for arm, ablation in arms_mod.ABLATIONS.items():
+        assert arms_mod.ARMS[arm].kind == "guided" and arms_mod.ARMS[ablation].config["negatives"]["k"] == 0
+        assert body(arm) == body(ablation), (arm, ablation)

@@ -9,10 +9,13 @@ have every arm:
 - the headline: each non-plain arm's Vendi over the plain-sampling curve's Vendi at the arm's
   on-topic rate (``stats.ratio_to_curve``; paired bootstrap over cases; right of the curve's range
   the ratio is to the curve's most on-topic point, which understates the arm: flagged);
-- each arm against the in-prompt history and the retry-only baselines (``stats.matched_comparison``);
-- the target check for every guided arm: ratio >= 1.10 with the CI above 1, on-topic rate no more
-  than 0.05 below plain sampling at T=1.0, and Vendi above history and retry-only on the same
-  cases (ratio CI above 1) at an on-topic rate no more than 0.05 below theirs.
+- each arm against the in-prompt history, retry-only and verbalized baselines
+  (``stats.matched_comparison``), and each CFG arm against its ablation without negatives
+  (``arms.ABLATIONS``): the CFG part's contribution;
+- the target check for every non-plain arm (a winner without CFG counts, and is said to have none):
+  ratio >= 1.10 with the CI above 1, on-topic rate no more than 0.05 below plain sampling at T=1.0,
+  and Vendi above history, retry-only and verbalized on the same cases (ratio CI above 1) at an
+  on-topic rate no more than 0.05 below theirs.
 
 Measures are cached in ``measures.json`` (per cell and embedder), so a rerun only measures new cells.
 """
@@ -158,6 +161,10 @@ def analyze_split(cells: dict[str, dict[str, Any]], spec: StudySpec, split: str,
                 if b in values and b != a:
                     comp[f"vs_{b}"] = stats.matched_comparison(values[a], values[b], n_boot=n_boot,
                                                                cluster=base_of)
+            ablation = arms_mod.ABLATIONS.get(a)
+            if ablation in values:
+                comp["vs_ablation"] = {"arm": ablation, **stats.matched_comparison(
+                    values[a], values[ablation], n_boot=n_boot, cluster=base_of)}
             comp["target"] = _target(a, arms[a].kind, comp)
             comparisons[a] = comp
         out["per_case_ratio"] = {a: {k: v["ratio"] for k, v in stats.per_case_ratio_to_curve(
@@ -173,7 +180,8 @@ def _counter(d: dict[str, int]):
 
 
 def _target(name: str, kind: str, comp: dict[str, Any]) -> dict[str, Any]:
-    """Which parts of the issue's target this arm meets (only guided arms can meet it)."""
+    """Which parts of the issue's target this arm meets. Any non-plain arm can meet it (the issue:
+    "if the winner uses no CFG at all, say so plainly"); ``uses_cfg`` says whether it guides."""
     r = comp["ratio_to_curve"]
     checks: dict[str, bool | None] = {
         "ratio_ge_1.10": bool(r["estimate"] >= TARGET_RATIO) if math.isfinite(r["estimate"]) else False,
@@ -187,8 +195,8 @@ def _target(name: str, kind: str, comp: dict[str, Any]) -> dict[str, Any]:
         v = comp.get(f"vs_{b}")
         checks[f"beats_{b}"] = (bool(v["vendi_ratio"]["ci_low"] > 1.0
                                      and v["on_topic_diff"]["estimate"] >= -ON_TOPIC_SLACK) if v else None)
-    met = kind == "guided" and all(v is not False for v in checks.values()) and checks["in_curve_range"]
-    return {"checks": checks, "met": bool(met)}
+    met = kind != "plain" and all(v is not False for v in checks.values()) and checks["in_curve_range"]
+    return {"checks": checks, "met": bool(met), "uses_cfg": kind in ("guided", "reference")}
 
 
 def analyze(folder: Path, spec: StudySpec, *, n_boot: int = 2000, quiet: bool = False, evaluator=None) -> Path:

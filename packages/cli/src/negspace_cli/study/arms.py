@@ -172,6 +172,18 @@ _ARMS = [
 ]
 ARMS: dict[str, Arm] = {a.name: a for a in _ARMS}
 
+#: Each CFG arm's ablation without negatives: the same run with k 0 (what the arm would be without
+#: the guidance), so a study can say whether the CFG part adds anything (issue 21's "state whether
+#: the CFG part contributes").
+ABLATIONS: dict[str, str] = {
+    **{a: "retry-only" for a in ARMS if (a.startswith("superset") or a.startswith("guided") or a == "random-negatives")
+       and a not in ("guided-t1.2", "guided-alpha-t1.3")},   # those two sample hotter: no arm is their ablation
+    "two-sided-superset": "two-sided",
+    "two-stage-superset": "two-stage",
+    "two-stage-topic-superset": "two-stage-topic",
+    "verbalized-superset": "verbalized",
+}
+
 
 def resolve(names: list[str], custom: dict[str, dict[str, Any]] | None = None) -> list[Arm]:
     """The arms named, from the catalogue or ``custom`` ({name: {"kind", "doc", "config"}})."""
