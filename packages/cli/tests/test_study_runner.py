@@ -157,3 +157,24 @@ async def test_a_run_a_reused_study_started_is_followed_not_made_again(orch, fak
     cell = json.loads((folder / "cells" / f"{cell_key(0, 1, 'guided')}.json").read_text())
     assert cell["run_id"] == run_id
     assert json.loads((folder / "study.json").read_text())["cells"][cell_key(0, 1, "guided")]["adopted"] is True
+
+
+def test_analyze_only_takes_no_runs_and_a_missing_reuse_folder_stops_generation(tmp_path):
+    from negspace_cli import __main__ as cli
+    from negspace_cli.study import command as study_command
+
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"bases": ["Write a poem."], "seeds": [1], "arms": ["plain-t1.0"],
+                                "reuse": ["nope-0123456789"]}))
+    errors = []
+
+    async def unreachable(url):
+        return False
+
+    def run(*extra):
+        a = cli.build_parser().parse_args(["study", "--spec", str(path), "--out", str(tmp_path / "out"), "--quiet", *extra])
+        return study_command.cmd_study(a, reachable=unreachable, stack_config=cli._stack_config,
+                                       raise_stop=lambda *x: None, err=errors.append)
+    assert run() == 2 and "nope-0123456789" in errors[0] and "does not exist" in errors[0]
+    assert run("--analyze-only") == 0 and len(errors) == 1
+    assert not list((tmp_path / "out").glob("*/cells"))

@@ -109,11 +109,12 @@ def cmd_study(a: argparse.Namespace, *, reachable, stack_config, raise_stop, err
           f"{len(spec.arms)} arms, {spec.per_run} instructions each) -> {folder}", file=sys.stderr)
     from negspace_cli.study import analyze  # the evaluation embedder's stack loads only here
 
-    try:
-        reuse_cells(spec, folder)
-    except StudyError as exc:
-        err(str(exc))
-        return 2
+    if not a.analyze_only:   # --analyze-only measures what the folder holds and changes no cell
+        try:
+            reuse_cells(spec, folder)
+        except StudyError as exc:
+            err(str(exc))
+            return 2
     missing = [c for c in spec.cells() if not (folder / "cells" / f"{cell_key(*c)}.json").exists()]
     if a.analyze_only or not missing:
         if not missing:
