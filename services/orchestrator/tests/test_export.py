@@ -140,3 +140,40 @@ def test_the_writer_streams_at_flat_memory(tmp_path, fmt):
     else:
         ids = datasets.load_from_disk(str(out))["instructions"]["id"]
     assert ids == [f"{b}-{i}" for b in range(40) for i in range(1000)]
+
+
+def test_hf_exports_from_several_threads_at_once(tmp_path, monkeypatch):
+    """Two runs' Q/A folders are written at the same time (each in ``asyncio.to_thread``); ``datasets``
+    resolves their files through tqdm's thread_map, whose ``ensure_lock`` reads the class lock, creates
+    one if there is none and deletes it at the end: two threads that both found none both deleted it,
+    ``AttributeError: ... no attribute '_lock'``, a 500 in the 4-experiment stack test. The window is
+    widened here (lock creation made slow, no class lock to start with) so that the race is certain
+    without the export's own lock."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tqdm as tqdm_mod
+    from datasets.utils import tqdm as hf_tqdm  # the class datasets' thread_map uses
+
+    for cls in (tqdm_mod.tqdm, hf_tqdm):          # as in a fresh process: no class lock yet
+        if "_lock" in cls.__dict__:
+            monkeypatch.delattr(cls, "_lock")
+    real_get_lock = hf_tqdm.get_lock.__func__
+
+    def slow_get_lock(cls):
+        time.sleep(0.2)
+        return real_get_lock(cls)
+
+    monkeypatch.setattr(hf_tqdm, "get_lock", classmethod(slow_get_lock))
+    info = export_mod.ExportInfo(run_id="r", mode="guided", status="completed",
+                                 config=RunConfig(base_instruction="Write a math problem."), attempts=0)
+
+    def one(name: str) -> int:
+        w = export_mod.ExportWriter(tmp_path / name, "hf")
+        w.add("instructions", [{"id": f"{name}-{i}", "text": f"t {i}", "node": 0, "round": 0, "attempt": 0,
+                                "scale": 1.0, "similarity": 0.5} for i in range(20)])
+        w.finish(info)
+        return len(datasets.load_from_disk(str(tmp_path / name))["instructions"])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(one, [f"x{i}" for i in range(4)])) == [20] * 4

@@ -16,6 +16,7 @@ import asyncio
 import json
 import tarfile
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,17 +248,26 @@ class HFWriter:
             import datasets
 
             feats = _features()
-            sets = {c: datasets.Dataset.from_parquet(str(self._parquet.out_dir / self._parquet.data_file(c)),
-                                                     features=feats[c], cache_dir=str(Path(self._tmp.name) / "cache"))
-                    for c in CONFIGS if self.counts.get(c)}
-            if self.splits:
-                datasets.DatasetDict(sets).save_to_disk(str(self.out_dir))
-            else:
-                (one,) = sets.values()
-                one.save_to_disk(str(self.out_dir))
+            with _DATASETS_LOCK:
+                sets = {c: datasets.Dataset.from_parquet(str(self._parquet.out_dir / self._parquet.data_file(c)),
+                                                         features=feats[c],
+                                                         cache_dir=str(Path(self._tmp.name) / "cache"))
+                        for c in CONFIGS if self.counts.get(c)}
+                if self.splits:
+                    datasets.DatasetDict(sets).save_to_disk(str(self.out_dir))
+                else:
+                    (one,) = sets.values()
+                    one.save_to_disk(str(self.out_dir))
         finally:
             self._tmp.cleanup()
 
+
+#: ``datasets`` is not safe to call from several threads at once: ``Dataset.from_parquet`` resolves its
+#: files through tqdm's ``thread_map``, whose ``ensure_lock`` sets and then deletes a class-level
+#: ``tqdm._lock``, so two concurrent exports (two runs' Q/A folders written by ``asyncio.to_thread``)
+#: raced into ``AttributeError: type object 'tqdm' has no attribute '_lock'`` and a 500. One export
+#: builds its ``datasets`` folder at a time; the rows are already on disk as Parquet, so this part is short.
+_DATASETS_LOCK = threading.Lock()
 
 WRITERS: dict[str, type[JsonlWriter | ParquetWriter | HFWriter]] = {
     "hf": HFWriter, "parquet": ParquetWriter, "jsonl": JsonlWriter}
